@@ -1,0 +1,180 @@
+/* tamarco.c.process: the loop's run/stop, the shutdown watchdog, identity. */
+#include "host.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static tamarco_host *require_host(lua_State *L)
+{
+    tamarco_host *host = tamarco_host_of(L);
+    if (!host)
+        luaL_error(L, "only the service's main state owns the loop");
+    return host;
+}
+
+/* run_loop([mode]) -> alive. mode: "default" (until stopped), "once", "nowait".
+ * Must not be called from inside a loop callback or a task. */
+static int l_run_loop(lua_State *L)
+{
+    static const char *const modes[] = {"default", "once", "nowait", NULL};
+    static const uv_run_mode uv_modes[] = {UV_RUN_DEFAULT, UV_RUN_ONCE, UV_RUN_NOWAIT};
+    tamarco_host *host = require_host(L);
+    int mode = luaL_checkoption(L, 1, "default", modes);
+    if (lua_pushthread(L) == 0) {
+        lua_pop(L, 1);
+        return luaL_error(L, "run_loop called from a coroutine: the loop is already running");
+    }
+    lua_pop(L, 1);
+    lua_pushboolean(L, uv_run(host->loop, uv_modes[mode]));
+    return 1;
+}
+
+static int l_stop_loop(lua_State *L)
+{
+    uv_stop(require_host(L)->loop);
+    return 0;
+}
+
+/* ---- watchdog: a plain OS thread, so a stuck loop cannot stop it ---- */
+
+typedef struct watchdog {
+    double seconds;
+    char message[512];
+} watchdog;
+
+static void *watchdog_main(void *arg)
+{
+    watchdog *dog = arg;
+    struct timespec ts;
+    ts.tv_sec = (time_t)dog->seconds;
+    ts.tv_nsec = (long)((dog->seconds - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+    /* write(2) is async-signal-safe and does not take stdio's locks, which
+     * the stuck loop thread may hold. */
+    ssize_t ignored = write(STDERR_FILENO, dog->message, strlen(dog->message));
+    (void)ignored;
+    _exit(1);
+    return NULL;
+}
+
+/* watchdog(seconds, message): ends the process with exit code 1 after
+ * `seconds` unless it exits before. */
+static int l_watchdog(lua_State *L)
+{
+    double seconds = luaL_checknumber(L, 1);
+    const char *message = luaL_optstring(L, 2, "tamarco-host: stop watchdog expired, exiting\n");
+    luaL_argcheck(L, seconds > 0, 1, "must be > 0");
+    watchdog *dog = malloc(sizeof *dog);
+    if (!dog)
+        return luaL_error(L, "out of memory");
+    dog->seconds = seconds;
+    snprintf(dog->message, sizeof dog->message, "%s", message);
+    pthread_t thread;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&thread, &attr, watchdog_main, dog);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        free(dog);
+        lua_pushnil(L);
+        lua_pushfstring(L, "cannot start the watchdog thread: %s", strerror(rc));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* exit(code): flushes stdio and ends the process now. */
+static int l_exit(lua_State *L)
+{
+    int code = (int)luaL_optinteger(L, 1, 0);
+    fflush(stdout);
+    fflush(stderr);
+    exit(code);
+    return 0;
+}
+
+/* uuid4() -> a random RFC 4122 version 4 UUID string. */
+static int l_uuid4(lua_State *L)
+{
+    unsigned char b[16];
+    int rc = uv_random(NULL, NULL, b, sizeof b, 0, NULL);
+    if (rc != 0)
+        return luaL_error(L, "uuid4: %s", uv_strerror(rc));
+    b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
+    b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
+    char out[37];
+    snprintf(out, sizeof out,
+             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11],
+             b[12], b[13], b[14], b[15]);
+    lua_pushstring(L, out);
+    return 1;
+}
+
+static int l_pid(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)getpid());
+    return 1;
+}
+
+static int l_hostname(lua_State *L)
+{
+    char name[256];
+    size_t size = sizeof name;
+    if (uv_os_gethostname(name, &size) != 0)
+        return 0;
+    lua_pushstring(L, name);
+    return 1;
+}
+
+/* rss() -> resident set size in bytes. */
+static int l_rss(lua_State *L)
+{
+    size_t rss;
+    int rc = uv_resident_set_memory(&rss);
+    if (rc != 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, uv_strerror(rc));
+        return 2;
+    }
+    lua_pushnumber(L, (lua_Number)rss);
+    return 1;
+}
+
+/* lua_dir() -> the directory the host loaded its Lua modules from. */
+static int l_lua_dir(lua_State *L)
+{
+    tamarco_host *host = tamarco_host_of(L);
+    if (!host)
+        return 0;
+    lua_pushstring(L, host->lua_dir);
+    return 1;
+}
+
+int luaopen_tamarco_c_process(lua_State *L)
+{
+    static const luaL_Reg funcs[] = {
+        {"run_loop", l_run_loop},
+        {"stop_loop", l_stop_loop},
+        {"watchdog", l_watchdog},
+        {"exit", l_exit},
+        {"uuid4", l_uuid4},
+        {"pid", l_pid},
+        {"hostname", l_hostname},
+        {"rss", l_rss},
+        {"lua_dir", l_lua_dir},
+        {NULL, NULL},
+    };
+    lua_newtable(L);
+    luaL_register(L, NULL, funcs);
+    lua_pushstring(L, TAMARCO_VERSION);
+    lua_setfield(L, -2, "version");
+    return 1;
+}

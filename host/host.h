@@ -1,0 +1,83 @@
+/*
+ * tamarco-host internals shared by the host core and the bindings.
+ *
+ * Error convention for every binding: argument mistakes raise a Lua error
+ * (luaL_argerror / luaL_error); operations that can fail at run time return
+ * `nil, message` to Lua. C helpers return 0 on success and a negative errno
+ * or libuv error code on failure.
+ */
+#ifndef TAMARCO_HOST_H
+#define TAMARCO_HOST_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include <uv.h>
+
+#include "tamarco_config.h"
+
+/* One per OS process: the loop and the main Lua state that owns it. */
+typedef struct tamarco_host {
+    uv_loop_t *loop;
+    lua_State *L;          /* main state; coroutines are threads of it */
+    char lua_dir[4096];    /* where the tamarco Lua modules were found */
+    /* scheduler state */
+    uv_idle_t ready_idle;  /* runs deferred resumes before the loop blocks */
+    int ready_idle_active;
+    int next_wait_id;
+} tamarco_host;
+
+/* Initialises the scheduler's handles on host->loop; host->L must be set. */
+int tamarco_scheduler_init(tamarco_host *host);
+
+/* ---- lua_state.c ---- */
+
+/* Creates a Lua state with the standard libraries, the host's module paths
+ * and every binding preloaded under "tamarco.c.<topic>". Used for the main
+ * state and for each `thread` state. Returns NULL on allocation failure. */
+lua_State *tamarco_state_new(const char *lua_dir);
+
+/* Finds the directory holding tamarco/init.lua (installed or build tree).
+ * Returns 0, or -1 when no candidate holds the modules. */
+int tamarco_find_lua_dir(char *out, size_t size);
+
+/* The host of the main state, or NULL in a thread state. */
+tamarco_host *tamarco_host_of(lua_State *L);
+void tamarco_host_attach(tamarco_host *host, lua_State *L);
+
+/* ---- scheduler.c: the only place that resumes coroutines ---- */
+
+typedef void (*tamarco_cancel_fn)(void *ud);
+typedef int (*tamarco_push_fn)(lua_State *co, void *ud);
+
+/* A binding that starts an I/O on behalf of the running coroutine calls
+ * tamarco_wait_begin, starts the operation with the returned id and then
+ * `return tamarco_wait_yield(L);`. Raises a Lua error when L is not a
+ * coroutine started by the scheduler. `cancel` (may be NULL) is called if
+ * the wait is interrupted (task cancelled): it must stop the operation so
+ * that its callback does not fire, or at least tolerate a stale id. */
+int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void *ud);
+/* 1 when L is a coroutine started by the scheduler (so it may wait). */
+int tamarco_in_task(lua_State *L);
+int tamarco_wait_yield(lua_State *L);
+
+/* Completes a wait: `push` pushes the results onto the coroutine's stack and
+ * returns their count; then the coroutine is resumed. Does nothing (and does
+ * not call push) when the wait is no longer pending. Returns 1 if resumed. */
+int tamarco_wake(tamarco_host *host, int wait_id, tamarco_push_fn push, void *ud);
+
+/* Resumes coroutine `co` (a thread of host->L) with `nargs` values already on
+ * its stack. Logs errors with their traceback through the Lua error handler
+ * and calls the coroutine's exit callback when it finishes. */
+int tamarco_resume(tamarco_host *host, lua_State *co, int nargs);
+
+int luaopen_tamarco_c_scheduler(lua_State *L);
+
+/* ---- bindings (one file per topic in bindings/) ---- */
+int luaopen_tamarco_c_timer(lua_State *L);
+int luaopen_tamarco_c_yaml(lua_State *L);
+int luaopen_tamarco_c_thread(lua_State *L);
+int luaopen_tamarco_c_log(lua_State *L);
+int luaopen_tamarco_c_process(lua_State *L);
+
+#endif

@@ -1,0 +1,118 @@
+/* Lua state creation: standard libraries, module paths, preloaded bindings. */
+#include "host.h"
+
+#include <luajit.h>
+#include <lua5.1/luv/luv.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char HOST_KEY[] = "tamarco.host";
+
+static const luaL_Reg preloaded_bindings[] = {
+    {"tamarco.c.scheduler", luaopen_tamarco_c_scheduler},
+    {"tamarco.c.timer", luaopen_tamarco_c_timer},
+    {"tamarco.c.yaml", luaopen_tamarco_c_yaml},
+    {"tamarco.c.thread", luaopen_tamarco_c_thread},
+    {"tamarco.c.log", luaopen_tamarco_c_log},
+    {"tamarco.c.process", luaopen_tamarco_c_process},
+    {NULL, NULL},
+};
+
+static int has_modules(const char *dir)
+{
+    char probe[4200];
+    snprintf(probe, sizeof probe, "%s/tamarco/init.lua", dir);
+    return access(probe, R_OK) == 0;
+}
+
+int tamarco_find_lua_dir(char *out, size_t size)
+{
+    char exe[4096];
+    size_t exe_len = sizeof exe;
+    const char *candidates[4];
+    char relocated[4200] = "";
+    int n = 0;
+
+    /* An explicit override first, for developers running a copied binary. */
+    const char *env = getenv("TAMARCO_LUA_DIR");
+    if (env && *env)
+        candidates[n++] = env;
+    /* <prefix>/bin/tamarco-host -> <prefix>/share/tamarco-host/lua */
+    if (uv_exepath(exe, &exe_len) == 0) {
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            *slash = '\0';
+            snprintf(relocated, sizeof relocated, "%s/../share/tamarco-host/lua", exe);
+            candidates[n++] = relocated;
+        }
+    }
+    candidates[n++] = TAMARCO_SOURCE_LUADIR;   /* uninstalled build tree */
+    candidates[n++] = TAMARCO_INSTALL_LUADIR;
+
+    for (int i = 0; i < n; i++) {
+        if (candidates[i][0] && has_modules(candidates[i])) {
+            snprintf(out, size, "%s", candidates[i]);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static void set_paths(lua_State *L, const char *lua_dir)
+{
+    lua_getglobal(L, "package");
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s;%s", lua_dir, lua_dir,
+                    TAMARCO_SYSTEM_LUA_PATH, "./?.lua");
+    lua_setfield(L, -2, "path");
+    lua_pushfstring(L, "%s;./?.so", TAMARCO_SYSTEM_LUA_CPATH);
+    lua_setfield(L, -2, "cpath");
+    lua_pushstring(L, lua_dir);
+    lua_setfield(L, -2, "tamarco_lua_dir");
+    lua_pop(L, 1);
+}
+
+static void preload(lua_State *L, const char *name, lua_CFunction open)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, open);
+    lua_setfield(L, -2, name);
+    lua_pop(L, 2);
+}
+
+lua_State *tamarco_state_new(const char *lua_dir)
+{
+    lua_State *L = luaL_newstate();
+    if (!L)
+        return NULL;
+    luaL_openlibs(L);
+    set_paths(L, lua_dir);
+    for (const luaL_Reg *b = preloaded_bindings; b->name; b++)
+        preload(L, b->name, b->func);
+    return L;
+}
+
+static int open_luv_on_host_loop(lua_State *L)
+{
+    tamarco_host *host = tamarco_host_of(L);
+    if (host)
+        luv_set_loop(L, host->loop);
+    return luaopen_luv(L);
+}
+
+void tamarco_host_attach(tamarco_host *host, lua_State *L)
+{
+    lua_pushlightuserdata(L, host);
+    lua_setfield(L, LUA_REGISTRYINDEX, HOST_KEY);
+    /* luv must share the host's loop: it is opened lazily on first require. */
+    preload(L, "luv", open_luv_on_host_loop);
+}
+
+tamarco_host *tamarco_host_of(lua_State *L)
+{
+    lua_getfield(L, LUA_REGISTRYINDEX, HOST_KEY);
+    tamarco_host *host = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return host;
+}

@@ -1,0 +1,65 @@
+/*
+ * tamarco-host: creates the loop and the main Lua state, then hands the
+ * command line to the Lua CLI (lua/tamarco/cli.lua), which returns the exit
+ * code. Policy lives in Lua; this file only wires the process together.
+ */
+#include "host.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Static so that the state stays reachable (and out of leak reports) until
+ * the process ends: the host never tears its state down before exit. */
+static tamarco_host host;
+
+static int traceback(lua_State *L)
+{
+    const char *msg = lua_tostring(L, 1);
+    luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
+    return 1;
+}
+
+int main(int argc, char **argv)
+{
+    host.loop = uv_default_loop();
+    if (tamarco_find_lua_dir(host.lua_dir, sizeof host.lua_dir) != 0) {
+        fprintf(stderr, "tamarco-host: cannot find the tamarco Lua modules "
+                        "(looked next to the binary, in the build tree and in %s)\n",
+                TAMARCO_INSTALL_LUADIR);
+        return 1;
+    }
+    lua_State *L = tamarco_state_new(host.lua_dir);
+    if (!L) {
+        fprintf(stderr, "tamarco-host: cannot create the Lua state\n");
+        return 1;
+    }
+    host.L = L;
+    tamarco_host_attach(&host, L);
+    if (tamarco_scheduler_init(&host) != 0) {
+        fprintf(stderr, "tamarco-host: cannot initialise the scheduler\n");
+        return 1;
+    }
+
+    lua_pushcfunction(L, traceback);
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "tamarco.cli");
+    if (lua_pcall(L, 1, 1, 1) != 0) {
+        fprintf(stderr, "tamarco-host: %s\n", lua_tostring(L, -1));
+        return 1;
+    }
+    lua_getfield(L, -1, "main");
+    lua_createtable(L, argc, 0);
+    for (int i = 0; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i);
+    }
+    if (lua_pcall(L, 1, 1, 1) != 0) {
+        fprintf(stderr, "tamarco-host: internal error: %s\n", lua_tostring(L, -1));
+        fflush(stdout);
+        return 1;
+    }
+    int code = (int)lua_tointeger(L, -1);
+    fflush(stdout);
+    fflush(stderr);
+    return code;
+}

@@ -1,0 +1,434 @@
+/*
+ * The scheduler: every task, timer tick and handler runs in a coroutine of
+ * the main state, and this file is the only place that resumes one.
+ *
+ * Book-keeping lives in registry tables so that the GC sees it:
+ *   tasks    weak-keyed set of coroutines started here
+ *   waits    wait id -> coroutine suspended in an operation
+ *   wait_of  weak-keyed coroutine -> its pending wait id
+ *   cancels  wait id -> lightuserdata (struct pending_cancel)
+ *   exits    weak-keyed coroutine -> function(ok, ...) called when it ends
+ *   ready    array of {co, n, ...}: resumes deferred to the next loop turn
+ */
+#include "host.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define REG_TASKS "tamarco.scheduler.tasks"
+#define REG_WAITS "tamarco.scheduler.waits"
+#define REG_WAIT_OF "tamarco.scheduler.wait_of"
+#define REG_CANCELS "tamarco.scheduler.cancels"
+#define REG_EXITS "tamarco.scheduler.exits"
+#define REG_READY "tamarco.scheduler.ready"
+#define REG_ON_ERROR "tamarco.scheduler.on_error"
+
+struct pending_cancel {
+    tamarco_cancel_fn cancel;
+    void *ud;
+};
+
+static void push_registry_table(lua_State *L, const char *key, const char *mode)
+{
+    lua_getfield(L, LUA_REGISTRYINDEX, key);
+    if (!lua_isnil(L, -1))
+        return;
+    lua_pop(L, 1);
+    lua_newtable(L);
+    if (mode) {
+        lua_newtable(L);
+        lua_pushstring(L, mode);
+        lua_setfield(L, -2, "__mode");
+        lua_setmetatable(L, -2);
+    }
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, key);
+}
+
+static tamarco_host *checked_host(lua_State *L)
+{
+    tamarco_host *host = tamarco_host_of(L);
+    if (!host)
+        luaL_error(L, "the scheduler is only available on the service's main state, not in a thread");
+    return host;
+}
+
+/* ---- waits ---- */
+
+int tamarco_in_task(lua_State *L)
+{
+    if (lua_pushthread(L)) {   /* main thread */
+        lua_pop(L, 1);
+        return 0;
+    }
+    push_registry_table(L, REG_TASKS, "k");
+    lua_pushvalue(L, -2);
+    lua_rawget(L, -2);
+    int yes = lua_toboolean(L, -1);
+    lua_pop(L, 3);
+    return yes;
+}
+
+int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void *ud)
+{
+    tamarco_host *host = checked_host(L);
+    if (!tamarco_in_task(L))
+        luaL_error(L, "this call yields: run it inside a tamarco task, hook or handler "
+                      "(tamarco.spawn), not in the main chunk or a plain coroutine");
+    int id = ++host->next_wait_id;
+    if (id <= 0)   /* wrapped after 2^31 waits */
+        id = host->next_wait_id = 1;
+
+    push_registry_table(L, REG_WAITS, NULL);
+    lua_pushthread(L);
+    lua_rawseti(L, -2, id);
+    lua_pop(L, 1);
+
+    push_registry_table(L, REG_WAIT_OF, "k");
+    lua_pushthread(L);
+    lua_pushinteger(L, id);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+
+    if (cancel) {
+        struct pending_cancel *pc = malloc(sizeof *pc);
+        if (!pc)
+            luaL_error(L, "out of memory");
+        pc->cancel = cancel;
+        pc->ud = ud;
+        push_registry_table(L, REG_CANCELS, NULL);
+        lua_pushlightuserdata(L, pc);
+        lua_rawseti(L, -2, id);
+        lua_pop(L, 1);
+    }
+    return id;
+}
+
+int tamarco_wait_yield(lua_State *L)
+{
+    return lua_yield(L, 0);
+}
+
+/* Removes wait `id`; pushes its coroutine (or nothing and returns 0). The
+ * pending cancel is returned through *cancel_out (caller frees). */
+static int take_wait(lua_State *L, int id, struct pending_cancel **cancel_out)
+{
+    push_registry_table(L, REG_WAITS, NULL);
+    lua_rawgeti(L, -1, id);
+    if (!lua_isthread(L, -1)) {
+        lua_pop(L, 2);
+        return 0;
+    }
+    lua_pushnil(L);
+    lua_rawseti(L, -3, id);
+    lua_remove(L, -2);   /* co */
+
+    push_registry_table(L, REG_WAIT_OF, "k");
+    lua_pushvalue(L, -2);
+    lua_pushnil(L);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+
+    push_registry_table(L, REG_CANCELS, NULL);
+    lua_rawgeti(L, -1, id);
+    struct pending_cancel *pc = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (pc) {
+        lua_pushnil(L);
+        lua_rawseti(L, -2, id);
+    }
+    lua_pop(L, 1);
+    if (cancel_out)
+        *cancel_out = pc;
+    else
+        free(pc);
+    return 1;
+}
+
+int tamarco_wake(tamarco_host *host, int wait_id, tamarco_push_fn push, void *ud)
+{
+    lua_State *L = host->L;
+    if (!take_wait(L, wait_id, NULL))
+        return 0;
+    lua_State *co = lua_tothread(L, -1);
+    int nargs = push ? push(co, ud) : 0;
+    tamarco_resume(host, co, nargs);
+    lua_pop(L, 1);   /* keeps co alive until resumed */
+    return 1;
+}
+
+/* ---- resume: the single entry point ---- */
+
+static void report_error(tamarco_host *host, lua_State *co, int err_index_in_L)
+{
+    lua_State *L = host->L;
+    luaL_traceback(L, co, NULL, 0);
+    int tb = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, REG_ON_ERROR);
+    if (lua_isfunction(L, -1)) {
+        lua_pushthread(co);
+        lua_xmove(co, L, 1);
+        lua_pushvalue(L, err_index_in_L);
+        lua_pushvalue(L, tb);
+        if (lua_pcall(L, 3, 0, 0) != 0) {
+            fprintf(stderr, "tamarco: error handler failed: %s\n", lua_tostring(L, -1));
+            lua_pop(L, 1);
+        }
+    } else {
+        lua_pop(L, 1);
+        lua_getglobal(L, "tostring");
+        lua_pushvalue(L, err_index_in_L);
+        lua_pcall(L, 1, 1, 0);
+        const char *msg = lua_tostring(L, -1);
+        fprintf(stderr, "tamarco: task failed: %s\n%s\n", msg, lua_tostring(L, tb));
+    }
+    lua_settop(L, tb);
+}
+
+/* Calls exits[co](ok, values...) with the values at [first, top] of L. */
+static void call_exit(tamarco_host *host, int co_index, int ok, int first)
+{
+    lua_State *L = host->L;
+    int top = lua_gettop(L);
+    push_registry_table(L, REG_EXITS, "k");
+    lua_pushvalue(L, co_index);
+    lua_rawget(L, -2);
+    if (!lua_isfunction(L, -1)) {
+        lua_settop(L, top);
+        return;
+    }
+    lua_pushvalue(L, co_index);
+    lua_pushnil(L);
+    lua_rawset(L, -4);
+    lua_pushboolean(L, ok);
+    for (int i = first; i <= top; i++)
+        lua_pushvalue(L, i);
+    if (lua_pcall(L, 1 + (top - first + 1), 0, 0) != 0) {
+        fprintf(stderr, "tamarco: task exit callback failed: %s\n", lua_tostring(L, -1));
+    }
+    lua_settop(L, top);
+}
+
+int tamarco_resume(tamarco_host *host, lua_State *co, int nargs)
+{
+    lua_State *L = host->L;
+    int base = lua_gettop(L);
+    int status = lua_resume(co, nargs);
+    if (status == LUA_YIELD) {
+        /* Suspended in an operation (or a bare coroutine.yield, whose values
+         * nobody receives). Whoever holds its wait id resumes it later. */
+        lua_settop(co, 0);
+        return 0;
+    }
+    lua_pushthread(co);
+    lua_xmove(co, L, 1);
+    int co_index = lua_gettop(L);
+    if (status == 0) {
+        int nres = lua_gettop(co);
+        luaL_checkstack(L, nres + 4, "too many results");
+        lua_xmove(co, L, nres);
+        call_exit(host, co_index, 1, co_index + 1);
+    } else {
+        lua_xmove(co, L, 1);   /* the error value */
+        int err = lua_gettop(L);
+        report_error(host, co, err);
+        luaL_traceback(L, co, NULL, 0);
+        call_exit(host, co_index, 0, err);
+    }
+    lua_settop(L, base);
+    return status == 0 ? 0 : -1;
+}
+
+/* ---- deferred resumes ---- */
+
+static void run_ready(uv_idle_t *idle)
+{
+    tamarco_host *host = idle->data;
+    lua_State *L = host->L;
+    int top = lua_gettop(L);
+    push_registry_table(L, REG_READY, NULL);
+    /* Swap in a fresh queue: resumes below may queue more for the next turn. */
+    lua_newtable(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, REG_READY);
+    int count = (int)lua_objlen(L, -1);
+    for (int i = 1; i <= count; i++) {
+        lua_rawgeti(L, top + 1, i);
+        int entry = lua_gettop(L);
+        lua_rawgeti(L, entry, 1);
+        lua_State *co = lua_tothread(L, -1);
+        lua_rawgeti(L, entry, 2);
+        int n = (int)lua_tointeger(L, -1);
+        lua_pop(L, 1);
+        luaL_checkstack(co, n + 1, "too many values");
+        for (int k = 0; k < n; k++) {
+            lua_rawgeti(L, entry, 3 + k);
+            lua_xmove(L, co, 1);
+        }
+        /* a suspended task, or a new one (its function below the args) */
+        if (lua_status(co) == LUA_YIELD || (lua_status(co) == 0 && lua_gettop(co) == n + 1))
+            tamarco_resume(host, co, n);
+        lua_settop(L, top + 1);
+    }
+    lua_settop(L, top);
+    push_registry_table(L, REG_READY, NULL);
+    int pending = (int)lua_objlen(L, -1);
+    lua_pop(L, 1);
+    if (!pending) {
+        uv_idle_stop(idle);
+        host->ready_idle_active = 0;
+    }
+}
+
+/* Queues co to be resumed on the next loop turn with the values at
+ * [first, first+n) of L. */
+static void queue_ready(tamarco_host *host, lua_State *L, int co_index, int first, int n)
+{
+    push_registry_table(L, REG_READY, NULL);
+    lua_createtable(L, n + 2, 0);
+    lua_pushvalue(L, co_index);
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, n);
+    lua_rawseti(L, -2, 2);
+    for (int k = 0; k < n; k++) {
+        lua_pushvalue(L, first + k);
+        lua_rawseti(L, -2, 3 + k);
+    }
+    lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+    lua_pop(L, 1);
+    if (!host->ready_idle_active) {
+        uv_idle_start(&host->ready_idle, run_ready);
+        host->ready_idle_active = 1;
+    }
+}
+
+int tamarco_scheduler_init(tamarco_host *host)
+{
+    host->next_wait_id = 0;
+    host->ready_idle_active = 0;
+    host->ready_idle.data = host;
+    return uv_idle_init(host->loop, &host->ready_idle);
+}
+
+/* ---- Lua API: tamarco.c.scheduler ---- */
+
+/* spawn(fn, ...) -> co. Starts fn in a new coroutine on the next loop turn. */
+static int l_spawn(lua_State *L)
+{
+    tamarco_host *host = checked_host(L);
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    int n = lua_gettop(L) - 1;
+    lua_State *co = lua_newthread(L);
+    int co_index = lua_gettop(L);
+    push_registry_table(L, REG_TASKS, "k");
+    lua_pushvalue(L, co_index);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    lua_pushvalue(L, 1);
+    lua_xmove(L, co, 1);
+    queue_ready(host, L, co_index, 2, n);
+    lua_pushvalue(L, co_index);
+    return 1;
+}
+
+/* on_exit(co, fn): fn(ok, results...) or fn(false, err, traceback) when co ends. */
+static int l_on_exit(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTHREAD);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    push_registry_table(L, REG_EXITS, "k");
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_rawset(L, -3);
+    return 0;
+}
+
+/* set_error_handler(fn): fn(co, err, traceback) for every coroutine that fails. */
+static int l_set_error_handler(lua_State *L)
+{
+    if (!lua_isnil(L, 1))
+        luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_settop(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, REG_ON_ERROR);
+    return 0;
+}
+
+/* suspend() -> values given to wake/interrupt. Yields the running task until
+ * another piece of code calls wake(co, ...). */
+static int l_suspend(lua_State *L)
+{
+    tamarco_wait_begin(L, NULL, NULL);
+    return tamarco_wait_yield(L);
+}
+
+static int pending_wait_of(lua_State *L, int co_index)
+{
+    push_registry_table(L, REG_WAIT_OF, "k");
+    lua_pushvalue(L, co_index);
+    lua_rawget(L, -2);
+    int id = (int)lua_tointeger(L, -1);
+    lua_pop(L, 2);
+    return id;
+}
+
+/* wake(co, ...) -> true if co was suspended; it resumes on the next loop turn
+ * with the given values. interrupt(co, ...) is the same but also cancels the
+ * operation co was waiting on (used to cancel tasks). */
+static int wake_or_interrupt(lua_State *L, int cancel)
+{
+    tamarco_host *host = checked_host(L);
+    luaL_checktype(L, 1, LUA_TTHREAD);
+    int id = pending_wait_of(L, 1);
+    struct pending_cancel *pc = NULL;
+    if (!id || !take_wait(L, id, &pc)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    lua_pop(L, 1);
+    if (pc) {
+        if (cancel)
+            pc->cancel(pc->ud);
+        free(pc);
+    }
+    queue_ready(host, L, 1, 2, lua_gettop(L) - 1);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_wake(lua_State *L) { return wake_or_interrupt(L, 0); }
+static int l_interrupt(lua_State *L) { return wake_or_interrupt(L, 1); }
+
+/* is_waiting(co) -> bool */
+static int l_is_waiting(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTHREAD);
+    lua_pushboolean(L, pending_wait_of(L, 1) != 0);
+    return 1;
+}
+
+/* current() -> the running task's coroutine, or nil outside a task. */
+static int l_current(lua_State *L)
+{
+    if (!tamarco_in_task(L))
+        return 0;
+    lua_pushthread(L);
+    return 1;
+}
+
+int luaopen_tamarco_c_scheduler(lua_State *L)
+{
+    static const luaL_Reg funcs[] = {
+        {"spawn", l_spawn},
+        {"on_exit", l_on_exit},
+        {"set_error_handler", l_set_error_handler},
+        {"suspend", l_suspend},
+        {"wake", l_wake},
+        {"interrupt", l_interrupt},
+        {"is_waiting", l_is_waiting},
+        {"current", l_current},
+        {NULL, NULL},
+    };
+    lua_newtable(L);
+    luaL_register(L, NULL, funcs);
+    return 1;
+}

@@ -1,0 +1,90 @@
+--- tamarco-host's command line. `main(argv)` returns the process exit code.
+local process = require "tamarco.c.process"
+
+local cli = {}
+
+local EXIT_USAGE = 2
+
+local USAGE = [[
+usage: tamarco-host <command> [options]
+
+commands:
+  run FILE [--settings FILE.yml] [--watchdog SECONDS]
+                        run the service that FILE returns
+  test [busted options] [SPEC...]
+                        run busted specs inside the host
+  version               print the host's version
+
+Run `tamarco-host <command> --help` for a command's options.
+]]
+
+local commands = {}
+
+commands.version = {
+    usage = "usage: tamarco-host version\n\nPrints the host's version.\n",
+    main = function(args)
+        if #args > 0 then
+            return nil, "version takes no arguments (got '" .. args[1] .. "')"
+        end
+        print("tamarco-host " .. process.version)
+        return 0
+    end,
+}
+
+commands.test = {
+    usage = [[
+usage: tamarco-host test [busted options] [ROOT...]
+
+Runs busted inside the host, so that specs can require every host module and
+use tamarco.testing to run tasks and services. Options are busted's
+(see `tamarco-host test --busted-help`); ROOT defaults to ./spec.
+]],
+    main = function(args)
+        return require("tamarco.test_command").main(args)
+    end,
+}
+
+commands.run = {
+    usage = [[
+usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS]
+
+Runs the service that the Lua file FILE returns until SIGINT or SIGTERM.
+  --settings FILE.yml   settings file (also TAMARCO_YML_FILE)
+  --watchdog SECONDS    how long a stop may take before the process is
+                        ended with exit code 1 (default: the setting
+                        system.stop_timeout_seconds, else 30)
+Exit codes: 0 clean stop, 1 runtime failure or watchdog, 2 usage, settings or
+service-file error, 11 a resource failed to bind, 12 resource dependencies
+cannot be ordered.
+]],
+    main = function(args)
+        return require("tamarco.run_command").main(args)
+    end,
+}
+
+function cli.main(argv)
+    local command_name = argv[1]
+    if command_name == nil or command_name == "--help" or command_name == "-h" or command_name == "help" then
+        io.stdout:write(USAGE)
+        return command_name and 0 or EXIT_USAGE
+    end
+    local command = commands[command_name]
+    if not command then
+        io.stderr:write("tamarco-host: unknown command '" .. command_name .. "'\n\n" .. USAGE)
+        return EXIT_USAGE
+    end
+    local args = {}
+    for i = 2, #argv do args[#args + 1] = argv[i] end
+    if args[1] == "--help" or args[1] == "-h" then
+        io.stdout:write(command.usage)
+        return 0
+    end
+    local code, err = command.main(args)
+    if code == nil then
+        io.stderr:write("tamarco-host " .. command_name .. ": " .. tostring(err) .. "\n\n" .. command.usage)
+        return EXIT_USAGE
+    end
+    return code
+end
+
+return cli

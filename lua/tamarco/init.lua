@@ -1,0 +1,23 @@
+--- tamarco: the public entry point of the framework's Lua side.
+local scheduler = require "tamarco.c.scheduler"
+local timer = require "tamarco.c.timer"
+local process = require "tamarco.c.process"
+
+local tamarco = {
+    VERSION = process.version,
+    --- Yields the running task for `ms` milliseconds.
+    sleep = timer.sleep,
+    --- Starts `fn(...)` in a new task (coroutine) on the next loop turn; returns it.
+    spawn = scheduler.spawn,
+    --- Milliseconds of the loop's monotonic clock.
+    now = timer.now,
+    --- Wall clock seconds.
+    time = timer.time,
+}
+
+--- Creates a service table: `tamarco.service { name = "hello", resources = {...} }`.
+function tamarco.service(definition)
+    return require("tamarco.service").new(definition)
+end
+
+return tamarco
