@@ -1,0 +1,606 @@
+#!/bin/bash
+# Starts and stops real redis-server, etcd and rabbitmq-server on 127.0.0.1,
+# in a temporary directory, for tamarco-host's integration tests.
+#
+# Usage:
+#   scripts/test-services.sh start [DIR]
+#       Creates DIR (default: mktemp -d /tmp/tamarco-services.XXXXXX), picks
+#       free loopback ports, starts the servers, waits until each answers,
+#       writes DIR/env.sh and prints its `export` lines on stdout (so
+#       `eval "$(scripts/test-services.sh start)"` works). Human-readable
+#       lines ("redis at 127.0.0.1:P", ...) go to stderr.
+#   scripts/test-services.sh stop DIR
+#       Stops every server started in DIR, waits for them to exit, removes DIR.
+#   scripts/test-services.sh start-X|stop-X|restart-X DIR   (X: redis etcd rabbitmq)
+#       Stops/starts one server, keeping its port and data directory.
+#   scripts/test-services.sh status DIR
+#       Shows which servers of DIR are running; exits 1 if one is down.
+#
+# Environment:
+#   TAMARCO_SERVICES         servers to start (default "redis etcd rabbitmq")
+#   TAMARCO_SERVICES_TIMEOUT seconds to wait for a server to answer (default 90)
+#
+# DIR/env.sh exports TAMARCO_SERVICES_DIR and TAMARCO_TEST_{REDIS,ETCD,AMQP}_{HOST,PORT}.
+# RabbitMQ: user guest/guest, vhost /.
+#
+# Layout of DIR: one sub-directory per server holding its port(s), a run.sh
+# that starts it in the foreground (start-X reuses it), its pid file, its log
+# and its data. RabbitMQ gets a private epmd on its own loopback port, so the
+# script never touches (or depends on) a system epmd.
+set -euo pipefail
+
+PROG=test-services
+ALL_SERVICES="redis etcd rabbitmq"
+TIMEOUT=${TAMARCO_SERVICES_TIMEOUT:-90}
+HOST=127.0.0.1
+MARKER=.tamarco-services
+PORT_MIN=20000   # below Linux's ephemeral range (32768-60999), so outgoing
+PORT_MAX=32000   # connections do not grab the ports between pick and bind
+RMQ_USER=rabbitmq
+
+log() { echo "$PROG: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+usage() {
+    sed -n '5,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+# ---------------------------------------------------------------- helpers
+
+# alive PID: the process exists and is not a zombie.
+alive() {
+    local st
+    [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ] || return 1
+    st=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+# is_ours PID PATTERN: PID is alive and its command line contains PATTERN
+# (guards against killing a recycled pid).
+is_ours() {
+    alive "$1" || return 1
+    tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -q -- "$2"
+}
+
+readpid() { [ -s "$1" ] && tr -dc 0-9 < "$1" || true; }
+
+# stop_pid PID PATTERN NAME: SIGTERM, wait up to 30 s, then SIGKILL.
+stop_pid() {
+    local pid=$1 pat=$2 name=$3 i
+    is_ours "$pid" "$pat" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 300); do
+        alive "$pid" || return 0
+        sleep 0.1
+    done
+    log "$name (pid $pid) ignored SIGTERM for 30 s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for i in $(seq 100); do
+        alive "$pid" || return 0
+        sleep 0.1
+    done
+    log "warning: $name (pid $pid) is still alive"
+}
+
+# Local ports of every TCP socket (any state), from /proc (no ss needed).
+used_ports() {
+    local f sl addr rest
+    for f in /proc/net/tcp /proc/net/tcp6; do
+        [ -r "$f" ] || continue
+        while read -r sl addr rest; do
+            case "$addr" in *:*) echo $((16#${addr##*:})) ;; esac
+        done < "$f"
+    done
+}
+
+# port_listening PORT: some socket listens on PORT (state 0A = LISTEN).
+port_listening() {
+    local hex f
+    hex=$(printf '%04X' "$1")
+    for f in /proc/net/tcp /proc/net/tcp6; do
+        [ -r "$f" ] || continue
+        awk -v p=":$hex" '$2 ~ p"$" && $4 == "0A" { found = 1 } END { exit !found }' "$f" && return 0
+    done
+    return 1
+}
+
+PICKED=" "
+# pick_port: sets REPLY to a random free port, distinct from those picked before.
+pick_port() {
+    local used p i
+    used=" $(used_ports | tr '\n' ' ')"
+    for i in $(seq 500); do
+        p=$((PORT_MIN + (RANDOM * 32768 + RANDOM) % (PORT_MAX - PORT_MIN)))
+        case "$used$PICKED" in *" $p "*) continue ;; esac
+        PICKED="$PICKED$p "
+        REPLY=$p
+        return 0
+    done
+    die "no free port found in $PORT_MIN-$PORT_MAX"
+}
+
+# wait_port_free PORT: after a stop, wait until nothing listens on PORT.
+wait_port_free() {
+    local i
+    for i in $(seq 100); do
+        port_listening "$1" || return 0
+        sleep 0.1
+    done
+    log "warning: port $1 is still in use"
+}
+
+show_log() {
+    local f
+    for f in "$@"; do
+        [ -s "$f" ] || continue
+        echo "----- last lines of $f -----" >&2
+        tail -n 40 "$f" >&2
+        echo "-----" >&2
+    done
+}
+
+check_dir_name() {
+    case "$1" in
+        /*) ;;
+        *) die "DIR must be an absolute path: $1" ;;
+    esac
+    case "$1" in
+        *[!A-Za-z0-9._/+-]*) die "DIR may only contain letters, digits and ._/+-: $1" ;;
+    esac
+}
+
+abs_dir() {
+    case "$1" in
+        /*) echo "$1" ;;
+        *) echo "$PWD/$1" ;;
+    esac
+}
+
+need_dir() {
+    [ -n "${1:-}" ] || usage
+    DIR=$(abs_dir "$1")
+    DIR=${DIR%/}
+    [ -f "$DIR/$MARKER" ] || die "$DIR is not a directory made by '$0 start'"
+}
+
+need_cmd() {
+    command -v "$1" >/dev/null 2>&1 || die "$1 not found (install $2; see scripts/install-deps.sh)"
+}
+
+as_root() { [ "$(id -u)" = 0 ]; }
+
+# launch NAME: runs DIR/NAME/run.sh in the background, in a session of its
+# own, detached from our stdin/stdout (so `$(test-services.sh start)` returns).
+launch() {
+    local d="$DIR/$1"
+    setsid /bin/sh "$d/run.sh" < /dev/null >> "$d/$1.log" 2>&1 &
+}
+
+deadline_passed() { [ "$SECONDS" -ge "$1" ]; }
+
+# ---------------------------------------------------------------- redis
+
+setup_redis() {
+    local d="$DIR/redis"
+    need_cmd redis-server redis-server
+    need_cmd redis-cli redis-tools
+    mkdir -p "$d/data"
+    pick_port; echo "$REPLY" > "$d/port"
+    cat > "$d/run.sh" <<EOF
+#!/bin/sh
+# Starts redis-server in the foreground (used by test-services.sh start-redis).
+echo \$\$ > '$d/pid'
+exec redis-server --port $REPLY --bind $HOST --save '' --appendonly no \\
+    --dir '$d/data' --daemonize no --logfile '' --protected-mode yes
+EOF
+}
+
+running_redis() { is_ours "$(readpid "$DIR/redis/pid")" redis-server; }
+
+launch_redis() { rm -f "$DIR/redis/pid"; launch redis; }
+
+# probe_redis: 0 = answers, 1 = not yet, 2 = process died
+probe_redis() {
+    local port; port=$(cat "$DIR/redis/port")
+    [ "$(redis-cli -h $HOST -p "$port" ping 2>/dev/null)" = PONG ] && return 0
+    [ -s "$DIR/redis/pid" ] && ! alive "$(readpid "$DIR/redis/pid")" && return 2
+    return 1
+}
+
+stop_redis() {
+    [ -d "$DIR/redis" ] || return 0
+    stop_pid "$(readpid "$DIR/redis/pid")" redis-server redis
+    wait_port_free "$(cat "$DIR/redis/port")"
+}
+
+logs_redis() { echo "$DIR/redis/redis.log"; }
+
+# ---------------------------------------------------------------- etcd
+
+setup_etcd() {
+    local d="$DIR/etcd" port peer
+    need_cmd etcd etcd-server
+    need_cmd curl curl
+    rm -rf "$d/data"   # a data dir remembers its peer URL: start fresh
+    mkdir -p "$d"
+    pick_port; port=$REPLY; echo "$port" > "$d/port"
+    pick_port; peer=$REPLY; echo "$peer" > "$d/peer_port"
+    cat > "$d/run.sh" <<EOF
+#!/bin/sh
+# Starts etcd in the foreground (used by test-services.sh start-etcd).
+echo \$\$ > '$d/pid'
+exec etcd --name default --data-dir '$d/data' \\
+    --listen-client-urls http://$HOST:$port --advertise-client-urls http://$HOST:$port \\
+    --listen-peer-urls http://$HOST:$peer --initial-advertise-peer-urls http://$HOST:$peer \\
+    --initial-cluster default=http://$HOST:$peer --initial-cluster-state new \\
+    --logger zap --log-outputs stderr
+EOF
+}
+
+running_etcd() { is_ours "$(readpid "$DIR/etcd/pid")" etcd; }
+
+launch_etcd() { rm -f "$DIR/etcd/pid"; launch etcd; }
+
+probe_etcd() {
+    local port; port=$(cat "$DIR/etcd/port")
+    curl -fsS -m 2 "http://$HOST:$port/health" 2>/dev/null | grep -q '"health":"true"' && return 0
+    [ -s "$DIR/etcd/pid" ] && ! alive "$(readpid "$DIR/etcd/pid")" && return 2
+    return 1
+}
+
+stop_etcd() {
+    [ -d "$DIR/etcd" ] || return 0
+    stop_pid "$(readpid "$DIR/etcd/pid")" etcd etcd
+    wait_port_free "$(cat "$DIR/etcd/port")"
+    wait_port_free "$(cat "$DIR/etcd/peer_port")"
+}
+
+logs_etcd() { echo "$DIR/etcd/etcd.log"; }
+
+# ---------------------------------------------------------------- rabbitmq
+
+rmq_server_bin() {
+    if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+        echo /usr/lib/rabbitmq/bin/rabbitmq-server
+    else
+        command -v rabbitmq-server
+    fi
+}
+
+setup_rabbitmq() {
+    local d="$DIR/rabbitmq" port dist epmd bin su_cmd
+    need_cmd rabbitmq-server rabbitmq-server
+    need_cmd epmd erlang-base
+    bin=$(rmq_server_bin)
+    if as_root; then
+        id "$RMQ_USER" >/dev/null 2>&1 || die "user $RMQ_USER does not exist (install rabbitmq-server)"
+    fi
+    rm -rf "$d"
+    mkdir -p "$d/mnesia" "$d/log" "$d/home"
+    pick_port; port=$REPLY; echo "$port" > "$d/port"
+    pick_port; dist=$REPLY; echo "$dist" > "$d/dist_port"
+    pick_port; epmd=$REPLY; echo "$epmd" > "$d/epmd_port"
+
+    # Everything is inside $d; nothing from /etc/rabbitmq or /var/lib/rabbitmq is used.
+    printf '[].\n' > "$d/enabled_plugins"
+    : > "$d/rabbitmq-env.conf"
+    cat > "$d/rabbitmq.conf" <<EOF
+loopback_users.guest = true
+log.console = false
+log.file.level = info
+EOF
+    cat > "$d/rabbitmq.env" <<EOF
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LC_ALL=C.UTF-8 LANG=C.UTF-8
+export HOME='$d/home'
+export RABBITMQ_NODENAME='tamarco$port@localhost'
+export RABBITMQ_NODE_IP_ADDRESS=$HOST RABBITMQ_NODE_PORT=$port RABBITMQ_DIST_PORT=$dist
+export ERL_EPMD_ADDRESS=$HOST ERL_EPMD_PORT=$epmd
+export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS='-kernel inet_dist_use_interface {127,0,0,1}'
+export RABBITMQ_MNESIA_BASE='$d/mnesia' RABBITMQ_LOG_BASE='$d/log'
+export RABBITMQ_LOGS='$d/log/rabbit.log'
+export RABBITMQ_PID_FILE='$d/rabbitmq.pid'
+export RABBITMQ_FEATURE_FLAGS_FILE='$d/feature_flags'
+export RABBITMQ_ENABLED_PLUGINS_FILE='$d/enabled_plugins'
+export RABBITMQ_CONFIG_FILE='$d/rabbitmq.conf'
+export RABBITMQ_ADVANCED_CONFIG_FILE='$d/advanced.config'
+export RABBITMQ_CONF_ENV_FILE='$d/rabbitmq-env.conf'
+export ERL_CRASH_DUMP='$d/erl_crash.dump'
+EOF
+    # Runs as the rabbitmq user: the environment above, then the broker in
+    # the foreground (the rabbitmq-server wrapper forwards SIGTERM).
+    cat > "$d/server.sh" <<EOF
+#!/bin/sh
+. '$d/rabbitmq.env'
+cd "\$HOME"
+exec '$bin'
+EOF
+    # A private epmd on loopback; erl finds it through ERL_EPMD_PORT.
+    cat > "$d/epmd.sh" <<EOF
+#!/bin/sh
+echo \$\$ > '$d/epmd.pid'
+export ERL_EPMD_ADDRESS=$HOST
+exec epmd -address $HOST -port $epmd
+EOF
+    if as_root; then
+        # rabbitmq-server run by root drops to the rabbitmq user anyway; do it
+        # ourselves so that we know the environment it gets.
+        su_cmd="exec su $RMQ_USER -s /bin/sh -c 'exec /bin/sh $d/server.sh'"
+    else
+        su_cmd="exec /bin/sh '$d/server.sh'"
+    fi
+    cat > "$d/run.sh" <<EOF
+#!/bin/sh
+# Starts rabbitmq-server in the foreground (used by test-services.sh start-rabbitmq).
+echo \$\$ > '$d/launcher.pid'
+$su_cmd
+EOF
+    chmod 755 "$DIR" "$d" "$d/log" "$d/mnesia"
+    chmod 700 "$d/home"
+    chmod 644 "$d"/*.sh "$d/rabbitmq.env" "$d/rabbitmq.conf" "$d/rabbitmq-env.conf" "$d/enabled_plugins"
+    if as_root; then
+        chown -R "$RMQ_USER:$RMQ_USER" "$d"
+        # The broker runs as rabbitmq: every directory above $d must be
+        # traversable by it (mktemp -d makes 700 dirs, /root is 700, ...).
+        if ! su "$RMQ_USER" -s /bin/sh -c "test -w '$d/mnesia' && test -r '$d/server.sh'" 2>/dev/null; then
+            die "user $RMQ_USER cannot reach $d (a parent directory is not world-searchable?)"
+        fi
+    fi
+}
+
+rmq_epmd_running() { is_ours "$(readpid "$DIR/rabbitmq/epmd.pid")" epmd; }
+
+running_rabbitmq() { is_ours "$(readpid "$DIR/rabbitmq/rabbitmq.pid")" beam; }
+
+launch_rabbitmq() {
+    local d="$DIR/rabbitmq" epmd i
+    epmd=$(cat "$d/epmd_port")
+    if ! rmq_epmd_running; then
+        rm -f "$d/epmd.pid"
+        setsid /bin/sh "$d/epmd.sh" < /dev/null >> "$d/epmd.log" 2>&1 &
+        for i in $(seq 100); do
+            ERL_EPMD_PORT=$epmd epmd -names >/dev/null 2>&1 && break
+            sleep 0.1
+        done
+        ERL_EPMD_PORT=$epmd epmd -names >/dev/null 2>&1 || { show_log "$d/epmd.log"; die "epmd did not start on $HOST:$epmd"; }
+    fi
+    rm -f "$d/rabbitmq.pid" "$d/launcher.pid"
+    launch rabbitmq
+}
+
+rmq_check_amqp() {
+    local port=$1 q="tamarco-services-check-$$"
+    local conn=(--server=$HOST --port="$port" --username=guest --password=guest --vhost=/)
+    if command -v amqp-publish >/dev/null 2>&1 && command -v amqp-get >/dev/null 2>&1; then
+        amqp-declare-queue "${conn[@]}" -q "$q" >/dev/null 2>&1 || return 1
+        amqp-publish "${conn[@]}" -r "$q" -b ping >/dev/null 2>&1 || return 1
+        [ "$(amqp-get "${conn[@]}" -q "$q" 2>/dev/null)" = ping ] || return 1
+        amqp-delete-queue "${conn[@]}" -q "$q" >/dev/null 2>&1 || true
+    else
+        # No amqp-tools: the broker opens its AMQP port once it is ready.
+        (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null || return 1
+    fi
+}
+
+probe_rabbitmq() {
+    local d="$DIR/rabbitmq" pid
+    port_listening "$(cat "$d/port")" && rmq_check_amqp "$(cat "$d/port")" && return 0
+    pid=$(readpid "$d/rabbitmq.pid")
+    [ -z "$pid" ] && pid=$(readpid "$d/launcher.pid")
+    [ -n "$pid" ] && ! alive "$pid" && return 2
+    return 1
+}
+
+stop_rabbitmq() {
+    local d="$DIR/rabbitmq"
+    [ -d "$d" ] || return 0
+    # The broker (beam.smp) by RABBITMQ_PID_FILE; SIGTERM makes it shut down
+    # cleanly, then its rabbitmq-server wrapper and su exit too.
+    stop_pid "$(readpid "$d/rabbitmq.pid")" beam rabbitmq
+    stop_pid "$(readpid "$d/launcher.pid")" rabbitmq rabbitmq-launcher
+    stop_pid "$(readpid "$d/epmd.pid")" epmd epmd
+    wait_port_free "$(cat "$d/port")"
+    wait_port_free "$(cat "$d/dist_port")"
+    wait_port_free "$(cat "$d/epmd_port")"
+}
+
+logs_rabbitmq() {
+    echo "$DIR/rabbitmq/rabbitmq.log"
+    echo "$DIR/rabbitmq/log/rabbit.log"
+    echo "$DIR/rabbitmq/epmd.log"
+}
+
+# ---------------------------------------------------------------- generic
+
+port_of() { cat "$DIR/$1/port"; }
+
+announce() { log "$1 at $HOST:$(port_of "$1")"; }
+
+# wait_ready NAME...: waits until every server answers. Sets FAILED to the
+# first one that did not and FAILED_HOW to "died" or "timeout".
+wait_ready() {
+    local s rc deadline
+    deadline=$((SECONDS + TIMEOUT))
+    FAILED="" FAILED_HOW=""
+    for s in "$@"; do
+        while :; do
+            rc=0; "probe_$s" || rc=$?
+            [ "$rc" = 0 ] && break
+            if [ "$rc" = 2 ]; then FAILED=$s FAILED_HOW=died; return 1; fi
+            if deadline_passed "$deadline"; then FAILED=$s FAILED_HOW=timeout; return 1; fi
+            sleep 0.25
+        done
+    done
+}
+
+write_env() {
+    local f="$DIR/env.sh" s
+    {
+        echo "export TAMARCO_SERVICES_DIR=$DIR"
+        for s in $(cat "$DIR/services"); do
+            case $s in
+                redis) echo "export TAMARCO_TEST_REDIS_HOST=$HOST TAMARCO_TEST_REDIS_PORT=$(port_of redis)" ;;
+                etcd) echo "export TAMARCO_TEST_ETCD_HOST=$HOST TAMARCO_TEST_ETCD_PORT=$(port_of etcd)" ;;
+                rabbitmq) echo "export TAMARCO_TEST_AMQP_HOST=$HOST TAMARCO_TEST_AMQP_PORT=$(port_of rabbitmq)" ;;
+            esac
+        done
+    } > "$f.tmp"
+    mv "$f.tmp" "$f"
+    chmod 644 "$f"
+}
+
+stop_all() {
+    local s
+    # rabbitmq first: it is the slowest to stop.
+    for s in rabbitmq etcd redis; do
+        [ -d "$DIR/$s" ] && "stop_$s"
+    done
+    return 0
+}
+
+selected_services() {
+    local want=${TAMARCO_SERVICES:-$ALL_SERVICES} s out=""
+    for s in $want; do
+        case " $ALL_SERVICES " in
+            *" $s "*) case " $out " in *" $s "*) ;; *) out="$out $s" ;; esac ;;
+            *) die "unknown service in TAMARCO_SERVICES: $s (known: $ALL_SERVICES)" ;;
+        esac
+    done
+    [ -n "$out" ] || die "TAMARCO_SERVICES selects no service"
+    echo $out
+}
+
+cmd_start() {
+    local services s attempt t0
+    services=$(selected_services)
+    t0=$SECONDS
+    if [ -n "${1:-}" ]; then
+        DIR=$(abs_dir "$1"); DIR=${DIR%/}
+        check_dir_name "$DIR"
+        if [ -f "$DIR/$MARKER" ]; then
+            for s in $ALL_SERVICES; do
+                [ -d "$DIR/$s" ] && "running_$s" && die "$s is already running in $DIR (use '$0 stop $DIR' first)"
+            done
+            stop_all
+            find "$DIR" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
+        elif [ -d "$DIR" ] && [ -n "$(ls -A "$DIR")" ]; then
+            die "$DIR exists and is not empty"
+        fi
+        mkdir -p "$DIR"
+    else
+        DIR=$(mktemp -d /tmp/tamarco-services.XXXXXX)
+        check_dir_name "$DIR"
+    fi
+    chmod 755 "$DIR"
+    : > "$DIR/$MARKER"
+    echo "$services" > "$DIR/services"
+
+    # Whatever goes wrong from here on (a die, a signal), stop what was started.
+    START_OK=0
+    trap 'if [ "$START_OK" = 0 ]; then log "start failed; stopping the servers started in $DIR"; stop_all; log "logs kept in $DIR (remove with: $0 stop $DIR)"; fi' EXIT
+    trap 'exit 130' INT TERM HUP
+
+    for s in $services; do "setup_$s"; done
+    for s in $services; do "launch_$s"; done
+    attempt=1
+    while ! wait_ready $services; do
+        # A server that died at once most likely lost its port to someone
+        # else between pick and bind: try again on new ports, twice at most.
+        if [ "$FAILED_HOW" = died ] && [ "$attempt" -lt 3 ] && \
+           grep -qi 'in use\|eaddrinuse' $("logs_$FAILED") /dev/null 2>/dev/null; then
+            log "$FAILED could not bind its port; retrying on other ports"
+            "stop_$FAILED"
+            "setup_$FAILED"
+            "launch_$FAILED"
+            attempt=$((attempt + 1))
+            continue
+        fi
+        if [ "$FAILED_HOW" = died ]; then
+            log "error: $FAILED exited during startup"
+        else
+            log "error: $FAILED did not answer within ${TIMEOUT}s"
+        fi
+        show_log $("logs_$FAILED")
+        exit 1
+    done
+    START_OK=1
+    trap - EXIT INT TERM HUP
+
+    write_env
+    for s in $services; do announce "$s"; done
+    log "started in $((SECONDS - t0))s; env in $DIR/env.sh; stop with: $0 stop $DIR"
+    cat "$DIR/env.sh"
+}
+
+cmd_stop() {
+    need_dir "${1:-}"
+    stop_all
+    rm -rf "$DIR"
+    log "stopped; removed $DIR"
+}
+
+cmd_start_one() {
+    local s=$1
+    need_dir "${2:-}"
+    [ -d "$DIR/$s" ] || die "$s was not started in $DIR"
+    if "running_$s"; then
+        log "$s is already running"
+        announce "$s"
+        return 0
+    fi
+    "stop_$s"   # leftovers (epmd, launcher) and wait for the port
+    "launch_$s"
+    if ! wait_ready "$s"; then
+        log "error: $s did not come back ($FAILED_HOW)"
+        show_log $("logs_$s")
+        "stop_$s"
+        exit 1
+    fi
+    announce "$s"
+}
+
+cmd_stop_one() {
+    local s=$1
+    need_dir "${2:-}"
+    [ -d "$DIR/$s" ] || die "$s was not started in $DIR"
+    "stop_$s"
+    log "$s stopped"
+}
+
+cmd_status() {
+    local s rc=0
+    need_dir "${1:-}"
+    for s in $(cat "$DIR/services"); do
+        if "running_$s" && "probe_$s"; then
+            log "$s at $HOST:$(port_of "$s"): up"
+        else
+            log "$s at $HOST:$(port_of "$s"): DOWN"
+            rc=1
+        fi
+    done
+    [ -f "$DIR/env.sh" ] && cat "$DIR/env.sh"
+    return $rc
+}
+
+main() {
+    local cmd=${1:-}
+    [ $# -gt 0 ] && shift
+    case "$cmd" in
+        start) [ $# -le 1 ] || usage; cmd_start "$@" ;;
+        stop) [ $# -eq 1 ] || usage; cmd_stop "$1" ;;
+        status) [ $# -eq 1 ] || usage; cmd_status "$1" ;;
+        start-redis|start-etcd|start-rabbitmq)
+            [ $# -eq 1 ] || usage; cmd_start_one "${cmd#start-}" "$1" ;;
+        stop-redis|stop-etcd|stop-rabbitmq)
+            [ $# -eq 1 ] || usage; cmd_stop_one "${cmd#stop-}" "$1" ;;
+        restart-redis|restart-etcd|restart-rabbitmq)
+            [ $# -eq 1 ] || usage
+            cmd_stop_one "${cmd#restart-}" "$1"
+            cmd_start_one "${cmd#restart-}" "$1" ;;
+        -h|--help|help) usage ;;
+        *) usage ;;
+    esac
+}
+
+main "$@"
