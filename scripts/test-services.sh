@@ -26,7 +26,18 @@
 # Layout of DIR: one sub-directory per server holding its port(s), a run.sh
 # that starts it in the foreground (start-X reuses it), its pid file, its log
 # and its data. RabbitMQ gets a private epmd on its own loopback port, so the
-# script never touches (or depends on) a system epmd.
+# script never touches (or depends on) a system epmd. redis runs with
+# --save '', so restart-redis comes back empty; etcd and rabbitmq keep their
+# data (durable queues, persistent messages) across stop-X/start-X.
+# rabbitmqctl against the broker (as root):
+#   (. DIR/rabbitmq/rabbitmq.env; /usr/lib/rabbitmq/bin/rabbitmqctl list_queues)
+
+# Paths made here never contain blanks (see check_dir_name): lists of files
+# and of services are passed as words.
+# shellcheck disable=SC2046,SC2013
+
+# Run with bash even when invoked as `sh scripts/test-services.sh`.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 
 PROG=test-services
@@ -63,20 +74,20 @@ is_ours() {
     tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -q -- "$2"
 }
 
-readpid() { [ -s "$1" ] && tr -dc 0-9 < "$1" || true; }
+readpid() { if [ -s "$1" ]; then tr -dc 0-9 < "$1"; fi; }
 
 # stop_pid PID PATTERN NAME: SIGTERM, wait up to 30 s, then SIGKILL.
 stop_pid() {
-    local pid=$1 pat=$2 name=$3 i
+    local pid=$1 pat=$2 name=$3
     is_ours "$pid" "$pat" || return 0
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 300); do
+    for _ in $(seq 300); do
         alive "$pid" || return 0
         sleep 0.1
     done
     log "$name (pid $pid) ignored SIGTERM for 30 s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         alive "$pid" || return 0
         sleep 0.1
     done
@@ -85,10 +96,10 @@ stop_pid() {
 
 # Local ports of every TCP socket (any state), from /proc (no ss needed).
 used_ports() {
-    local f sl addr rest
+    local f addr
     for f in /proc/net/tcp /proc/net/tcp6; do
         [ -r "$f" ] || continue
-        while read -r sl addr rest; do
+        while read -r _ addr _; do
             case "$addr" in *:*) echo $((16#${addr##*:})) ;; esac
         done < "$f"
     done
@@ -108,9 +119,9 @@ port_listening() {
 PICKED=" "
 # pick_port: sets REPLY to a random free port, distinct from those picked before.
 pick_port() {
-    local used p i
+    local used p
     used=" $(used_ports | tr '\n' ' ')"
-    for i in $(seq 500); do
+    for _ in $(seq 500); do
         p=$((PORT_MIN + (RANDOM * 32768 + RANDOM) % (PORT_MAX - PORT_MIN)))
         case "$used$PICKED" in *" $p "*) continue ;; esac
         PICKED="$PICKED$p "
@@ -122,8 +133,7 @@ pick_port() {
 
 # wait_port_free PORT: after a stop, wait until nothing listens on PORT.
 wait_port_free() {
-    local i
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         port_listening "$1" || return 0
         sleep 0.1
     done
@@ -131,13 +141,15 @@ wait_port_free() {
 }
 
 show_log() {
-    local f
+    local f shown=0
     for f in "$@"; do
         [ -s "$f" ] || continue
         echo "----- last lines of $f -----" >&2
         tail -n 40 "$f" >&2
         echo "-----" >&2
+        shown=1
     done
+    [ "$shown" = 1 ] || log "(no log output yet in: $*)"
 }
 
 check_dir_name() {
@@ -354,12 +366,12 @@ rmq_epmd_running() { is_ours "$(readpid "$DIR/rabbitmq/epmd.pid")" epmd; }
 running_rabbitmq() { is_ours "$(readpid "$DIR/rabbitmq/rabbitmq.pid")" beam; }
 
 launch_rabbitmq() {
-    local d="$DIR/rabbitmq" epmd i
+    local d="$DIR/rabbitmq" epmd
     epmd=$(cat "$d/epmd_port")
     if ! rmq_epmd_running; then
         rm -f "$d/epmd.pid"
         setsid /bin/sh "$d/epmd.sh" < /dev/null >> "$d/epmd.log" 2>&1 &
-        for i in $(seq 100); do
+        for _ in $(seq 100); do
             ERL_EPMD_PORT=$epmd epmd -names >/dev/null 2>&1 && break
             sleep 0.1
         done
@@ -371,7 +383,7 @@ launch_rabbitmq() {
 
 rmq_check_amqp() {
     local port=$1 q="tamarco-services-check-$$"
-    local conn=(--server=$HOST --port="$port" --username=guest --password=guest --vhost=/)
+    local conn=(--server="$HOST" --port="$port" --username=guest --password=guest --vhost=/)
     if command -v amqp-publish >/dev/null 2>&1 && command -v amqp-get >/dev/null 2>&1; then
         amqp-declare-queue "${conn[@]}" -q "$q" >/dev/null 2>&1 || return 1
         amqp-publish "${conn[@]}" -r "$q" -b ping >/dev/null 2>&1 || return 1
@@ -468,7 +480,7 @@ selected_services() {
         esac
     done
     [ -n "$out" ] || die "TAMARCO_SERVICES selects no service"
-    echo $out
+    echo "${out# }"
 }
 
 cmd_start() {
@@ -504,6 +516,7 @@ cmd_start() {
     for s in $services; do "setup_$s"; done
     for s in $services; do "launch_$s"; done
     attempt=1
+    # shellcheck disable=SC2086  # $services is a word list
     while ! wait_ready $services; do
         # A server that died at once most likely lost its port to someone
         # else between pick and bind: try again on new ports, twice at most.

@@ -53,7 +53,7 @@ describe("scheduler", function()
         local started = tamarco.now()
         local result = testing.run(function()
             local sleeper = tamarco.spawn(function()
-                return tamarco.sleep(60000)
+                return require("tamarco.c.timer").sleep(60000)
             end)
             local me = scheduler.current()
             local got

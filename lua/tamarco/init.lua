@@ -2,11 +2,14 @@
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 local process = require "tamarco.c.process"
+local tasks = require "tamarco.tasks"
 
 local tamarco = {
     VERSION = process.version,
-    --- Yields the running task for `ms` milliseconds.
-    sleep = timer.sleep,
+    --- Yields the running task for `ms` milliseconds (a cancellation point).
+    sleep = tasks.sleep,
+    --- Raises when the running task was cancelled (for long loops).
+    checkpoint = tasks.checkpoint,
     --- Starts `fn(...)` in a new task (coroutine) on the next loop turn; returns it.
     spawn = scheduler.spawn,
     --- Milliseconds of the loop's monotonic clock.

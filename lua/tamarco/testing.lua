@@ -39,4 +39,54 @@ function testing.turn(ms)
     testing.run(timer.sleep, ms or 0)
 end
 
+--- A service started in-process by start_service.
+local Running = {}
+Running.__index = Running
+
+--- testing.start_service(svc_or_path[, options]) -> running, or nil, exit_code, err.
+-- Call inside testing.run. Runs the service's start-up phases with its own
+-- settings dict under `options.settings` (a nested table in Tamarco's
+-- layout) and an optional `options.yaml_file`. Log records are kept in
+-- `running.records` (and printed when options.log_stdout is true).
+function testing.start_service(svc, options)
+    options = options or {}
+    local lifecycle = require "tamarco.lifecycle"
+    local logging = require "tamarco.logging"
+    local settings = require "tamarco.settings"
+    if type(svc) == "string" then svc = require("tamarco.service_file").load(svc) end
+    local store = assert(settings.load {
+        defaults = svc.definition.settings,
+        dict = options.settings,
+        yaml_file = options.yaml_file,
+    })
+    local records = {}
+    logging.configure {
+        service_name = svc.name,
+        deploy_name = store:get("system.deploy_name", "tamarco"),
+        instance_id = svc.instance_id,
+        profile = options.profile or "TESTING",
+        stdout = options.log_stdout or false,
+    }
+    logging.add_sink { name = "testing", emit = function(_, record) records[#records + 1] = record end }
+    local cycle = lifecycle.new(svc, { settings = store, logging = logging,
+        stop_timeout_ms = options.stop_timeout_ms or 5000 })
+    local ok, code, err = cycle:start()
+    if not ok then return nil, code, err end
+    return setmetatable({ service = svc, lifecycle = cycle, settings = store, records = records }, Running)
+end
+
+--- Stops the service: stop and post_stop phases, tasks drained.
+function Running:stop(reason)
+    self.lifecycle:stop(reason or "test finished")
+end
+
+--- The log records whose message contains `text` (plain match).
+function Running:logged(text)
+    local found = {}
+    for _, record in ipairs(self.records) do
+        if tostring(record.message):find(text, 1, true) then found[#found + 1] = record end
+    end
+    return found
+end
+
 return testing

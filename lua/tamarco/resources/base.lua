@@ -1,0 +1,79 @@
+--- tamarco.resources.base: the resource type every resource builds on.
+--
+-- A resource has Tamarco's phases (pre_start, start, post_start, stop,
+-- post_stop), a status code, a settings view under
+-- `system.resources.<name>` (overridable per service under
+-- `system.microservices.<svc>.resources.<name>`), a logger, and may name
+-- other resources it needs in `depends_on`. The lifecycle sets the
+-- transitional statuses around each phase; a resource only sets FAILED or
+-- CONNECTING itself when its peer goes away or comes back.
+local base = {}
+
+base.STATUS = {
+    NOT_STARTED = 0,
+    CONNECTING = 1,
+    STARTED = 2,
+    STOPPING = 3,
+    STOPPED = 4,
+    FAILED = 5,
+}
+
+local status_names = {}
+for name, code in pairs(base.STATUS) do status_names[code] = name end
+base.status_names = status_names
+
+local Resource = {}
+Resource.__index = Resource
+base.Resource = Resource
+
+--- base.class(type_name[, parent]) -> a new resource class. Instances are made
+-- with `class.new(options)`; override the phases you need.
+function base.class(type_name, parent)
+    parent = parent or Resource
+    local class = setmetatable({}, { __index = parent })
+    class.__index = class
+    class.type_name = type_name
+    class.new = function(options)
+        local self = setmetatable({}, class)
+        self:init(options or {})
+        return self
+    end
+    return class
+end
+
+function Resource:init(options)
+    self.options = options
+    self.depends_on = options.depends_on or {}
+    self.status_code = base.STATUS.NOT_STARTED
+end
+
+--- Called by the service before any phase: the resource learns its name,
+-- service, settings view and logger.
+function Resource:bind(service, name, settings_view, logger)
+    self.name = name
+    self.service = service
+    self.settings = settings_view
+    self.logger = logger
+end
+
+function Resource:pre_start() end
+function Resource:start() end
+function Resource:post_start() end
+function Resource:stop() end
+function Resource:post_stop() end
+
+--- Changes the status; logs the transition at debug level.
+function Resource:set_status(code)
+    assert(status_names[code], "unknown status code " .. tostring(code))
+    if self.status_code ~= code and self.logger then
+        self.logger:debug("resource status " .. status_names[code], { resource = self.name })
+    end
+    self.status_code = code
+end
+
+--- Tamarco's status dict. Subclasses may add fields; never secrets.
+function Resource:status()
+    return { status = self.status_code }
+end
+
+return base

@@ -1,0 +1,131 @@
+--- `tamarco-host run FILE`: provisional logging -> settings -> logging ->
+-- lifecycle, until SIGINT/SIGTERM; returns the exit code.
+local errors = require "tamarco.errors"
+local lifecycle = require "tamarco.lifecycle"
+local logging = require "tamarco.logging"
+local process = require "tamarco.c.process"
+local scheduler = require "tamarco.c.scheduler"
+local service_file = require "tamarco.service_file"
+local settings = require "tamarco.settings"
+
+local run_command = {}
+
+local function parse_args(args)
+    local options = {}
+    local i = 1
+    while i <= #args do
+        local a = args[i]
+        if a == "--settings" or a == "--watchdog" then
+            local value = args[i + 1]
+            if value == nil then return nil, "option " .. a .. " needs a value" end
+            options[a:sub(3)] = value
+            i = i + 2
+        elseif a:sub(1, 1) == "-" then
+            return nil, "unknown option '" .. a .. "'"
+        elseif options.file then
+            return nil, "unexpected argument '" .. a .. "' (one service file only)"
+        else
+            options.file = a
+            i = i + 1
+        end
+    end
+    if not options.file then return nil, "missing the service FILE" end
+    if options.watchdog then
+        local seconds = tonumber(options.watchdog)
+        if not seconds or seconds <= 0 then
+            return nil, "--watchdog needs a number of seconds > 0 (got '" .. options.watchdog .. "')"
+        end
+        options.watchdog = seconds
+    end
+    return options
+end
+
+-- Reports a fatal error before the service runs; returns its exit code.
+local function fail(logger, err)
+    local message = errors.is(err) and err.message or tostring(err)
+    logger:critical(message)
+    logging.flush()
+    return errors.exit_code_of(err)
+end
+
+function run_command.main(args)
+    local options, usage_error = parse_args(args)
+    if not options then return nil, usage_error end
+
+    local boot_logger = logging.provisional("tamarco-host")
+    local ok, svc = pcall(service_file.load, options.file)
+    if not ok then return fail(boot_logger, svc) end
+
+    local store, settings_error = settings.load {
+        dict = svc.definition.settings,
+        yaml_file = options.settings,
+        environ = true,
+    }
+    if not store then return fail(boot_logger, settings_error) end
+
+    local configured, logging_error = pcall(logging.configure_from_settings, store:view(svc.name), {
+        service_name = svc.name,
+        deploy_name = store:get("system.deploy_name", "tamarco"),
+        instance_id = svc.instance_id,
+    })
+    if not configured then
+        return fail(boot_logger, errors.is(logging_error) and logging_error
+            or errors.new("settings", "logging settings: " .. tostring(logging_error)))
+    end
+
+    local stop_seconds = options.watchdog or store:get("system.stop_timeout_seconds", 30)
+    local watchdog_armed = false
+    local function arm_watchdog()
+        if watchdog_armed then return end
+        watchdog_armed = true
+        process.watchdog(stop_seconds, ("tamarco-host: service '%s' did not stop within %s s; exiting with code 1\n")
+            :format(svc.name, tostring(stop_seconds)))
+    end
+
+    local created, cycle = pcall(lifecycle.new, svc, {
+        settings = store,
+        logging = logging,
+        stop_timeout_ms = stop_seconds * 1000,
+        on_stop_requested = arm_watchdog,
+    })
+    if not created then return fail(boot_logger, cycle) end
+
+    local uv = require "luv"
+    local signals = {}
+    for _, name in ipairs({ "sigint", "sigterm" }) do
+        local handle = uv.new_signal()
+        handle:start(name, function()
+            svc.logger:info("received " .. name:upper())
+            cycle:request_stop(name:upper())
+        end)
+        signals[#signals + 1] = handle
+    end
+
+    local exit_code = 1
+    local runner = scheduler.spawn(function()
+        store:start_watching()
+        store:on_change(function(key, value)
+            if key == "system.logging.profile" and value then
+                local changed, err = pcall(logging.set_profile, value)
+                if not changed then svc.logger:error("cannot change the log profile: " .. tostring(err)) end
+            end
+            if svc.on_settings_change then
+                scheduler.spawn(svc.on_settings_change, svc, key, value)
+            end
+        end)
+        local code = cycle:run()
+        store:stop_watching()
+        return code
+    end)
+    scheduler.on_exit(runner, function(success, code)
+        exit_code = success and code or 1
+        if not success then arm_watchdog() end
+        process.stop_loop()
+    end)
+    process.run_loop()
+    for _, handle in ipairs(signals) do handle:close() end
+    logging.flush()
+    return exit_code
+end
+
+return run_command

@@ -1,0 +1,23 @@
+-- Tamarco's settings example: the my_admin service reads its settings from
+-- system.microservices.my_admin.* in a YAML file.
+-- Run: tamarco-host run services/examples/settings/service.lua --settings services/examples/settings/settings.yml
+local tamarco = require "tamarco"
+
+local svc = tamarco.service { name = "my_admin" }
+
+function svc:start()
+    -- A view looks up system.microservices.my_admin.<key> before system.<key>.
+    self.default_user = self.settings:get("default_user")
+    self.default_password = self.settings:get("default_password")
+    self.session_expiration_days = self.settings:get("session_expiration_days", 1)
+    self.logger:info("admin settings loaded", {
+        default_user = self.default_user,
+        session_expiration_days = self.session_expiration_days,
+    })
+end
+
+function svc:on_settings_change(key, value)
+    self.logger:info("setting changed", { key = key, value = value })
+end
+
+return svc
