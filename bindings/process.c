@@ -148,6 +148,17 @@ static int l_rss(lua_State *L)
     return 1;
 }
 
+/* exepath() -> the path of the running host binary. */
+static int l_exepath(lua_State *L)
+{
+    char path[4096];
+    size_t size = sizeof path;
+    if (uv_exepath(path, &size) != 0)
+        return 0;
+    lua_pushlstring(L, path, size);
+    return 1;
+}
+
 /* lua_dir() -> the directory the host loaded its Lua modules from. */
 static int l_lua_dir(lua_State *L)
 {
@@ -170,6 +181,7 @@ int luaopen_tamarco_c_process(lua_State *L)
         {"hostname", l_hostname},
         {"rss", l_rss},
         {"lua_dir", l_lua_dir},
+        {"exepath", l_exepath},
         {NULL, NULL},
     };
     lua_newtable(L);

@@ -71,6 +71,11 @@ int tamarco_wake(tamarco_host *host, int wait_id, tamarco_push_fn push, void *ud
  * and calls the coroutine's exit callback when it finishes. */
 int tamarco_resume(tamarco_host *host, lua_State *co, int nargs);
 
+/* Starts the function on host->L's stack (below its nargs arguments, which
+ * are popped with it) in a new task at once. Only from loop callbacks, never
+ * from inside a task. Returns like tamarco_resume. */
+int tamarco_start_task(tamarco_host *host, int nargs);
+
 int luaopen_tamarco_c_scheduler(lua_State *L);
 
 /* ---- bindings (one file per topic in bindings/) ---- */

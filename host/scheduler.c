@@ -309,6 +309,28 @@ int tamarco_scheduler_init(tamarco_host *host)
     return uv_idle_init(host->loop, &host->ready_idle);
 }
 
+static void mark_task(lua_State *L, int co_index)
+{
+    push_registry_table(L, REG_TASKS, "k");
+    lua_pushvalue(L, co_index);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+}
+
+int tamarco_start_task(tamarco_host *host, int nargs)
+{
+    lua_State *L = host->L;
+    int fn_index = lua_gettop(L) - nargs;
+    lua_State *co = lua_newthread(L);
+    mark_task(L, lua_gettop(L));
+    lua_insert(L, fn_index);            /* keep co referenced below fn/args */
+    lua_xmove(L, co, nargs + 1);        /* fn and args onto the coroutine */
+    int rc = tamarco_resume(host, co, nargs);
+    lua_remove(L, fn_index);            /* co */
+    return rc;
+}
+
 /* ---- Lua API: tamarco.c.scheduler ---- */
 
 /* spawn(fn, ...) -> co. Starts fn in a new coroutine on the next loop turn. */
@@ -319,15 +341,34 @@ static int l_spawn(lua_State *L)
     int n = lua_gettop(L) - 1;
     lua_State *co = lua_newthread(L);
     int co_index = lua_gettop(L);
-    push_registry_table(L, REG_TASKS, "k");
-    lua_pushvalue(L, co_index);
-    lua_pushboolean(L, 1);
-    lua_rawset(L, -3);
-    lua_pop(L, 1);
+    mark_task(L, co_index);
     lua_pushvalue(L, 1);
     lua_xmove(L, co, 1);
     queue_ready(host, L, co_index, 2, n);
     lua_pushvalue(L, co_index);
+    return 1;
+}
+
+/* start(fn, ...) -> co. Starts fn in a new task right now; only from code
+ * that is not itself a task (loop callbacks such as luv's). */
+static int l_start(lua_State *L)
+{
+    tamarco_host *host = checked_host(L);
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    if (lua_pushthread(L) == 0) {
+        lua_pop(L, 1);
+        return luaL_error(L, "scheduler.start is for loop callbacks; inside a task use spawn");
+    }
+    lua_pop(L, 1);
+    int nargs = lua_gettop(L) - 1;
+    lua_State *co = lua_newthread(L);
+    mark_task(L, lua_gettop(L));
+    lua_insert(L, 1);
+    lua_pushvalue(L, 1);
+    lua_insert(L, 2);                   /* stack: co, co, fn, args */
+    lua_xmove(L, co, nargs + 1);
+    tamarco_resume(host, co, nargs);
+    lua_settop(L, 1);
     return 1;
 }
 
@@ -419,6 +460,7 @@ int luaopen_tamarco_c_scheduler(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
         {"spawn", l_spawn},
+        {"start", l_start},
         {"on_exit", l_on_exit},
         {"set_error_handler", l_set_error_handler},
         {"suspend", l_suspend},

@@ -1,0 +1,56 @@
+/*
+ * Log record encoding (bytes only, no policy): a growable buffer, JSON
+ * string and number formatting, the ISO 8601 timestamp, and the JSON
+ * encoding of a Lua value. Used by bindings/log.c ("tamarco.c.log") and by
+ * the C unit test spec/c/test_log_encode.c.
+ */
+#ifndef TAMARCO_LOG_ENCODE_H
+#define TAMARCO_LOG_ENCODE_H
+
+#include <stddef.h>
+#include <lua.h>
+
+/* Nesting depth past which a table is written as the string "<depth limit>". */
+#define TAMARCO_LOG_MAX_DEPTH 16
+
+typedef struct tamarco_log_buf {
+    char *data;     /* not NUL-terminated unless tamarco_log_buf_cstr is used */
+    size_t len;
+    size_t cap;
+    int oom;        /* set when an allocation failed; further adds are dropped */
+} tamarco_log_buf;
+
+void tamarco_log_buf_init(tamarco_log_buf *b);
+void tamarco_log_buf_free(tamarco_log_buf *b);
+void tamarco_log_buf_add(tamarco_log_buf *b, const char *s, size_t len);
+void tamarco_log_buf_addc(tamarco_log_buf *b, char c);
+void tamarco_log_buf_adds(tamarco_log_buf *b, const char *s);
+/* NUL-terminates and returns data ("" when empty or out of memory). */
+const char *tamarco_log_buf_cstr(tamarco_log_buf *b);
+
+/* Appends s as a quoted JSON string: escapes '"', '\\', control characters
+ * (\b \f \n \r \t, else \u00XX), DEL, U+2028/U+2029; each byte of an invalid
+ * UTF-8 sequence (overlong, surrogate, > U+10FFFF, truncated) becomes \ufffd. */
+void tamarco_log_json_string(tamarco_log_buf *b, const char *s, size_t len);
+
+/* Appends n as a JSON number: integral values without ".0" (exactly, up to
+ * 2^63), others with the shortest of %.15g / %.17g that reads back to the same
+ * double; NaN and infinities as null. */
+void tamarco_log_json_number(tamarco_log_buf *b, double n);
+
+/* Writes "YYYY-MM-DDTHH:MM:SS.mmmZ" (UTC, milliseconds rounded) into out,
+ * which must hold at least 32 bytes. Returns the length, or -1. */
+int tamarco_log_iso8601(char *out, size_t size, double seconds);
+
+/* Appends the Lua value at idx as JSON. Tables whose keys are exactly 1..n
+ * become arrays, others objects with keys sorted bytewise (number and boolean
+ * keys written as strings, other key types skipped). When `top` is set, the
+ * standard record fields come first (@timestamp, level, logger, message,
+ * service_name, deploy_name, service_instance_id). Cycles become "<cycle>",
+ * tables deeper than TAMARCO_LOG_MAX_DEPTH "<depth limit>", functions and
+ * other unencodable values "<function>" etc. Never raises except on memory
+ * errors of the Lua state; the caller owns b (see log.c for an error-safe
+ * holder). */
+void tamarco_log_json_value(tamarco_log_buf *b, lua_State *L, int idx, int top);
+
+#endif

@@ -1,0 +1,37 @@
+#!/bin/sh
+# Builds tamarco-host and runs the whole test suite on a fresh Debian 12
+# machine (as root): installs missing packages, builds, starts redis-server,
+# etcd and rabbitmq-server on loopback in a temporary directory, runs the C
+# tests (ctest) and the busted specs inside the host, then does the same with
+# an AddressSanitizer + UndefinedBehaviorSanitizer build, and stops the
+# servers. Exit status 0 only when everything passed.
+set -eu
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+jobs=$(nproc 2>/dev/null || echo 2)
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build -j"$jobs"
+
+services_dir=$(mktemp -d /tmp/tamarco-services.XXXXXX)
+cleanup() { scripts/test-services.sh stop "$services_dir" || true; }
+trap cleanup EXIT INT TERM
+scripts/test-services.sh start "$services_dir" >/dev/null
+. "$services_dir/env.sh"
+
+echo "== C tests"
+(cd build && ctest --output-on-failure)
+echo "== specs"
+build/tamarco-host test -o utfTerminal spec services
+
+if [ "${TAMARCO_SKIP_SANITIZERS:-0}" != 1 ]; then
+    echo "== C tests and specs under AddressSanitizer and UndefinedBehaviorSanitizer"
+    cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DTAMARCO_SANITIZE=ON >/dev/null
+    cmake --build build-asan -j"$jobs"
+    export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+    export ASAN_OPTIONS="abort_on_error=0:detect_leaks=1"
+    (cd build-asan && ctest --output-on-failure)
+    build-asan/tamarco-host test -o utfTerminal spec services
+fi
+echo "== all tests passed"

@@ -1,0 +1,184 @@
+-- The host's command line and its exit codes, run as a child process.
+local cli = require "spec.support.cli"
+
+local function service_source(body)
+    return 'local tamarco = require "tamarco"\n' .. body
+end
+
+describe("tamarco-host CLI", function()
+    it("prints its version", function()
+        local code, out = cli.run({ "version" })
+        assert.are.equal(0, code)
+        assert.matches("^tamarco%-host %d+%.%d+%.%d+", out)
+    end)
+
+    it("prints help for each command", function()
+        for _, command in ipairs({ "run", "test", "version" }) do
+            local code, out = cli.run({ command, "--help" })
+            assert.are.equal(0, code)
+            assert.matches("usage: tamarco%-host " .. command, out)
+        end
+    end)
+
+    it("rejects an unknown command and an unknown option with exit 2", function()
+        local code, out = cli.run({ "frobnicate" })
+        assert.are.equal(2, code)
+        assert.matches("unknown command 'frobnicate'", out, 1, true)
+        code, out = cli.run({ "run", "x.lua", "--frob" })
+        assert.are.equal(2, code)
+        assert.matches("unknown option '--frob'", out, 1, true)
+    end)
+
+    it("names a missing service file (exit 2)", function()
+        local code, out = cli.run({ "run", "/nonexistent/service.lua" })
+        assert.are.equal(2, code)
+        assert.matches("service file '/nonexistent/service.lua' not found", out, 1, true)
+    end)
+
+    it("names the file and line of a syntax error (exit 2)", function()
+        local path = cli.write_temp("local x = = 1\n")
+        local code, out = cli.run({ "run", path })
+        os.remove(path)
+        assert.are.equal(2, code)
+        assert.matches("syntax error", out, 1, true)
+        assert.matches(path:match("[^/]+$") .. ":1:", out, 1, true)
+    end)
+
+    it("says when the file returns no service table (exit 2)", function()
+        local path = cli.write_temp("return 42\n")
+        local code, out = cli.run({ "run", path })
+        os.remove(path)
+        assert.are.equal(2, code)
+        assert.matches("did not return a service table (it returned a number)", out, 1, true)
+    end)
+
+    it("rejects a duplicate task name at definition (exit 2)", function()
+        local path = cli.write_temp(service_source([[
+local svc = tamarco.service { name = "dup" }
+svc:task("same", function() end)
+svc:task("same", function() end)
+return svc
+]]))
+        local code, out = cli.run({ "run", path })
+        os.remove(path)
+        assert.are.equal(2, code)
+        assert.matches("duplicate task name 'same'", out, 1, true)
+        assert.matches(":3:", out, 1, true)
+    end)
+
+    it("names the file, line and column of malformed YAML (exit 2)", function()
+        local path = cli.write_temp(service_source('return tamarco.service { name = "y" }\n'))
+        local yml = cli.write_temp("system:\n  deploy_name: x\n  bad: [1, 2\n", ".yml")
+        local code, out = cli.run({ "run", path, "--settings", yml })
+        os.remove(path)
+        os.remove(yml)
+        assert.are.equal(2, code)
+        assert.matches(yml .. ":%d+:%d+", out)
+    end)
+
+    it("names a missing setting without default (exit 2)", function()
+        local path = cli.write_temp(service_source([[
+local svc = tamarco.service { name = "needs" }
+function svc:start() self.settings:get("api_url") end
+return svc
+]]))
+        local code, out = cli.run({ "run", path })
+        os.remove(path)
+        assert.are.equal(2, code)
+        assert.matches("system.microservices.needs.api_url", out, 1, true)
+    end)
+
+    it("exits 1 with the traceback when a start-up hook raises, after stopping what started", function()
+        local path = cli.write_temp(service_source([[
+local svc = tamarco.service { name = "raiser" }
+function svc:pre_start() self.logger:info("pre_start ran") end
+local function explode() error("hook exploded") end
+function svc:post_start() explode() end
+function svc:stop() self.logger:info("stop hook ran") end
+return svc
+]]))
+        local code, out = cli.run({ "run", path })
+        os.remove(path)
+        assert.are.equal(1, code)
+        assert.matches("hook exploded", out, 1, true)
+        assert.matches("explode", out, 1, true)
+        assert.matches("stop hook ran", out, 1, true)
+        assert.matches("service stopped", out, 1, true)
+    end)
+
+    it("exits 12 when resource dependencies form a cycle or name an unknown resource", function()
+        local path = cli.write_temp(service_source([[
+local base = require "tamarco.resources.base"
+local R = base.class("test")
+return tamarco.service { name = "deps", resources = {
+    a = R.new { depends_on = { "b" } }, b = R.new { depends_on = { "a" } } } }
+]]))
+        local code, out = cli.run({ "run", path })
+        assert.are.equal(12, code)
+        assert.matches("cycle: a -> b -> a", out, 1, true)
+        os.remove(path)
+        path = cli.write_temp(service_source([[
+local base = require "tamarco.resources.base"
+local R = base.class("test")
+return tamarco.service { name = "deps", resources = { a = R.new { depends_on = { "nope" } } } }
+]]))
+        code, out = cli.run({ "run", path })
+        os.remove(path)
+        assert.are.equal(12, code)
+        assert.matches("unknown resource 'nope'", out, 1, true)
+    end)
+
+    it("exits 11 when a resource cannot bind", function()
+        local path = cli.write_temp(service_source([[
+local base = require "tamarco.resources.base"
+local errors = require "tamarco.errors"
+local R = base.class("binder")
+function R:start() errors.raise("bind", "cannot bind 127.0.0.1:1: permission denied") end
+return tamarco.service { name = "binds", resources = { listener = R.new {} } }
+]]))
+        local code, out = cli.run({ "run", path })
+        os.remove(path)
+        assert.are.equal(11, code)
+        assert.matches("cannot bind 127.0.0.1:1", out, 1, true)
+    end)
+
+    it("stops cleanly on SIGTERM and SIGINT (exit 0) with the stop hooks run", function()
+        for _, signal in ipairs({ "TERM", "INT" }) do
+            local code, out = cli.run_until({ "run", "services/examples/lifecycle/service.lua" },
+                "service started", signal)
+            assert.are.equal(0, code, out)
+            assert.matches("after post_stop", out, 1, true)
+            assert.matches("service stopped", out, 1, true)
+        end
+    end)
+
+    it("keeps running when a task raises, logging the traceback", function()
+        local path = cli.write_temp(service_source([[
+local svc = tamarco.service { name = "flaky" }
+local function fail_deep() error("task went wrong") end
+svc:task("fails", function() tamarco.sleep(1) fail_deep() end)
+svc:task_timer({ interval = 20 }, "alive", function(self)
+    self.n = (self.n or 0) + 1
+    if self.n == 5 then self.logger:info("still alive after the failure") end
+end)
+return svc
+]]))
+        local code, out = cli.run_until({ "run", path }, "still alive after the failure", "TERM")
+        os.remove(path)
+        assert.are.equal(0, code, out)
+        assert.matches("task 'fails' failed", out, 1, true)
+        assert.matches("fail_deep", out, 1, true)
+    end)
+
+    it("ends a stop that hangs with the watchdog (exit 1)", function()
+        local path = cli.write_temp(service_source([[
+local svc = tamarco.service { name = "stuck" }
+function svc:stop() while true do end end
+return svc
+]]))
+        local code, out = cli.run_until({ "run", path, "--watchdog", "1" }, "service started", "TERM")
+        os.remove(path)
+        assert.are.equal(1, code)
+        assert.matches("did not stop within 1 s", out, 1, true)
+    end)
+end)

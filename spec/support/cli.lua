@@ -1,0 +1,68 @@
+--- Runs the host binary as a child process for CLI specs.
+local process = require "tamarco.c.process"
+
+local cli = {}
+
+cli.host = process.exepath()
+
+local function shell_quote(s)
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function read_all(path)
+    local f = io.open(path, "r")
+    if not f then return "" end
+    local text = f:read("*a")
+    f:close()
+    return text
+end
+
+--- cli.run({args...}, env) -> exit_code, output (stdout and stderr together).
+function cli.run(args, env)
+    local parts = {}
+    for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
+    parts[#parts + 1] = shell_quote(cli.host)
+    for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
+    local out = os.tmpname()
+    local command = table.concat(parts, " ") .. " >" .. out .. " 2>&1; echo $?"
+    local pipe = io.popen(command)
+    local code = tonumber(pipe:read("*a"))
+    pipe:close()
+    local output = read_all(out)
+    os.remove(out)
+    return code, output
+end
+
+--- cli.run_until(args, marker, signal[, env]) starts the host, waits until its
+-- output contains `marker` (up to 20 s), sends `signal` (e.g. "TERM") and
+-- returns exit_code, output.
+function cli.run_until(args, marker, signal, env)
+    local parts = {}
+    for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
+    parts[#parts + 1] = shell_quote(cli.host)
+    for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
+    local out = os.tmpname()
+    local script = table.concat({
+        table.concat(parts, " ") .. " >" .. out .. " 2>&1 & pid=$!",
+        "i=0; while [ $i -lt 400 ] && ! grep -q " .. shell_quote(marker) .. " " .. out .. "; do sleep 0.05; i=$((i+1)); done",
+        "kill -" .. signal .. " $pid",
+        "wait $pid; echo $?",
+    }, "\n")
+    local pipe = io.popen("sh -c " .. shell_quote(script))
+    local code = tonumber(pipe:read("*a"))
+    pipe:close()
+    local output = read_all(out)
+    os.remove(out)
+    return code, output
+end
+
+--- Writes `text` to a new temporary file with the given suffix; returns its path.
+function cli.write_temp(text, suffix)
+    local path = os.tmpname() .. (suffix or ".lua")
+    local f = assert(io.open(path, "w"))
+    f:write(text)
+    f:close()
+    return path
+end
+
+return cli
