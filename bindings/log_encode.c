@@ -239,6 +239,7 @@ typedef struct encoder {
     lua_State *L;
     const void *path[TAMARCO_LOG_MAX_DEPTH + 1];   /* tables being encoded */
     int depth;
+    int first;          /* no comma before the next object member */
 } encoder;
 
 static void encode_value(encoder *e, int idx, int top);
@@ -271,6 +272,75 @@ static void push_key(lua_State *L, const json_key *k)
         lua_pushnumber(L, k->n);
     else
         lua_pushboolean(L, k->s[0] == 't');
+}
+
+int tamarco_log_each_field(lua_State *L, int idx, int top,
+                           tamarco_log_field_fn fn, void *ud)
+{
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    if (!lua_checkstack(L, 4))
+        return -1;
+    size_t count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        count++;
+        lua_pop(L, 1);
+    }
+    if (count == 0)
+        return 0;
+    /* The keys live in a userdata, collected by the GC if a memory error
+     * unwinds us; string keys stay alive since the table holds them. */
+    json_key *keys = lua_newuserdata(L, count * sizeof *keys);
+    size_t n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (n == count)
+            continue;   /* the table grew under us: ignore the extra keys */
+        json_key *k = &keys[n];
+        k->type = lua_type(L, -1);
+        if (k->type == LUA_TSTRING) {
+            k->s = lua_tolstring(L, -1, &k->len);   /* a string: no conversion */
+        } else if (k->type == LUA_TNUMBER) {
+            tamarco_log_buf tmp;
+            k->n = lua_tonumber(L, -1);
+            tamarco_log_buf_init(&tmp);
+            tamarco_log_json_number(&tmp, k->n);
+            snprintf(k->num, sizeof k->num, "%s", tamarco_log_buf_cstr(&tmp));
+            tamarco_log_buf_free(&tmp);
+            k->s = k->num;
+            k->len = strlen(k->num);
+        } else if (k->type == LUA_TBOOLEAN) {
+            k->s = lua_toboolean(L, -1) ? "true" : "false";
+            k->len = strlen(k->s);
+        } else {
+            continue;   /* tables, functions, ... as keys: skipped */
+        }
+        k->rank = top ? standard_rank(k->s, k->len) : (int)N_STANDARD;
+        n++;
+    }
+    qsort(keys, n, sizeof *keys, key_cmp);
+    for (size_t i = 0; i < n; i++) {
+        push_key(L, &keys[i]);
+        lua_rawget(L, idx);
+        fn(ud, L, keys[i].s, keys[i].len, lua_gettop(L));
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);   /* keys */
+    return (int)n;
+}
+
+static void object_field(void *ud, lua_State *L, const char *key, size_t len, int value_idx)
+{
+    encoder *e = ud;
+    if (!e->first)
+        tamarco_log_buf_addc(e->b, ',');
+    e->first = 0;
+    tamarco_log_json_string(e->b, key, len);
+    tamarco_log_buf_addc(e->b, ':');
+    encode_value(e, value_idx, 0);
+    e->first = 0;   /* a nested object may have left it set */
 }
 
 static void encode_table(encoder *e, int idx, int top)
@@ -324,51 +394,10 @@ static void encode_table(encoder *e, int idx, int top)
         return;
     }
 
-    /* Object: collect the keys in a userdata (collected by the GC if a memory
-     * error unwinds us), sort them, then look each value up. */
-    json_key *keys = lua_newuserdata(L, count * sizeof *keys);
-    size_t n = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx) && n < count) {
-        json_key *k = &keys[n];
-        k->type = lua_type(L, -2);
-        if (k->type == LUA_TSTRING) {
-            k->s = lua_tolstring(L, -2, &k->len);   /* a string key: no conversion */
-        } else if (k->type == LUA_TNUMBER) {
-            k->n = lua_tonumber(L, -2);
-            tamarco_log_buf tmp;
-            tamarco_log_buf_init(&tmp);
-            tamarco_log_json_number(&tmp, k->n);
-            snprintf(k->num, sizeof k->num, "%s", tamarco_log_buf_cstr(&tmp));
-            tamarco_log_buf_free(&tmp);
-            k->s = k->num;
-            k->len = strlen(k->num);
-        } else if (k->type == LUA_TBOOLEAN) {
-            k->s = lua_toboolean(L, -2) ? "true" : "false";
-            k->len = strlen(k->s);
-        } else {
-            lua_pop(L, 1);
-            continue;   /* tables, functions, ... as keys: skipped */
-        }
-        k->rank = top ? standard_rank(k->s, k->len) : (int)N_STANDARD;
-        n++;
-        lua_pop(L, 1);
-    }
-    qsort(keys, n, sizeof *keys, key_cmp);
-
     tamarco_log_buf_addc(e->b, '{');
-    for (size_t i = 0; i < n; i++) {
-        if (i > 0)
-            tamarco_log_buf_addc(e->b, ',');
-        tamarco_log_json_string(e->b, keys[i].s, keys[i].len);
-        tamarco_log_buf_addc(e->b, ':');
-        push_key(L, &keys[i]);
-        lua_rawget(L, idx);
-        encode_value(e, lua_gettop(L), 0);
-        lua_pop(L, 1);
-    }
+    e->first = 1;
+    tamarco_log_each_field(L, idx, top, object_field, e);
     tamarco_log_buf_addc(e->b, '}');
-    lua_pop(L, 1);   /* keys */
     e->depth--;
 }
 
@@ -415,4 +444,9 @@ void tamarco_log_json_value(tamarco_log_buf *b, lua_State *L, int idx, int top)
     if (idx < 0 && idx > LUA_REGISTRYINDEX)
         idx = lua_gettop(L) + idx + 1;
     encode_value(&e, idx, top);
+}
+
+int tamarco_log_is_standard_field(const char *key, size_t len)
+{
+    return standard_rank(key, len) < (int)N_STANDARD;
 }

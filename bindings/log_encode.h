@@ -53,4 +53,15 @@ int tamarco_log_iso8601(char *out, size_t size, double seconds);
  * holder). */
 void tamarco_log_json_value(tamarco_log_buf *b, lua_State *L, int idx, int top);
 
+/* Calls fn for each field of the table at idx in the order of
+ * tamarco_log_json_value (keys as strings, value at value_idx). Returns the
+ * number of fields, or -1 when the Lua stack cannot grow. */
+typedef void (*tamarco_log_field_fn)(void *ud, lua_State *L, const char *key,
+                                     size_t len, int value_idx);
+int tamarco_log_each_field(lua_State *L, int idx, int top,
+                           tamarco_log_field_fn fn, void *ud);
+
+/* 1 when key is one of the standard record fields listed above. */
+int tamarco_log_is_standard_field(const char *key, size_t len);
+
 #endif

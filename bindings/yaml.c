@@ -56,6 +56,32 @@
 
 #define TAG_PREFIX "tag:yaml.org,2002:"
 
+/* ---- the document builder ---- */
+
+typedef struct frame {
+    int is_map;
+    int index;         /* sequences: next index */
+    int have_key;      /* maps: a key is on the stack above the table */
+    int merge_slot;    /* maps: stack index of the merges list, 0 if none */
+    int key_is_merge;  /* maps: the pending key is `<<` */
+    int nodes_at_start;
+    int height;        /* max height of the children so far */
+    char *anchor;      /* owned: the anchor of this collection, or NULL */
+} frame;
+
+typedef struct builder {
+    lua_State *L;
+    struct yaml_ctx *ctx;
+    const char *source;
+    int anchors;       /* stack index: anchor name -> {value, nodes, height} */
+    frame frames[YAML_MAX_DEPTH + 1];
+    int depth;
+    long nodes;
+    int has_root;
+    char error[512];
+    size_t line, column;
+} builder;
+
 /* Everything that needs freeing lives in this userdata, so that a Lua error
  * (out of memory, stack overflow) thrown mid-parse leaks nothing: __gc frees. */
 typedef struct yaml_ctx {
@@ -64,7 +90,16 @@ typedef struct yaml_ctx {
     int parser_ready;
     int event_ready;
     FILE *file;
+    builder b;
 } yaml_ctx;
+
+static void free_frames(builder *b)
+{
+    for (int i = 0; i <= YAML_MAX_DEPTH; i++) {
+        free(b->frames[i].anchor);
+        b->frames[i].anchor = NULL;
+    }
+}
 
 static void ctx_release(yaml_ctx *ctx)
 {
@@ -80,6 +115,7 @@ static void ctx_release(yaml_ctx *ctx)
         fclose(ctx->file);
         ctx->file = NULL;
     }
+    free_frames(&ctx->b);
 }
 
 static int ctx_gc(lua_State *L)
@@ -267,32 +303,6 @@ static resolved resolve_plain(const char *s, size_t len)
     return r;
 }
 
-/* ---- the document builder ---- */
-
-typedef struct frame {
-    int is_map;
-    int index;         /* sequences: next index */
-    int have_key;      /* maps: a key is on the stack above the table */
-    int merge_slot;    /* maps: stack index of the merges list, 0 if none */
-    int key_is_merge;  /* maps: the pending key is `<<` */
-    int nodes_at_start;
-    int height;        /* max height of the children so far */
-    char *anchor;      /* owned: the anchor of this collection, or NULL */
-} frame;
-
-typedef struct builder {
-    lua_State *L;
-    yaml_ctx *ctx;
-    const char *source;
-    int anchors;       /* stack index: anchor name -> {value, nodes, height} */
-    frame frames[YAML_MAX_DEPTH + 1];
-    int depth;
-    long nodes;
-    int has_root;
-    char error[512];
-    size_t line, column;
-} builder;
-
 static int fail_at(builder *b, yaml_mark_t mark, const char *fmt, const char *arg)
 {
     char problem[300];
@@ -335,14 +345,6 @@ static void deep_copy(lua_State *L, int index)
         deep_copy(L, -2);
         lua_rawset(L, copy);
         lua_pop(L, 1);
-    }
-}
-
-static void free_frames(builder *b)
-{
-    for (int i = 1; i <= b->depth; i++) {
-        free(b->frames[i].anchor);
-        b->frames[i].anchor = NULL;
     }
 }
 
@@ -618,16 +620,12 @@ static int build(builder *b)
 {
     lua_State *L = b->L;
     yaml_ctx *ctx = b->ctx;
-    int in_document = 0;
+
 
     for (;;) {
         if (!yaml_parser_parse(&ctx->parser, &ctx->event)) {
             yaml_parser_t *p = &ctx->parser;
             yaml_mark_t mark = p->error == YAML_READER_ERROR ? p->mark : p->problem_mark;
-            if (p->error == YAML_READER_ERROR) {
-                mark.line = p->mark.line;
-                mark.column = p->mark.column;
-            }
             return fail_at(b, mark, "%s", problem_of(p));
         }
         ctx->event_ready = 1;
@@ -637,7 +635,7 @@ static int build(builder *b)
         case YAML_STREAM_START_EVENT:
             break;
         case YAML_DOCUMENT_START_EVENT:
-            in_document = 1;
+
             break;
         case YAML_DOCUMENT_END_EVENT:
         case YAML_STREAM_END_EVENT:
@@ -690,7 +688,6 @@ static int build(builder *b)
         if (done)
             break;
     }
-    (void)in_document;
     if (!b->has_root)
         lua_pushnil(L);
     return 0;
@@ -700,29 +697,22 @@ static int build(builder *b)
  * results: value, or nil, message, line, column. */
 static int run_parse(lua_State *L, yaml_ctx *ctx, const char *source)
 {
-    builder *b = malloc(sizeof *b);
-    if (!b)
-        return luaL_error(L, "out of memory");
-    memset(b, 0, sizeof *b);
+    builder *b = &ctx->b;
     b->L = L;
     b->ctx = ctx;
     b->source = source;
     lua_newtable(L);
     b->anchors = lua_gettop(L);
     int top = b->anchors;
-    int rc = build(b);
-    free_frames(b);
-    if (rc) {
+    if (build(b)) {
         lua_settop(L, top);
         lua_pushnil(L);
         lua_pushstring(L, b->error);
         lua_pushinteger(L, (lua_Integer)b->line);
         lua_pushinteger(L, (lua_Integer)b->column);
-        free(b);
         ctx_release(ctx);
         return 4;
     }
-    free(b);
     ctx_release(ctx);
     return 1;
 }
