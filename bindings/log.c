@@ -348,7 +348,7 @@ typedef struct log_file {
     int backup_count;
     long long max_bytes;   /* 0: never rotate */
     long long size;        /* our idea of the file's size */
-    char *path;
+    char path[];           /* kept in the userdata: nothing to free */
 } log_file;
 
 static int push_errno(lua_State *L, const char *what, const char *path, int err)
@@ -383,14 +383,12 @@ static int l_open_file(lua_State *L)
     luaL_argcheck(L, backups >= 0 && backups <= 1000 && backups == (int)backups, 3,
                   "backup_count must be an integer in 0..1000");
 
-    log_file *f = lua_newuserdata(L, sizeof *f);
+    size_t path_len = strlen(path);
+    log_file *f = lua_newuserdata(L, sizeof *f + path_len + 1);
     f->fd = -1;
-    f->path = NULL;
+    memcpy(f->path, path, path_len + 1);
     luaL_getmetatable(L, FILE_MT);
     lua_setmetatable(L, -2);
-    f->path = strdup(path);
-    if (!f->path)
-        return luaL_error(L, "out of memory");
     f->max_bytes = (long long)max_bytes;
     f->backup_count = (int)backups;
     f->fd = open_append(path);
@@ -536,20 +534,10 @@ static int l_file_close(lua_State *L)
     return 0;
 }
 
-static int l_file_gc(lua_State *L)
-{
-    log_file *f = check_file(L);
-    l_file_close(L);
-    free(f->path);
-    f->path = NULL;
-    return 0;
-}
-
 static int l_file_tostring(lua_State *L)
 {
     log_file *f = check_file(L);
-    lua_pushfstring(L, "tamarco.log.file (%s%s)", f->path ? f->path : "?",
-                    f->fd < 0 ? ", closed" : "");
+    lua_pushfstring(L, "tamarco.log.file (%s%s)", f->path, f->fd < 0 ? ", closed" : "");
     return 1;
 }
 
@@ -580,7 +568,7 @@ int luaopen_tamarco_c_log(lua_State *L)
     lua_newtable(L);
     luaL_register(L, NULL, file_methods);
     lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_file_gc);
+    lua_pushcfunction(L, l_file_close);
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, l_file_tostring);
     lua_setfield(L, -2, "__tostring");

@@ -226,13 +226,16 @@ static const char *const standard_fields[] = {
 #define N_STANDARD (sizeof standard_fields / sizeof standard_fields[0])
 
 typedef struct json_key {
-    const char *s;      /* points into the key string or into num */
+    const char *s;      /* the key string, or NULL when the text is in num */
     size_t len;
     int type;           /* LUA_TSTRING, LUA_TNUMBER or LUA_TBOOLEAN */
     lua_Number n;
     int rank;           /* standard field order, or N_STANDARD for the rest */
     char num[40];
 } json_key;
+
+/* Not a pointer into num: qsort moves the structs. */
+#define KEY_TEXT(k) ((k)->s ? (k)->s : (k)->num)
 
 typedef struct encoder {
     tamarco_log_buf *b;
@@ -250,7 +253,7 @@ static int key_cmp(const void *pa, const void *pb)
     if (a->rank != b->rank)
         return a->rank < b->rank ? -1 : 1;
     size_t n = a->len < b->len ? a->len : b->len;
-    int c = memcmp(a->s, b->s, n);
+    int c = memcmp(KEY_TEXT(a), KEY_TEXT(b), n);
     if (c)
         return c;
     return a->len < b->len ? -1 : a->len > b->len;
@@ -309,7 +312,7 @@ int tamarco_log_each_field(lua_State *L, int idx, int top,
             tamarco_log_json_number(&tmp, k->n);
             snprintf(k->num, sizeof k->num, "%s", tamarco_log_buf_cstr(&tmp));
             tamarco_log_buf_free(&tmp);
-            k->s = k->num;
+            k->s = NULL;
             k->len = strlen(k->num);
         } else if (k->type == LUA_TBOOLEAN) {
             k->s = lua_toboolean(L, -1) ? "true" : "false";
@@ -317,14 +320,14 @@ int tamarco_log_each_field(lua_State *L, int idx, int top,
         } else {
             continue;   /* tables, functions, ... as keys: skipped */
         }
-        k->rank = top ? standard_rank(k->s, k->len) : (int)N_STANDARD;
+        k->rank = top ? standard_rank(KEY_TEXT(k), k->len) : (int)N_STANDARD;
         n++;
     }
     qsort(keys, n, sizeof *keys, key_cmp);
     for (size_t i = 0; i < n; i++) {
         push_key(L, &keys[i]);
         lua_rawget(L, idx);
-        fn(ud, L, keys[i].s, keys[i].len, lua_gettop(L));
+        fn(ud, L, KEY_TEXT(&keys[i]), keys[i].len, lua_gettop(L));
         lua_pop(L, 1);
     }
     lua_pop(L, 1);   /* keys */

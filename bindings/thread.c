@@ -59,7 +59,7 @@ typedef struct wbuf {
     size_t len, cap;
     int keys[MAX_DEPTH + 1];   /* stack index of the key at each depth */
     int visiting;              /* stack index of the cycle-detection set */
-    char err[320];
+    char err[512];
 } wbuf;
 
 static int wb_reserve(wbuf *b, size_t n)
@@ -160,7 +160,7 @@ static int encode_scalar(lua_State *L, int idx, wbuf *b)
 
 static int encode_table(lua_State *L, int idx, wbuf *b, int depth)
 {
-    char path[256];
+    char path[200];
     if (depth >= MAX_DEPTH) {
         path_of(L, b, depth, path, sizeof path);
         snprintf(b->err, sizeof b->err, "message is nested too deeply (more than %d levels) at %s",
@@ -229,7 +229,7 @@ static int encode_value(lua_State *L, int idx, wbuf *b, int depth)
     int type = lua_type(L, idx);
     if (type == LUA_TTABLE)
         return encode_table(L, idx, b, depth);
-    char path[256];
+    char path[200];
     path_of(L, b, depth, path, sizeof path);
     snprintf(b->err, sizeof b->err,
              "%s is a %s (messages may hold only nil, booleans, numbers, strings and tables)",
@@ -399,8 +399,41 @@ typedef struct tthread {
     int exited;                /* the loop saw `finished` */
     tmsg *lq_head, *lq_tail;
     wlist recv_waiters, join_waiters;
-    int handler_ref, self_ref;
+    int handler_ref, self_ref, exit_ref;
+
+    /* every live record, under all_mu (see all_threads) */
+    struct tthread *all_prev, *all_next;
 } tthread;
+
+/* Every live record, linked from a static root. Besides listing them, this
+ * keeps records that only a Lua userdata points to visible to LeakSanitizer,
+ * which does not scan LuaJIT's own mmap'd heap (the main state is never
+ * closed, so such userdata are never collected before exit). */
+static pthread_mutex_t all_mu = PTHREAD_MUTEX_INITIALIZER;
+static tthread *all_threads;
+
+static void all_link(tthread *t)
+{
+    pthread_mutex_lock(&all_mu);
+    t->all_prev = NULL;
+    t->all_next = all_threads;
+    if (all_threads)
+        all_threads->all_prev = t;
+    all_threads = t;
+    pthread_mutex_unlock(&all_mu);
+}
+
+static void all_unlink(tthread *t)
+{
+    pthread_mutex_lock(&all_mu);
+    if (t->all_prev)
+        t->all_prev->all_next = t->all_next;
+    else
+        all_threads = t->all_next;
+    if (t->all_next)
+        t->all_next->all_prev = t->all_prev;
+    pthread_mutex_unlock(&all_mu);
+}
 
 typedef struct handle_ud {
     tthread *t;
@@ -417,6 +450,7 @@ static void msg_list_free(tmsg *m)
 
 static void tthread_destroy(tthread *t)
 {
+    all_unlink(t);
     msg_list_free(t->in_head);
     msg_list_free(t->out_head);
     msg_list_free(t->lq_head);
@@ -473,7 +507,7 @@ static tthread *ctx_thread(lua_State *L)
 static int ctx_send(lua_State *L)
 {
     tthread *t = ctx_thread(L);
-    char err[320];
+    char err[512];
     lua_settop(L, 2);
     tmsg *m = encode_message(L, 2, err, sizeof err);
     if (!m)
@@ -775,6 +809,37 @@ static void pull(tthread *t)
         t->exited = 1;
 }
 
+/* Calls the exit handler once (status, error) when the loop stops tracking
+ * the thread: "finished" | "failed" | "detached". */
+static void notify_exit(tthread *t, const char *status)
+{
+    if (t->exit_ref == LUA_NOREF)
+        return;
+    lua_State *L = t->host->L;
+    int top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, t->exit_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, t->exit_ref);
+    t->exit_ref = LUA_NOREF;
+    lua_pushstring(L, status);
+    uv_mutex_lock(&t->mu);
+    if (t->error)
+        lua_pushstring(L, t->error);
+    else
+        lua_pushnil(L);
+    uv_mutex_unlock(&t->mu);
+    if (lua_pcall(L, 2, 0, 0) != 0)
+        fprintf(stderr, "tamarco: thread '%s' exit handler failed: %s\n", t->name, lua_tostring(L, -1));
+    lua_settop(L, top);
+}
+
+static const char *final_status(tthread *t)
+{
+    uv_mutex_lock(&t->mu);
+    const char *s = !t->finished ? "running" : t->failed ? "failed" : "finished";
+    uv_mutex_unlock(&t->mu);
+    return s;
+}
+
 /* Hands queued messages to the handler or to the tasks in receive, and
  * completes the joins once the thread ended. Tasks resumed here may call
  * back into this handle: every step re-reads the lists. */
@@ -820,6 +885,7 @@ static void dispatch(tthread *t)
         if (!t->lq_head)
             wake_all(t, &t->recv_waiters, push_nil_reason, "finished");
         wake_all(t, &t->join_waiters, push_true, NULL);
+        notify_exit(t, final_status(t));
     }
 }
 
@@ -856,6 +922,7 @@ static int detach(tthread *t)
     if (!t->lq_head)
         wake_all(t, &t->recv_waiters, push_nil_reason, "detached");
     wake_all(t, &t->join_waiters, push_nil_reason, "detached");
+    notify_exit(t, "detached");
     return 1;
 }
 
@@ -941,10 +1008,11 @@ static int l_start(lua_State *L)
     memcpy(t->code, code, code_len);
     t->code_len = code_len;
     t->host = host;
-    t->handler_ref = t->self_ref = LUA_NOREF;
+    t->handler_ref = t->self_ref = t->exit_ref = LUA_NOREF;
     uv_mutex_init(&t->mu);
     uv_cond_init(&t->cond);
     t->refs = 2;   /* loop side + userdata; +1 for the OS thread below */
+    all_link(t);
     uv_async_init(host->loop, &t->async, on_async);
     t->async.data = t;
     t->async_open = 1;
@@ -971,7 +1039,7 @@ static int l_start(lua_State *L)
 static int h_send(lua_State *L)
 {
     tthread *t = check_handle(L);
-    char err[320];
+    char err[512];
     lua_settop(L, 2);
     tmsg *m = encode_message(L, 2, err, sizeof err);
     if (!m)
@@ -1053,6 +1121,21 @@ static int h_set_handler(lua_State *L)
     return 0;
 }
 
+/* h:set_exit_handler(fn): fn(status, err) once the loop stops tracking the
+ * thread (status "finished" | "failed" | "detached"); at once if it already
+ * did. Called on the loop thread: it must not yield. */
+static int h_set_exit_handler(lua_State *L)
+{
+    tthread *t = check_handle(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    luaL_unref(L, LUA_REGISTRYINDEX, t->exit_ref);
+    t->exit_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (!t->async_open)
+        notify_exit(t, t->exited ? final_status(t) : "detached");
+    return 0;
+}
+
 /* h:request_stop(): sets the stop flag and wakes the thread's receive/sleep. */
 static int h_request_stop(lua_State *L)
 {
@@ -1086,11 +1169,7 @@ static int h_join(lua_State *L)
 /* h:status() -> "running" | "finished" | "failed" */
 static int h_status(lua_State *L)
 {
-    tthread *t = check_handle(L);
-    uv_mutex_lock(&t->mu);
-    const char *s = !t->finished ? "running" : t->failed ? "failed" : "finished";
-    uv_mutex_unlock(&t->mu);
-    lua_pushstring(L, s);
+    lua_pushstring(L, final_status(check_handle(L)));
     return 1;
 }
 
@@ -1154,7 +1233,7 @@ static int h_tostring(lua_State *L)
 /* encode(value) -> string: the message encoding (for tests and tools). */
 static int l_encode(lua_State *L)
 {
-    char err[320];
+    char err[512];
     lua_settop(L, 1);
     tmsg *m = encode_message(L, 1, err, sizeof err);
     if (!m)
@@ -1180,6 +1259,7 @@ int luaopen_tamarco_c_thread(lua_State *L)
         {"send", h_send},
         {"receive", h_receive},
         {"set_handler", h_set_handler},
+        {"set_exit_handler", h_set_exit_handler},
         {"request_stop", h_request_stop},
         {"join", h_join},
         {"status", h_status},

@@ -47,6 +47,8 @@ static int l_sleep(lua_State *L)
     uv_timer_init(host->loop, &req->timer);
     req->timer.data = req;
     req->wait_id = tamarco_wait_begin(L, cancel_sleep, req);
+    /* the cached loop time may be stale after a long stretch of Lua code */
+    uv_update_time(host->loop);
     uv_timer_start(&req->timer, on_sleep_done, (uint64_t)ms, 0);
     return tamarco_wait_yield(L);
 }

@@ -84,5 +84,6 @@ int luaopen_tamarco_c_yaml(lua_State *L);
 int luaopen_tamarco_c_thread(lua_State *L);
 int luaopen_tamarco_c_log(lua_State *L);
 int luaopen_tamarco_c_process(lua_State *L);
+int luaopen_tamarco_c_http_client(lua_State *L);
 
 #endif

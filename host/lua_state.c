@@ -16,6 +16,7 @@ static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.thread", luaopen_tamarco_c_thread},
     {"tamarco.c.log", luaopen_tamarco_c_log},
     {"tamarco.c.process", luaopen_tamarco_c_process},
+    {"tamarco.c.http_client", luaopen_tamarco_c_http_client},
     {NULL, NULL},
 };
 

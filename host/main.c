@@ -8,8 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-/* Static so that the state stays reachable (and out of leak reports) until
- * the process ends: the host never tears its state down before exit. */
 static tamarco_host host;
 
 static int traceback(lua_State *L)
@@ -17,6 +15,17 @@ static int traceback(lua_State *L)
     const char *msg = lua_tostring(L, 1);
     luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
     return 1;
+}
+
+/* Closes the Lua state so that finalizers run (files, modules' buffers).
+ * Close callbacks already queued run first, while the state they may touch
+ * is alive. Handles still open afterwards (a service's own luv handles) are
+ * left to the process exit: their callbacks would run on a closed state. */
+static void shutdown_host(void)
+{
+    uv_run(host.loop, UV_RUN_NOWAIT);
+    lua_close(host.L);
+    host.L = NULL;
 }
 
 int main(int argc, char **argv)
@@ -61,5 +70,6 @@ int main(int argc, char **argv)
     int code = (int)lua_tointeger(L, -1);
     fflush(stdout);
     fflush(stderr);
+    shutdown_host();
     return code;
 }

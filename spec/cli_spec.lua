@@ -63,7 +63,7 @@ return svc
         os.remove(path)
         assert.are.equal(2, code)
         assert.matches("duplicate task name 'same'", out, 1, true)
-        assert.matches(":3:", out, 1, true)
+        assert.matches(":4: duplicate", out, 1, true)
     end)
 
     it("names the file, line and column of malformed YAML (exit 2)", function()

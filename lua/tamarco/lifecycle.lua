@@ -169,7 +169,15 @@ function Lifecycle:start_tasks()
             self.group:spawn(def.name, tasks.timer_body(def.options, def.fn, svc))
         elseif def.kind == "thread" then
             local thread = require "tamarco.thread"
-            svc.threads[def.name] = thread.start(def.name, def.fn)
+            local handle, err = thread.start(def.name, def.fn)
+            if not handle then error("cannot start thread '" .. def.name .. "': " .. tostring(err), 0) end
+            handle:on_exit(function(status, thread_error)
+                if status == "failed" then
+                    svc.logger:error("thread '" .. def.name .. "' failed: " .. tostring(thread_error),
+                        { thread = def.name })
+                end
+            end)
+            svc.threads[def.name] = handle
         end
     end
 end
@@ -182,14 +190,19 @@ function Lifecycle:stop_tasks()
         svc.logger:warning("tasks still running after " .. self.stop_timeout_ms .. " ms: "
             .. table.concat(names, ", "))
     end
+    -- Threads are asked to stop together, so the join budget is 3 s overall.
+    local joins = tasks.group()
     for name, thread in pairs(svc.threads) do
-        local joined, err = thread:stop(3000)
-        if not joined then
-            svc.logger:warning("thread '" .. name .. "' did not stop within 3 s (" .. tostring(err)
-                .. "); it is left behind")
-        end
-        svc.threads[name] = nil
+        joins:spawn("stop thread " .. name, function()
+            local joined, err = thread:stop(3000)
+            if not joined then
+                svc.logger:warning("thread '" .. name .. "' did not stop within 3 s (" .. tostring(err)
+                    .. "); it is left behind")
+            end
+        end)
     end
+    joins:wait()
+    svc.threads = {}
 end
 
 --- Stops what was started: the user's hook, then tasks and threads, then the

@@ -40,11 +40,12 @@ local function parse_args(args)
     return options
 end
 
--- Reports a fatal error before the service runs; returns its exit code.
-local function fail(logger, err)
+-- Reports a fatal error before the service runs, as one plain line on
+-- stderr; returns its exit code.
+local function fail(_, err)
     local message = errors.is(err) and err.message or tostring(err)
-    logger:critical(message)
     logging.flush()
+    io.stderr:write("tamarco-host: ", message, "\n")
     return errors.exit_code_of(err)
 end
 

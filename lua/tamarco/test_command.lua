@@ -7,10 +7,12 @@ function test_command.main(args)
         busted_args[i] = (a == "--busted-help") and "--help" or a
     end
     _G.arg = busted_args
-    -- busted exits the process itself with failures + errors when any; it
-    -- returns here when everything passed.
-    require "busted.runner" ({ standalone = false })
-    return 0
+    -- busted returns when everything passed; on failures it ends with a bare
+    -- error() (its Lua 5.1 way of exiting non-zero), after printing them.
+    local ok, err = pcall(require "busted.runner", { standalone = false })
+    if ok then return 0 end
+    if err == nil then return 1 end
+    error(err, 0)
 end
 
 return test_command

@@ -33,6 +33,9 @@
 --                               (| nil, "detached" after a stop that timed out)
 --   t:on_message(fn)         each message is handled by fn(msg) in its own task;
 --                               exclusive with t:receive
+--   t:on_exit(fn)            fn(status, err) in its own task once the loop stops
+--                               tracking the thread: status "finished" | "failed"
+--                               (err: message with traceback) | "detached"
 --   t:stop([ms = 3000])      requests a cooperative stop and waits: true, or
 --                               nil, "timeout". On timeout the OS thread is
 --                               detached: it keeps running until it returns by
@@ -108,6 +111,15 @@ function Thread:on_message(fn)
     end
     local spawn = scheduler.spawn
     self._handle:set_handler(function(msg) spawn(fn, msg) end)
+    return self
+end
+
+function Thread:on_exit(fn)
+    if type(fn) ~= "function" then
+        error(("thread '%s': on_exit needs a function"):format(self.name), 2)
+    end
+    local spawn = scheduler.spawn
+    self._handle:set_exit_handler(function(status, err) spawn(fn, status, err) end)
     return self
 end
 

@@ -1,0 +1,786 @@
+/*
+ * tamarco.c.http_client: HTTP(S) requests through libcurl's multi interface,
+ * driven by the host's libuv loop.
+ *
+ * One multi handle per host (created on first use) so that connections, DNS
+ * and TLS sessions are reused by every request of the process. curl tells us
+ * which sockets to watch (CURLMOPT_SOCKETFUNCTION -> one uv_poll_t each) and
+ * when to call it back (CURLMOPT_TIMERFUNCTION -> one uv_timer_t); libuv
+ * events are fed back with curl_multi_socket_action, and finished transfers
+ * are collected with curl_multi_info_read, which wakes the waiting task.
+ * Nothing here blocks. When no request is in flight every handle of ours is
+ * unreferenced, so an idle client never keeps the loop alive.
+ *
+ *   request{method, url, headers = {k = v | {v1, v2}}, body, timeout_ms,
+ *           connect_timeout_ms, follow_redirects = bool | max, verify_tls,
+ *           ca_file, max_body_bytes}
+ *     -> status, body, headers     (header names lowercased, repeats joined ", ")
+ *     -> nil, message, kind        (kind: "timeout", "connect", "resolve", "tls",
+ *                                   "too_large", "protocol", "error")
+ *   stats() -> {in_flight, sockets, pooled, timer_active, multi}
+ *   shutdown() -> true | nil, message   closes the multi (idle only)
+ */
+#include "host.h"
+
+#include <curl/curl.h>
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEFAULT_MAX_BODY ((size_t)64 * 1024 * 1024)
+#define EASY_POOL_SIZE 64
+
+typedef struct http_multi http_multi;
+
+typedef struct poll_ctx {
+    uv_poll_t poll;
+    curl_socket_t fd;
+    http_multi *m;
+    struct poll_ctx *prev, *next;
+} poll_ctx;
+
+typedef struct http_request {
+    http_multi *m;
+    CURL *easy;
+    int wait_id;
+    struct curl_slist *headers;
+    char *body;
+    size_t body_len, body_cap, max_body;
+    int too_large;
+    char *hdrs;          /* "name\0value\0" pairs of the last response */
+    size_t hdrs_len, hdrs_cap;
+    char errbuf[CURL_ERROR_SIZE];
+    struct http_request *prev, *next;
+} http_request;
+
+struct http_multi {
+    tamarco_host *host;
+    CURLM *multi;
+    uv_timer_t timer;
+    int timer_active;
+    int in_flight;
+    int sockets;
+    http_request *requests;   /* in flight */
+    poll_ctx *polls;          /* open */
+    CURL *pool[EASY_POOL_SIZE];
+    int pooled;
+};
+
+/* One host per process; the static pointer also keeps everything reachable
+ * for leak checkers (the host never tears its state down before exit). */
+static http_multi *the_multi;
+static int curl_ready;
+
+/* ---- references: only in-flight requests keep the loop alive ---- */
+
+static void set_ref(uv_handle_t *h, int on)
+{
+    if (on)
+        uv_ref(h);
+    else
+        uv_unref(h);
+}
+
+static void update_refs(http_multi *m)
+{
+    int on = m->in_flight > 0;
+    set_ref((uv_handle_t *)&m->timer, on);
+    for (poll_ctx *p = m->polls; p; p = p->next)
+        set_ref((uv_handle_t *)&p->poll, on);
+}
+
+/* ---- requests ---- */
+
+static void request_link(http_multi *m, http_request *req)
+{
+    req->prev = NULL;
+    req->next = m->requests;
+    if (m->requests)
+        m->requests->prev = req;
+    m->requests = req;
+    if (m->in_flight++ == 0)
+        update_refs(m);
+}
+
+static void request_unlink(http_multi *m, http_request *req)
+{
+    if (req->prev)
+        req->prev->next = req->next;
+    else
+        m->requests = req->next;
+    if (req->next)
+        req->next->prev = req->prev;
+    req->prev = req->next = NULL;
+    if (--m->in_flight == 0)
+        update_refs(m);
+}
+
+static void request_free(http_request *req)
+{
+    http_multi *m = req->m;
+    if (req->easy) {
+        if (m && m->multi && m->pooled < EASY_POOL_SIZE) {
+            curl_easy_reset(req->easy);
+            m->pool[m->pooled++] = req->easy;
+        } else {
+            curl_easy_cleanup(req->easy);
+        }
+    }
+    curl_slist_free_all(req->headers);
+    free(req->body);
+    free(req->hdrs);
+    free(req);
+}
+
+static size_t on_body(char *data, size_t size, size_t nmemb, void *ud)
+{
+    http_request *req = ud;
+    size_t n = size * nmemb;
+    if (n > req->max_body - req->body_len) {
+        req->too_large = 1;
+        return 0;   /* CURLE_WRITE_ERROR */
+    }
+    if (req->body_len + n > req->body_cap) {
+        size_t cap = req->body_cap ? req->body_cap : 16384;
+        while (cap < req->body_len + n)
+            cap *= 2;
+        if (cap > req->max_body)
+            cap = req->max_body;
+        char *grown = realloc(req->body, cap);
+        if (!grown)
+            return 0;
+        req->body = grown;
+        req->body_cap = cap;
+    }
+    memcpy(req->body + req->body_len, data, n);
+    req->body_len += n;
+    return n;
+}
+
+static int hdrs_append(http_request *req, const char *s, size_t n)
+{
+    if (req->hdrs_len + n + 1 > req->hdrs_cap) {
+        size_t cap = req->hdrs_cap ? req->hdrs_cap * 2 : 1024;
+        while (cap < req->hdrs_len + n + 1)
+            cap *= 2;
+        char *grown = realloc(req->hdrs, cap);
+        if (!grown)
+            return -1;
+        req->hdrs = grown;
+        req->hdrs_cap = cap;
+    }
+    memcpy(req->hdrs + req->hdrs_len, s, n);
+    req->hdrs_len += n;
+    req->hdrs[req->hdrs_len++] = '\0';
+    return 0;
+}
+
+/* One raw header line per call; a status line starts a new response
+ * (redirects, 100 Continue), so only the last response's headers remain. */
+static size_t on_header(char *line, size_t size, size_t nmemb, void *ud)
+{
+    http_request *req = ud;
+    size_t n = size * nmemb;
+    if (n >= 5 && memcmp(line, "HTTP/", 5) == 0) {
+        req->hdrs_len = 0;
+        return n;
+    }
+    char *colon = memchr(line, ':', n);
+    if (!colon || colon == line)
+        return n;   /* blank line, folded continuation: ignored */
+    size_t name_len = (size_t)(colon - line);
+    const char *v = colon + 1, *end = line + n;
+    while (v < end && (*v == ' ' || *v == '\t'))
+        v++;
+    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    for (size_t i = 0; i < name_len; i++)
+        line[i] = (char)tolower((unsigned char)line[i]);
+    if (hdrs_append(req, line, name_len) != 0 || hdrs_append(req, v, (size_t)(end - v)) != 0)
+        return 0;
+    return n;
+}
+
+/* ---- results ---- */
+
+typedef struct completion {
+    http_request *req;
+    CURLcode rc;
+} completion;
+
+static const char *error_kind(CURLcode rc, int too_large)
+{
+    if (too_large)
+        return "too_large";
+    switch (rc) {
+    case CURLE_OPERATION_TIMEDOUT:
+        return "timeout";
+    case CURLE_COULDNT_CONNECT:
+        return "connect";
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        return "resolve";
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+    case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+    case CURLE_SSL_INVALIDCERTSTATUS:
+    case CURLE_USE_SSL_FAILED:
+        return "tls";
+    case CURLE_UNSUPPORTED_PROTOCOL:
+    case CURLE_URL_MALFORMAT:
+    case CURLE_WEIRD_SERVER_REPLY:
+    case CURLE_GOT_NOTHING:
+    case CURLE_TOO_MANY_REDIRECTS:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+        return "protocol";
+    default:
+        return "error";
+    }
+}
+
+static int push_headers(lua_State *co, http_request *req)
+{
+    lua_newtable(co);
+    size_t i = 0;
+    while (i < req->hdrs_len) {
+        const char *name = req->hdrs + i;
+        size_t name_len = strlen(name);
+        const char *value = name + name_len + 1;
+        size_t value_len = strlen(value);
+        i += name_len + 1 + value_len + 1;
+        lua_pushlstring(co, name, name_len);
+        lua_pushvalue(co, -1);
+        lua_rawget(co, -3);
+        if (lua_isstring(co, -1)) {
+            lua_pushliteral(co, ", ");
+            lua_pushlstring(co, value, value_len);
+            lua_concat(co, 3);
+        } else {
+            lua_pop(co, 1);
+            lua_pushlstring(co, value, value_len);
+        }
+        lua_rawset(co, -3);
+    }
+    return 1;
+}
+
+static int push_result(lua_State *co, void *ud)
+{
+    completion *c = ud;
+    http_request *req = c->req;
+    luaL_checkstack(co, 8, "http_client results");
+    if (c->rc == CURLE_OK) {
+        long status = 0;
+        curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &status);
+        lua_pushinteger(co, (lua_Integer)status);
+        lua_pushlstring(co, req->body ? req->body : "", req->body_len);
+        push_headers(co, req);
+        return 3;
+    }
+    lua_pushnil(co);
+    if (req->too_large) {
+        lua_pushfstring(co, "response body exceeds max_body_bytes (%d bytes)", (int)req->max_body);
+    } else {
+        const char *text = req->errbuf[0] ? req->errbuf : curl_easy_strerror(c->rc);
+        if (c->rc == CURLE_OPERATION_TIMEDOUT)
+            lua_pushfstring(co, "timeout: %s", text);
+        else
+            lua_pushstring(co, text);
+    }
+    lua_pushstring(co, error_kind(c->rc, req->too_large));
+    return 3;
+}
+
+static void check_done(http_multi *m)
+{
+    CURLMsg *msg;
+    int left;
+    while ((msg = curl_multi_info_read(m->multi, &left))) {
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        CURL *easy = msg->easy_handle;
+        completion c = {NULL, msg->data.result};
+        char *priv = NULL;
+        curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
+        c.req = (http_request *)priv;
+        curl_multi_remove_handle(m->multi, easy);   /* msg is invalid from here */
+        request_unlink(m, c.req);
+        /* Resumes the task now; it may start or cancel other requests,
+         * which is fine outside curl's callbacks. */
+        tamarco_wake(m->host, c.req->wait_id, push_result, &c);
+        request_free(c.req);
+    }
+}
+
+/* ---- libuv <-> curl ---- */
+
+static void on_timer(uv_timer_t *timer)
+{
+    http_multi *m = timer->data;
+    int running;
+    m->timer_active = 0;
+    curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_done(m);
+}
+
+static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
+{
+    http_multi *m = userp;
+    if (timeout_ms < 0) {
+        uv_timer_stop(&m->timer);
+        m->timer_active = 0;
+    } else {
+        uv_timer_start(&m->timer, on_timer, (uint64_t)timeout_ms, 0);
+        m->timer_active = 1;
+    }
+    return 0;
+}
+
+static void on_poll(uv_poll_t *handle, int status, int events)
+{
+    poll_ctx *p = handle->data;
+    http_multi *m = p->m;
+    curl_socket_t fd = p->fd;   /* p may be closed by the call below */
+    int flags = 0;
+    if (status < 0)
+        flags = CURL_CSELECT_ERR;
+    if (events & UV_READABLE)
+        flags |= CURL_CSELECT_IN;
+    if (events & UV_WRITABLE)
+        flags |= CURL_CSELECT_OUT;
+    int running;
+    curl_multi_socket_action(m->multi, fd, flags, &running);
+    check_done(m);
+}
+
+static void free_poll(uv_handle_t *handle)
+{
+    free(handle->data);
+}
+
+static void poll_close(http_multi *m, poll_ctx *p)
+{
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        m->polls = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    m->sockets--;
+    uv_close((uv_handle_t *)&p->poll, free_poll);   /* stops polling now */
+}
+
+static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+    http_multi *m = userp;
+    poll_ctx *p = socketp;
+    if (what == CURL_POLL_REMOVE) {
+        if (p) {
+            poll_close(m, p);
+            curl_multi_assign(m->multi, s, NULL);
+        }
+        return 0;
+    }
+    if (!p) {
+        p = calloc(1, sizeof *p);
+        if (!p)
+            return -1;
+        if (uv_poll_init_socket(m->host->loop, &p->poll, s) != 0) {
+            free(p);
+            return -1;
+        }
+        p->fd = s;
+        p->m = m;
+        p->poll.data = p;
+        p->next = m->polls;
+        if (m->polls)
+            m->polls->prev = p;
+        m->polls = p;
+        m->sockets++;
+        set_ref((uv_handle_t *)&p->poll, m->in_flight > 0);
+        curl_multi_assign(m->multi, s, p);
+    }
+    int events = 0;
+    if (what & CURL_POLL_IN)
+        events |= UV_READABLE;
+    if (what & CURL_POLL_OUT)
+        events |= UV_WRITABLE;
+    uv_poll_start(&p->poll, events, on_poll);
+    return 0;
+}
+
+/* ---- the multi ---- */
+
+static http_multi *get_multi(lua_State *L)
+{
+    tamarco_host *host = tamarco_host_of(L);
+    if (!host)
+        luaL_error(L, "the HTTP client runs on the service's main state, not in a thread");
+    if (the_multi) {
+        if (the_multi->host != host)
+            luaL_error(L, "the HTTP client supports one host per process");
+        return the_multi;
+    }
+    if (!curl_ready) {
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
+            luaL_error(L, "curl_global_init failed");
+        curl_ready = 1;
+    }
+    http_multi *m = calloc(1, sizeof *m);
+    if (!m)
+        luaL_error(L, "out of memory");
+    m->host = host;
+    m->multi = curl_multi_init();
+    if (!m->multi) {
+        free(m);
+        luaL_error(L, "curl_multi_init failed");
+    }
+    uv_timer_init(host->loop, &m->timer);
+    m->timer.data = m;
+    uv_unref((uv_handle_t *)&m->timer);
+    curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
+    curl_multi_setopt(m->multi, CURLMOPT_SOCKETDATA, m);
+    curl_multi_setopt(m->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+    curl_multi_setopt(m->multi, CURLMOPT_TIMERDATA, m);
+    the_multi = m;
+    return m;
+}
+
+static void cancel_request(void *ud)
+{
+    http_request *req = ud;
+    http_multi *m = req->m;
+    curl_multi_remove_handle(m->multi, req->easy);
+    request_unlink(m, req);
+    request_free(req);
+}
+
+/* ---- request(opts) ---- */
+
+static const char *opt_string(lua_State *L, const char *key, const char *def)
+{
+    lua_getfield(L, 1, key);
+    const char *s = def;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "request: '%s' must be a string", key);
+        s = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1);   /* the string stays alive in opts */
+    return s;
+}
+
+static long opt_ms(lua_State *L, const char *key, long def)
+{
+    lua_getfield(L, 1, key);
+    long v = def;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) < 0)
+            luaL_error(L, "request: '%s' must be a number >= 0 (milliseconds)", key);
+        v = (long)lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static int opt_bool(lua_State *L, const char *key, int def)
+{
+    lua_getfield(L, 1, key);
+    int v = lua_isnil(L, -1) ? def : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+static int is_header_value(lua_State *L, int idx)
+{
+    int t = lua_type(L, idx);
+    return t == LUA_TSTRING || t == LUA_TNUMBER;
+}
+
+static int bad_header_text(const char *s)
+{
+    return strpbrk(s, "\r\n") != NULL;
+}
+
+/* First pass over opts.headers (at stack top): raises on bad input before
+ * anything is allocated. */
+static void check_headers(lua_State *L, int t)
+{
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        if (lua_type(L, -2) != LUA_TSTRING || bad_header_text(lua_tostring(L, -2)) ||
+            strchr(lua_tostring(L, -2), ':'))
+            luaL_error(L, "request: header names must be strings without ':' or newlines");
+        if (lua_type(L, -1) == LUA_TTABLE) {
+            int n = (int)lua_objlen(L, -1);
+            for (int i = 1; i <= n; i++) {
+                lua_rawgeti(L, -1, i);
+                if (!is_header_value(L, -1) || bad_header_text(lua_tostring(L, -1)))
+                    luaL_error(L, "request: header '%s' has a bad value", lua_tostring(L, -3));
+                lua_pop(L, 1);
+            }
+        } else if (lua_type(L, -1) != LUA_TBOOLEAN || lua_toboolean(L, -1)) {
+            if (!is_header_value(L, -1))
+                luaL_error(L, "request: header '%s' must be a string, a number, a list or false",
+                           lua_tostring(L, -2));
+            lua_pushvalue(L, -1);
+            int bad = bad_header_text(lua_tostring(L, -1));
+            lua_pop(L, 1);
+            if (bad)
+                luaL_error(L, "request: header '%s' contains a newline", lua_tostring(L, -2));
+        }
+        lua_pop(L, 1);
+    }
+}
+
+static struct curl_slist *add_header(struct curl_slist *list, const char *name, const char *value, int *failed)
+{
+    if (*failed)
+        return list;
+    size_t n = strlen(name), v = value ? strlen(value) : 0;
+    char *line = malloc(n + v + 3);
+    if (!line) {
+        *failed = 1;
+        return list;
+    }
+    if (!value)                /* "Name:" removes a header curl would add */
+        snprintf(line, n + 2, "%s:", name);
+    else if (v == 0)           /* "Name;" sends it empty */
+        snprintf(line, n + 2, "%s;", name);
+    else
+        snprintf(line, n + v + 3, "%s: %s", name, value);
+    struct curl_slist *grown = curl_slist_append(list, line);
+    free(line);
+    if (!grown) {
+        *failed = 1;
+        return list;
+    }
+    return grown;
+}
+
+/* Second pass: builds the list; cannot raise. */
+static struct curl_slist *build_headers(lua_State *L, int t, int *has_expect, int *failed)
+{
+    struct curl_slist *list = NULL;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        const char *name = lua_tostring(L, -2);
+        if (strcasecmp(name, "expect") == 0)
+            *has_expect = 1;
+        if (lua_type(L, -1) == LUA_TTABLE) {
+            int n = (int)lua_objlen(L, -1);
+            for (int i = 1; i <= n; i++) {
+                lua_rawgeti(L, -1, i);
+                list = add_header(list, name, lua_tostring(L, -1), failed);
+                lua_pop(L, 1);
+            }
+        } else if (lua_type(L, -1) == LUA_TBOOLEAN) {
+            list = add_header(list, name, NULL, failed);
+        } else {
+            lua_pushvalue(L, -1);   /* tostring on a copy: lua_next needs the key intact */
+            list = add_header(list, name, lua_tostring(L, -1), failed);
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    return list;
+}
+
+static int fail(lua_State *L, const char *message, const char *kind)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, message);
+    lua_pushstring(L, kind);
+    return 3;
+}
+
+static int l_request(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    if (!tamarco_host_of(L))
+        return luaL_error(L, "the HTTP client runs on the service's main state, not in a thread");
+    if (!tamarco_in_task(L))
+        return luaL_error(L, "http_client.request yields: call it inside a task, hook or handler");
+
+    /* Everything that can raise comes before any allocation. */
+    const char *url = opt_string(L, "url", NULL);
+    if (!url)
+        return luaL_error(L, "request: 'url' is required");
+    const char *method = opt_string(L, "method", "GET");
+    const char *ca_file = opt_string(L, "ca_file", NULL);
+    long timeout_ms = opt_ms(L, "timeout_ms", 0);
+    long connect_timeout_ms = opt_ms(L, "connect_timeout_ms", 0);
+    int verify_tls = opt_bool(L, "verify_tls", 1);
+    long max_body = opt_ms(L, "max_body_bytes", (long)DEFAULT_MAX_BODY);
+    long max_redirs = 0;
+    lua_getfield(L, 1, "follow_redirects");
+    if (lua_type(L, -1) == LUA_TNUMBER)
+        max_redirs = (long)lua_tonumber(L, -1);
+    else if (lua_toboolean(L, -1))
+        max_redirs = 10;
+    lua_pop(L, 1);
+    size_t body_len = 0;
+    const char *body = NULL;
+    lua_getfield(L, 1, "body");
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "request: 'body' must be a string");
+        body = lua_tolstring(L, -1, &body_len);
+    }
+    lua_getfield(L, 1, "headers");   /* stack: opts, body, headers */
+    int headers_index = 3;
+    if (!lua_isnil(L, headers_index)) {
+        luaL_argcheck(L, lua_istable(L, headers_index), 1, "'headers' must be a table");
+        check_headers(L, headers_index);
+    }
+    for (const char *c = method; *c; c++)
+        if (!isalpha((unsigned char)*c) && *c != '-' && *c != '_')
+            return luaL_error(L, "request: bad method '%s'", method);
+    http_multi *m = get_multi(L);
+
+    http_request *req = calloc(1, sizeof *req);
+    if (!req)
+        return luaL_error(L, "out of memory");
+    req->m = m;
+    req->max_body = (size_t)max_body;
+    req->easy = m->pooled ? m->pool[--m->pooled] : curl_easy_init();
+    int failed = req->easy == NULL;
+    int has_expect = 0;
+    if (!failed && !lua_isnil(L, headers_index))
+        req->headers = build_headers(L, headers_index, &has_expect, &failed);
+    if (!failed && body && !has_expect)   /* no 100-continue round trip */
+        req->headers = add_header(req->headers, "Expect", NULL, &failed);
+    if (failed) {
+        request_free(req);
+        return fail(L, "out of memory", "error");
+    }
+
+    CURL *e = req->easy;
+    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)req);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, req->errbuf);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, req);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, req);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "tamarco-host/" TAMARCO_VERSION);
+#if LIBCURL_VERSION_NUM >= 0x075500
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+#endif
+    if (curl_easy_setopt(e, CURLOPT_URL, url) != CURLE_OK) {
+        request_free(req);
+        return fail(L, "bad url", "protocol");
+    }
+    if (timeout_ms > 0)
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms);
+    if (connect_timeout_ms > 0)
+        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout_ms);
+    if (max_redirs > 0) {
+        curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);
+        curl_easy_setopt(e, CURLOPT_MAXREDIRS, max_redirs);
+    }
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, verify_tls ? 1L : 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, verify_tls ? 2L : 0L);
+    if (ca_file)
+        curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
+    if (req->headers)
+        curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
+
+    if (strcmp(method, "HEAD") == 0) {
+        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+    } else if (body) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+        curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body);
+        if (strcmp(method, "POST") != 0)
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    } else if (strcmp(method, "GET") != 0) {
+        if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 || strcmp(method, "PATCH") == 0) {
+            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, 0L);   /* empty body, Content-Length: 0 */
+            curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, "");
+        }
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    }
+
+    CURLMcode mc = curl_multi_add_handle(m->multi, e);
+    if (mc != CURLM_OK) {
+        request_free(req);
+        return fail(L, curl_multi_strerror(mc), "error");
+    }
+    request_link(m, req);
+    /* curl does no I/O in add_handle (it only arms the timer), so the
+     * transfer cannot finish before the wait exists. */
+    req->wait_id = tamarco_wait_begin(L, cancel_request, req);
+    return tamarco_wait_yield(L);
+}
+
+static int l_stats(lua_State *L)
+{
+    http_multi *m = the_multi;
+    lua_createtable(L, 0, 5);
+    lua_pushboolean(L, m != NULL);
+    lua_setfield(L, -2, "multi");
+    lua_pushinteger(L, m ? m->in_flight : 0);
+    lua_setfield(L, -2, "in_flight");
+    lua_pushinteger(L, m ? m->sockets : 0);
+    lua_setfield(L, -2, "sockets");
+    lua_pushinteger(L, m ? m->pooled : 0);
+    lua_setfield(L, -2, "pooled");
+    lua_pushboolean(L, m ? m->timer_active : 0);
+    lua_setfield(L, -2, "timer_active");
+    return 1;
+}
+
+static void free_multi_on_close(uv_handle_t *handle)
+{
+    free(handle->data);
+}
+
+/* shutdown(): closes every cached connection and the multi handle when no
+ * request is in flight; the next request creates a fresh one. */
+static int l_shutdown(lua_State *L)
+{
+    http_multi *m = the_multi;
+    if (!m) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (m->in_flight > 0)
+        return fail(L, "requests are in flight", "error");
+    while (m->pooled > 0)
+        curl_easy_cleanup(m->pool[--m->pooled]);
+    curl_multi_cleanup(m->multi);   /* may report socket removals: still valid here */
+    m->multi = NULL;
+    while (m->polls)
+        poll_close(m, m->polls);
+    the_multi = NULL;
+    uv_timer_stop(&m->timer);
+    m->timer.data = m;
+    uv_close((uv_handle_t *)&m->timer, free_multi_on_close);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+int luaopen_tamarco_c_http_client(lua_State *L)
+{
+    static const luaL_Reg funcs[] = {
+        {"request", l_request},
+        {"stats", l_stats},
+        {"shutdown", l_shutdown},
+        {NULL, NULL},
+    };
+    lua_newtable(L);
+    luaL_register(L, NULL, funcs);
+    curl_version_info_data *info = curl_version_info(CURLVERSION_NOW);
+    lua_pushstring(L, info->version);
+    lua_setfield(L, -2, "curl_version");
+    lua_pushstring(L, info->ssl_version ? info->ssl_version : "");
+    lua_setfield(L, -2, "ssl_version");
+    return 1;
+}

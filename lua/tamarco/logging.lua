@@ -1,0 +1,503 @@
+--- tamarco.logging: levels, profiles, records, secret masking and sinks.
+--
+-- The policy of logging (DESIGN §6). Encoding and file bytes are in C
+-- (tamarco.c.log); this module decides what is logged and where.
+--
+--     local logging = require "tamarco.logging"
+--     logging.configure { service_name = "hello", profile = "DEVELOP" }
+--     local log = logging.get_logger("hello.redis")
+--     log:info("connected", { host = "127.0.0.1", port = 6379 })
+--
+-- A record is a flat table: @timestamp, level, logger, message, service_name,
+-- deploy_name, service_instance_id, the caller's extra fields and, on errors,
+-- traceback. A sink is any table
+--     { name = "...", emit = function(self, record) end,
+--       flush = function(self) end, close = function(self) end }
+-- (flush and close optional) added with logging.add_sink. stdout and the
+-- rotating file are sinks made here; remote sinks (UDP logstash, Redis, HTTP)
+-- plug in the same way. A sink that raises is disabled with one line on
+-- stderr; logging never raises into its caller.
+local clog = require "tamarco.c.log"
+local timer = require "tamarco.c.timer"
+local errors = require "tamarco.errors"
+
+local logging = {}
+
+logging.LEVELS = { DEBUG = 10, INFO = 20, WARNING = 30, ERROR = 40, CRITICAL = 50 }
+logging.PROFILES = { DEVELOP = "DEBUG", TESTING = "DEBUG", PRODUCTION = "INFO" }
+logging.DEFAULT_PROFILE = "DEVELOP"
+logging.DEFAULT_FILE_MAX_BYTES = 10485760
+logging.DEFAULT_FILE_BACKUP_COUNT = 5
+logging.DEFAULT_FLUSH_INTERVAL_MS = 1000
+
+local LEVELS = logging.LEVELS
+local STANDARD = {
+    ["@timestamp"] = true, level = true, logger = true, message = true,
+    service_name = true, deploy_name = true, service_instance_id = true,
+}
+local SECRET_WORDS = { "password", "passwd", "secret", "token", "authorization", "api_key", "apikey" }
+local MASK = "***"
+local MAX_MASK_DEPTH = 16
+
+-- Module state: one logging configuration per Lua state.
+local state = {
+    level = LEVELS.INFO,
+    profile = nil,
+    service_name = nil,
+    deploy_name = nil,
+    instance_id = nil,
+    sinks = {},             -- ordered list of active sinks
+    builtin = {},           -- the sinks configure() made: { stdout = s, file = s }
+    flush_interval_ms = logging.DEFAULT_FLUSH_INTERVAL_MS,
+}
+
+local function stderr_line(text)
+    pcall(function()
+        io.stderr:write("tamarco.logging: ", text, "\n")
+        io.stderr:flush()
+    end)
+end
+
+local function profile_level(profile, where)
+    local level_name = logging.PROFILES[profile]
+    if not level_name then
+        errors.raise("settings", ("%s: unknown logging profile %q (expected DEVELOP, TESTING or PRODUCTION)")
+            :format(where or "logging", tostring(profile)))
+    end
+    return LEVELS[level_name]
+end
+
+-- ---- secrets ----
+
+--- logging.is_secret_key(key) -> true when a value under key must be masked.
+function logging.is_secret_key(key)
+    if type(key) ~= "string" then return false end
+    local k = key:lower():gsub("-", "_")
+    for _, word in ipairs(SECRET_WORDS) do
+        if k:find(word, 1, true) then return true end
+    end
+    return false
+end
+local is_secret_key = logging.is_secret_key
+
+-- A copy of a table value with every secret-keyed value masked (the caller's
+-- table is never changed). Cycles and deep tables are left to the encoder's
+-- own limits, but never recursed into forever here.
+local function masked(value, depth, seen)
+    if type(value) ~= "table" then return value end
+    if depth > MAX_MASK_DEPTH or seen[value] then return value end
+    seen[value] = true
+    local copy = {}
+    for k, v in pairs(value) do
+        if is_secret_key(k) then
+            copy[k] = MASK
+        else
+            copy[k] = masked(v, depth + 1, seen)
+        end
+    end
+    seen[value] = nil
+    return copy
+end
+
+--- logging.mask(table) -> a copy with secret-keyed values replaced by "***".
+function logging.mask(value)
+    return masked(value, 1, {})
+end
+
+-- ---- records and sinks ----
+
+local function disable_sink(sink, what, err)
+    for i, s in ipairs(state.sinks) do
+        if s == sink then
+            table.remove(state.sinks, i)
+            break
+        end
+    end
+    for k, s in pairs(state.builtin) do
+        if s == sink then state.builtin[k] = nil end
+    end
+    stderr_line(("sink %q disabled: %s raised: %s"):format(tostring(sink.name), what, tostring(err)))
+end
+
+local function dispatch(record)
+    local sinks = state.sinks
+    -- iterate over a snapshot: a failing sink removes itself from the list
+    local n = #sinks
+    if n == 1 then
+        local sink = sinks[1]
+        local ok, err = pcall(sink.emit, sink, record)
+        if not ok then disable_sink(sink, "emit", err) end
+        return
+    end
+    local snapshot = { unpack(sinks, 1, n) }
+    for i = 1, n do
+        local sink = snapshot[i]
+        local ok, err = pcall(sink.emit, sink, record)
+        if not ok then disable_sink(sink, "emit", err) end
+    end
+end
+
+--- logging.make_record(logger_name, level_name, message[, extra[, traceback]])
+-- -> record table (secrets masked; extra can't override standard fields).
+function logging.make_record(name, level_name, message, extra, traceback)
+    local record = {
+        ["@timestamp"] = clog.timestamp(timer.time()),
+        level = level_name,
+        logger = name,
+        message = type(message) == "string" and message or tostring(message),
+        service_name = state.service_name,
+        deploy_name = state.deploy_name,
+        service_instance_id = state.instance_id,
+    }
+    if type(extra) == "table" then
+        for k, v in pairs(extra) do
+            local key = type(k) == "string" and k or tostring(k)
+            if key == "traceback" and traceback == nil then
+                traceback = v
+            elseif is_secret_key(key) then
+                record[STANDARD[key] and "extra_" .. key or key] = MASK
+            else
+                if type(v) == "table" then v = masked(v, 1, {}) end
+                record[STANDARD[key] and "extra_" .. key or key] = v
+            end
+        end
+    elseif extra ~= nil then
+        record.extra = tostring(extra)
+    end
+    if traceback ~= nil then record.traceback = tostring(traceback) end
+    return record
+end
+local make_record = logging.make_record
+
+local function log(name, level_name, message, extra, traceback)
+    local ok, record = pcall(make_record, name, level_name, message, extra, traceback)
+    if not ok then
+        stderr_line("cannot build a log record: " .. tostring(record))
+        return
+    end
+    dispatch(record)
+end
+
+--- logging.add_sink(sink): sink.emit(self, record) is called for each record.
+function logging.add_sink(sink)
+    assert(type(sink) == "table" and type(sink.emit) == "function",
+        "logging.add_sink: a sink is a table with an emit(self, record) method")
+    for _, s in ipairs(state.sinks) do
+        if s == sink then return sink end
+    end
+    state.sinks[#state.sinks + 1] = sink
+    return sink
+end
+
+--- logging.remove_sink(sink) -> true when it was active (it is not closed).
+function logging.remove_sink(sink)
+    for i, s in ipairs(state.sinks) do
+        if s == sink then
+            table.remove(state.sinks, i)
+            return true
+        end
+    end
+    return false
+end
+
+--- logging.sinks() -> a copy of the list of active sinks.
+function logging.sinks()
+    return { unpack(state.sinks) }
+end
+
+local function call_each(method)
+    for _, sink in ipairs({ unpack(state.sinks) }) do
+        local fn = sink[method]
+        if type(fn) == "function" then
+            local ok, err = pcall(fn, sink)
+            if not ok then disable_sink(sink, method, err) end
+        end
+    end
+end
+
+--- logging.flush(): flushes every sink (the host calls it periodically, every
+-- logging.flush_interval_ms(), and at stop).
+function logging.flush()
+    call_each("flush")
+end
+
+--- logging.close(): flushes and closes every sink and removes them.
+function logging.close()
+    call_each("flush")
+    call_each("close")
+    state.sinks = {}
+    state.builtin = {}
+end
+
+-- ---- built-in sinks ----
+
+local function stdout_is_tty()
+    if not io.stdout then return false end
+    local ok, luv = pcall(require, "luv")
+    return ok and type(luv) == "table" and luv.guess_handle and luv.guess_handle(1) == "tty" or false
+end
+logging.stdout_is_tty = stdout_is_tty
+
+--- logging.stdout_sink{ format = "text"|"json", color = bool, tty = bool,
+-- stream = io.stdout } -> sink. stdout is line-buffered: each record
+-- reaches its reader (terminal, pipe, journald) at once, in one write.
+function logging.stdout_sink(opts)
+    opts = opts or {}
+    local tty = opts.tty
+    if tty == nil then tty = stdout_is_tty() end
+    local sink = {
+        name = "stdout",
+        format = opts.format or "json",
+        color = opts.color and true or false,
+        tty = tty,
+        stream = opts.stream or io.stdout,
+    }
+    if sink.stream == io.stdout then io.stdout:setvbuf("line") end
+    if sink.format ~= "text" and sink.format ~= "json" then
+        errors.raise("settings", ("logging: stdout format must be \"text\" or \"json\", not %q")
+            :format(tostring(sink.format)))
+    end
+    function sink:emit(record)
+        local line
+        if self.format == "json" then
+            line = clog.encode_json(record)
+        else
+            line = clog.format_text(record, self.color)
+        end
+        self.stream:write(line, "\n")
+        if self.tty then self.stream:flush() end
+    end
+    function sink:flush() self.stream:flush() end
+    function sink:close() self.stream:flush() end
+    return sink
+end
+
+--- logging.file_sink{ path, max_bytes, backup_count } -> sink | nil, message.
+-- JSON lines appended to a rotating file (synchronous local writes).
+function logging.file_sink(opts)
+    local file, err = clog.open_file(opts.path,
+        opts.max_bytes or logging.DEFAULT_FILE_MAX_BYTES,
+        opts.backup_count or logging.DEFAULT_FILE_BACKUP_COUNT)
+    if not file then return nil, err end
+    local sink = { name = "file", path = opts.path, file = file }
+    function sink:emit(record)
+        local ok, werr = self.file:write(clog.encode_json(record))
+        if not ok then error(werr, 0) end
+    end
+    function sink:flush() end   -- write(2) per line: nothing buffered
+    function sink:reopen() return self.file:reopen() end
+    function sink:close() self.file:close() end
+    return sink
+end
+
+-- ---- configuration ----
+
+local function check_positive(name, value)
+    if type(value) ~= "number" or value < 0 then
+        errors.raise("settings", ("logging: %s must be a number >= 0, not %s"):format(name, tostring(value)))
+    end
+    return value
+end
+
+--- logging.configure{ service_name, deploy_name, instance_id, profile,
+--   stdout = true, stdout_format = "text"|"json" (text in DEVELOP, else json),
+--   color = nil (auto: stdout is a tty), file_path, file_max_bytes = 10485760,
+--   file_backup_count = 5, flush_interval_ms = 1000,
+--   tty = nil (auto), stream = io.stdout (a stand-in for specs) }
+-- Replaces the stdout and file sinks of a previous call; sinks added with
+-- add_sink stay. Bad values raise a "settings" error.
+function logging.configure(opts)
+    opts = opts or {}
+    local profile = opts.profile or logging.DEFAULT_PROFILE
+    if type(profile) == "string" then profile = profile:upper() end
+    local level = profile_level(profile, "logging.configure")
+    local stdout_format = opts.stdout_format or (profile == "DEVELOP" and "text" or "json")
+    local flush_interval = check_positive("flush_interval_ms",
+        opts.flush_interval_ms or logging.DEFAULT_FLUSH_INTERVAL_MS)
+
+    -- Build the new sinks before dropping the old ones: a bad file path leaves
+    -- the previous configuration in place.
+    local new = {}
+    if opts.stdout ~= false then
+        local tty = opts.tty
+        if tty == nil then tty = stdout_is_tty() end
+        local color = opts.color
+        if color == nil then color = tty end
+        new.stdout = logging.stdout_sink {
+            format = stdout_format, color = color, tty = tty, stream = opts.stream,
+        }
+    end
+    if opts.file_path and opts.file_path ~= "" then
+        local sink, err = logging.file_sink {
+            path = opts.file_path,
+            max_bytes = check_positive("file_max_bytes", opts.file_max_bytes or logging.DEFAULT_FILE_MAX_BYTES),
+            backup_count = check_positive("file_backup_count",
+                opts.file_backup_count or logging.DEFAULT_FILE_BACKUP_COUNT),
+        }
+        if not sink then
+            errors.raise("settings", "logging.file_path: " .. tostring(err))
+        end
+        new.file = sink
+    end
+
+    for _, key in ipairs({ "stdout", "file" }) do
+        local old = state.builtin[key]
+        if old then
+            logging.remove_sink(old)
+            pcall(old.flush, old)
+            pcall(old.close, old)
+        end
+    end
+    state.builtin = new
+    state.profile = profile
+    state.level = level
+    state.service_name = opts.service_name
+    state.deploy_name = opts.deploy_name
+    state.instance_id = opts.instance_id
+    state.flush_interval_ms = flush_interval
+    -- built-in sinks first, then the remote ones in the order they came
+    local sinks = {}
+    if new.stdout then sinks[#sinks + 1] = new.stdout end
+    if new.file then sinks[#sinks + 1] = new.file end
+    for _, s in ipairs(state.sinks) do sinks[#sinks + 1] = s end
+    state.sinks = sinks
+end
+
+--- logging.configure_from_settings(view, identity): Tamarco's keys through a
+-- settings view (`view:get(key, default)`, resolved under system.*):
+-- logging.profile, logging.stdout, logging.file_path, logging.file_max_bytes,
+-- logging.file_backup_count. identity = { service_name, deploy_name, instance_id }.
+function logging.configure_from_settings(view, identity)
+    identity = identity or {}
+    local function get(key, default)
+        local value = view:get(key, default)
+        if value == nil then return default end
+        return value
+    end
+    local stdout = get("logging.stdout", true)
+    if type(stdout) == "string" then stdout = stdout:lower() ~= "false" end
+    local file_path = get("logging.file_path", nil)
+    if file_path == false then file_path = nil end
+    logging.configure {
+        service_name = identity.service_name,
+        deploy_name = identity.deploy_name,
+        instance_id = identity.instance_id,
+        profile = get("logging.profile", logging.DEFAULT_PROFILE),
+        stdout = stdout ~= false,
+        file_path = file_path,
+        file_max_bytes = tonumber(get("logging.file_max_bytes", logging.DEFAULT_FILE_MAX_BYTES)),
+        file_backup_count = tonumber(get("logging.file_backup_count", logging.DEFAULT_FILE_BACKUP_COUNT)),
+    }
+end
+
+--- logging.provisional(service_name): stdout logging before the settings are
+-- loaded: INFO and up, colored text on a tty, JSON lines otherwise.
+function logging.provisional(service_name)
+    local tty = stdout_is_tty()
+    logging.configure {
+        service_name = service_name,
+        profile = "PRODUCTION",
+        stdout_format = tty and "text" or "json",
+        tty = tty,
+    }
+    return logging.get_logger(service_name)
+end
+
+--- logging.set_profile(profile): changes the level live (not the formats).
+function logging.set_profile(profile)
+    if type(profile) == "string" then profile = profile:upper() end
+    state.level = profile_level(profile, "logging.set_profile")
+    state.profile = profile
+end
+
+--- logging.profile() -> the current profile name (nil before configure).
+function logging.profile()
+    return state.profile
+end
+
+--- logging.is_enabled(level_name) -> true when records of that level are kept.
+function logging.is_enabled(level_name)
+    local level = LEVELS[level_name]
+    return level ~= nil and level >= state.level
+end
+
+--- logging.flush_interval_ms() -> how often the host should call logging.flush().
+function logging.flush_interval_ms()
+    return state.flush_interval_ms
+end
+
+-- ---- loggers ----
+
+local Logger = {}
+Logger.__index = Logger
+Logger.__tostring = function(l) return "tamarco.logger (" .. l.name .. ")" end
+
+-- The level is checked before anything else, so a disabled call costs one
+-- comparison and no allocation.
+local function method(level_name)
+    local level = LEVELS[level_name]
+    return function(self, message, extra)
+        if level < state.level then return end
+        log(self.name, level_name, message, extra)
+    end
+end
+
+Logger.debug = method("DEBUG")
+Logger.info = method("INFO")
+Logger.warning = method("WARNING")
+Logger.warn = Logger.warning
+Logger.error = method("ERROR")
+Logger.critical = method("CRITICAL")
+
+--- logger:exception(message, err, traceback, extra): an ERROR record with the
+-- error (field `error`) and its traceback (else extra.traceback, else the
+-- traceback of this call).
+function Logger:exception(message, err, traceback, extra)
+    if LEVELS.ERROR < state.level then return end
+    if traceback == nil and type(extra) == "table" then traceback = extra.traceback end
+    if traceback == nil then traceback = debug.traceback("", 2) end
+    if err ~= nil then
+        local copy = {}
+        if type(extra) == "table" then
+            for k, v in pairs(extra) do copy[k] = v end
+        end
+        if copy.error ~= nil then copy.extra_error, copy.error = copy.error, nil end
+        copy.error = tostring(err)
+        extra = copy
+    end
+    log(self.name, "ERROR", message, extra, traceback)
+end
+
+--- logger:log(level_name, message, extra)
+function Logger:log(level_name, message, extra)
+    local level = LEVELS[level_name]
+    if not level then error("unknown log level: " .. tostring(level_name), 2) end
+    if level < state.level then return end
+    log(self.name, level_name, message, extra)
+end
+
+function Logger:is_enabled_for(level_name)
+    return logging.is_enabled(level_name)
+end
+
+local loggers = setmetatable({}, { __mode = "v" })
+
+--- logging.get_logger(name) -> logger ("hello", "hello.redis"); defaults to
+-- the service name.
+function logging.get_logger(name)
+    name = name or state.service_name or "tamarco"
+    name = tostring(name)
+    local logger = loggers[name]
+    if not logger then
+        logger = setmetatable({ name = name }, Logger)
+        loggers[name] = logger
+    end
+    return logger
+end
+
+--- logger:child("redis") -> the logger "<name>.redis".
+function Logger:child(suffix)
+    return logging.get_logger(self.name .. "." .. suffix)
+end
+
+return logging
