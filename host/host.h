@@ -78,12 +78,15 @@ int tamarco_start_task(tamarco_host *host, int nargs);
 
 int luaopen_tamarco_c_scheduler(lua_State *L);
 
-/* ---- bindings (one file per topic in bindings/) ---- */
+/* ---- bindings (one file per topic in bindings/) ----
+ * Bindings linked into the host are preloaded (host/lua_state.c); those with
+ * heavy libraries (http_client: libcurl) are loadable modules, see
+ * TAMARCO_LOADABLE_BINDINGS in CMakeLists.txt. */
 int luaopen_tamarco_c_timer(lua_State *L);
 int luaopen_tamarco_c_yaml(lua_State *L);
 int luaopen_tamarco_c_thread(lua_State *L);
 int luaopen_tamarco_c_log(lua_State *L);
 int luaopen_tamarco_c_process(lua_State *L);
-int luaopen_tamarco_c_http_client(lua_State *L);
+int luaopen_tamarco_c_http_server(lua_State *L);
 
 #endif

@@ -5,6 +5,8 @@
 #include <lua5.1/luv/luv.h>
 #include <stdio.h>
 #include <string.h>
+#include <limits.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 static const char HOST_KEY[] = "tamarco.host";
@@ -16,7 +18,7 @@ static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.thread", luaopen_tamarco_c_thread},
     {"tamarco.c.log", luaopen_tamarco_c_log},
     {"tamarco.c.process", luaopen_tamarco_c_process},
-    {"tamarco.c.http_client", luaopen_tamarco_c_http_client},
+    {"tamarco.c.http_server", luaopen_tamarco_c_http_server},
     {NULL, NULL},
 };
 
@@ -53,20 +55,48 @@ int tamarco_find_lua_dir(char *out, size_t size)
 
     for (int i = 0; i < n; i++) {
         if (candidates[i][0] && has_modules(candidates[i])) {
-            snprintf(out, size, "%s", candidates[i]);
+            char resolved[PATH_MAX];
+            snprintf(out, size, "%s", realpath(candidates[i], resolved) ? resolved : candidates[i]);
             return 0;
         }
     }
     return -1;
 }
 
+/* The directory of the host's loadable bindings: <build>/lua_modules next to
+ * an uninstalled binary, <prefix>/<libdir>/tamarco-host next to an installed
+ * (possibly relocated) one, else the configured install directory. */
+static void find_cmod_dir(char *out, size_t size)
+{
+    char exe[4096];
+    size_t exe_len = sizeof exe;
+    if (uv_exepath(exe, &exe_len) == 0) {
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            *slash = '\0';
+            snprintf(out, size, "%s/lua_modules", exe);
+            if (access(out, R_OK) == 0)
+                return;
+            snprintf(out, size, "%s/../%s", exe, TAMARCO_RELATIVE_CMODDIR);
+            char resolved[PATH_MAX];
+            if (realpath(out, resolved)) {
+                snprintf(out, size, "%s", resolved);
+                return;
+            }
+        }
+    }
+    snprintf(out, size, "%s", TAMARCO_INSTALL_CMODDIR);
+}
+
 static void set_paths(lua_State *L, const char *lua_dir)
 {
+    char cmod_dir[4200];
+    find_cmod_dir(cmod_dir, sizeof cmod_dir);
     lua_getglobal(L, "package");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s;%s", lua_dir, lua_dir,
                     TAMARCO_SYSTEM_LUA_PATH, "./?.lua");
     lua_setfield(L, -2, "path");
-    lua_pushfstring(L, "%s;./?.so", TAMARCO_SYSTEM_LUA_CPATH);
+    lua_pushfstring(L, "%s/?.so;%s;./?.so", cmod_dir, TAMARCO_SYSTEM_LUA_CPATH);
     lua_setfield(L, -2, "cpath");
     lua_pushstring(L, lua_dir);
     lua_setfield(L, -2, "tamarco_lua_dir");

@@ -1,0 +1,36 @@
+#!/bin/sh
+# Installs the build into a temporary prefix and runs an example with the
+# installed binary from another directory: the installed host must find its
+# Lua modules and loadable bindings without environment variables.
+set -eu
+build_dir=$1
+source_dir=$2
+prefix=$(mktemp -d /tmp/tamarco-install.XXXXXX)
+trap 'rm -rf "$prefix"' EXIT
+cmake --install "$build_dir" --prefix "$prefix" >/dev/null
+cp "$source_dir/services/examples/lifecycle/service.lua" "$prefix/service.lua"
+cd /
+unset TAMARCO_LUA_DIR
+out="$prefix/out.log"
+"$prefix/bin/tamarco-host" run "$prefix/service.lua" >"$out" 2>&1 &
+pid=$!
+i=0
+while [ $i -lt 200 ] && ! grep -q "service started" "$out"; do sleep 0.05; i=$((i + 1)); done
+kill -TERM $pid
+status=0
+wait $pid || status=$?
+cat "$out"
+[ $status -eq 0 ] || { echo "installed host exited with $status"; exit 1; }
+grep -q "service stopped" "$out" || { echo "installed host did not stop cleanly"; exit 1; }
+# the installed host finds its installed modules (not the source tree's)
+# and its loadable bindings
+cat > "$prefix/probe_spec.lua" <<LUA
+describe("the installed host", function()
+    it("loads its own modules and loadable bindings", function()
+        assert.are.equal("$prefix/share/tamarco-host/lua", require("tamarco.c.process").lua_dir())
+        assert.is_table(require "tamarco.c.http_client")
+    end)
+end)
+LUA
+"$prefix/bin/tamarco-host" test "$prefix/probe_spec.lua"
+echo "installed host OK"
