@@ -19,13 +19,22 @@
  *                                   "too_large", "protocol", "error")
  *   stats() -> {in_flight, sockets, pooled, timer_active, multi}
  *   shutdown() -> true | nil, message   closes the multi (idle only)
+ *
+ * The module is dlopen'ed by `require` and pins itself (RTLD_NODELETE): the
+ * loop's handles point at its callbacks. When the main state closes, a
+ * finalizer cancels what is still in flight and closes the multi, its
+ * handles and libcurl's global state.
  */
 #include "host.h"
 
 #include <curl/curl.h>
 #include <ctype.h>
+#include <dlfcn.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Built as a loadable module (see TAMARCO_LOADABLE_BINDINGS in CMakeLists). */
+int luaopen_tamarco_c_http_client(lua_State *L);
 
 #define DEFAULT_MAX_BODY ((size_t)64 * 1024 * 1024)
 #define EASY_POOL_SIZE 64
@@ -70,6 +79,9 @@ struct http_multi {
  * for leak checkers (the host never tears its state down before exit). */
 static http_multi *the_multi;
 static int curl_ready;
+/* Requests dropped by a teardown while their task still waited: the
+ * scheduler may still hold their cancel, which then only frees them. */
+static http_request *zombies;
 
 /* ---- references: only in-flight requests keep the loop alive ---- */
 
@@ -284,7 +296,7 @@ static int push_result(lua_State *co, void *ud)
     }
     lua_pushnil(co);
     if (req->too_large) {
-        lua_pushfstring(co, "response body exceeds max_body_bytes (%d bytes)", (int)req->max_body);
+        lua_pushfstring(co, "response body exceeds max_body_bytes (%f bytes)", (lua_Number)req->max_body);
     } else {
         const char *text = req->errbuf[0] ? req->errbuf : curl_easy_strerror(c->rc);
         if (c->rc == CURLE_OPERATION_TIMEDOUT)
@@ -455,6 +467,16 @@ static void cancel_request(void *ud)
 {
     http_request *req = ud;
     http_multi *m = req->m;
+    if (!m) {   /* a zombie */
+        if (req->prev)
+            req->prev->next = req->next;
+        else
+            zombies = req->next;
+        if (req->next)
+            req->next->prev = req->prev;
+        free(req);
+        return;
+    }
     curl_multi_remove_handle(m->multi, req->easy);
     request_unlink(m, req);
     request_free(req);
@@ -639,6 +661,8 @@ static int l_request(lua_State *L)
         luaL_argcheck(L, lua_istable(L, headers_index), 1, "'headers' must be a table");
         check_headers(L, headers_index);
     }
+    if (!*method)
+        return luaL_error(L, "request: empty method");
     for (const char *c = method; *c; c++)
         if (!isalpha((unsigned char)*c) && *c != '-' && *c != '_')
             return luaL_error(L, "request: bad method '%s'", method);
@@ -742,29 +766,75 @@ static void free_multi_on_close(uv_handle_t *handle)
     free(handle->data);
 }
 
-/* shutdown(): closes every cached connection and the multi handle when no
- * request is in flight; the next request creates a fresh one. */
-static int l_shutdown(lua_State *L)
+/* Closes the multi: every cached connection, socket watcher and the timer.
+ * Requests still in flight are dropped (their tasks are not resumed). */
+static void teardown(http_multi *m)
 {
-    http_multi *m = the_multi;
-    if (!m) {
-        lua_pushboolean(L, 1);
-        return 1;
+    while (m->requests) {
+        http_request *req = m->requests;
+        curl_multi_remove_handle(m->multi, req->easy);
+        request_unlink(m, req);
+        curl_easy_cleanup(req->easy);
+        curl_slist_free_all(req->headers);
+        free(req->body);
+        free(req->hdrs);
+        req->easy = NULL;
+        req->headers = NULL;
+        req->body = req->hdrs = NULL;
+        req->m = NULL;
+        req->prev = NULL;
+        req->next = zombies;
+        if (zombies)
+            zombies->prev = req;
+        zombies = req;
     }
-    if (m->in_flight > 0)
-        return fail(L, "requests are in flight", "error");
     while (m->pooled > 0)
         curl_easy_cleanup(m->pool[--m->pooled]);
     curl_multi_cleanup(m->multi);   /* may report socket removals: still valid here */
     m->multi = NULL;
     while (m->polls)
         poll_close(m, m->polls);
-    the_multi = NULL;
+    if (the_multi == m)
+        the_multi = NULL;
     uv_timer_stop(&m->timer);
     m->timer.data = m;
     uv_close((uv_handle_t *)&m->timer, free_multi_on_close);
+}
+
+/* shutdown(): closes every cached connection and the multi handle when no
+ * request is in flight; the next request creates a fresh one. */
+static int l_shutdown(lua_State *L)
+{
+    http_multi *m = the_multi;
+    if (m && m->in_flight > 0)
+        return fail(L, "requests are in flight", "error");
+    if (m)
+        teardown(m);
     lua_pushboolean(L, 1);
     return 1;
+}
+
+/* Finalizer of the state that opened the module (runs at lua_close). */
+static int l_gc(lua_State *L)
+{
+    tamarco_host **owner = lua_touserdata(L, 1);
+    if (owner && *owner && the_multi && the_multi->host == *owner) {
+        teardown(the_multi);
+        if (curl_ready) {
+            curl_global_cleanup();
+            curl_ready = 0;
+        }
+    }
+    return 0;
+}
+
+/* Keeps this module mapped after the state that loaded it closes: uv
+ * handles may still reference its callbacks. */
+static void pin_module(void)
+{
+    Dl_info info;
+    if (dladdr((void *)pin_module, &info) && info.dli_fname)
+        dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 }
 
 int luaopen_tamarco_c_http_client(lua_State *L)
@@ -775,8 +845,18 @@ int luaopen_tamarco_c_http_client(lua_State *L)
         {"shutdown", l_shutdown},
         {NULL, NULL},
     };
+    pin_module();
     lua_newtable(L);
     luaL_register(L, NULL, funcs);
+    /* module.__gc_owner: a userdata whose finalizer tears the multi down
+     * when the main state closes (thread states own no multi). */
+    tamarco_host **owner = lua_newuserdata(L, sizeof *owner);
+    *owner = tamarco_host_of(L);
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, -2, "__gc_owner");
     curl_version_info_data *info = curl_version_info(CURLVERSION_NOW);
     lua_pushstring(L, info->version);
     lua_setfield(L, -2, "curl_version");

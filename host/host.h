@@ -29,6 +29,9 @@ typedef struct tamarco_host {
 
 /* Initialises the scheduler's handles on host->loop; host->L must be set. */
 int tamarco_scheduler_init(tamarco_host *host);
+/* At exit: cancels every pending wait (their operations release what they
+ * hold) without resuming the waiting coroutines. */
+void tamarco_scheduler_shutdown(tamarco_host *host);
 
 /* ---- lua_state.c ---- */
 

@@ -17,12 +17,14 @@ static int traceback(lua_State *L)
     return 1;
 }
 
-/* Closes the Lua state so that finalizers run (files, modules' buffers).
- * Close callbacks already queued run first, while the state they may touch
+/* Cancels the operations of tasks still waiting, then closes the Lua state
+ * so that finalizers run (files, modules' buffers). Close callbacks already
+ * queued run first, while the state they may touch
  * is alive. Handles still open afterwards (a service's own luv handles) are
  * left to the process exit: their callbacks would run on a closed state. */
 static void shutdown_host(void)
 {
+    tamarco_scheduler_shutdown(&host);
     uv_run(host.loop, UV_RUN_NOWAIT);
     lua_close(host.L);
     host.L = NULL;

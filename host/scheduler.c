@@ -6,7 +6,7 @@
  *   tasks    weak-keyed set of coroutines started here
  *   waits    wait id -> coroutine suspended in an operation
  *   wait_of  weak-keyed coroutine -> its pending wait id
- *   cancels  wait id -> lightuserdata (struct pending_cancel)
+ *   cancels  wait id -> userdata (struct pending_cancel), collected by the GC
  *   exits    weak-keyed coroutine -> function(ok, ...) called when it ends
  *   ready    array of {co, n, ...}: resumes deferred to the next loop turn
  */
@@ -91,13 +91,10 @@ int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void *ud)
     lua_pop(L, 1);
 
     if (cancel) {
-        struct pending_cancel *pc = malloc(sizeof *pc);
-        if (!pc)
-            luaL_error(L, "out of memory");
+        push_registry_table(L, REG_CANCELS, NULL);
+        struct pending_cancel *pc = lua_newuserdata(L, sizeof *pc);
         pc->cancel = cancel;
         pc->ud = ud;
-        push_registry_table(L, REG_CANCELS, NULL);
-        lua_pushlightuserdata(L, pc);
         lua_rawseti(L, -2, id);
         lua_pop(L, 1);
     }
@@ -110,8 +107,8 @@ int tamarco_wait_yield(lua_State *L)
 }
 
 /* Removes wait `id`; pushes its coroutine (or nothing and returns 0). The
- * pending cancel is returned through *cancel_out (caller frees). */
-static int take_wait(lua_State *L, int id, struct pending_cancel **cancel_out)
+ * pending cancel, if any, is copied to *cancel_out (cancel NULL otherwise). */
+static int take_wait(lua_State *L, int id, struct pending_cancel *cancel_out)
 {
     push_registry_table(L, REG_WAITS, NULL);
     lua_rawgeti(L, -1, id);
@@ -132,16 +129,16 @@ static int take_wait(lua_State *L, int id, struct pending_cancel **cancel_out)
     push_registry_table(L, REG_CANCELS, NULL);
     lua_rawgeti(L, -1, id);
     struct pending_cancel *pc = lua_touserdata(L, -1);
+    if (cancel_out) {
+        cancel_out->cancel = pc ? pc->cancel : NULL;
+        cancel_out->ud = pc ? pc->ud : NULL;
+    }
     lua_pop(L, 1);
     if (pc) {
         lua_pushnil(L);
         lua_rawseti(L, -2, id);
     }
     lua_pop(L, 1);
-    if (cancel_out)
-        *cancel_out = pc;
-    else
-        free(pc);
     return 1;
 }
 
@@ -301,6 +298,28 @@ static void queue_ready(tamarco_host *host, lua_State *L, int co_index, int firs
     }
 }
 
+void tamarco_scheduler_shutdown(tamarco_host *host)
+{
+    lua_State *L = host->L;
+    push_registry_table(L, REG_CANCELS, NULL);
+    lua_pushnil(L);
+    while (lua_next(L, -2) != 0) {
+        struct pending_cancel *pc = lua_touserdata(L, -1);
+        if (pc && pc->cancel)
+            pc->cancel(pc->ud);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, REG_CANCELS);
+    lua_newtable(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, REG_WAITS);
+    if (host->ready_idle_active) {
+        uv_idle_stop(&host->ready_idle);
+        host->ready_idle_active = 0;
+    }
+}
+
 int tamarco_scheduler_init(tamarco_host *host)
 {
     host->next_wait_id = 0;
@@ -420,17 +439,14 @@ static int wake_or_interrupt(lua_State *L, int cancel)
     tamarco_host *host = checked_host(L);
     luaL_checktype(L, 1, LUA_TTHREAD);
     int id = pending_wait_of(L, 1);
-    struct pending_cancel *pc = NULL;
+    struct pending_cancel pc;
     if (!id || !take_wait(L, id, &pc)) {
         lua_pushboolean(L, 0);
         return 1;
     }
     lua_pop(L, 1);
-    if (pc) {
-        if (cancel)
-            pc->cancel(pc->ud);
-        free(pc);
-    }
+    if (cancel && pc.cancel)
+        pc.cancel(pc.ud);
     queue_ready(host, L, 1, 2, lua_gettop(L) - 1);
     lua_pushboolean(L, 1);
     return 1;

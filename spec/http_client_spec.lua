@@ -305,7 +305,11 @@ describe("http_client", function()
     it("takes its timeout from the settings view under the resource", function()
         local r = testing.run(function()
             local web = http.client { timeout_ms = 60000 }
-            web:bind({ name = "svc" }, "web", { get = function(_, key) return ({ timeout_ms = 150 })[key] end })
+            web:bind({ name = "svc" }, "web", { get = function(_, key, ...)
+                local v = ({ timeout_ms = 150 })[key]
+                if v == nil and select("#", ...) == 0 then error("missing " .. key) end
+                return v
+            end })
             local t0 = timer.now()
             local s, err = web:get(srv.url .. "/slow")
             return { s, err, timer.now() - t0, web:setting("connect_timeout_ms"), web:status() }
@@ -315,6 +319,34 @@ describe("http_client", function()
         assert.is_true(r[3] < 2000)
         assert.are.equal(10000, r[4])
         assert.are.same({ status = 0, requests = 1, errors = 1, in_flight = 0 }, r[5])
+    end)
+
+    it("is a service resource configured under system.resources.<name>", function()
+        local r = testing.run(function()
+            local svc = tamarco.service { name = "caller", resources = { web = http.client() } }
+            local running, code, err = testing.start_service(svc, { settings = { system = {
+                resources = { web = { timeout_ms = 100, base_url = srv.url } },
+                microservices = { caller = { resources = { web = { connect_timeout_ms = 500 } } } },
+            } } })
+            assert(running, tostring(code) .. " " .. tostring(err))
+            local status, body = svc.web:get("/hello")
+            local t0 = timer.now()
+            local none, terr = svc.web:get("/slow")
+            local out = { status = status, body = body, none = none, terr = terr, elapsed = timer.now() - t0,
+                config = svc.web:config(), resource_status = svc.web:status() }
+            running:stop()
+            return out
+        end)
+        assert.are.equal(200, r.status)
+        assert.are.equal("hello world", r.body)
+        assert.is_nil(r.none)
+        assert.matches("timeout", r.terr)
+        assert.is_true(r.elapsed < 2000)
+        assert.are.equal(100, r.config.timeout_ms)
+        assert.are.equal(500, r.config.connect_timeout_ms)
+        assert.are.equal(true, r.config.verify_tls)
+        assert.are.equal(2, r.resource_status.status)
+        assert.are.equal(2, r.resource_status.requests)
     end)
 
     it("gives nil + an error on connection refused", function()

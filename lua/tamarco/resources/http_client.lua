@@ -54,7 +54,7 @@ function HttpClient:setting(key)
     if view ~= nil then
         local value
         if type(view) == "table" and type(view.get) == "function" then
-            value = view:get(key)
+            value = view:get(key, nil)   -- a view raises on a missing key without a default
         elseif type(view) == "table" then
             value = view[key]
         end
