@@ -170,6 +170,42 @@ return svc
         assert.matches("fail_deep", out, 1, true)
     end)
 
+    it("applies a settings file change while running: hook called, log profile changed", function()
+        local yml = cli.write_temp([[
+system:
+  logging:
+    profile: PRODUCTION
+  microservices:
+    my_admin:
+      default_user: admin
+      default_password: secret
+]], ".yml")
+        local changed = yml .. ".new"
+        local f = assert(io.open(changed, "w"))
+        f:write([[
+system:
+  logging:
+    profile: DEVELOP
+  microservices:
+    my_admin:
+      default_user: root
+      default_password: secret
+]])
+        f:close()
+        local code, out = cli.run_until({ "run", "services/examples/settings/service.lua", "--settings", yml },
+            "service started", "TERM", nil, {
+                { run = "mv " .. changed .. " " .. yml, wait = "system.microservices.my_admin.default_user" },
+            })
+        os.remove(yml)
+        assert.are.equal(0, code, out)
+        assert.matches('"key":"system.microservices.my_admin.default_user"', out, 1, true)
+        assert.matches('"value":"root"', out, 1, true)
+        -- the profile went from PRODUCTION to DEVELOP: debug records now pass
+        assert.matches('"level":"DEBUG"', out, 1, true)
+        assert.matches("setting change handled", out, 1, true)
+        assert.is_nil(out:find("secret", 1, true))
+    end)
+
     it("ends a stop that hangs with the watchdog (exit 1)", function()
         local path = cli.write_temp(service_source([[
 local svc = tamarco.service { name = "stuck" }

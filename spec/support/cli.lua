@@ -33,21 +33,28 @@ function cli.run(args, env)
     return code, output
 end
 
---- cli.run_until(args, marker, signal[, env]) starts the host, waits until its
--- output contains `marker` (up to 20 s), sends `signal` (e.g. "TERM") and
--- returns exit_code, output.
-function cli.run_until(args, marker, signal, env)
+--- cli.run_until(args, marker, signal[, env[, steps]]) starts the host, waits
+-- until its output contains `marker` (up to 20 s), then for each step
+-- {run = "shell command", wait = "marker"} runs the command and waits for the
+-- marker, sends `signal` (e.g. "TERM") and returns exit_code, output.
+function cli.run_until(args, marker, signal, env, steps)
     local parts = {}
     for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
     parts[#parts + 1] = shell_quote(cli.host)
     for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
     local out = os.tmpname()
-    local script = table.concat({
-        table.concat(parts, " ") .. " >" .. out .. " 2>&1 & pid=$!",
-        "i=0; while [ $i -lt 400 ] && ! grep -q " .. shell_quote(marker) .. " " .. out .. "; do sleep 0.05; i=$((i+1)); done",
-        "kill -" .. signal .. " $pid",
-        "wait $pid; echo $?",
-    }, "\n")
+    local function wait_for(text)
+        return "i=0; while [ $i -lt 400 ] && ! grep -qF " .. shell_quote(text) .. " " .. out
+            .. "; do sleep 0.05; i=$((i+1)); done"
+    end
+    local lines = { table.concat(parts, " ") .. " >" .. out .. " 2>&1 & pid=$!", wait_for(marker) }
+    for _, step in ipairs(steps or {}) do
+        lines[#lines + 1] = step.run
+        lines[#lines + 1] = wait_for(step.wait)
+    end
+    lines[#lines + 1] = "kill -" .. signal .. " $pid"
+    lines[#lines + 1] = "wait $pid; echo $?"
+    local script = table.concat(lines, "\n")
     local pipe = io.popen("sh -c " .. shell_quote(script))
     local code = tonumber(pipe:read("*a"))
     pipe:close()

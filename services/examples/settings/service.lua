@@ -18,6 +18,8 @@ end
 
 function svc:on_settings_change(key, value)
     self.logger:info("setting changed", { key = key, value = value })
+    -- visible only when system.logging.profile is DEVELOP or TESTING
+    self.logger:debug("setting change handled", { key = key })
 end
 
 return svc
