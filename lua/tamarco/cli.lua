@@ -9,7 +9,7 @@ local USAGE = [[
 usage: tamarco-host <command> [options]
 
 commands:
-  run FILE [--settings FILE.yml] [--watchdog SECONDS]
+  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch]
                         run the service that FILE returns
   test [busted options] [SPEC...]
                         run busted specs inside the host
@@ -46,10 +46,13 @@ use tamarco.testing to run tasks and services. Options are busted's
 
 commands.run = {
     usage = [[
-usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS]
+usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch]
 
 Runs the service that the Lua file FILE returns until SIGINT or SIGTERM.
+SIGHUP reloads the service's code in place (hot reload).
   --settings FILE.yml   settings file (also TAMARCO_YML_FILE)
+  --watch               reload the code when a .lua file next to FILE changes
+                        (also the setting system.microservices.<svc>.hot_reload)
   --watchdog SECONDS    how long a stop may take before the process is
                         ended with exit code 1 (default: the setting
                         system.stop_timeout_seconds, else 30)

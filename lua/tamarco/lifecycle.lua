@@ -19,6 +19,8 @@ local START_PHASES = { "pre_start", "start", "post_start" }
 local STOP_PHASES = { "stop", "post_stop" }
 
 local lifecycle = {}
+lifecycle.START_PHASES = START_PHASES
+lifecycle.STOP_PHASES = STOP_PHASES
 
 local Lifecycle = {}
 Lifecycle.__index = Lifecycle
@@ -75,53 +77,85 @@ function lifecycle.new(svc, context)
         -- before the watchdog ends the process
         stop_timeout_ms = (context.stop_timeout_ms or 30000) / 2,
     }, Lifecycle)
-    local logging = context.logging
-    svc.lifecycle = self
-    svc.settings = context.settings:view(svc.name)
-    svc.logger = logging.get_logger(svc.name)
-    tasks.log_failures_to(svc.logger)
-    for _, name in ipairs(self.order) do
-        local resource = svc.resources[name]
-        resource:bind(svc, name, context.settings:resource_view(svc.name, name),
-            logging.get_logger(svc.name .. "." .. name))
-    end
+    self:bind_service(svc)
+    for _, name in ipairs(self.order) do self:bind_resource(svc, name, svc.resources[name]) end
     return self
+end
+
+--- Gives a service its lifecycle, settings view and logger.
+function Lifecycle:bind_service(svc)
+    svc.lifecycle = self
+    svc.settings = self.context.settings:view(svc.name)
+    svc.logger = self.context.logging.get_logger(svc.name)
+    tasks.log_failures_to(svc.logger)
+end
+
+--- The settings a resource was started with (both of its subtrees), to
+-- tell on a reload whether they changed.
+function lifecycle.resource_settings(store, service_name, name)
+    return {
+        shared = store:get("system.resources." .. name, nil),
+        own = store:get("system.microservices." .. service_name .. ".resources." .. name, nil),
+    }
+end
+
+function Lifecycle:bind_resource(svc, name, resource)
+    local store = self.context.settings
+    resource:bind(svc, name, store:resource_view(svc.name, name),
+        self.context.logging.get_logger(svc.name .. "." .. name))
+    resource.settings_snapshot = lifecycle.resource_settings(store, svc.name, name)
 end
 
 local function capture(err)
     return { error = err, traceback = debug.traceback("", 2) }
 end
 
--- Calls target[phase](target) when defined; returns true or false, failure.
+-- Calls target[phase](target) when defined; returns true or false, failure
+-- where failure = { error = ..., traceback = ... }.
 local function call_phase(target, phase)
     local fn = target[phase]
     if fn == nil then return true end
     return xpcall(fn, capture, target)
 end
+lifecycle.call_phase = call_phase
 
 function Lifecycle:log_failure(what, failure)
     local err = failure.error
     self.service.logger:exception(what .. " failed: " .. tostring(err), err, failure.traceback)
 end
 
+--- Runs a start-up phase of one resource; returns true or false, failure.
+function Lifecycle:start_resource_phase(name, resource, phase)
+    self.entered[name] = true
+    if phase == "start" and resource.status_code == STATUS.NOT_STARTED then
+        resource:set_status(STATUS.CONNECTING)
+    end
+    local ok, failure = call_phase(resource, phase)
+    if not ok then
+        resource:set_status(STATUS.FAILED)
+        self:log_failure(phase .. " of resource '" .. name .. "'", failure)
+        return false, failure
+    end
+    if phase == "start" and resource.status_code == STATUS.CONNECTING and not resource.manages_status then
+        resource:set_status(STATUS.STARTED)
+    end
+    return true
+end
+
+--- Runs a stop phase of one resource; errors are logged.
+function Lifecycle:stop_resource_phase(name, resource, phase)
+    if phase == "stop" then resource:set_status(STATUS.STOPPING) end
+    local ok, failure = call_phase(resource, phase)
+    if not ok then self:log_failure(phase .. " of resource '" .. name .. "'", failure) end
+    if phase == "stop" then resource:set_status(ok and STATUS.STOPPED or STATUS.FAILED) end
+end
+
 -- Runs one start-up phase; returns true or false, failure.
 function Lifecycle:run_start_phase(phase)
     local svc = self.service
     for _, name in ipairs(self.order) do
-        local resource = svc.resources[name]
-        self.entered[name] = true
-        if phase == "start" and resource.status_code == STATUS.NOT_STARTED then
-            resource:set_status(STATUS.CONNECTING)
-        end
-        local ok, failure = call_phase(resource, phase)
-        if not ok then
-            resource:set_status(STATUS.FAILED)
-            self:log_failure(phase .. " of resource '" .. name .. "'", failure)
-            return false, failure
-        end
-        if phase == "start" and resource.status_code == STATUS.CONNECTING and not resource.manages_status then
-            resource:set_status(STATUS.STARTED)
-        end
+        local ok, failure = self:start_resource_phase(name, svc.resources[name], phase)
+        if not ok then return false, failure end
     end
     local ok, failure = call_phase(svc, phase)
     if not ok then
@@ -162,6 +196,7 @@ end
 
 function Lifecycle:start_tasks()
     local svc = self.service
+    self.group = tasks.group()
     for _, def in ipairs(svc.task_definitions) do
         if def.kind == "task" then
             self.group:spawn(def.name, def.fn, svc)
@@ -222,13 +257,7 @@ function Lifecycle:stop(reason)
         for i = #self.order, 1, -1 do
             local name = self.order[i]
             if self.entered[name] then
-                local resource = svc.resources[name]
-                if phase == "stop" then resource:set_status(STATUS.STOPPING) end
-                local ok, failure = call_phase(resource, phase)
-                if not ok then
-                    self:log_failure(phase .. " of resource '" .. name .. "'", failure)
-                end
-                if phase == "stop" then resource:set_status(ok and STATUS.STOPPED or STATUS.FAILED) end
+                self:stop_resource_phase(name, svc.resources[name], phase)
             end
         end
     end

@@ -2,6 +2,7 @@
 -- lifecycle, until SIGINT/SIGTERM; returns the exit code.
 local errors = require "tamarco.errors"
 local lifecycle = require "tamarco.lifecycle"
+local reload = require "tamarco.reload"
 local logging = require "tamarco.logging"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
@@ -20,6 +21,9 @@ local function parse_args(args)
             if value == nil then return nil, "option " .. a .. " needs a value" end
             options[a:sub(3)] = value
             i = i + 2
+        elseif a == "--watch" then
+            options.watch = true
+            i = i + 1
         elseif a:sub(1, 1) == "-" then
             return nil, "unknown option '" .. a .. "'"
         elseif options.file then
@@ -93,28 +97,45 @@ function run_command.main(args)
 
     local uv = require "luv"
     local signals = {}
-    for _, name in ipairs({ "sigint", "sigterm" }) do
+    local function on_signal(name, fn)
         local handle = uv.new_signal()
-        handle:start(name, function()
-            svc.logger:info("received " .. name:upper())
+        handle:start(name, fn)
+        signals[#signals + 1] = handle
+    end
+    for _, name in ipairs({ "sigint", "sigterm" }) do
+        on_signal(name, function()
+            cycle.service.logger:info("received " .. name:upper())
             cycle:request_stop(name:upper())
         end)
-        signals[#signals + 1] = handle
+    end
+    -- Hot reload triggers: SIGHUP, the service's files (--watch or the
+    -- setting hot_reload), settings listed in the service's reload_on.
+    on_signal("sighup", function() reload.request(cycle, options.file, "SIGHUP") end)
+    local file_watcher
+    if options.watch or svc.settings:get("hot_reload", false) then
+        file_watcher = reload.watch_files(options.file:match("^(.*)/[^/]*$") or ".", function(name)
+            reload.request(cycle, options.file, "file " .. name .. " changed")
+        end)
     end
 
     local exit_code = 1
     local runner = scheduler.spawn(function()
         store:start_watching()
         store:on_change(function(key, value)
+            local current = cycle.service
             if key == "system.logging.profile" and value then
                 local changed, err = pcall(logging.set_profile, value)
-                if not changed then svc.logger:error("cannot change the log profile: " .. tostring(err)) end
+                if not changed then current.logger:error("cannot change the log profile: " .. tostring(err)) end
             end
-            if svc.on_settings_change then
-                scheduler.spawn(svc.on_settings_change, svc, key, value)
+            if current.on_settings_change then
+                scheduler.spawn(current.on_settings_change, current, key, value)
+            end
+            if reload.is_reload_key(current, key) then
+                reload.request(cycle, options.file, "setting " .. key .. " changed")
             end
         end)
         local code = cycle:run()
+        if file_watcher then file_watcher.close() end
         store:stop_watching()
         return code
     end)

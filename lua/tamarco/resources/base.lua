@@ -62,6 +62,16 @@ function Resource:post_start() end
 function Resource:stop() end
 function Resource:post_stop() end
 
+--- Hot reload: takes the definitions (routes, handlers, subscriptions) of
+-- `new`, the same resource as defined by the reloaded service file, while
+-- keeping this resource's live connections. Returns a function that undoes
+-- the take-over (used when the new code fails to start), or nil when this
+-- resource type cannot adopt: then the reload starts `new` and stops this one.
+-- Only called when the resource's settings did not change.
+function Resource:adopt(new)
+    return nil
+end
+
 --- Changes the status; logs the transition at debug level.
 function Resource:set_status(code)
     assert(status_names[code], "unknown status code " .. tostring(code))
