@@ -67,7 +67,10 @@ function testing.start_service(svc, options)
         profile = options.profile or "TESTING",
         stdout = options.log_stdout or false,
     }
-    logging.add_sink { name = "testing", emit = function(_, record) records[#records + 1] = record end }
+    -- one capturing sink at a time: the last started service's records
+    if testing.sink then logging.remove_sink(testing.sink) end
+    testing.sink = { name = "testing", emit = function(_, record) records[#records + 1] = record end }
+    logging.add_sink(testing.sink)
     local cycle = lifecycle.new(svc, { settings = store, logging = logging,
         stop_timeout_ms = options.stop_timeout_ms or 5000 })
     local ok, code, err = cycle:start()
