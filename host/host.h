@@ -15,9 +15,12 @@
 #include <uv.h>
 
 #include "tamarco_config.h"
+/* The public C API (include/tamarco.h) declares the scheduler calls,
+ * tamarco_host_of and the extension API: one definition for both. */
+#include "tamarco.h"
 
 /* One per OS process: the loop and the main Lua state that owns it. */
-typedef struct tamarco_host {
+struct tamarco_host {
     uv_loop_t *loop;
     lua_State *L;          /* main state; coroutines are threads of it */
     char lua_dir[4096];    /* where the tamarco Lua modules were found */
@@ -25,7 +28,7 @@ typedef struct tamarco_host {
     uv_idle_t ready_idle;  /* runs deferred resumes before the loop blocks */
     int ready_idle_active;
     int next_wait_id;
-} tamarco_host;
+};
 
 /* Initialises the scheduler's handles on host->loop; host->L must be set. */
 int tamarco_scheduler_init(tamarco_host *host);
@@ -44,40 +47,21 @@ lua_State *tamarco_state_new(const char *lua_dir);
  * Returns 0, or -1 when no candidate holds the modules. */
 int tamarco_find_lua_dir(char *out, size_t size);
 
-/* The host of the main state, or NULL in a thread state. */
-tamarco_host *tamarco_host_of(lua_State *L);
+/* tamarco_host_of(L): see tamarco.h. */
 void tamarco_host_attach(tamarco_host *host, lua_State *L);
 
 /* ---- scheduler.c: the only place that resumes coroutines ---- */
 
-typedef void (*tamarco_cancel_fn)(void *ud);
-typedef int (*tamarco_push_fn)(lua_State *co, void *ud);
-
-/* A binding that starts an I/O on behalf of the running coroutine calls
+/* tamarco_wait_begin, tamarco_in_task, tamarco_wait_yield, tamarco_wake and
+ * tamarco_start_task are declared (and documented) in tamarco.h. A binding
+ * that starts an I/O on behalf of the running coroutine calls
  * tamarco_wait_begin, starts the operation with the returned id and then
- * `return tamarco_wait_yield(L);`. Raises a Lua error when L is not a
- * coroutine started by the scheduler. `cancel` (may be NULL) is called if
- * the wait is interrupted (task cancelled): it must stop the operation so
- * that its callback does not fire, or at least tolerate a stale id. */
-int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void *ud);
-/* 1 when L is a coroutine started by the scheduler (so it may wait). */
-int tamarco_in_task(lua_State *L);
-int tamarco_wait_yield(lua_State *L);
-
-/* Completes a wait: `push` pushes the results onto the coroutine's stack and
- * returns their count; then the coroutine is resumed. Does nothing (and does
- * not call push) when the wait is no longer pending. Returns 1 if resumed. */
-int tamarco_wake(tamarco_host *host, int wait_id, tamarco_push_fn push, void *ud);
+ * `return tamarco_wait_yield(L);`. */
 
 /* Resumes coroutine `co` (a thread of host->L) with `nargs` values already on
  * its stack. Logs errors with their traceback through the Lua error handler
  * and calls the coroutine's exit callback when it finishes. */
 int tamarco_resume(tamarco_host *host, lua_State *co, int nargs);
-
-/* Starts the function on host->L's stack (below its nargs arguments, which
- * are popped with it) in a new task at once. Only from loop callbacks, never
- * from inside a task. Returns like tamarco_resume. */
-int tamarco_start_task(tamarco_host *host, int nargs);
 
 int luaopen_tamarco_c_scheduler(lua_State *L);
 
@@ -91,5 +75,8 @@ int luaopen_tamarco_c_thread(lua_State *L);
 int luaopen_tamarco_c_log(lua_State *L);
 int luaopen_tamarco_c_process(lua_State *L);
 int luaopen_tamarco_c_http_server(lua_State *L);
+int luaopen_tamarco_c_metrics(lua_State *L);
+/* host/extension_api.c: the native API's Lua side (tamarco.native) */
+int luaopen_tamarco_c_native(lua_State *L);
 
 #endif

@@ -19,6 +19,8 @@ static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.log", luaopen_tamarco_c_log},
     {"tamarco.c.process", luaopen_tamarco_c_process},
     {"tamarco.c.http_server", luaopen_tamarco_c_http_server},
+    {"tamarco.c.metrics", luaopen_tamarco_c_metrics},
+    {"tamarco.c.native", luaopen_tamarco_c_native},
     {NULL, NULL},
 };
 

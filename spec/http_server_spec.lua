@@ -161,7 +161,7 @@ end
 ---------------------------------------------------------------------------
 
 local function make_service(name, options)
-    local svc = tamarco.service { name = name, resources = { api = http.server(options) } }
+    local svc = tamarco.service { name = name, report_server = false, resources = { api = http.server(options) } }
     local api = svc.api
     api:get("/hello/{name}", function(req) return 200, { message = "hello " .. req.params.name } end)
     api:get("/users/me", function() return 200, { who = "me" } end)

@@ -13,6 +13,10 @@ commands:
                         run the service that FILE returns
   test [busted options] [SPEC...]
                         run busted specs inside the host
+  new service NAME [--dir DIR] [--with-c-extension]
+                        generate a service project from the templates
+  etcd write-yml FILE | read KEY | delete KEY [--recursive]
+                        Tamarco's settings in etcd
   version               print the host's version
 
 Run `tamarco-host <command> --help` for a command's options.
@@ -44,15 +48,42 @@ use tamarco.testing to run tasks and services. Options are busted's
     end,
 }
 
+commands.new = {
+    usage = [[
+usage: tamarco-host new service NAME [--dir DIR] [--with-c-extension]
+
+Generates a ready service project in DIR (default ./NAME) from the host's
+templates: service.lua with an HTTP route, settings.yml, a spec, README.md,
+.gitignore, a systemd unit, a Dockerfile and a Kubernetes Deployment. With
+--with-c-extension, also a C module in c/ built with CMake (find_package
+(TamarcoHost)) and a spec that calls it. `tamarco-host test` in DIR builds
+the C module and runs the specs. NAME: lowercase letters, digits, '-' and
+'_', starting with a letter. An existing DIR is never touched (exit 2).
+]],
+    main = function(args)
+        return require("tamarco.new_command").main(args)
+    end,
+}
+
+commands.etcd = {
+    usage = require("tamarco.etcd_command").usage,
+    main = function(args)
+        return require("tamarco.etcd_command").main(args)
+    end,
+}
+
 commands.run = {
     usage = [[
-usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch]
+usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--workers N]
 
 Runs the service that the Lua file FILE returns until SIGINT or SIGTERM.
 SIGHUP reloads the service's code in place (hot reload).
   --settings FILE.yml   settings file (also TAMARCO_YML_FILE)
   --watch               reload the code when a .lua file next to FILE changes
                         (also the setting system.microservices.<svc>.hot_reload)
+  --workers N           run N worker processes sharing the listening ports
+                        (SO_REUSEPORT), supervised: a crashed worker is
+                        restarted, SIGTERM stops and drains them all
   --watchdog SECONDS    how long a stop may take before the process is
                         ended with exit code 1 (default: the setting
                         system.stop_timeout_seconds, else 30)

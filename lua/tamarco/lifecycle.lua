@@ -265,6 +265,18 @@ function Lifecycle:stop(reason)
     svc.logger:info("service stopped")
 end
 
+--- Stops and starts one resource in place (restart policy). Returns true,
+-- or false when it failed to start again (it is then FAILED).
+function Lifecycle:restart_resource(name)
+    local resource = self.service.resources[name]
+    for _, phase in ipairs(STOP_PHASES) do self:stop_resource_phase(name, resource, phase) end
+    resource:set_status(STATUS.NOT_STARTED)
+    for _, phase in ipairs(START_PHASES) do
+        if not self:start_resource_phase(name, resource, phase) then return false end
+    end
+    return true
+end
+
 --- Asks for a stop (signal, or the service itself). Safe to call from any
 -- context, several times; the first reason wins.
 function Lifecycle:request_stop(reason)
@@ -288,7 +300,7 @@ function Lifecycle:run()
         self.waiter = nil
     end
     self:stop(self.stop_reason)
-    return 0
+    return self.exit_code or 0
 end
 
 return lifecycle

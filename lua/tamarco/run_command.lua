@@ -8,6 +8,7 @@ local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
 local service_file = require "tamarco.service_file"
 local settings = require "tamarco.settings"
+local systemd = require "tamarco.systemd"
 
 local run_command = {}
 
@@ -16,7 +17,7 @@ local function parse_args(args)
     local i = 1
     while i <= #args do
         local a = args[i]
-        if a == "--settings" or a == "--watchdog" then
+        if a == "--settings" or a == "--watchdog" or a == "--workers" then
             local value = args[i + 1]
             if value == nil then return nil, "option " .. a .. " needs a value" end
             options[a:sub(3)] = value
@@ -34,6 +35,13 @@ local function parse_args(args)
         end
     end
     if not options.file then return nil, "missing the service FILE" end
+    if options.workers then
+        local count = tonumber(options.workers)
+        if not count or count < 1 or count % 1 ~= 0 then
+            return nil, "--workers needs a whole number >= 1 (got '" .. options.workers .. "')"
+        end
+        options.workers = count
+    end
     if options.watchdog then
         local seconds = tonumber(options.watchdog)
         if not seconds or seconds <= 0 then
@@ -56,6 +64,21 @@ end
 function run_command.main(args)
     local options, usage_error = parse_args(args)
     if not options then return nil, usage_error end
+    if options.workers and options.workers > 1 then
+        local worker_args = {}
+        local i = 1
+        while i <= #args do
+            if args[i] == "--workers" then i = i + 2 else
+                worker_args[#worker_args + 1] = args[i]
+                i = i + 1
+            end
+        end
+        table.insert(worker_args, 1, "run")
+        local supervisor_logger = logging.provisional("tamarco-host.supervisor")
+        return require("tamarco.workers").supervise(options.workers, worker_args, function(level, message)
+            supervisor_logger[level](supervisor_logger, message)
+        end)
+    end
 
     local boot_logger = logging.provisional("tamarco-host")
     local ok, svc = pcall(service_file.load, options.file)
@@ -67,6 +90,11 @@ function run_command.main(args)
         environ = true,
     }
     if not store then return fail(boot_logger, settings_error) end
+    if (os.getenv("TAMARCO_ETCD_HOST") or "") ~= "" then   -- etcd: above the file, below the environment
+        local attached, etcd_error = require("tamarco.settings_etcd").attach(store, {
+            log = function(level, message) boot_logger[level](boot_logger, message) end })
+        if not attached then return fail(boot_logger, etcd_error) end   -- unreachable: exit 2
+    end
 
     local configured, logging_error = pcall(logging.configure_from_settings, store:view(svc.name), {
         service_name = svc.name,
@@ -91,9 +119,19 @@ function run_command.main(args)
         settings = store,
         logging = logging,
         stop_timeout_ms = stop_seconds * 1000,
-        on_stop_requested = arm_watchdog,
+        on_stop_requested = function()
+            systemd.notify("STOPPING=1")
+            arm_watchdog()
+        end,
     })
     if not created then return fail(boot_logger, cycle) end
+    -- systemd (Type=notify): READY=1 once every start-up phase has run
+    local start_phases = cycle.start
+    function cycle.start(self)
+        local ok, code, err = start_phases(self)
+        if ok then systemd.notify("READY=1") end
+        return ok, code, err
+    end
 
     local uv = require "luv"
     local signals = {}

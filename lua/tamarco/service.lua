@@ -22,7 +22,7 @@ for _, hook in ipairs(service.HOOKS) do hook_set[hook] = true end
 -- Fields of the service table a resource name may not shadow.
 local reserved = {
     name = true, instance_id = true, settings = true, logger = true, resources = true,
-    definition = true, threads = true, lifecycle = true, resource_names = true,
+    definition = true, threads = true, lifecycle = true, resource_names = true, report_server = true,
     task_definitions = true, task_names = true,
 }
 for k in pairs(Service) do reserved[k] = true end
@@ -73,8 +73,29 @@ function service.new(definition)
         self.resource_names[#self.resource_names + 1] = resource_name
         self[resource_name] = resource
     end
+    if definition.report_server ~= false then service.add_report_resources(self) end
     table.sort(self.resource_names)
     return self
+end
+
+--- Tamarco's resources every service gets unless it defines them itself or
+-- says `report_server = false`: the report HTTP server (settings
+-- system.resources.tamarco_http_report_server.{host,port}, default
+-- 127.0.0.1:5747), `status` (GET /status) and `metrics` (GET /metrics).
+function service.add_report_resources(self)
+    local defaults = {
+        tamarco_http_report_server = function() return require("tamarco.resources.http_server").new() end,
+        status = function() return require("tamarco.resources.status").new() end,
+        metrics = function() return require("tamarco.resources.metrics").new() end,
+    }
+    for _, name in ipairs({ "tamarco_http_report_server", "status", "metrics" }) do
+        if not self.resources[name] then
+            local resource = defaults[name]()
+            self.resources[name] = resource
+            self.resource_names[#self.resource_names + 1] = name
+            self[name] = resource
+        end
+    end
 end
 
 function service.is_service(value)

@@ -54,11 +54,18 @@ function testing.start_service(svc, options)
     local logging = require "tamarco.logging"
     local settings = require "tamarco.settings"
     if type(svc) == "string" then svc = require("tamarco.service_file").load(svc) end
+    -- Test defaults < the service's own dict < the YAML file < the spec's
+    -- settings. The report server takes a free port so that specs and a
+    -- running service never compete for 5747.
     local store = assert(settings.load {
-        defaults = svc.definition.settings,
-        dict = options.settings,
-        yaml_file = options.yaml_file,
+        defaults = { system = { resources = { tamarco_http_report_server = { port = 0 } } } },
+        dict = svc.definition.settings,
+        yaml_file = options.yaml_file or false,
+        environ = false,
     })
+    if options.settings then
+        assert(store:add_source(settings.static_source("spec", options.settings)))
+    end
     local records = {}
     logging.configure {
         service_name = svc.name,

@@ -488,6 +488,8 @@ local function capture_error(err)
     return { error = err, traceback = traceback(tostring(err), 2) }
 end
 
+local observe_http = require("tamarco.metrics").observe_http
+
 local function account(self, stat, status, t0)
     local stats = self.stats
     stats.requests = stats.requests + 1
@@ -498,6 +500,8 @@ local function account(self, stat, status, t0)
     local d = (hrtime() - t0) * 1e-9
     stat.duration_sum = stat.duration_sum + d
     if d > stat.duration_max then stat.duration_max = d end
+    -- Prometheus meters per route pattern, method and status
+    observe_http(stat.pattern, stat.method, status, d)
 end
 
 -- Encodes a handler's body: returns body string, content type.
@@ -700,6 +704,25 @@ function HttpServer:start()
     self.host, self.port = host, port
     if self.logger then
         self.logger:info("http server listening on " .. host .. ":" .. port, { host = host, port = port })
+    end
+end
+
+--- Hot reload: keeps the listener and its connections, takes the routes of
+-- `new` (the same server defined by the reloaded code). Requests in flight
+-- finish on the handlers they started with. Route counters carry over.
+function HttpServer:adopt(new)
+    local saved_root, saved_static = self._root, self._static
+    local function repoint(node)
+        for method, route in pairs(node.methods) do route.stat = route_stats(self, method, route.pattern) end
+        for _, child in pairs(node.children) do repoint(child) end
+        if node.param then repoint(node.param) end
+    end
+    repoint(new._root)
+    self._root, self._static = new._root, new._static
+    self:clear_cache()
+    return function()
+        self._root, self._static = saved_root, saved_static
+        self:clear_cache()
     end
 end
 

@@ -1,0 +1,115 @@
+--- tamarco.workers: `tamarco-host run --workers N` — one supervisor process
+-- and N worker processes of the same service.
+--
+-- Each worker is this binary run again without --workers, with
+-- TAMARCO_WORKER=<index> and TAMARCO_REUSE_PORT=1 so that every worker binds
+-- the same listening ports (SO_REUSEPORT: the kernel spreads connections).
+-- The supervisor restarts a worker that dies (after a back-off that grows
+-- when it keeps dying), forwards SIGTERM/SIGINT to all of them, waits for
+-- them to drain and exits 0 (1 if a worker had to be killed).
+local process = require "tamarco.c.process"
+
+local workers = {}
+
+local RESTART_MIN_MS, RESTART_MAX_MS = 100, 10000
+
+--- workers.supervise(count, worker_args, log) -> exit code. worker_args are
+-- the `run` arguments without --workers; log(level, message).
+function workers.supervise(count, worker_args, log)
+    local uv = require "luv"
+    local exe = process.exepath()
+    local stopping = false
+    local children = {}
+    local running = 0
+    local exit_code = 0
+
+    local function environment(index)
+        local env = {}
+        for name, value in pairs(uv.os_environ()) do
+            if name ~= "TAMARCO_WORKER" and name ~= "TAMARCO_REUSE_PORT" then
+                env[#env + 1] = name .. "=" .. value
+            end
+        end
+        env[#env + 1] = "TAMARCO_WORKER=" .. index
+        env[#env + 1] = "TAMARCO_REUSE_PORT=1"
+        return env
+    end
+
+    local start_worker
+    local function on_exit(index, code, signal)
+        local child = children[index]
+        child.handle:close()
+        child.handle, child.pid = nil, nil
+        running = running - 1
+        if stopping then
+            if running == 0 then uv.stop() end
+            return
+        end
+        -- A worker that lived long was healthy: restart it at once; one that
+        -- keeps dying is restarted less and less often.
+        local lived_ms = uv.now() - child.started_at
+        child.backoff = lived_ms > 10000 and RESTART_MIN_MS
+            or math.min((child.backoff or RESTART_MIN_MS / 2) * 2, RESTART_MAX_MS)
+        log("warning", ("worker %d (pid %s) exited (code %s, signal %s); restarting in %d ms")
+            :format(index, tostring(child.last_pid), tostring(code), tostring(signal), child.backoff))
+        child.timer = child.timer or uv.new_timer()
+        child.timer:start(child.backoff, 0, function() start_worker(index) end)
+    end
+
+    start_worker = function(index)
+        if stopping then return end
+        local child = children[index] or {}
+        children[index] = child
+        local handle, pid = uv.spawn(exe, {
+            args = worker_args,
+            env = environment(index),
+            stdio = { 0, 1, 2 },
+        }, function(code, signal) on_exit(index, code, signal) end)
+        if not handle then
+            log("error", "cannot start worker " .. index .. ": " .. tostring(pid))
+            child.started_at = uv.now()
+            child.last_pid = nil
+            running = running + 1
+            on_exit(index, nil, nil)
+            return
+        end
+        local restarted = child.last_pid ~= nil
+        child.handle, child.pid, child.last_pid, child.started_at = handle, pid, pid, uv.now()
+        running = running + 1
+        log("info", ("worker %d %s (pid %d)"):format(index, restarted and "restarted" or "started", pid))
+    end
+
+    local signals = {}
+    local function stop_all(signal_name)
+        if stopping then return end
+        stopping = true
+        log("info", "received " .. signal_name:upper() .. ": stopping " .. running .. " workers")
+        for _, child in pairs(children) do
+            if child.timer then child.timer:close() child.timer = nil end
+            if child.handle then child.handle:kill("sigterm") end
+        end
+        if running == 0 then uv.stop() end
+        -- the workers have their own watchdog; this one covers a worker
+        -- that ignores SIGTERM altogether
+        local guard = uv.new_timer()
+        guard:start(60000, 0, function()
+            for _, child in pairs(children) do
+                if child.handle then child.handle:kill("sigkill") exit_code = 1 end
+            end
+        end)
+        guard:unref()
+    end
+    for _, name in ipairs({ "sigterm", "sigint" }) do
+        local handle = uv.new_signal()
+        handle:start(name, function() stop_all(name) end)
+        signals[#signals + 1] = handle
+    end
+
+    for index = 1, count do start_worker(index) end
+    uv.run()
+    for _, handle in ipairs(signals) do handle:close() end
+    log("info", "all workers stopped")
+    return exit_code
+end
+
+return workers
