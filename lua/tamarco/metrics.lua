@@ -42,6 +42,7 @@
 -- Several registries may exist (metrics.new_registry()); the module-level
 -- functions use the default one.
 local ctimer = require "tamarco.c.timer"
+local cmetrics = require "tamarco.c.metrics"
 
 local type, tostring, error, pairs, ipairs, setmetatable, select, pcall =
     type, tostring, error, pairs, ipairs, setmetatable, select, pcall
@@ -107,20 +108,9 @@ local function render_labels(labels, names)
     return "{" .. concat(parts, ",") .. "}"
 end
 
---- Formats a sample value: integers without exponent, +Inf, -Inf, NaN,
--- other floats in the shortest form that reads back exactly.
-local function format_value(v)
-    if v ~= v then return "NaN" end
-    if v == huge then return "+Inf" end
-    if v == -huge then return "-Inf" end
-    if v == floor(v) and v > -1e15 and v < 1e15 then return ("%d"):format(v) end
-    local s = ("%.15g"):format(v)
-    if tonumber(s) ~= v then
-        s = ("%.16g"):format(v)
-        if tonumber(s) ~= v then s = ("%.17g"):format(v) end
-    end
-    return s
-end
+--- metrics.format_value(v) -> text: integers without exponent, +Inf,
+-- -Inf, NaN, other floats in the shortest form that reads back exactly (C).
+local format_value = cmetrics.format_value
 metrics.format_value = format_value
 
 --- Maps a service name to a valid metric name prefix.
@@ -579,7 +569,7 @@ function metrics.namespace() return namespace end
 
 --- metrics.exposed_name(id[, kind]) -> the name in the exposition.
 function metrics.exposed_name(id, kind, ns)
-    if ns == nil then ns = namespace end
+    if ns == nil then ns = namespace elseif ns then ns = metrics.sanitize_name(ns) end
     local name = ns and (ns .. "_" .. id) or id
     if kind == "counter" and name:sub(-6) ~= "_total" then name = name .. "_total" end
     return name

@@ -96,6 +96,13 @@ function service.add_report_resources(self)
             self[name] = resource
         end
     end
+    -- Routes are part of the definition (they move to the running server on
+    -- a hot reload); resources are looked up when a request comes.
+    local server = self.resources.tamarco_http_report_server
+    if server.get then
+        server:get("/status", function() return self.resources.status:http_response() end)
+        server:get("/metrics", function() return self.resources.metrics:http_response() end)
+    end
 end
 
 function service.is_service(value)

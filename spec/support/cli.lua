@@ -5,6 +5,17 @@ local cli = {}
 
 cli.host = process.exepath()
 
+-- Child hosts put their report server on a free port, so that specs never
+-- compete with each other or a running service for 5747.
+local DEFAULT_ENV = { TAMARCO__SYSTEM__RESOURCES__TAMARCO_HTTP_REPORT_SERVER__PORT = "0" }
+
+local function with_defaults(env)
+    local merged = {}
+    for k, v in pairs(DEFAULT_ENV) do merged[k] = v end
+    for k, v in pairs(env or {}) do merged[k] = v end
+    return merged
+end
+
 local function shell_quote(s)
     return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
@@ -20,7 +31,7 @@ end
 --- cli.run({args...}, env) -> exit_code, output (stdout and stderr together).
 function cli.run(args, env)
     local parts = {}
-    for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
+    for k, v in pairs(with_defaults(env)) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
     parts[#parts + 1] = shell_quote(cli.host)
     for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
     local out = os.tmpname()
@@ -39,7 +50,7 @@ end
 -- marker, sends `signal` (e.g. "TERM") and returns exit_code, output.
 function cli.run_until(args, marker, signal, env, steps)
     local parts = {}
-    for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
+    for k, v in pairs(with_defaults(env)) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
     parts[#parts + 1] = shell_quote(cli.host)
     for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
     local out = os.tmpname()

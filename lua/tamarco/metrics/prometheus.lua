@@ -11,9 +11,10 @@
 -- help text too (\\ \n). Values: integers as integers, +Inf, -Inf, NaN,
 -- other floats in the shortest form that reads back exactly.
 local metrics = require "tamarco.metrics"
+local cmetrics = require "tamarco.c.metrics"
 
 local concat = table.concat
-local format_value = metrics.format_value
+local floor, huge = math.floor, math.huge
 local exposed_name = metrics.exposed_name
 
 local prometheus = {}
@@ -26,23 +27,57 @@ local function escape_help(s)
 end
 prometheus.escape_help = escape_help
 
---- prometheus.exposition(registry, namespace) -> text
-function prometheus.exposition(registry, namespace)
-    local buf, n = {}, 0
-    local families = registry:sorted_families()
-    -- the exposed names sort like the ids (same prefix) except for the
-    -- counters' "_total" suffix: sort on the exposed names
-    local named = {}
-    for i, f in ipairs(families) do
-        named[i] = { name = exposed_name(f.id, f.kind, namespace or false), family = f }
+--- format_value in Lua (the C one is metrics.format_value): the reference.
+local function format_value(v)
+    if v ~= v then return "NaN" end
+    if v == huge then return "+Inf" end
+    if v == -huge then return "-Inf" end
+    if v == floor(v) and v > -9.2e18 and v < 9.2e18 then return ("%d"):format(v) end
+    local s = ("%.15g"):format(v)
+    if tonumber(s) ~= v then
+        s = ("%.16g"):format(v)
+        if tonumber(s) ~= v then s = ("%.17g"):format(v) end
     end
-    table.sort(named, function(a, b) return a.name < b.name end)
-    for _, entry in ipairs(named) do
-        local f, name = entry.family, entry.name
-        local kind = f.kind
-        n = n + 1; buf[n] = "# HELP " .. name .. " " .. escape_help(f.help) .. "\n"
-        n = n + 1; buf[n] = "# TYPE " .. name .. " " .. kind .. "\n"
+    return s
+end
+prometheus.format_value_lua = format_value
+
+-- The families as { name, help, kind, sorted series } sorted by exposed
+-- name (the ids' order but for the counters' "_total" suffix).
+local function entries(registry, namespace)
+    local list = {}
+    for i, f in ipairs(registry:sorted_families()) do
         local series = f:sorted_series()
+        if f.kind == "summary" then
+            for _, s in ipairs(series) do s.qvalues = s:quantiles() end
+        end
+        local les = f.le_values
+        if f.kind == "histogram" and not les then
+            les = {}
+            for b, bound in ipairs(f.bounds) do les[b] = metrics.format_value(bound) end
+            les[#les + 1] = "+Inf"
+            f.le_values = les
+        end
+        list[i] = { exposed_name(f.id, f.kind, namespace or false), f.help, f.kind, series, les }
+    end
+    table.sort(list, function(a, b) return a[1] < b[1] end)
+    return list
+end
+prometheus.entries = entries
+
+--- prometheus.exposition(registry[, namespace]) -> text (encoded in C).
+function prometheus.exposition(registry, namespace)
+    return cmetrics.encode(entries(registry, namespace))
+end
+
+--- The same text encoded in Lua: the reference the C encoder is checked
+-- (and benchmarked) against.
+function prometheus.exposition_lua(registry, namespace)
+    local buf, n = {}, 0
+    for _, entry in ipairs(entries(registry, namespace)) do
+        local name, help, kind, series = entry[1], entry[2], entry[3], entry[4]
+        n = n + 1; buf[n] = "# HELP " .. name .. " " .. escape_help(help) .. "\n"
+        n = n + 1; buf[n] = "# TYPE " .. name .. " " .. kind .. "\n"
         if kind == "counter" or kind == "gauge" then
             for i = 1, #series do
                 local s = series[i]
@@ -89,7 +124,7 @@ function prometheus.exposition(registry, namespace)
             local sum, count = name .. "_sum", name .. "_count"
             for i = 1, #series do
                 local s = series[i]
-                local values, qlabels = s:quantiles(), s.quantile_labels
+                local values, qlabels = s.qvalues, s.quantile_labels
                 for q = 1, #values do
                     buf[n + 1] = name
                     buf[n + 2] = qlabels[q]

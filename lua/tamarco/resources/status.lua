@@ -27,6 +27,12 @@ function Status:init(options)
     self.depends_on = { "tamarco_http_report_server" }
 end
 
+--- The report server's `GET /status` answer (the route is defined with the
+-- service, see tamarco.service.add_report_resources).
+function Status:http_response()
+    return self:report()
+end
+
 --- The statuses of every resource of the service: name -> dict, and the
 -- HTTP status that summarises them.
 function Status:report()
@@ -42,13 +48,6 @@ function Status:report()
     end
     local http_status = any_down and 500 or (all_started and 200 or 503)
     return http_status, body
-end
-
-function Status:pre_start()
-    local server = self.service.resources.tamarco_http_report_server
-    server:get("/status", function()
-        return self:report()
-    end)
 end
 
 --- Hot reload: the status resource has no definitions of its own.

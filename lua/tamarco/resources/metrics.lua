@@ -1,0 +1,150 @@
+--- tamarco.resources.metrics: the `metrics` resource every service has.
+--
+-- It names the metrics after the service (metrics.set_namespace(service
+-- name), or options.namespace), serves the Prometheus text exposition
+-- (resource:exposition(), GET /metrics on the report server) and, every
+-- collect_frequency seconds, hands the registry to the enabled reporters
+-- from a task started at start and cancelled at stop.
+--
+-- Settings under system.resources.metrics (Tamarco's layout):
+--   collect_frequency: 10            seconds between two reports (> 0)
+--   handlers:
+--     prometheus: { enabled: true }  GET /metrics (defined with the service;
+--                                    when the service has a
+--                                    tamarco_http_report_server)
+--     carbon: { host: 127.0.0.1, port: 2003, prefix: <service>,
+--               format: carbon, enabled: true }
+--     file: { path: /tmp/tamarco_metrics, format: prometheus, enabled: true }
+--     stdout: { format: carbon, enabled: true }
+-- carbon, file and stdout are on when their section is present and
+-- `enabled` is not false; prometheus is on unless `enabled` is false.
+-- Formats and paths: see tamarco.metrics.reporters.
+--
+-- options of metrics_resource.new{...}: registry (default: the default
+-- registry), namespace (default: the service name), stdout_stream (in
+-- place of io.stdout, for tests).
+local base = require "tamarco.resources.base"
+local metrics = require "tamarco.metrics"
+local prometheus = require "tamarco.metrics.prometheus"
+local reporters = require "tamarco.metrics.reporters"
+local tasks = require "tamarco.tasks"
+
+local Metrics = base.class("metrics")
+
+Metrics.CONTENT_TYPE = prometheus.CONTENT_TYPE
+
+function Metrics:init(options)
+    base.Resource.init(self, options)
+    self.registry = options.registry or metrics.default_registry
+    self.reporters = {}
+    self.collects = 0
+    self.group = tasks.group()
+end
+
+function Metrics:bind(service, name, settings_view, logger)
+    base.Resource.bind(self, service, name, settings_view, logger)
+    self.namespace = metrics.sanitize_name(self.options.namespace or service.name)
+    if self.registry == metrics.default_registry then metrics.set_namespace(self.namespace) end
+end
+
+local function enabled(section, default)
+    if type(section) ~= "table" then return default end
+    if section.enabled == nil then return true end
+    return section.enabled == true or section.enabled == "true"
+end
+
+--- Reads the settings; builds the reporters (not connected yet).
+function Metrics:_configure()
+    local frequency = tonumber(self.settings:get("collect_frequency", 10))
+    if not frequency or frequency <= 0 then
+        error("system.resources." .. self.name .. ".collect_frequency must be a number of seconds > 0 (got "
+            .. tostring(self.settings:get("collect_frequency", nil)) .. ")", 0)
+    end
+    self.collect_frequency = frequency
+    local handlers = self.settings:get("handlers", {})
+    if type(handlers) ~= "table" then handlers = {} end
+    self.prometheus_enabled = enabled(handlers.prometheus, true)
+    local list = {}
+    if enabled(handlers.carbon, false) then
+        local c = handlers.carbon
+        list[#list + 1] = reporters.carbon { host = c.host, port = c.port, prefix = c.prefix, format = c.format,
+                                             logger = self.logger }
+    end
+    if enabled(handlers.file, false) then
+        local f = handlers.file
+        list[#list + 1] = reporters.file { path = f.path or "/tmp/tamarco_metrics", format = f.format,
+                                           prefix = f.prefix, logger = self.logger }
+    end
+    if enabled(handlers.stdout, false) then
+        local s = handlers.stdout
+        list[#list + 1] = reporters.stdout { format = s.format, prefix = s.prefix,
+                                             stream = self.options.stdout_stream }
+    end
+    self.reporters = list
+end
+
+function Metrics:pre_start()
+    self:_configure()
+end
+
+--- The report server's `GET /metrics` answer (the route is defined with the
+-- service, see tamarco.service.add_report_resources, so that it survives
+-- hot reloads): 404 when the prometheus handler is disabled.
+function Metrics:http_response()
+    if self.prometheus_enabled == false then return 404, { error = "prometheus metrics are disabled" } end
+    return 200, self:exposition(), { ["Content-Type"] = prometheus.CONTENT_TYPE }
+end
+
+--- Hot reload: nothing to take over; reporters keep running.
+function Metrics:adopt()
+    return function() end
+end
+
+--- One report to every reporter now (the task calls it; so may tests).
+function Metrics:collect()
+    self.collects = self.collects + 1
+    for _, reporter in ipairs(self.reporters) do
+        local ok, err = pcall(reporter.report, reporter, self.registry, self.namespace)
+        if not ok then
+            self.logger:error("metrics reporter " .. reporter.name .. " failed: " .. tostring(err),
+                { reporter = reporter.name })
+        end
+    end
+end
+
+function Metrics:start()
+    if not self.collect_frequency then self:_configure() end
+    if #self.reporters == 0 then return end
+    for _, reporter in ipairs(self.reporters) do reporter:open() end
+    local interval_ms = self.collect_frequency * 1000
+    self.task = self.group:spawn("metrics reporter", function()
+        while true do
+            tasks.sleep(interval_ms)
+            self:collect()
+        end
+    end)
+end
+
+function Metrics:stop()
+    self.group:cancel_all()
+    self.group:wait(2000)
+    self.task = nil
+    for _, reporter in ipairs(self.reporters) do reporter:close() end
+end
+
+--- The Prometheus text (format 0.0.4) of the registry, names prefixed with
+-- the namespace; served with Metrics.CONTENT_TYPE.
+function Metrics:exposition()
+    return prometheus.exposition(self.registry, self.namespace)
+end
+
+function Metrics:status()
+    local dict = { status = self.status_code, collects = self.collects }
+    if #self.reporters > 0 then
+        dict.reporters = {}
+        for _, reporter in ipairs(self.reporters) do dict.reporters[reporter.name] = reporter:status() end
+    end
+    return dict
+end
+
+return Metrics
