@@ -18,6 +18,7 @@ static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.thread", luaopen_tamarco_c_thread},
     {"tamarco.c.log", luaopen_tamarco_c_log},
     {"tamarco.c.process", luaopen_tamarco_c_process},
+    {"tamarco.c.codec", luaopen_tamarco_c_codec},
     {"tamarco.c.http_server", luaopen_tamarco_c_http_server},
     {"tamarco.c.metrics", luaopen_tamarco_c_metrics},
     {"tamarco.c.native", luaopen_tamarco_c_native},

@@ -2,6 +2,7 @@
 -- lifecycle, until SIGINT/SIGTERM; returns the exit code.
 local errors = require "tamarco.errors"
 local lifecycle = require "tamarco.lifecycle"
+local log_sinks = require "tamarco.log_sinks"
 local reload = require "tamarco.reload"
 local logging = require "tamarco.logging"
 local process = require "tamarco.c.process"
@@ -105,6 +106,11 @@ function run_command.main(args)
         return fail(boot_logger, errors.is(logging_error) and logging_error
             or errors.new("settings", "logging settings: " .. tostring(logging_error)))
     end
+    local sinks_ok, remote_sinks = pcall(log_sinks.configure_from_settings, store:view(svc.name), logging)
+    if not sinks_ok then
+        return fail(boot_logger, errors.is(remote_sinks) and remote_sinks
+            or errors.new("settings", "remote log sinks: " .. tostring(remote_sinks)))
+    end
 
     local stop_seconds = options.watchdog or store:get("system.stop_timeout_seconds", 30)
     local watchdog_armed = false
@@ -173,6 +179,8 @@ function run_command.main(args)
             end
         end)
         local code = cycle:run()
+        -- what the remote log sinks still hold gets a second to go out
+        log_sinks.close(remote_sinks, logging, 1000)
         if file_watcher then file_watcher.close() end
         store:stop_watching()
         return code
