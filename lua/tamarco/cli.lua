@@ -42,6 +42,8 @@ usage: tamarco-host test [busted options] [ROOT...]
 Runs busted inside the host, so that specs can require every host module and
 use tamarco.testing to run tasks and services. Options are busted's
 (see `tamarco-host test --busted-help`); ROOT defaults to ./spec.
+In a project with a C extension (./c/CMakeLists.txt) it first builds it
+into ./build with CMake against this host (--no-build skips that).
 ]],
     main = function(args)
         return require("tamarco.test_command").main(args)

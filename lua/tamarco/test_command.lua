@@ -1,10 +1,74 @@
 --- `tamarco-host test`: busted inside the host.
+--
+-- In a service project with a C extension (a c/CMakeLists.txt in the
+-- current directory) it first configures and builds it into ./build with
+-- CMake, against the running host's TamarcoHost package (its build tree, or
+-- the installation it belongs to), so `require` finds build/<name>.so.
+-- `--no-build` skips that. ROOT defaults to ./spec (busted's default).
 local test_command = {}
+
+local function shell_quote(s)
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function is_file(path)
+    local f = io.open(path, "r")
+    if f then f:close() return true end
+    return false
+end
+
+--- The directory holding the running host's TamarcoHostConfig.cmake, or nil.
+function test_command.host_cmake_dir()
+    local process = require "tamarco.c.process"
+    local exe = process.exepath()
+    if not exe then return nil end
+    local bin_dir = exe:match("^(.*)/[^/]*$") or "."
+    if is_file(bin_dir .. "/TamarcoHostConfig.cmake") then return bin_dir end   -- build tree
+    local relative = require("tamarco.c.native").relative_cmake_dir
+    for _, dir in ipairs({ bin_dir .. "/../" .. relative, bin_dir .. "/../lib/cmake/TamarcoHost" }) do
+        if is_file(dir .. "/TamarcoHostConfig.cmake") then return require("luv").fs_realpath(dir) or dir end
+    end
+    return nil
+end
+
+--- Builds ./c into ./build; returns true or nil, message (with CMake's output).
+function test_command.build_extension(dir)
+    dir = dir or "."
+    local cmake_dir = test_command.host_cmake_dir()
+    local log = os.tmpname()
+    local configure = "cmake -S " .. shell_quote(dir .. "/c") .. " -B " .. shell_quote(dir .. "/build")
+        .. (cmake_dir and (" -DTamarcoHost_DIR=" .. shell_quote(cmake_dir)) or "")
+    local build = "cmake --build " .. shell_quote(dir .. "/build")
+    io.stderr:write("tamarco-host test: building c/ into build/ ...\n")
+    local command = "(" .. configure .. " && " .. build .. ") >" .. log .. " 2>&1"
+    local ok = os.execute(command)
+    local output = ""
+    local f = io.open(log, "r")
+    if f then output = f:read("*a") f:close() end
+    os.remove(log)
+    if ok ~= 0 and ok ~= true then
+        return nil, "building the C extension failed:\n" .. configure .. "\n" .. build .. "\n" .. output
+    end
+    package.cpath = dir .. "/build/?.so;" .. package.cpath
+    return true
+end
 
 function test_command.main(args)
     local busted_args = { [0] = "busted" }
-    for i, a in ipairs(args) do
-        busted_args[i] = (a == "--busted-help") and "--help" or a
+    local build = true
+    for _, a in ipairs(args) do
+        if a == "--no-build" then
+            build = false
+        else
+            busted_args[#busted_args + 1] = (a == "--busted-help") and "--help" or a
+        end
+    end
+    if build and is_file("c/CMakeLists.txt") then
+        local built, err = test_command.build_extension(".")
+        if not built then
+            io.stderr:write("tamarco-host test: ", err, "\n")
+            return 1
+        end
     end
     _G.arg = busted_args
     -- busted returns when everything passed; on failures it ends with a bare
