@@ -40,6 +40,8 @@ static int l_sleep(lua_State *L)
         return luaL_error(L, "tamarco.sleep is not available in a thread; use the thread context's sleep");
     if (!tamarco_in_task(L))
         return luaL_error(L, "tamarco.sleep yields: call it inside a task, hook or handler");
+    if (ms == 0)
+        return tamarco_yield_turn(L);
     sleep_request *req = malloc(sizeof *req);
     if (!req)
         return luaL_error(L, "out of memory");

@@ -35,6 +35,10 @@ int tamarco_scheduler_init(tamarco_host *host);
 /* At exit: cancels every pending wait (their operations release what they
  * hold) without resuming the waiting coroutines. */
 void tamarco_scheduler_shutdown(tamarco_host *host);
+/* Yields the running task until the next loop turn (after I/O is polled):
+ * `return tamarco_yield_turn(L);` — sleep(0) uses it, so a task looping on
+ * sleep(0) lets timers, I/O and new tasks run. */
+int tamarco_yield_turn(lua_State *L);
 
 /* ---- lua_state.c ---- */
 

@@ -320,6 +320,17 @@ void tamarco_scheduler_shutdown(tamarco_host *host)
     }
 }
 
+int tamarco_yield_turn(lua_State *L)
+{
+    tamarco_host *host = checked_host(L);
+    if (!tamarco_in_task(L))
+        return luaL_error(L, "this call yields: run it inside a tamarco task, hook or handler");
+    lua_pushthread(L);
+    queue_ready(host, L, lua_gettop(L), 0, 0);
+    lua_pop(L, 1);
+    return lua_yield(L, 0);
+}
+
 int tamarco_scheduler_init(tamarco_host *host)
 {
     host->next_wait_id = 0;

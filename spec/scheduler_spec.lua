@@ -67,6 +67,17 @@ describe("scheduler", function()
         assert.is_true(tamarco.now() - started < 30000)
     end)
 
+    it("lets timers and other tasks run while a task loops on sleep(0)", function()
+        local ticks = 0
+        testing.run(function()
+            local spinner = tamarco.spawn(function() while true do tamarco.sleep(0) end end)
+            tamarco.spawn(function() for _ = 1, 5 do tamarco.sleep(1) ticks = ticks + 1 end end)
+            tamarco.sleep(100)
+            require("tamarco.tasks").cancel(spinner)
+        end)
+        assert.are.equal(5, ticks)
+    end)
+
     it("refuses to yield outside a task with a clear error", function()
         local ok, err = pcall(tamarco.sleep, 1)
         assert.is_false(ok)
