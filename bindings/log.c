@@ -10,13 +10,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #define BUF_MT "tamarco.log.buf"
 #define FILE_MT "tamarco.log.file"
 
-/* ---- an encoding buffer freed by the GC if a Lua error unwinds us ---- */
+/* ---- the encoding buffer ----
+ *
+ * One per Lua state (an upvalue of the functions), reused by every call:
+ * the encoders never call back into Lua, so a call cannot nest in another,
+ * and a memory error that unwinds us leaves nothing to free. */
 
 static int buf_gc(lua_State *L)
 {
@@ -24,24 +27,24 @@ static int buf_gc(lua_State *L)
     return 0;
 }
 
-static tamarco_log_buf *new_buf(lua_State *L)
+static tamarco_log_buf *scratch(lua_State *L)
 {
-    tamarco_log_buf *b = lua_newuserdata(L, sizeof *b);
-    tamarco_log_buf_init(b);
-    luaL_getmetatable(L, BUF_MT);
-    lua_setmetatable(L, -2);
+    tamarco_log_buf *b = lua_touserdata(L, lua_upvalueindex(1));
+    b->len = 0;
+    b->oom = 0;
     return b;
 }
 
-/* Pushes the buffer's bytes as the result string and frees them. */
-static int push_buf(lua_State *L, tamarco_log_buf *b)
+/* Pushes the buffer's bytes as the result string. */
+static int push_scratch(lua_State *L, tamarco_log_buf *b)
 {
     if (b->oom) {
         tamarco_log_buf_free(b);
         return luaL_error(L, "tamarco.c.log: out of memory while encoding a record");
     }
     lua_pushlstring(L, b->data ? b->data : "", b->len);
-    tamarco_log_buf_free(b);
+    if (b->cap > 1 << 20)   /* one huge record: do not keep its buffer */
+        tamarco_log_buf_free(b);
     return 1;
 }
 
@@ -63,64 +66,9 @@ static const char *string_field(lua_State *L, int idx, const char *name,
 static int l_encode_json(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
-    tamarco_log_buf *b = new_buf(L);
+    tamarco_log_buf *b = scratch(L);
     tamarco_log_json_value(b, L, 1, 1);
-    return push_buf(L, b);
-}
-
-/* ---- logstash layouts (python-logstash's formatter versions 0 and 1) ---- */
-
-typedef struct logstash_ctx {
-    tamarco_log_buf *b;
-    int version;
-} logstash_ctx;
-
-static int is_reserved_logstash(int version, const char *key, size_t len)
-{
-    static const char *const v0[] = { "levelname", "stack_trace", NULL };
-    static const char *const v1[] = {
-        "@timestamp", "@version", "message", "host", "path", "tags", "type",
-        "level", "logger_name", "stack_trace", NULL,
-    };
-    for (const char *const *r = version == 0 ? v0 : v1; *r; r++)
-        if (strlen(*r) == len && memcmp(*r, key, len) == 0)
-            return 1;
-    return 0;
-}
-
-/* Every record field but the ones the layout places itself goes to the extra
- * fields (@fields in v0, the top level in v1); traceback is stack_trace. */
-static void logstash_extra(void *ud, lua_State *L, const char *key, size_t len, int value_idx)
-{
-    logstash_ctx *c = ud;
-    static const char *const placed[] = { "@timestamp", "level", "logger", "message", NULL };
-    for (const char *const *p = placed; *p; p++)
-        if (strlen(*p) == len && memcmp(*p, key, len) == 0)
-            return;
-    tamarco_log_buf_addc(c->b, ',');
-    if (len == 9 && memcmp(key, "traceback", 9) == 0) {
-        tamarco_log_buf_adds(c->b, "\"stack_trace\"");
-    } else if (is_reserved_logstash(c->version, key, len)) {
-        tamarco_log_buf prefixed;
-        tamarco_log_buf_init(&prefixed);
-        tamarco_log_buf_add(&prefixed, "extra_", 6);
-        tamarco_log_buf_add(&prefixed, key, len);
-        tamarco_log_json_string(c->b, tamarco_log_buf_cstr(&prefixed), prefixed.len);
-        tamarco_log_buf_free(&prefixed);
-    } else {
-        tamarco_log_json_string(c->b, key, len);
-    }
-    tamarco_log_buf_addc(c->b, ':');
-    tamarco_log_json_value(c->b, L, value_idx, 0);
-}
-
-static void add_member(tamarco_log_buf *b, const char *key, const char *value, size_t len, int comma)
-{
-    if (comma)
-        tamarco_log_buf_addc(b, ',');
-    tamarco_log_json_string(b, key, strlen(key));
-    tamarco_log_buf_addc(b, ':');
-    tamarco_log_json_string(b, value, len);
+    return push_scratch(L, b);
 }
 
 /* encode_logstash(record, version, host[, message_type[, tags]]) -> JSON line.
@@ -135,68 +83,16 @@ static int l_encode_logstash(lua_State *L)
     luaL_checktype(L, 1, LUA_TTABLE);
     int version = luaL_checkint(L, 2);
     luaL_argcheck(L, version == 0 || version == 1, 2, "logstash version must be 0 or 1");
-    size_t host_len, type_len, ts_len, msg_len, level_len, logger_len;
+    size_t host_len, type_len;
     const char *host = luaL_checklstring(L, 3, &host_len);
     const char *type = luaL_optlstring(L, 4, "Logstash", &type_len);
     if (!lua_isnoneornil(L, 5))
         luaL_checktype(L, 5, LUA_TTABLE);
 
-    char now[40];
-    {
-        uv_timeval64_t tv;
-        if (uv_gettimeofday(&tv) != 0 ||
-            tamarco_log_iso8601(now, sizeof now, (double)tv.tv_sec + tv.tv_usec / 1e6) < 0)
-            snprintf(now, sizeof now, "1970-01-01T00:00:00.000Z");
-    }
-    const char *ts = string_field(L, 1, "@timestamp", now, &ts_len);
-    const char *message = string_field(L, 1, "message", "", &msg_len);
-    const char *level = string_field(L, 1, "level", "INFO", &level_len);
-    const char *logger = string_field(L, 1, "logger", "", &logger_len);
-
-    tamarco_log_buf *b = new_buf(L);
-    logstash_ctx ctx = { b, version };
-    tamarco_log_buf_addc(b, '{');
-    add_member(b, "@timestamp", ts, ts_len, 0);
-    if (version == 0) {
-        tamarco_log_buf source;
-        tamarco_log_buf_init(&source);
-        tamarco_log_buf_add(&source, type, type_len);
-        tamarco_log_buf_add(&source, "://", 3);
-        tamarco_log_buf_add(&source, host, host_len);
-        tamarco_log_buf_addc(&source, '/');
-        tamarco_log_buf_add(&source, logger, logger_len);
-        add_member(b, "@message", message, msg_len, 1);
-        add_member(b, "@source", source.data ? source.data : "", source.len, 1);
-        tamarco_log_buf_free(&source);
-        add_member(b, "@source_host", host, host_len, 1);
-        add_member(b, "@source_path", logger, logger_len, 1);
-        tamarco_log_buf_adds(b, ",\"@tags\":");
-    } else {
-        tamarco_log_buf_adds(b, ",\"@version\":\"1\"");
-        add_member(b, "message", message, msg_len, 1);
-        add_member(b, "host", host, host_len, 1);
-        add_member(b, "path", logger, logger_len, 1);
-        tamarco_log_buf_adds(b, ",\"tags\":");
-    }
-    if (lua_istable(L, 5) && lua_objlen(L, 5) > 0)
-        tamarco_log_json_value(b, L, 5, 0);
-    else
-        tamarco_log_buf_add(b, "[]", 2);
-    if (version == 0) {
-        add_member(b, "@type", type, type_len, 1);
-        tamarco_log_buf_adds(b, ",\"@fields\":{");
-        add_member(b, "levelname", level, level_len, 0);
-        add_member(b, "logger", logger, logger_len, 1);
-        tamarco_log_each_field(L, 1, 1, logstash_extra, &ctx);
-        tamarco_log_buf_addc(b, '}');
-    } else {
-        add_member(b, "type", type, type_len, 1);
-        add_member(b, "level", level, level_len, 1);
-        add_member(b, "logger_name", logger, logger_len, 1);
-        tamarco_log_each_field(L, 1, 1, logstash_extra, &ctx);
-    }
-    tamarco_log_buf_addc(b, '}');
-    return push_buf(L, b);
+    tamarco_log_buf *b = scratch(L);
+    tamarco_log_logstash(b, L, 1, version, host, host_len, type, type_len,
+                         lua_istable(L, 5) ? 5 : 0);
+    return push_scratch(L, b);
 }
 
 /* ---- human text for DEVELOP ---- */
@@ -285,7 +181,7 @@ static int l_format_text(lua_State *L)
     const char *message = string_field(L, 1, "message", "", &msg_len);
     const char *tb = string_field(L, 1, "traceback", "", &tb_len);
 
-    tamarco_log_buf *b = new_buf(L);
+    tamarco_log_buf *b = scratch(L);
     /* "2026-11-29T10:00:00.123Z" -> "2026-11-29 10:00:00.123" */
     if (ts_len == 24 && ts[10] == 'T' && ts[23] == 'Z') {
         tamarco_log_buf_add(b, ts, 10);
@@ -317,7 +213,7 @@ static int l_format_text(lua_State *L)
         if (color)
             tamarco_log_buf_adds(b, "\x1b[0m");
     }
-    return push_buf(L, b);
+    return push_scratch(L, b);
 }
 
 /* timestamp(seconds) -> "2026-11-29T10:00:00.123Z" (UTC). */
@@ -334,21 +230,29 @@ static int l_timestamp(lua_State *L)
 /* ---- a rotating file ----
  *
  * Writes are synchronous write(2) calls on the loop thread, like nginx's
- * access log: a local append of one line lands in the page cache and does
- * not wait for the disk, so handing it to a thread would cost more than it
- * saves. Remote sinks are the ones that must never block (see DESIGN §6).
+ * access log: a local append lands in the page cache and does not wait for
+ * the disk, so handing it to a thread would cost more than it saves.
+ * Remote sinks are the ones that must never block (see DESIGN §6).
  *
- * The fd is O_APPEND, so each line (one writev) is appended atomically even
- * when several processes share the file (--workers N); rotation, though, is
- * done by whichever process sees the size pass max_bytes: with several
- * writers give each its own file. */
+ * Lines are gathered in a buffer and written when it passes buffer_bytes
+ * (0: a write per line) and on flush(); the logging file sink flushes at
+ * the end of every loop turn, so a record reaches the file within one turn
+ * at the cost of one write(2) per 64 KiB instead of one per line.
+ *
+ * The fd is O_APPEND and every write holds whole lines, so lines are never
+ * interleaved even when several processes share the file (--workers N);
+ * rotation, though, is done by whichever process sees the size pass
+ * max_bytes: with several writers give each its own file. */
 
 typedef struct log_file {
     int fd;
     int backup_count;
     long long max_bytes;   /* 0: never rotate */
-    long long size;        /* our idea of the file's size */
-    char path[];           /* kept in the userdata: nothing to free */
+    long long size;        /* our idea of the file's size, buffered lines included */
+    size_t buffer_bytes;   /* write when this much is buffered */
+    tamarco_log_buf out;   /* whole lines not written yet */
+    size_t committed;      /* out's length after the last complete line */
+    char path[];           /* kept in the userdata */
 } log_file;
 
 static int push_errno(lua_State *L, const char *what, const char *path, int err)
@@ -373,24 +277,30 @@ static long long fd_size(int fd)
     return fstat(fd, &st) == 0 ? (long long)st.st_size : 0;
 }
 
-/* open_file(path, max_bytes, backup_count) -> file | nil, message */
+/* open_file(path, max_bytes, backup_count[, buffer_bytes]) -> file | nil, message */
 static int l_open_file(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
     lua_Number max_bytes = luaL_optnumber(L, 2, 10485760);
     lua_Number backups = luaL_optnumber(L, 3, 5);
+    lua_Number buffer_bytes = luaL_optnumber(L, 4, 0);
     luaL_argcheck(L, max_bytes >= 0, 2, "max_bytes must be >= 0");
     luaL_argcheck(L, backups >= 0 && backups <= 1000 && backups == (int)backups, 3,
                   "backup_count must be an integer in 0..1000");
+    luaL_argcheck(L, buffer_bytes >= 0 && buffer_bytes <= (1 << 24), 4,
+                  "buffer_bytes must be in 0..16 MiB");
 
     size_t path_len = strlen(path);
     log_file *f = lua_newuserdata(L, sizeof *f + path_len + 1);
     f->fd = -1;
+    tamarco_log_buf_init(&f->out);
+    f->committed = 0;
     memcpy(f->path, path, path_len + 1);
     luaL_getmetatable(L, FILE_MT);
     lua_setmetatable(L, -2);
     f->max_bytes = (long long)max_bytes;
     f->backup_count = (int)backups;
+    f->buffer_bytes = (size_t)buffer_bytes;
     f->fd = open_append(path);
     if (f->fd < 0)
         return push_errno(L, "cannot open", path, errno);
@@ -447,65 +357,142 @@ done:
     return err;
 }
 
-/* Writes all of iov (advancing it on short writes). Returns 0 or errno. */
-static int write_all(int fd, struct iovec *iov, int cnt)
+/* Writes all of data[0, len). Returns 0 or errno. */
+static int write_all(int fd, const char *data, size_t len)
 {
-    while (cnt > 0) {
-        ssize_t w = writev(fd, iov, cnt);
+    while (len > 0) {
+        ssize_t w = write(fd, data, len);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
             return errno;
         }
-        while (cnt > 0 && (size_t)w >= iov->iov_len) {
-            w -= (ssize_t)iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + w;
-            iov->iov_len -= (size_t)w;
-        }
+        data += w;
+        len -= (size_t)w;
     }
     return 0;
+}
+
+/* Writes the first `upto` buffered bytes and keeps the rest. On a failure
+ * those bytes are dropped all the same: a full disk must not grow the
+ * buffer without end. Returns 0 or errno. */
+static int write_out(log_file *f, size_t upto)
+{
+    int err = upto ? write_all(f->fd, f->out.data, upto) : 0;
+    size_t rest = f->out.len - upto;
+    if (rest)
+        memmove(f->out.data, f->out.data + upto, rest);
+    f->out.len = rest;
+    f->committed = rest;
+    if (err)
+        f->size = fd_size(f->fd) + (long long)rest;
+    if (f->out.cap > (4u << 20) && rest == 0)   /* after a huge line */
+        tamarco_log_buf_free(&f->out);
+    return err;
+}
+
+/* The line (newline included) appended to out from `start`: rotate first
+ * when it would take the file past max_bytes, then write when the buffer
+ * is full. Returns 0 or errno (the line is dropped). */
+static int commit_line(log_file *f, size_t start)
+{
+    if (f->out.oom) {
+        f->out.oom = 0;
+        f->out.len = f->committed;
+        return ENOMEM;
+    }
+    long long need = (long long)(f->out.len - start);
+    if (f->max_bytes > 0 && f->size > 0 && f->size + need > f->max_bytes) {
+        int err = write_out(f, start);   /* earlier lines go to this file */
+        if (!err) {
+            f->size = fd_size(f->fd);    /* someone may have truncated it */
+            if (f->size > 0 && f->size + need > f->max_bytes)
+                err = rotate(f);
+        }
+        if (err) {
+            f->out.len = f->committed = 0;
+            return err;
+        }
+    }
+    f->size += need;
+    f->committed = f->out.len;
+    if (f->out.len >= f->buffer_bytes)
+        return write_out(f, f->out.len);
+    return 0;
+}
+
+static int push_write_result(lua_State *L, log_file *f, int err)
+{
+    if (err)
+        return push_errno(L, "cannot write", f->path, err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* The open file at 1, its buffer holding complete lines only (a memory
+ * error may have unwound a write halfway), or NULL with nil, message pushed. */
+static log_file *writable(lua_State *L)
+{
+    log_file *f = check_file(L);
+    if (f->fd < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, "file is closed");
+        return NULL;
+    }
+    f->out.len = f->committed;
+    return f;
 }
 
 /* file:write(line) -> true | nil, message. Appends line .. "\n". */
 static int l_file_write(lua_State *L)
 {
-    log_file *f = check_file(L);
     size_t len;
-    const char *line = luaL_checklstring(L, 2, &len);
-    if (f->fd < 0) {
-        lua_pushnil(L);
-        lua_pushstring(L, "file is closed");
+    luaL_checklstring(L, 2, &len);
+    log_file *f = writable(L);
+    if (!f)
         return 2;
-    }
-    long long need = (long long)len + 1;
-    if (f->max_bytes > 0 && f->size > 0 && f->size + need > f->max_bytes) {
-        f->size = fd_size(f->fd);   /* someone may have truncated it */
-        if (f->size > 0 && f->size + need > f->max_bytes) {
-            int err = rotate(f);
-            if (err)
-                return push_errno(L, "cannot rotate", f->path, err);
-        }
-    }
-    struct iovec iov[2] = {
-        { (void *)line, len },
-        { (void *)"\n", 1 },
-    };
-    int err = write_all(f->fd, iov, 2);
-    if (err)
-        return push_errno(L, "cannot write", f->path, err);
-    f->size += need;
-    lua_pushboolean(L, 1);
-    return 1;
+    const char *line = lua_tostring(L, 2);
+    size_t start = f->out.len;
+    tamarco_log_buf_add(&f->out, line, len);
+    tamarco_log_buf_addc(&f->out, '\n');
+    return push_write_result(L, f, commit_line(f, start));
 }
 
-/* file:reopen() -> true | nil, message: after an outside rotation (logrotate). */
+/* file:write_json(record) -> true | nil, message. Appends encode_json(record)
+ * .. "\n", encoded straight into the file's buffer. */
+static int l_file_write_json(lua_State *L)
+{
+    luaL_checktype(L, 2, LUA_TTABLE);
+    log_file *f = writable(L);
+    if (!f)
+        return 2;
+    size_t start = f->out.len;
+    tamarco_log_json_value(&f->out, L, 2, 1);
+    tamarco_log_buf_addc(&f->out, '\n');
+    return push_write_result(L, f, commit_line(f, start));
+}
+
+/* file:flush() -> true | nil, message: writes the buffered lines. */
+static int l_file_flush(lua_State *L)
+{
+    log_file *f = check_file(L);
+    if (f->fd < 0 || f->committed == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    f->out.len = f->committed;
+    return push_write_result(L, f, write_out(f, f->committed));
+}
+
+/* file:reopen() -> true | nil, message: after an outside rotation (logrotate).
+ * Buffered lines go to the old file first. */
 static int l_file_reopen(lua_State *L)
 {
     log_file *f = check_file(L);
+    if (f->fd >= 0 && f->committed) {
+        f->out.len = f->committed;
+        write_out(f, f->committed);
+    }
     int fd = open_append(f->path);
     if (fd < 0)
         return push_errno(L, "cannot open", f->path, errno);
@@ -517,20 +504,25 @@ static int l_file_reopen(lua_State *L)
     return 1;
 }
 
-/* file:size() -> bytes written to the current file, as we count them. */
+/* file:size() -> bytes in the current file, buffered lines included. */
 static int l_file_size(lua_State *L)
 {
     lua_pushnumber(L, (lua_Number)check_file(L)->size);
     return 1;
 }
 
+/* file:close(), also the __gc: writes what is buffered, then closes. */
 static int l_file_close(lua_State *L)
 {
     log_file *f = check_file(L);
     if (f->fd >= 0) {
+        f->out.len = f->committed;
+        write_out(f, f->committed);
         close(f->fd);
         f->fd = -1;
     }
+    tamarco_log_buf_free(&f->out);
+    f->committed = 0;
     return 0;
 }
 
@@ -553,6 +545,8 @@ int luaopen_tamarco_c_log(lua_State *L)
     };
     static const luaL_Reg file_methods[] = {
         {"write", l_file_write},
+        {"write_json", l_file_write_json},
+        {"flush", l_file_flush},
         {"reopen", l_file_reopen},
         {"size", l_file_size},
         {"close", l_file_close},
@@ -574,7 +568,12 @@ int luaopen_tamarco_c_log(lua_State *L)
     lua_setfield(L, -2, "__tostring");
     lua_pop(L, 1);
 
+    /* the functions share one encoding buffer, their upvalue */
     lua_newtable(L);
-    luaL_register(L, NULL, funcs);
+    tamarco_log_buf *b = lua_newuserdata(L, sizeof *b);
+    tamarco_log_buf_init(b);
+    luaL_getmetatable(L, BUF_MT);
+    lua_setmetatable(L, -2);
+    luaL_openlib(L, NULL, funcs, 1);
     return 1;
 }

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 #include <time.h>
 
 /* ---- buffer ---- */
@@ -24,7 +25,7 @@ void tamarco_log_buf_free(tamarco_log_buf *b)
     tamarco_log_buf_init(b);
 }
 
-static int reserve(tamarco_log_buf *b, size_t extra)
+int tamarco_log_buf_grow(tamarco_log_buf *b, size_t extra)
 {
     if (b->oom)
         return 0;
@@ -48,29 +49,9 @@ static int reserve(tamarco_log_buf *b, size_t extra)
     return 1;
 }
 
-void tamarco_log_buf_add(tamarco_log_buf *b, const char *s, size_t len)
-{
-    if (len == 0 || !reserve(b, len))
-        return;
-    memcpy(b->data + b->len, s, len);
-    b->len += len;
-}
-
-void tamarco_log_buf_addc(tamarco_log_buf *b, char c)
-{
-    if (!reserve(b, 1))
-        return;
-    b->data[b->len++] = c;
-}
-
-void tamarco_log_buf_adds(tamarco_log_buf *b, const char *s)
-{
-    tamarco_log_buf_add(b, s, strlen(s));
-}
-
 const char *tamarco_log_buf_cstr(tamarco_log_buf *b)
 {
-    if (!reserve(b, 0))
+    if (!tamarco_log_buf_grow(b, 0))
         return "";
     b->data[b->len] = '\0';
     return b->data;
@@ -111,18 +92,35 @@ static size_t utf8_sequence(const unsigned char *s, size_t avail)
     return n;
 }
 
+/* 1 for the bytes written as they are: printable ASCII but '"' and '\\'. */
+static inline int plain_byte(unsigned char c)
+{
+    return c >= 0x20 && c < 0x7F && c != '"' && c != '\\';
+}
+
 void tamarco_log_json_string(tamarco_log_buf *b, const char *str, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *s = (const unsigned char *)str;
     size_t i = 0, run = 0;   /* run: start of bytes copied as they are */
+    while (i < len && plain_byte(s[i]))
+        i++;
+    if (i == len && tamarco_log_buf_reserve(b, len + 2)) {
+        /* the common case: nothing to escape, one copy */
+        char *out = b->data + b->len;
+        out[0] = '"';
+        memcpy(out + 1, str, len);
+        out[len + 1] = '"';
+        b->len += len + 2;
+        return;
+    }
     tamarco_log_buf_addc(b, '"');
     while (i < len) {
         unsigned char c = s[i];
         const char *esc = NULL;
         char ubuf[7];
         size_t step = 1;
-        if (c >= 0x20 && c < 0x7F && c != '"' && c != '\\') {
+        if (plain_byte(c)) {
             i++;
             continue;
         }
@@ -181,8 +179,17 @@ void tamarco_log_json_number(tamarco_log_buf *b, double n)
         return;
     }
     if (n == floor(n) && fabs(n) < 9.2e18) {
-        /* integral: exact, without ".0" or exponent ("-0" becomes "0") */
-        snprintf(tmp, sizeof tmp, "%lld", (long long)n);
+        /* integral: exact, without ".0" or exponent ("-0" becomes "0");
+         * digits by hand, snprintf costs more than the rest of a field */
+        unsigned long long u = n < 0 ? (unsigned long long)-(long long)n : (unsigned long long)n;
+        char *end = tmp + sizeof tmp, *p = end;
+        do
+            *--p = (char)('0' + u % 10);
+        while ((u /= 10) != 0);
+        if (n < 0)
+            *--p = '-';
+        tamarco_log_buf_add(b, p, (size_t)(end - p));
+        return;
     } else {
         snprintf(tmp, sizeof tmp, "%.15g", n);
         fix_decimal_point(tmp);
@@ -219,22 +226,33 @@ int tamarco_log_iso8601(char *out, size_t size, double seconds)
 
 /* ---- Lua values ---- */
 
-static const char *const standard_fields[] = {
-    "@timestamp", "level", "logger", "message",
-    "service_name", "deploy_name", "service_instance_id",
-};
-#define N_STANDARD (sizeof standard_fields / sizeof standard_fields[0])
+#define N_STANDARD 7
+
+/* Position of a standard record field (see log_encode.h), or N_STANDARD.
+ * Their lengths all differ, so one memcmp decides. */
+static int standard_rank(const char *s, size_t len)
+{
+    static const struct { const char *name; int rank; } by_len[20] = {
+        [5] = { "level", 1 }, [6] = { "logger", 2 }, [7] = { "message", 3 },
+        [10] = { "@timestamp", 0 }, [11] = { "deploy_name", 5 },
+        [12] = { "service_name", 4 }, [19] = { "service_instance_id", 6 },
+    };
+    if (len < 20 && by_len[len].name && memcmp(by_len[len].name, s, len) == 0)
+        return by_len[len].rank;
+    return N_STANDARD;
+}
 
 typedef struct json_key {
     const char *s;      /* the key string, or NULL when the text is in num */
     size_t len;
     int type;           /* LUA_TSTRING, LUA_TNUMBER or LUA_TBOOLEAN */
-    lua_Number n;
     int rank;           /* standard field order, or N_STANDARD for the rest */
+    int value_idx;      /* stack slot of the value, 0: fetch it with rawget */
+    lua_Number n;
     char num[40];
 } json_key;
 
-/* Not a pointer into num: qsort moves the structs. */
+/* Not a pointer into num: sorting moves the structs. */
 #define KEY_TEXT(k) ((k)->s ? (k)->s : (k)->num)
 
 typedef struct encoder {
@@ -259,12 +277,24 @@ static int key_cmp(const void *pa, const void *pb)
     return a->len < b->len ? -1 : a->len > b->len;
 }
 
-static int standard_rank(const char *s, size_t len)
+/* Records have a dozen keys: insertion sort beats qsort's call overhead. */
+static void sort_keys(json_key *keys, size_t n)
 {
-    for (size_t i = 0; i < N_STANDARD; i++)
-        if (strlen(standard_fields[i]) == len && memcmp(standard_fields[i], s, len) == 0)
-            return (int)i;
-    return (int)N_STANDARD;
+    if (n > 24) {
+        qsort(keys, n, sizeof *keys, key_cmp);
+        return;
+    }
+    for (size_t i = 1; i < n; i++) {
+        if (key_cmp(&keys[i - 1], &keys[i]) <= 0)
+            continue;
+        json_key k = keys[i];
+        size_t j = i;
+        do {
+            keys[j] = keys[j - 1];
+            j--;
+        } while (j > 0 && key_cmp(&keys[j - 1], &k) > 0);
+        keys[j] = k;
+    }
 }
 
 static void push_key(lua_State *L, const json_key *k)
@@ -277,60 +307,95 @@ static void push_key(lua_State *L, const json_key *k)
         lua_pushboolean(L, k->s[0] == 't');
 }
 
+/* Fills k from the key at stack slot key_idx; 0 for a key type we skip. */
+static int read_key(lua_State *L, int key_idx, json_key *k, int top)
+{
+    k->type = lua_type(L, key_idx);
+    if (k->type == LUA_TSTRING) {
+        k->s = lua_tolstring(L, key_idx, &k->len);   /* a string: no conversion */
+    } else if (k->type == LUA_TNUMBER) {
+        tamarco_log_buf tmp;
+        k->n = lua_tonumber(L, key_idx);
+        tamarco_log_buf_init(&tmp);
+        tamarco_log_json_number(&tmp, k->n);
+        snprintf(k->num, sizeof k->num, "%s", tamarco_log_buf_cstr(&tmp));
+        tamarco_log_buf_free(&tmp);
+        k->s = NULL;
+        k->len = strlen(k->num);
+    } else if (k->type == LUA_TBOOLEAN) {
+        k->s = lua_toboolean(L, key_idx) ? "true" : "false";
+        k->len = strlen(k->s);
+    } else {
+        return 0;   /* tables, functions, ... as keys: skipped */
+    }
+    k->rank = top ? standard_rank(KEY_TEXT(k), k->len) : N_STANDARD;
+    return 1;
+}
+
+/* Keys of tables up to this size are gathered in one lua_next pass that
+ * leaves each key/value pair on the stack (no second lookup per key). */
+#define SMALL_TABLE 48
+
 int tamarco_log_each_field(lua_State *L, int idx, int top,
                            tamarco_log_field_fn fn, void *ud)
 {
     if (idx < 0 && idx > LUA_REGISTRYINDEX)
         idx = lua_gettop(L) + idx + 1;
-    if (!lua_checkstack(L, 4))
-        return -1;
-    size_t count = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        count++;
-        lua_pop(L, 1);
-    }
-    if (count == 0)
-        return 0;
-    /* The keys live in a userdata, collected by the GC if a memory error
-     * unwinds us; string keys stay alive since the table holds them. */
-    json_key *keys = lua_newuserdata(L, count * sizeof *keys);
+    int base = lua_gettop(L);
+    json_key small[SMALL_TABLE];
+    json_key *keys = small;
     size_t n = 0;
+
+    /* One pass: every pair stays on the stack (k1 v1 k2 v2 ...), the key
+     * copied on top for lua_next to continue from. */
+    if (!lua_checkstack(L, 2 * SMALL_TABLE + 4))
+        return -1;
+    size_t pairs = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
-        lua_pop(L, 1);
-        if (n == count)
-            continue;   /* the table grew under us: ignore the extra keys */
-        json_key *k = &keys[n];
-        k->type = lua_type(L, -1);
-        if (k->type == LUA_TSTRING) {
-            k->s = lua_tolstring(L, -1, &k->len);   /* a string: no conversion */
-        } else if (k->type == LUA_TNUMBER) {
-            tamarco_log_buf tmp;
-            k->n = lua_tonumber(L, -1);
-            tamarco_log_buf_init(&tmp);
-            tamarco_log_json_number(&tmp, k->n);
-            snprintf(k->num, sizeof k->num, "%s", tamarco_log_buf_cstr(&tmp));
-            tamarco_log_buf_free(&tmp);
-            k->s = NULL;
-            k->len = strlen(k->num);
-        } else if (k->type == LUA_TBOOLEAN) {
-            k->s = lua_toboolean(L, -1) ? "true" : "false";
-            k->len = strlen(k->s);
-        } else {
-            continue;   /* tables, functions, ... as keys: skipped */
+        if (++pairs > SMALL_TABLE)
+            break;
+        if (read_key(L, -2, &keys[n], top)) {
+            keys[n].value_idx = lua_gettop(L);
+            n++;
         }
-        k->rank = top ? standard_rank(KEY_TEXT(k), k->len) : (int)N_STANDARD;
-        n++;
+        lua_pushvalue(L, -2);
     }
-    qsort(keys, n, sizeof *keys, key_cmp);
+    if (pairs > SMALL_TABLE) {
+        /* A big table: count, keep the keys in a userdata (collected if a
+         * memory error unwinds us; string keys stay alive in the table)
+         * and look each value up again. */
+        lua_settop(L, base);
+        size_t count = 0;
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            count++;
+            lua_pop(L, 1);
+        }
+        keys = lua_newuserdata(L, count * sizeof *keys);
+        n = 0;
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            lua_pop(L, 1);
+            if (n < count && read_key(L, -1, &keys[n], top)) {
+                keys[n].value_idx = 0;
+                n++;
+            }
+        }
+    }
+    sort_keys(keys, n);
     for (size_t i = 0; i < n; i++) {
-        push_key(L, &keys[i]);
-        lua_rawget(L, idx);
-        fn(ud, L, KEY_TEXT(&keys[i]), keys[i].len, lua_gettop(L));
-        lua_pop(L, 1);
+        int value_idx = keys[i].value_idx;
+        if (value_idx == 0) {
+            push_key(L, &keys[i]);
+            lua_rawget(L, idx);
+            value_idx = lua_gettop(L);
+        }
+        fn(ud, L, KEY_TEXT(&keys[i]), keys[i].len, value_idx);
+        if (keys[i].value_idx == 0)
+            lua_pop(L, 1);
     }
-    lua_pop(L, 1);   /* keys */
+    lua_settop(L, base);
     return (int)n;
 }
 
@@ -344,6 +409,28 @@ static void object_field(void *ud, lua_State *L, const char *key, size_t len, in
     tamarco_log_buf_addc(e->b, ':');
     encode_value(e, value_idx, 0);
     e->first = 0;   /* a nested object may have left it set */
+}
+
+/* 1 when the keys of the table at idx are exactly 1..n (n >= 1); *count
+ * gets n. Stops at the first key that is not an index (most objects). */
+static int is_array(lua_State *L, int idx, size_t *count)
+{
+    size_t n = 0, max_int = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_Number k;
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TNUMBER || (k = lua_tonumber(L, -1)) < 1 ||
+            k != floor(k) || k > 1e15) {
+            lua_pop(L, 1);
+            return 0;
+        }
+        n++;
+        if ((size_t)k > max_int)
+            max_int = (size_t)k;
+    }
+    *count = n;
+    return n > 0 && max_int == n;
 }
 
 static void encode_table(encoder *e, int idx, int top)
@@ -361,29 +448,9 @@ static void encode_table(encoder *e, int idx, int top)
         return;
     }
 
-    /* First pass: count the keys and see whether they are exactly 1..n. */
-    size_t count = 0, max_int = 0;
-    int array = 1;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        count++;
-        if (array) {
-            lua_Number k;
-            if (lua_type(L, -2) != LUA_TNUMBER || (k = lua_tonumber(L, -2)) < 1 ||
-                k != floor(k) || k > 1e15)
-                array = 0;
-            else if ((size_t)k > max_int)
-                max_int = (size_t)k;
-        }
-        lua_pop(L, 1);
-    }
-    if (count == 0) {
-        tamarco_log_buf_add(e->b, "{}", 2);
-        return;
-    }
-
-    e->path[e->depth++] = p;
-    if (array && max_int == count) {
+    size_t count = 0;
+    if (is_array(L, idx, &count)) {
+        e->path[e->depth++] = p;
         tamarco_log_buf_addc(e->b, '[');
         for (size_t i = 1; i <= count; i++) {
             if (i > 1)
@@ -397,13 +464,13 @@ static void encode_table(encoder *e, int idx, int top)
         return;
     }
 
+    e->path[e->depth++] = p;
     tamarco_log_buf_addc(e->b, '{');
     e->first = 1;
     tamarco_log_each_field(L, idx, top, object_field, e);
     tamarco_log_buf_addc(e->b, '}');
     e->depth--;
 }
-
 static void encode_value(encoder *e, int idx, int top)
 {
     lua_State *L = e->L;
@@ -452,4 +519,144 @@ void tamarco_log_json_value(tamarco_log_buf *b, lua_State *L, int idx, int top)
 int tamarco_log_is_standard_field(const char *key, size_t len)
 {
     return standard_rank(key, len) < (int)N_STANDARD;
+}
+
+/* ---- logstash layouts (python-logstash's formatter versions 0 and 1) ---- */
+
+typedef struct logstash_ctx {
+    tamarco_log_buf *b;
+    int version;
+} logstash_ctx;
+
+static int is_reserved_logstash(int version, const char *key, size_t len)
+{
+    static const char *const v0[] = { "levelname", "stack_trace", NULL };
+    static const char *const v1[] = {
+        "@timestamp", "@version", "message", "host", "path", "tags", "type",
+        "level", "logger_name", "stack_trace", NULL,
+    };
+    for (const char *const *r = version == 0 ? v0 : v1; *r; r++)
+        if (strlen(*r) == len && memcmp(*r, key, len) == 0)
+            return 1;
+    return 0;
+}
+
+/* Every record field but the ones the layout places itself goes to the extra
+ * fields (@fields in v0, the top level in v1); traceback is stack_trace. */
+static void logstash_extra(void *ud, lua_State *L, const char *key, size_t len, int value_idx)
+{
+    logstash_ctx *c = ud;
+    int rank = standard_rank(key, len);
+    if (rank <= 3)   /* @timestamp, level, logger, message: placed already */
+        return;
+    tamarco_log_buf_addc(c->b, ',');
+    if (len == 9 && memcmp(key, "traceback", 9) == 0) {
+        tamarco_log_buf_adds(c->b, "\"stack_trace\"");
+    } else if (is_reserved_logstash(c->version, key, len)) {
+        char prefixed[32];   /* reserved names are short */
+        memcpy(prefixed, "extra_", 6);
+        memcpy(prefixed + 6, key, len);
+        tamarco_log_json_string(c->b, prefixed, len + 6);
+    } else {
+        tamarco_log_json_string(c->b, key, len);
+    }
+    tamarco_log_buf_addc(c->b, ':');
+    tamarco_log_json_value(c->b, L, value_idx, 0);
+}
+
+static void add_member(tamarco_log_buf *b, const char *key, const char *value, size_t len, int comma)
+{
+    if (comma)
+        tamarco_log_buf_addc(b, ',');
+    tamarco_log_json_string(b, key, strlen(key));
+    tamarco_log_buf_addc(b, ':');
+    tamarco_log_json_string(b, value, len);
+}
+
+/* The string field `name` of the table at idx, or def. Never converts. */
+static const char *string_field(lua_State *L, int idx, const char *name,
+                                const char *def, size_t *len)
+{
+    const char *s = def;
+    lua_getfield(L, idx, name);
+    if (lua_type(L, -1) == LUA_TSTRING)
+        s = lua_tolstring(L, -1, len);   /* kept alive by the record */
+    else
+        *len = def ? strlen(def) : 0;
+    lua_pop(L, 1);
+    return s;
+}
+
+void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version,
+                          const char *host, size_t host_len,
+                          const char *type, size_t type_len, int tags_idx)
+{
+    size_t ts_len, msg_len, level_len, logger_len;
+    char now[40];
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    if (tags_idx < 0 && tags_idx > LUA_REGISTRYINDEX)
+        tags_idx = lua_gettop(L) + tags_idx + 1;
+    const char *ts = string_field(L, idx, "@timestamp", NULL, &ts_len);
+    if (!ts) {
+        struct timeval tv;
+        gettimeofday(&tv, NULL);
+        if (tamarco_log_iso8601(now, sizeof now, (double)tv.tv_sec + tv.tv_usec / 1e6) < 0)
+            snprintf(now, sizeof now, "1970-01-01T00:00:00.000Z");
+        ts = now;
+        ts_len = strlen(now);
+    }
+    const char *message = string_field(L, idx, "message", "", &msg_len);
+    const char *level = string_field(L, idx, "level", "INFO", &level_len);
+    const char *logger = string_field(L, idx, "logger", "", &logger_len);
+
+    logstash_ctx ctx = { b, version };
+    tamarco_log_buf_addc(b, '{');
+    add_member(b, "@timestamp", ts, ts_len, 0);
+    if (version == 0) {
+        /* @source is "<type>://<host>/<logger>" */
+        char small[256];
+        size_t n = type_len + 3 + host_len + 1 + logger_len;
+        char *source = n <= sizeof small ? small : malloc(n);
+        if (!source) {
+            b->oom = 1;
+            return;
+        }
+        memcpy(source, type, type_len);
+        memcpy(source + type_len, "://", 3);
+        memcpy(source + type_len + 3, host, host_len);
+        source[type_len + 3 + host_len] = '/';
+        memcpy(source + type_len + 4 + host_len, logger, logger_len);
+        add_member(b, "@message", message, msg_len, 1);
+        add_member(b, "@source", source, n, 1);
+        if (source != small)
+            free(source);
+        add_member(b, "@source_host", host, host_len, 1);
+        add_member(b, "@source_path", logger, logger_len, 1);
+        tamarco_log_buf_adds(b, ",\"@tags\":");
+    } else {
+        tamarco_log_buf_adds(b, ",\"@version\":\"1\"");
+        add_member(b, "message", message, msg_len, 1);
+        add_member(b, "host", host, host_len, 1);
+        add_member(b, "path", logger, logger_len, 1);
+        tamarco_log_buf_adds(b, ",\"tags\":");
+    }
+    if (tags_idx != 0 && lua_istable(L, tags_idx) && lua_objlen(L, tags_idx) > 0)
+        tamarco_log_json_value(b, L, tags_idx, 0);
+    else
+        tamarco_log_buf_add(b, "[]", 2);
+    if (version == 0) {
+        add_member(b, "@type", type, type_len, 1);
+        tamarco_log_buf_adds(b, ",\"@fields\":{");
+        add_member(b, "levelname", level, level_len, 0);
+        add_member(b, "logger", logger, logger_len, 1);
+        tamarco_log_each_field(L, idx, 1, logstash_extra, &ctx);
+        tamarco_log_buf_addc(b, '}');
+    } else {
+        add_member(b, "type", type, type_len, 1);
+        add_member(b, "level", level, level_len, 1);
+        add_member(b, "logger_name", logger, logger_len, 1);
+        tamarco_log_each_field(L, idx, 1, logstash_extra, &ctx);
+    }
+    tamarco_log_buf_addc(b, '}');
 }

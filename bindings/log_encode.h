@@ -8,6 +8,7 @@
 #define TAMARCO_LOG_ENCODE_H
 
 #include <stddef.h>
+#include <string.h>
 #include <lua.h>
 
 /* Nesting depth past which a table is written as the string "<depth limit>". */
@@ -22,9 +23,34 @@ typedef struct tamarco_log_buf {
 
 void tamarco_log_buf_init(tamarco_log_buf *b);
 void tamarco_log_buf_free(tamarco_log_buf *b);
-void tamarco_log_buf_add(tamarco_log_buf *b, const char *s, size_t len);
-void tamarco_log_buf_addc(tamarco_log_buf *b, char c);
-void tamarco_log_buf_adds(tamarco_log_buf *b, const char *s);
+/* Makes room for `extra` more bytes (and a NUL). 0 when out of memory. */
+int tamarco_log_buf_grow(tamarco_log_buf *b, size_t extra);
+
+/* Appends are inline: the encoder calls them once or more per byte run. */
+static inline int tamarco_log_buf_reserve(tamarco_log_buf *b, size_t extra)
+{
+    return (!b->oom && b->len + extra < b->cap) || tamarco_log_buf_grow(b, extra);
+}
+
+static inline void tamarco_log_buf_add(tamarco_log_buf *b, const char *s, size_t len)
+{
+    if (len == 0 || !tamarco_log_buf_reserve(b, len))
+        return;
+    memcpy(b->data + b->len, s, len);
+    b->len += len;
+}
+
+static inline void tamarco_log_buf_addc(tamarco_log_buf *b, char c)
+{
+    if (tamarco_log_buf_reserve(b, 1))
+        b->data[b->len++] = c;
+}
+
+static inline void tamarco_log_buf_adds(tamarco_log_buf *b, const char *s)
+{
+    tamarco_log_buf_add(b, s, strlen(s));
+}
+
 /* NUL-terminates and returns data ("" when empty or out of memory). */
 const char *tamarco_log_buf_cstr(tamarco_log_buf *b);
 
@@ -63,5 +89,12 @@ int tamarco_log_each_field(lua_State *L, int idx, int top,
 
 /* 1 when key is one of the standard record fields listed above. */
 int tamarco_log_is_standard_field(const char *key, size_t len);
+
+/* Appends the record at idx in Tamarco's logstash layout, version 0 or 1
+ * (python-logstash's formatters; see encode_logstash in log.c). tags_idx is
+ * a table of tags or 0 for none. */
+void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version,
+                          const char *host, size_t host_len,
+                          const char *type, size_t type_len, int tags_idx);
 
 #endif

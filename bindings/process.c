@@ -148,6 +148,24 @@ static int l_rss(lua_State *L)
     return 1;
 }
 
+static void collect_active(uv_handle_t *handle, void *arg)
+{
+    lua_State *L = arg;
+    if (!uv_is_active(handle) || !uv_has_ref(handle) || uv_is_closing(handle))
+        return;
+    lua_pushstring(L, uv_handle_type_name(uv_handle_get_type(handle)));
+    lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+}
+
+/* active_handles() -> list of the types of the handles that keep the loop
+ * alive (active and referenced), for specs and diagnostics. */
+static int l_active_handles(lua_State *L)
+{
+    lua_newtable(L);
+    uv_walk(require_host(L)->loop, collect_active, L);
+    return 1;
+}
+
 /* exepath() -> the path of the running host binary. */
 static int l_exepath(lua_State *L)
 {
@@ -182,6 +200,7 @@ int luaopen_tamarco_c_process(lua_State *L)
         {"rss", l_rss},
         {"lua_dir", l_lua_dir},
         {"exepath", l_exepath},
+        {"active_handles", l_active_handles},
         {NULL, NULL},
     };
     lua_newtable(L);

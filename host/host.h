@@ -77,6 +77,7 @@ int luaopen_tamarco_c_timer(lua_State *L);
 int luaopen_tamarco_c_yaml(lua_State *L);
 int luaopen_tamarco_c_thread(lua_State *L);
 int luaopen_tamarco_c_log(lua_State *L);
+int luaopen_tamarco_c_log_udp(lua_State *L);
 int luaopen_tamarco_c_process(lua_State *L);
 int luaopen_tamarco_c_codec(lua_State *L);
 int luaopen_tamarco_c_http_server(lua_State *L);

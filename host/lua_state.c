@@ -17,6 +17,7 @@ static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.yaml", luaopen_tamarco_c_yaml},
     {"tamarco.c.thread", luaopen_tamarco_c_thread},
     {"tamarco.c.log", luaopen_tamarco_c_log},
+    {"tamarco.c.log_udp", luaopen_tamarco_c_log_udp},
     {"tamarco.c.process", luaopen_tamarco_c_process},
     {"tamarco.c.codec", luaopen_tamarco_c_codec},
     {"tamarco.c.http_server", luaopen_tamarco_c_http_server},

@@ -29,6 +29,7 @@ logging.DEFAULT_PROFILE = "DEVELOP"
 logging.DEFAULT_FILE_MAX_BYTES = 10485760
 logging.DEFAULT_FILE_BACKUP_COUNT = 5
 logging.DEFAULT_FLUSH_INTERVAL_MS = 1000
+logging.DEFAULT_FILE_BUFFER_BYTES = 65536
 
 local LEVELS = logging.LEVELS
 local STANDARD = {
@@ -70,13 +71,32 @@ end
 -- ---- secrets ----
 
 --- logging.is_secret_key(key) -> true when a value under key must be masked.
-function logging.is_secret_key(key)
-    if type(key) ~= "string" then return false end
+local function secret_word_in(key)
     local k = key:lower():gsub("-", "_")
     for _, word in ipairs(SECRET_WORDS) do
         if k:find(word, 1, true) then return true end
     end
     return false
+end
+
+-- The answer per key string, cached: records repeat the same few keys, and
+-- lowering and searching them is most of the cost of a record. Bounded, as
+-- keys may be made up at run time.
+local secret_cache, secret_cache_size = {}, 0
+local SECRET_CACHE_MAX = 4096
+
+function logging.is_secret_key(key)
+    if type(key) ~= "string" then return false end
+    local secret = secret_cache[key]
+    if secret == nil then
+        secret = secret_word_in(key)
+        if secret_cache_size >= SECRET_CACHE_MAX then
+            secret_cache, secret_cache_size = {}, 0
+        end
+        secret_cache[key] = secret
+        secret_cache_size = secret_cache_size + 1
+    end
+    return secret
 end
 local is_secret_key = logging.is_secret_key
 
@@ -137,11 +157,26 @@ local function dispatch(record)
     end
 end
 
+-- The formatted timestamp of the current millisecond: records come many
+-- per millisecond under load, formatting one costs more than the rest.
+local floor = math.floor
+local now = timer.time
+local last_ms, last_timestamp = nil, nil
+
+local function timestamp()
+    local t = now()
+    local ms = floor(t * 1000 + 0.5)   -- as clog.timestamp rounds
+    if ms ~= last_ms then
+        last_ms, last_timestamp = ms, clog.timestamp(t)
+    end
+    return last_timestamp
+end
+
 --- logging.make_record(logger_name, level_name, message[, extra[, traceback]])
 -- -> record table (secrets masked; extra can't override standard fields).
 function logging.make_record(name, level_name, message, extra, traceback)
     local record = {
-        ["@timestamp"] = clog.timestamp(timer.time()),
+        ["@timestamp"] = timestamp(),
         level = level_name,
         logger = name,
         message = type(message) == "string" and message or tostring(message),
@@ -154,10 +189,12 @@ function logging.make_record(name, level_name, message, extra, traceback)
             local key = type(k) == "string" and k or tostring(k)
             if key == "traceback" and traceback == nil then
                 traceback = v
-            elseif is_secret_key(key) then
-                record[STANDARD[key] and "extra_" .. key or key] = MASK
             else
-                if type(v) == "table" then v = masked(v, 1, {}) end
+                if is_secret_key(key) then
+                    v = MASK
+                elseif type(v) == "table" then
+                    v = masked(v, 1, {})
+                end
                 record[STANDARD[key] and "extra_" .. key or key] = v
             end
         end
@@ -272,21 +309,67 @@ function logging.stdout_sink(opts)
     return sink
 end
 
---- logging.file_sink{ path, max_bytes, backup_count } -> sink | nil, message.
--- JSON lines appended to a rotating file (synchronous local writes).
+-- The host's loop (luv shares it), or nil where there is none to ask.
+local function loop()
+    local ok, uv = pcall(require, "luv")
+    if ok and type(uv) == "table" and uv.new_prepare then return uv end
+    return nil
+end
+
+--- logging.every_loop_turn(fn) -> handle | nil: runs fn(handle) at the end
+-- of every loop turn, before the loop waits for I/O (a libuv prepare
+-- handle, unref'd: it never keeps the service alive). For sinks that gather
+-- records and must hand them over within one turn. nil without a loop.
+function logging.every_loop_turn(fn)
+    local uv = loop()
+    if not uv then return nil end
+    local handle = uv.new_prepare()
+    handle:start(function() fn(handle) end)
+    handle:unref()
+    return handle
+end
+local every_loop_turn = logging.every_loop_turn
+
+--- logging.stop_handle(handle): closes what every_loop_turn returned.
+function logging.stop_handle(handle)
+    if handle and not handle:is_closing() then handle:close() end
+end
+local stop_handle = logging.stop_handle
+
+--- logging.file_sink{ path, max_bytes, backup_count, buffer_bytes = 65536 }
+-- -> sink | nil, message. JSON lines appended to a rotating file, gathered
+-- in a buffer written when it passes buffer_bytes, at the end of every loop
+-- turn (a record reaches the file within one turn), at logging.flush() and
+-- at close. Without a loop, one write per line.
 function logging.file_sink(opts)
+    local buffer_bytes = loop() and (opts.buffer_bytes or logging.DEFAULT_FILE_BUFFER_BYTES) or 0
     local file, err = clog.open_file(opts.path,
         opts.max_bytes or logging.DEFAULT_FILE_MAX_BYTES,
-        opts.backup_count or logging.DEFAULT_FILE_BACKUP_COUNT)
+        opts.backup_count or logging.DEFAULT_FILE_BACKUP_COUNT, buffer_bytes)
     if not file then return nil, err end
     local sink = { name = "file", path = opts.path, file = file }
+    if buffer_bytes > 0 then
+        sink.turn = every_loop_turn(function(handle)
+            local ok, werr = file:flush()
+            if not ok then
+                stop_handle(handle)
+                disable_sink(sink, "flush", werr)
+            end
+        end)
+    end
     function sink:emit(record)
-        local ok, werr = self.file:write(clog.encode_json(record))
+        local ok, werr = self.file:write_json(record)
         if not ok then error(werr, 0) end
     end
-    function sink:flush() end   -- write(2) per line: nothing buffered
+    function sink:flush()
+        local ok, werr = self.file:flush()
+        if not ok then error(werr, 0) end
+    end
     function sink:reopen() return self.file:reopen() end
-    function sink:close() self.file:close() end
+    function sink:close()
+        stop_handle(self.turn)
+        self.file:close()
+    end
     return sink
 end
 

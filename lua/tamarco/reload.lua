@@ -51,6 +51,7 @@ local function plan(cycle, new_svc)
         local old, new = old_svc.resources[name], new_svc.resources[name]
         -- same type by name: the class itself may come from a reloaded module
         local unchanged = old and old.type_name == new.type_name
+            and same(old.options, new.options)
             and same(old.settings_snapshot, lifecycle.resource_settings(store, new_svc.name, name))
         decisions[name] = unchanged and "adopt" or "start"
     end

@@ -81,14 +81,18 @@ end
 --- Tamarco's resources every service gets unless it defines them itself or
 -- says `report_server = false`: the report HTTP server (settings
 -- system.resources.tamarco_http_report_server.{host,port}, default
--- 127.0.0.1:5747), `status` (GET /status) and `metrics` (GET /metrics).
+-- 127.0.0.1:5747), `status` (GET /status), `metrics` (GET /metrics), and
+-- `profiler` and `memory` (off unless the service is listed in their
+-- settings; nothing is loaded when off).
 function service.add_report_resources(self)
     local defaults = {
         tamarco_http_report_server = function() return require("tamarco.resources.http_server").new() end,
         status = function() return require("tamarco.resources.status").new() end,
         metrics = function() return require("tamarco.resources.metrics").new() end,
+        profiler = function() return require("tamarco.resources.profiler").new() end,
+        memory = function() return require("tamarco.resources.memory").new() end,
     }
-    for _, name in ipairs({ "tamarco_http_report_server", "status", "metrics" }) do
+    for _, name in ipairs({ "tamarco_http_report_server", "status", "metrics", "profiler", "memory" }) do
         if not self.resources[name] then
             local resource = defaults[name]()
             self.resources[name] = resource

@@ -96,14 +96,15 @@ function Group:wait(timeout_ms)
     local me = assert(scheduler.current(), "Group:wait must run inside a task")
     local guard
     if timeout_ms then
+        -- a cancelled guard ends at its sleep and never wakes `me` later
         guard = scheduler.spawn(function()
-            timer.sleep(timeout_ms)
+            tasks.sleep(timeout_ms)
             scheduler.wake(me, "timeout")
         end)
     end
     self.waiters[#self.waiters + 1] = me
     local why = scheduler.suspend()
-    if guard then scheduler.interrupt(guard) end
+    if guard then tasks.cancel(guard) end
     if why == "timeout" then
         for i, co in ipairs(self.waiters) do
             if co == me then table.remove(self.waiters, i) break end

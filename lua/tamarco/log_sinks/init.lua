@@ -9,9 +9,10 @@
 --              max_time_seconds (1)                     -- POST of a JSON array
 --   (each)     queue_size (10000)
 --
--- Every sink is fed through a bounded queue off the hot path (see
+-- Redis and HTTP are fed through a bounded queue off the hot path (see
 -- tamarco.log_sinks.queue): a slow or dead sink never blocks the loop or
--- the service; overflow drops records and counts them.
+-- the service; overflow drops records and counts them. UDP sends batches
+-- on a non-blocking socket within the loop turn (tamarco.log_sinks.udp).
 local log_sinks = {}
 
 local function enabled(section)
@@ -40,8 +41,10 @@ end
 -- Runs inside a task.
 function log_sinks.close(sinks, logging, timeout_ms)
     for _, sink in ipairs(sinks) do
-        sink.queue:flush(timeout_ms or 1000)
-        sink.queue:stop()
+        if sink.queue then   -- the UDP sink has none: it sends within the turn
+            sink.queue:flush(timeout_ms or 1000)
+            sink.queue:stop()
+        end
         logging.remove_sink(sink)
         if sink.close_connection then sink:close_connection() end
     end

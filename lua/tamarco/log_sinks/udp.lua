@@ -1,42 +1,59 @@
 --- tamarco.log_sinks.udp: logstash over UDP, one JSON datagram per record in
 -- Tamarco's logstash layout v0 or v1 (python-logstash's formatters).
-local clog = require "tamarco.c.log"
-local queue = require "tamarco.log_sinks.queue"
+--
+-- No queue and no sender task: emit() encodes the record in C into a batch
+-- of up to 64 datagrams, sent with one sendmmsg(2) when full and at the end
+-- of every loop turn. The socket is non-blocking: what the kernel cannot
+-- take now is dropped and counted in logging_dropped_records_total, never
+-- waited for. The batch bounds the memory (queue_size does not apply).
+local logging = require "tamarco.logging"
+local metrics = require "tamarco.metrics"
+local log_udp = require "tamarco.c.log_udp"
 
 local udp = {}
 
+-- A sender to host (a name is resolved once, at configuration).
+local function open_sender(host, port)
+    local sender = log_udp.open(host, port)
+    if sender then return sender end
+    local infos = require("luv").getaddrinfo(host, tostring(port), { socktype = "dgram" })
+    if type(infos) ~= "table" or not infos[1] then
+        error("logstash sink: cannot resolve " .. tostring(host), 0)
+    end
+    return assert(log_udp.open(infos[1].addr, port))
+end
+
 function udp.new(section)
-    local uv = require "luv"
     local process = require "tamarco.c.process"
     local host, port = section.host or "127.0.0.1", section.port or 5959
     local version = section.version or 1
-    local source_host = section.fqdn and process.hostname() or process.hostname()
-    local socket = uv.new_udp()
-    socket:unref()   -- a log sink never keeps the service alive
+    local source_host = process.hostname()
+    local message_type = section.message_type or "Logstash"
+    local tags = section.tags or {}
+    local sender = open_sender(host, port)
+    local dropped = metrics.counter("logging_dropped_records_total", {
+        help = "Log records dropped because a remote sink's queue was full",
+        labels = { sink = "logstash" },
+    })
     local sink = { name = "logstash" }
-    sink.queue = queue.new {
-        name = "logstash",
-        capacity = section.queue_size,
-        batch = 64,
-        send = function(lines)
-            for _, line in ipairs(lines) do
-                -- try_send does not queue in libuv: a datagram the kernel
-                -- cannot take now is lost, as UDP logging accepts
-                local ok, err = socket:try_send(line, host, port)
-                if not ok and err and not tostring(err):match("EAGAIN") then
-                    return nil, "udp " .. host .. ":" .. port .. ": " .. tostring(err)
-                end
-            end
-            return true
-        end,
-    }
-    function sink:emit(record)
-        self.queue:push(clog.encode_logstash(record, version, source_host,
-            section.message_type or "Logstash", section.tags or {}))
+
+    local function count(lost)
+        if lost > 0 then dropped:inc(lost) end
     end
-    function sink:start() self.queue:start() end
+    function sink:emit(record)
+        count(sender:send_logstash(record, version, source_host, message_type, tags))
+    end
+    function sink:flush()
+        count(sender:flush())
+    end
+    function sink:start()
+        self.turn = self.turn or logging.every_loop_turn(function() self:flush() end)
+    end
     function sink:close_connection()
-        if not socket:is_closing() then socket:close() end
+        logging.stop_handle(self.turn)
+        self.turn = nil
+        self:flush()
+        sender:close()
     end
     return sink
 end

@@ -83,6 +83,11 @@ function Memory:stop()
     self.group = nil
 end
 
+--- Hot reload: no definitions of its own; keeps running.
+function Memory:adopt()
+    return function() end
+end
+
 function Memory:status()
     return { status = self.status_code, enabled = self.file ~= nil, file = self.file }
 end

@@ -116,6 +116,11 @@ function Profiler:stop()
     self.profile = nil
 end
 
+--- Hot reload: no definitions of its own; keeps running.
+function Profiler:adopt()
+    return function() end
+end
+
 function Profiler:status()
     return { status = self.status_code, enabled = self.file ~= nil, file = self.file }
 end

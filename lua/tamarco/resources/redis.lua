@@ -580,6 +580,24 @@ function Redis:psubscribe(pattern, handler)
     return add_subscription(self, "PSUBSCRIBE", self.patterns, pattern, handler)
 end
 
+local function same_keys(a, b)
+    for k in pairs(a) do if b[k] == nil then return false end end
+    for k in pairs(b) do if a[k] == nil then return false end end
+    return true
+end
+
+--- Hot reload: keeps the connections; takes the new code's subscription
+-- handlers when it subscribes to the same channels and patterns (otherwise
+-- the resource is replaced: new connections, new subscriptions).
+function Redis:adopt(new)
+    if not (same_keys(self.channels, new.channels) and same_keys(self.patterns, new.patterns)) then
+        return nil
+    end
+    local channels, patterns = self.channels, self.patterns
+    self.channels, self.patterns = new.channels, new.patterns
+    return function() self.channels, self.patterns = channels, patterns end
+end
+
 --- cache:unsubscribe(channel) / cache:punsubscribe(pattern): stops delivering.
 function Redis:unsubscribe(channel)
     self.channels[channel] = nil

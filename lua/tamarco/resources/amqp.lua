@@ -1,0 +1,819 @@
+--- tamarco.resources.amqp: an AMQP 0-9-1 (RabbitMQ) client resource with
+-- Tamarco's three messaging patterns.
+--
+--   local amqp = require "tamarco.resources.amqp"
+--   local svc = tamarco.service { name = "worker", resources = { amqp = amqp.client() } }
+--   svc.amqp:pull("jobs", function(msg, meta) ... end)    -- push/pull: durable queue,
+--   svc.amqp:push("jobs", { n = 1 })                      --   competing consumers
+--   svc.amqp:subscribe("events", function(msg) end)       -- publish/subscribe: fanout
+--   svc.amqp:publish("events", { kind = "x" })
+--   svc.amqp:respond("prices", function(msg) return { price = 3 } end)   -- request/response
+--   local reply, err = svc.amqp:request("prices", { item = "a" }, { timeout = 5000 })
+--
+-- NAMES (`<queues_prefix>.` is left out when the prefix is empty):
+--   push/pull          durable queue `<queues_prefix>.push_pull.<name>`, persistent
+--                      messages; every pull()er of a name competes for its messages.
+--   publish/subscribe  durable fanout exchange `<queues_prefix>.publish_subscribe.<name>`;
+--                      each subscriber gets its own exclusive, auto-delete queue bound to it.
+--   request/response   queue `<queues_prefix>.request_response.<name>` (not durable); the
+--                      requester waits on RabbitMQ's direct reply-to (amq.rabbitmq.reply-to)
+--                      and matches replies by correlation_id. A request carries its
+--                      timeout as the message expiration, so a request nobody answered in
+--                      time is dropped by the broker instead of being served late.
+--
+-- DELIVERY: every message runs its handler `handler(value, meta)` in its own
+-- task (meta: properties, delivery_tag, redelivered, exchange, routing_key,
+-- body, queue). It is acked only after the handler returns. A handler error
+-- is logged with its traceback and the message is nacked: requeued (option
+-- `on_error = "requeue"`, the default) or dead-lettered (`on_error =
+-- "dead_letter"`: rejected without requeue, so the queue's dead-letter
+-- exchange gets it, or the broker drops it when the queue has none). A
+-- payload the codec cannot decode is logged and rejected without requeue
+-- (dead-lettered when configured); the consumer goes on. A responder's error
+-- is sent back to the requester (`nil, "remote error: ..."`). Delivery is
+-- at-least-once: a message whose handler was running when the connection was
+-- lost is redelivered by the broker, and its late ack is not sent (delivery
+-- tags belong to their connection).
+--
+-- Options of pull/subscribe/respond: codec ("json" | "yaml" | "raw" | a codec
+-- table), prefetch (per consumer; default setting `prefetch`), on_error,
+-- dead_letter = true (push/pull: declares `<queue>.dead_letter` and routes
+-- rejected messages there), dead_letter_exchange = "x" (push/pull: the
+-- queue's x-dead-letter-exchange), queue_arguments = { ... } (x-arguments).
+-- A queue that already exists with other arguments is used as it is (a
+-- warning is logged).
+--
+-- PUBLISHING: `push(name, value[, opts])` publishes a persistent message and
+-- returns when the broker has confirmed it (publisher confirms): true, or
+-- nil, err. `publish(name, value[, opts])` is fire-and-forget (true once
+-- handed to the connection) unless opts.confirm; opts.persistent makes it
+-- persistent. Both take opts.codec, opts.headers (flat), opts.priority,
+-- opts.wait_ms (see publish_wait_ms). `request(name, value[, opts])` ->
+-- decoded reply | nil, "timeout" | nil, err; opts.timeout in ms.
+--
+-- SETTINGS under system.resources.<name> (later wins: default, the options
+-- given to amqp.client{...}, settings):
+--   host (127.0.0.1), port (5672), vhost ("/"), user ("guest"), password
+--   ("guest"), connection_timeout (seconds, 10: TCP connect, login and each
+--   broker round trip), heartbeat (seconds, 30; 0 disables), queues_prefix
+--   (""), prefetch (10), codec ("json"), reconnect_backoff_ms (200, doubled
+--   per failed attempt up to reconnect_backoff_max_ms, 5000),
+--   publish_wait_ms (0: while disconnected publishes fail at once with
+--   "not connected ..."; > 0: they wait that long for the connection),
+--   request_timeout_ms (5000), drain_timeout_ms (10000: how long stop waits
+--   for running handlers).
+--
+-- STATUS: CONNECTING until the first connection is set up (queues declared,
+-- consumers started), then STARTED. When the broker goes away: FAILED, then
+-- CONNECTING at the next attempt, STARTED again once everything is declared
+-- and consuming again. A broker that cannot be reached at start does not
+-- stop the service: the resource keeps trying in the background and reports
+-- FAILED/CONNECTING meanwhile. status() never shows the password.
+--
+-- The connection runs on its own I/O thread (see bindings/amqp.c for why).
+local base = require "tamarco.resources.base"
+local codecs = require "tamarco.codecs"
+local scheduler = require "tamarco.c.scheduler"
+local timer = require "tamarco.c.timer"
+local tasks = require "tamarco.tasks"
+
+local STATUS = base.STATUS
+local REPLY_TO = "amq.rabbitmq.reply-to"
+
+local amqp = { codecs = codecs }
+
+local Client = base.class("amqp")
+amqp.Client = Client
+
+local DEFAULTS = {
+    host = "127.0.0.1",
+    port = 5672,
+    vhost = "/",
+    user = "guest",
+    password = "guest",
+    connection_timeout = 10,
+    heartbeat = 30,
+    queues_prefix = "",
+    prefetch = 10,
+    codec = "json",
+    reconnect_backoff_ms = 200,
+    reconnect_backoff_max_ms = 5000,
+    publish_wait_ms = 0,
+    request_timeout_ms = 5000,
+    drain_timeout_ms = 10000,
+}
+
+local ON_ERROR = { requeue = true, dead_letter = true }
+
+--- amqp.client([options]) -> a new AMQP client resource. options: any
+-- setting above (used when the settings do not set it), depends_on.
+function amqp.client(options)
+    return Client.new(options)
+end
+
+local c_module
+local function c()
+    if not c_module then c_module = require "tamarco.c.amqp" end
+    return c_module
+end
+
+function Client:init(options)
+    base.Resource.init(self, options)
+    self.manages_status = true
+    self.consumers = {}
+    self.by_tag = {}
+    self.epoch = 0
+    self.conn_state = "new"
+    self.declared = {}
+    self.declaring = {}
+    self.rpc_waits = {}
+    self.ready_waiters = {}
+    self.in_flight = 0
+    self.drain_waiters = {}
+    self.next_id = 0
+    self.counters = { handled = 0, handler_errors = 0, rejected = 0, requests = 0, timeouts = 0 }
+end
+
+--- The effective value of a setting: settings view, then options, then default.
+function Client:setting(key)
+    local view = self.settings
+    if type(view) == "table" then
+        local value
+        if type(view.get) == "function" then value = view:get(key, nil) else value = view[key] end
+        if value ~= nil then return value end
+    end
+    local value = self.options[key]
+    if value ~= nil then return value end
+    return DEFAULTS[key]
+end
+
+function Client:log()
+    if not self.logger then self.logger = require("tamarco.logging").get_logger("amqp") end
+    return self.logger
+end
+
+--- The broker-side name of a pattern's queue or exchange.
+function Client:queue_name(pattern, name)
+    local prefix = self:setting("queues_prefix")
+    if prefix ~= nil and prefix ~= "" then return prefix .. "." .. pattern .. "." .. name end
+    return pattern .. "." .. name
+end
+
+local function check_name(name, what)
+    if type(name) ~= "string" or name == "" then error("amqp:" .. what .. ": name must be a non-empty string", 3) end
+end
+
+-- ---------------------------------------------------------------------
+-- waiting helpers
+-- ---------------------------------------------------------------------
+
+-- Suspends the running task until wake_all(waiters, ...) or `ms` passed
+-- (-> nil, "timeout"). A waiter is a record, so that a stray wake-up of the
+-- coroutine (someone else's stale wake) does not end the wait early.
+local function suspend_for(ms, waiters)
+    local me = scheduler.current()
+    if not me then error("amqp: this call yields: run it inside a task, hook or handler", 3) end
+    local w = { co = me }
+    waiters[#waiters + 1] = w
+    local guard
+    if ms then
+        guard = scheduler.spawn(function()
+            timer.sleep(ms)
+            if not w.done then
+                w.done, w.values = true, { n = 2, nil, "timeout" }
+                scheduler.wake(me)
+            end
+        end)
+    end
+    while not w.done do
+        scheduler.suspend()
+        tasks.checkpoint()
+    end
+    if guard then scheduler.interrupt(guard) end
+    for i, other in ipairs(waiters) do
+        if other == w then table.remove(waiters, i) break end
+    end
+    return unpack(w.values, 1, w.values.n)
+end
+
+local function wake_all(waiters, ...)
+    local list = {}
+    for i, w in ipairs(waiters) do list[i] = w end
+    for i = #waiters, 1, -1 do waiters[i] = nil end
+    local values = { n = select("#", ...), ... }
+    for _, w in ipairs(list) do
+        if not w.done then
+            w.done, w.values = true, values
+            scheduler.wake(w.co)
+        end
+    end
+end
+
+function Client:not_connected_error()
+    if not self.conn then return "the amqp resource '" .. tostring(self.name) .. "' is not started" end
+    local info = self.conn:info()
+    local text = ("not connected to the AMQP broker %s:%s"):format(info.host, info.port)
+    if self.last_error then text = text .. " (" .. self.last_error .. ")" end
+    return text
+end
+
+-- true when connected, after waiting up to wait_ms for it; else nil, err.
+function Client:wait_connected(wait_ms)
+    if self.conn and self.conn_state == "connected" then return true end
+    wait_ms = wait_ms or self:setting("publish_wait_ms")
+    if self.conn and not self.stopping and wait_ms and wait_ms > 0 then
+        suspend_for(wait_ms, self.ready_waiters)
+        if self.conn and self.conn_state == "connected" then return true end
+    end
+    return nil, self:not_connected_error()
+end
+
+-- Runs fn() once per connection for `key`; concurrent callers share the result.
+function Client:once(key, fn)
+    if self.declared[key] == self.epoch then return true end
+    local waiting = self.declaring[key]
+    if waiting then
+        local ok, err = suspend_for(nil, waiting)
+        return ok, err
+    end
+    waiting = {}
+    self.declaring[key] = waiting
+    local epoch = self.epoch
+    local ok, err = fn()
+    if self.declaring[key] == waiting then self.declaring[key] = nil end
+    if ok and epoch == self.epoch then self.declared[key] = epoch end
+    wake_all(waiting, ok, err)
+    return ok, err
+end
+
+-- ---------------------------------------------------------------------
+-- declarations
+-- ---------------------------------------------------------------------
+
+local function is_precondition(err)
+    return type(err) == "string" and err:find("406", 1, true) ~= nil
+end
+
+-- Declares `queue` with flags/arguments; an existing queue with other
+-- arguments is used as it is.
+function Client:declare(queue, flags)
+    local conn = self.conn
+    local name, err = conn:declare_queue(queue, flags)
+    if name then return name end
+    if is_precondition(err) then
+        self:log():warning("queue '" .. queue .. "' exists with other settings; using it as it is ("
+            .. err .. ")", { queue = queue })
+        name, err = conn:declare_queue(queue, { passive = true })
+        if name then return name end
+    end
+    return nil, err
+end
+
+-- The x-arguments of a push/pull queue from a consumer's options.
+local function queue_arguments(queue, options)
+    local args
+    if options.queue_arguments then
+        args = {}
+        for k, v in pairs(options.queue_arguments) do args[k] = v end
+    end
+    if options.dead_letter then
+        args = args or {}
+        args["x-dead-letter-exchange"] = ""
+        args["x-dead-letter-routing-key"] = queue .. ".dead_letter"
+    elseif options.dead_letter_exchange then
+        args = args or {}
+        args["x-dead-letter-exchange"] = options.dead_letter_exchange
+    end
+    return args
+end
+
+function Client:declare_push_pull(queue, options)
+    options = options or {}
+    if options.dead_letter then
+        local ok, err = self:declare(queue .. ".dead_letter", { durable = true })
+        if not ok then return nil, err end
+    end
+    return self:declare(queue, { durable = true, arguments = queue_arguments(queue, options) })
+end
+
+-- The options a local consumer of `queue` declared it with (so that a push
+-- declares the same queue the same way).
+function Client:local_options(queue)
+    for _, cons in ipairs(self.consumers) do
+        if cons.kind == "push_pull" and self:queue_name("push_pull", cons.name) == queue then return cons.options end
+    end
+    return nil
+end
+
+function Client:ensure_queue(queue)
+    return self:once("queue:" .. queue, function()
+        return self:declare_push_pull(queue, self:local_options(queue))
+    end)
+end
+
+function Client:ensure_exchange(exchange)
+    return self:once("exchange:" .. exchange, function()
+        return self.conn:declare_exchange(exchange, "fanout", { durable = true })
+    end)
+end
+
+-- ---------------------------------------------------------------------
+-- consumers
+-- ---------------------------------------------------------------------
+
+function Client:setup_consumer(cons, epoch)
+    local conn = self.conn
+    if not conn or epoch ~= self.epoch then return nil, "stale connection" end
+    -- names and codec from the settings in force now (a service's resources
+    -- get their settings after the service file declared the consumers)
+    cons.queue = self:queue_name(cons.kind, cons.name)
+    cons.exchange = cons.kind == "publish_subscribe" and cons.queue or nil
+    cons.codec = codecs.get(cons.options.codec or self:setting("codec"))
+    local queue, err
+    if cons.kind == "push_pull" then
+        queue, err = self:declare_push_pull(cons.queue, cons.options)
+    elseif cons.kind == "publish_subscribe" then
+        local ok
+        ok, err = self:ensure_exchange(cons.exchange)
+        if ok then
+            queue, err = conn:declare_queue("", { exclusive = true, auto_delete = true })
+            if queue then
+                ok, err = conn:bind_queue(queue, cons.exchange, "")
+                if not ok then queue = nil end
+            end
+        end
+    else
+        queue, err = self:declare(cons.queue, { durable = false })
+    end
+    if not queue then return nil, err end
+    if epoch ~= self.epoch then return nil, "stale connection" end
+    local tag = ("tamarco.%d.%d"):format(cons.id, epoch)
+    local got
+    got, err = conn:consume(epoch, queue, tag, cons.prefetch or self:setting("prefetch"), false, false)
+    if not got then return nil, err end
+    cons.tag, cons.epoch, cons.bound_queue = tag, epoch, queue
+    self.by_tag[tag] = cons
+    return true
+end
+
+function Client:setup_all(epoch)
+    for _, cons in ipairs(self.consumers) do
+        if epoch ~= self.epoch then return end
+        local ok, err = self:setup_consumer(cons, epoch)
+        if not ok and epoch == self.epoch then
+            self:log():error("cannot consume from '" .. tostring(cons.queue) .. "': " .. tostring(err),
+                { queue = cons.queue, pattern = cons.kind })
+        end
+    end
+end
+
+function Client:add_consumer(kind, name, handler, options, what)
+    check_name(name, what)
+    if type(handler) ~= "function" then error("amqp:" .. what .. ": handler must be a function", 3) end
+    options = options or {}
+    if options.on_error ~= nil and not ON_ERROR[options.on_error] then
+        error("amqp:" .. what .. ": on_error must be 'requeue' or 'dead_letter'", 3)
+    end
+    if options.codec ~= nil then codecs.get(options.codec) end   -- raises on an unknown name now
+    self.next_id = self.next_id + 1
+    local cons = {
+        id = self.next_id,
+        kind = kind,
+        name = name,
+        handler = handler,
+        prefetch = options.prefetch,
+        on_error = options.on_error or "requeue",
+        options = options,
+    }
+    self.consumers[#self.consumers + 1] = cons
+    -- declared before start: set up at start. While running: now.
+    if self.conn and self.conn_state == "connected" and not self.stopping then
+        local function setup()
+            local ok, err = self:setup_consumer(cons, self.epoch)
+            if not ok then
+                self:log():error("cannot consume from '" .. tostring(cons.queue) .. "': " .. tostring(err),
+                    { queue = cons.queue })
+            end
+            return ok, err
+        end
+        if scheduler.current() then return setup() end
+        scheduler.spawn(setup)
+    end
+    return true
+end
+
+--- pull(name, handler[, options]): consume the push/pull queue `name`.
+function Client:pull(name, handler, options)
+    return self:add_consumer("push_pull", name, handler, options, "pull")
+end
+
+--- subscribe(name, handler[, options]): receive what is published on `name`.
+function Client:subscribe(name, handler, options)
+    return self:add_consumer("publish_subscribe", name, handler, options, "subscribe")
+end
+
+--- respond(name, handler[, options]): answer requests on `name`; the
+-- handler's return value is the reply.
+function Client:respond(name, handler, options)
+    return self:add_consumer("request_response", name, handler, options, "respond")
+end
+
+-- ---------------------------------------------------------------------
+-- deliveries
+-- ---------------------------------------------------------------------
+
+local function capture(err)
+    return { error = err, traceback = debug.traceback("", 2) }
+end
+
+function Client:handler_done()
+    self.in_flight = self.in_flight - 1
+    if self.in_flight == 0 and #self.drain_waiters > 0 then wake_all(self.drain_waiters) end
+end
+
+function Client:reply(cons, props, body, is_error)
+    local reply_to = props.reply_to
+    if not reply_to or reply_to == "" then return end
+    local ok, err = self.conn:publish("", reply_to, body, {
+        correlation_id = props.correlation_id,
+        content_type = is_error and "text/plain" or cons.codec.content_type,
+        type = is_error and "error" or nil,
+    }, false)
+    if not ok then
+        self:log():warning("cannot send the reply to a request on '" .. cons.queue .. "': " .. tostring(err))
+    end
+end
+
+function Client:on_delivery(tag, body, props, dtag, redelivered, epoch, exchange, routing_key)
+    local conn = self.conn
+    if not conn then return end
+    if tag == self.reply_tag then
+        local cid = props.correlation_id
+        local w = cid and self.rpc_waits[cid]
+        if w then
+            self.rpc_waits[cid] = nil
+            w.done, w.body, w.props = true, body, props
+            scheduler.wake(w.co)
+        end
+        return
+    end
+    local cons = self.by_tag[tag]
+    if not cons or epoch ~= self.epoch or self.stopping then
+        conn:nack(epoch, dtag, true)   -- not ours (any more): back to the queue
+        return
+    end
+    self.in_flight = self.in_flight + 1
+    local value, derr = cons.codec.decode(body)
+    if derr ~= nil then
+        self.counters.rejected = self.counters.rejected + 1
+        self:log():error(("cannot decode a message from '%s' with the %s codec: %s; rejected"):format(
+            cons.queue, tostring(cons.codec.name), tostring(derr)),
+            { queue = cons.queue, delivery_tag = dtag, size = #body })
+        if cons.kind == "request_response" then self:reply(cons, props, "cannot decode the request: " .. tostring(derr), true) end
+        conn:nack(epoch, dtag, false)
+        self:handler_done()
+        return
+    end
+    local meta = {
+        properties = props, delivery_tag = dtag, redelivered = redelivered, exchange = exchange,
+        routing_key = routing_key, body = body, queue = cons.queue,
+    }
+    local ok, result = xpcall(cons.handler, capture, value, meta)
+    if ok then
+        self.counters.handled = self.counters.handled + 1
+        if cons.kind == "request_response" then
+            local encoded, eerr = cons.codec.encode(result)
+            if encoded then
+                self:reply(cons, props, encoded, false)
+            else
+                self:reply(cons, props, "cannot encode the reply: " .. tostring(eerr), true)
+            end
+        end
+        conn:ack(epoch, dtag)
+    elseif result.error == tasks.CANCELLED then
+        conn:nack(epoch, dtag, true)
+    else
+        self.counters.handler_errors = self.counters.handler_errors + 1
+        local requeue = cons.on_error == "requeue" and cons.kind ~= "request_response"
+        self:log():exception(("handler for '%s' failed: %s (message %s)"):format(cons.queue,
+            tostring(result.error), requeue and "requeued" or "rejected"), result.error, result.traceback,
+            { queue = cons.queue, delivery_tag = dtag, redelivered = redelivered })
+        if cons.kind == "request_response" then self:reply(cons, props, tostring(result.error), true) end
+        conn:nack(epoch, dtag, requeue)
+    end
+    self:handler_done()
+end
+
+-- ---------------------------------------------------------------------
+-- connection states
+-- ---------------------------------------------------------------------
+
+function Client:fail_requests(why)
+    for cid, w in pairs(self.rpc_waits) do
+        self.rpc_waits[cid] = nil
+        w.done, w.err = true, why
+        scheduler.wake(w.co)
+    end
+end
+
+function Client:on_state(state, epoch, err)
+    if self.stopping or not self.conn then return end
+    if state == "connecting" then
+        self.conn_state = "connecting"
+        self:set_status(STATUS.CONNECTING)
+    elseif state == "failed" then
+        local was = self.conn_state
+        self.conn_state = "failed"
+        self.last_error = err
+        self:set_status(STATUS.FAILED)
+        if was == "connected" then
+            self:log():warning("AMQP connection lost: " .. tostring(err) .. "; reconnecting", { error = err })
+        elseif not self.warned_failure then
+            self:log():warning("cannot connect to the AMQP broker: " .. tostring(err) .. "; retrying", { error = err })
+        else
+            self:log():debug("AMQP connect attempt failed: " .. tostring(err))
+        end
+        self.warned_failure = true
+        self:fail_requests("connection lost: " .. tostring(err))
+    elseif state == "connected" then
+        self.epoch = epoch
+        self.conn_state = "connected"
+        self.declared = {}
+        self.by_tag = {}
+        self.reply_tag = nil
+        self:setup_all(epoch)
+        if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return end
+        self.last_error = nil
+        self.warned_failure = false
+        self:set_status(STATUS.STARTED)
+        self:log():info(epoch == 1 and "connected to the AMQP broker" or "reconnected to the AMQP broker",
+            { epoch = epoch, consumers = #self.consumers })
+        wake_all(self.ready_waiters, true)
+    elseif state == "cancelled" then
+        -- the broker cancelled a consumer (its queue was deleted): set it up
+        -- again after a pause
+        local cons = self.by_tag[err]
+        if not cons then return end
+        self.by_tag[err] = nil
+        cons.tag = nil
+        self:log():warning("the broker cancelled the consumer of '" .. cons.queue .. "'; consuming again in 1 s",
+            { queue = cons.queue })
+        tasks.sleep(1000)
+        if epoch == self.epoch and self.conn_state == "connected" and not self.stopping then
+            self.declared = {}
+            local ok, serr = self:setup_consumer(cons, epoch)
+            if not ok then self:log():error("cannot consume from '" .. cons.queue .. "': " .. tostring(serr)) end
+        end
+    end
+end
+
+-- ---------------------------------------------------------------------
+-- phases
+-- ---------------------------------------------------------------------
+
+function Client:start()
+    if self.conn then return end
+    self.stopping = false
+    local timeout_s = self:setting("connection_timeout")
+    local svc_name = self.service and self.service.name or "tamarco"
+    self.conn = c().connect {
+        host = tostring(self:setting("host")),
+        port = tonumber(self:setting("port")),
+        vhost = tostring(self:setting("vhost")),
+        user = tostring(self:setting("user")),
+        password = tostring(self:setting("password")),
+        heartbeat = tonumber(self:setting("heartbeat")),
+        timeout_ms = math.floor(tonumber(timeout_s) * 1000),
+        backoff_ms = tonumber(self:setting("reconnect_backoff_ms")),
+        backoff_max_ms = tonumber(self:setting("reconnect_backoff_max_ms")),
+        name = svc_name .. "." .. tostring(self.name or "amqp"),
+        on_state = function(...) return self:on_state(...) end,
+        on_delivery = function(...) return self:on_delivery(...) end,
+    }
+    self:set_status(STATUS.CONNECTING)
+    -- wait for the first connection (and its consumers), bounded
+    if self.status_code ~= STATUS.STARTED then
+        suspend_for(math.floor(tonumber(timeout_s) * 1000) + 1000, self.ready_waiters)
+    end
+    if self.status_code ~= STATUS.STARTED then
+        self:log():warning("the AMQP broker is not reachable yet (" .. tostring(self.last_error)
+            .. "); the service starts and the connection is retried in the background")
+    end
+end
+
+--- Hot reload: keeps the connection and the consumers; takes the new
+-- code's handlers when it consumes the same queues in the same way
+-- (otherwise the resource is replaced). Deliveries already handed to a
+-- handler finish on the old one.
+function Client:adopt(new)
+    if #new.consumers ~= #self.consumers then return nil end
+    for i, cons in ipairs(self.consumers) do
+        local other = new.consumers[i]
+        if other.kind ~= cons.kind or other.name ~= cons.name then return nil end
+    end
+    local saved = {}
+    for i, cons in ipairs(self.consumers) do
+        saved[i] = { cons.handler, cons.on_error }
+        cons.handler, cons.on_error = new.consumers[i].handler, new.consumers[i].on_error
+    end
+    return function()
+        for i, cons in ipairs(self.consumers) do cons.handler, cons.on_error = saved[i][1], saved[i][2] end
+    end
+end
+
+function Client:stop()
+    local conn = self.conn
+    if not conn then return end
+    self.stopping = true
+    if self.conn_state == "connected" then
+        for _, cons in ipairs(self.consumers) do
+            if cons.tag and cons.epoch == self.epoch then conn:cancel(cons.epoch, cons.tag) end
+        end
+    end
+    if self.in_flight > 0 then
+        local ok = suspend_for(self:setting("drain_timeout_ms"), self.drain_waiters)
+        if not ok then
+            self:log():warning(("%d message handlers still running after %d ms; their messages will be redelivered")
+                :format(self.in_flight, self:setting("drain_timeout_ms")))
+        end
+    end
+    self:fail_requests("the amqp resource is stopping")
+    wake_all(self.ready_waiters)
+    conn:close()
+    self.conn = nil
+    self.conn_state = "closed"
+    self.by_tag = {}
+end
+
+--- status(): Tamarco's status dict plus the connection (no password).
+function Client:status()
+    local out = { status = self.status_code, consumers = #self.consumers, in_flight = self.in_flight }
+    for k, v in pairs(self.counters) do out[k] = v end
+    if self.conn then
+        local info = self.conn:info()
+        out.connection = {
+            host = info.host, port = info.port, vhost = info.vhost, user = info.user,
+            state = info.state, epoch = info.epoch, last_error = info.last_error,
+            reconnects = info.reconnects, published = info.published, delivered = info.delivered,
+            acked = info.acked, nacked = info.nacked, stale_settlements = info.stale_settlements,
+        }
+    else
+        out.connection = { state = self.conn_state }
+    end
+    return out
+end
+
+-- ---------------------------------------------------------------------
+-- publishing
+-- ---------------------------------------------------------------------
+
+local function encode(self, value, opts)
+    local codec = codecs.get(opts.codec or self:setting("codec"))
+    local body, err = codec.encode(value)
+    if body == nil then return nil, "cannot encode the message with the " .. tostring(codec.name) .. " codec: " .. tostring(err) end
+    return body, codec
+end
+
+local function props_for(codec, opts, persistent)
+    return {
+        content_type = codec.content_type, persistent = persistent, headers = opts.headers,
+        priority = opts.priority, message_id = opts.message_id, correlation_id = opts.correlation_id,
+        type = opts.type,
+    }
+end
+
+--- push(name, value[, opts]) -> true | nil, err. Persistent, confirmed.
+function Client:push(name, value, opts)
+    check_name(name, "push")
+    opts = opts or {}
+    local body, codec = encode(self, value, opts)
+    if not body then return nil, codec end
+    local ok, err = self:wait_connected(opts.wait_ms)
+    if not ok then return nil, err end
+    local queue = self:queue_name("push_pull", name)
+    ok, err = self:ensure_queue(queue)
+    if not ok then return nil, "cannot declare queue '" .. queue .. "': " .. tostring(err) end
+    ok, err = self.conn:publish("", queue, body, props_for(codec, opts, true), true)
+    tasks.checkpoint()
+    if not ok then return nil, err end
+    return true
+end
+
+--- publish(name, value[, opts]) -> true | nil, err. To every subscriber.
+function Client:publish(name, value, opts)
+    check_name(name, "publish")
+    opts = opts or {}
+    local body, codec = encode(self, value, opts)
+    if not body then return nil, codec end
+    local ok, err = self:wait_connected(opts.wait_ms)
+    if not ok then return nil, err end
+    local exchange = self:queue_name("publish_subscribe", name)
+    ok, err = self:ensure_exchange(exchange)
+    if not ok then return nil, "cannot declare exchange '" .. exchange .. "': " .. tostring(err) end
+    ok, err = self.conn:publish(exchange, "", body, props_for(codec, opts, opts.persistent or false),
+        opts.confirm or false)
+    if opts.confirm then tasks.checkpoint() end
+    if not ok then return nil, err end
+    return true
+end
+
+function Client:ensure_reply_consumer()
+    return self:once("reply-to", function()
+        local epoch = self.epoch
+        local tag = ("tamarco.reply.%d"):format(epoch)
+        local got, err = self.conn:consume(epoch, REPLY_TO, tag, 0, true, false)
+        if not got then return nil, err end
+        if epoch == self.epoch then self.reply_tag = tag end
+        return true
+    end)
+end
+
+--- request(name, value[, opts]) -> reply | nil, "timeout" | nil, err.
+function Client:request(name, value, opts)
+    check_name(name, "request")
+    opts = opts or {}
+    local timeout = opts.timeout or self:setting("request_timeout_ms")
+    local body, codec = encode(self, value, opts)
+    if not body then return nil, codec end
+    local ok, err = self:wait_connected(opts.wait_ms)
+    if not ok then return nil, err end
+    ok, err = self:ensure_reply_consumer()
+    if not ok then return nil, "cannot consume replies: " .. tostring(err) end
+    self.next_id = self.next_id + 1
+    self.counters.requests = self.counters.requests + 1
+    local cid = ("%s.%d"):format(self.service and self.service.instance_id or "tamarco", self.next_id)
+    local w = { co = scheduler.current() }
+    self.rpc_waits[cid] = w
+    local props = props_for(codec, opts, false)
+    props.reply_to = REPLY_TO
+    props.correlation_id = cid
+    props.expiration = tostring(math.max(1, math.floor(timeout)))
+    ok, err = self.conn:publish("", self:queue_name("request_response", name), body, props, false)
+    if not ok then
+        self.rpc_waits[cid] = nil
+        return nil, err
+    end
+    local guard = scheduler.spawn(function()
+        timer.sleep(timeout)
+        if self.rpc_waits[cid] == w then
+            self.rpc_waits[cid] = nil
+            w.done, w.err = true, "timeout"
+            scheduler.wake(w.co)
+        end
+    end)
+    while not w.done do
+        scheduler.suspend()
+        if tasks.is_cancelled(w.co) then
+            self.rpc_waits[cid] = nil
+            scheduler.interrupt(guard)
+            tasks.checkpoint()
+        end
+    end
+    scheduler.interrupt(guard)
+    local rbody, rprops = w.body, w.props
+    if rbody == nil then
+        if w.err == "timeout" then self.counters.timeouts = self.counters.timeouts + 1 end
+        return nil, w.err
+    end
+    if rprops.type == "error" then return nil, "remote error: " .. rbody end
+    local reply, derr = codec.decode(rbody)
+    if derr ~= nil then return nil, "cannot decode the reply: " .. tostring(derr) end
+    return reply
+end
+
+--- Administrative helpers (yield): the broker's view of a pattern's queue.
+function Client:purge(pattern, name)
+    local ok, err = self:wait_connected()
+    if not ok then return nil, err end
+    return self.conn:purge_queue(self:queue_name(pattern, name))
+end
+
+function Client:delete_queue(pattern, name)
+    local ok, err = self:wait_connected()
+    if not ok then return nil, err end
+    local queue = self:queue_name(pattern, name)
+    self.declared["queue:" .. queue] = nil
+    -- our own consumers of that queue go first (no "cancelled by the broker")
+    for i = #self.consumers, 1, -1 do
+        local cons = self.consumers[i]
+        if cons.queue == queue then
+            table.remove(self.consumers, i)
+            if cons.tag then
+                self.by_tag[cons.tag] = nil
+                self.conn:cancel(cons.epoch, cons.tag)
+            end
+        end
+    end
+    return self.conn:delete_queue(queue)
+end
+
+--- queue_info(pattern, name) -> { messages, consumers } | nil, err
+function Client:queue_info(pattern, name)
+    local ok, err = self:wait_connected()
+    if not ok then return nil, err end
+    local queue, messages, consumers = self.conn:declare_queue(self:queue_name(pattern, name), { passive = true })
+    if not queue then return nil, messages end
+    return { queue = queue, messages = messages, consumers = consumers }
+end
+
+return amqp

@@ -1,0 +1,356 @@
+-- The AMQP resource against a real rabbitmq-server (scripts/test-services.sh
+-- starts one; its address comes from TAMARCO_TEST_AMQP_HOST/PORT).
+-- Broker restarts are in spec/amqp_fault_spec.lua.
+local tamarco = require "tamarco"
+local testing = require "tamarco.testing"
+local amqp = require "tamarco.resources.amqp"
+local codecs = require "tamarco.codecs"
+local tasks = require "tamarco.tasks"
+local base = require "tamarco.resources.base"
+local cjson = require "cjson"
+
+local STATUS = base.STATUS
+local HOST = os.getenv("TAMARCO_TEST_AMQP_HOST")
+local PORT = tonumber(os.getenv("TAMARCO_TEST_AMQP_PORT") or "")
+
+-- every run uses its own names, so runs never see each other's queues
+local PREFIX = ("spec%d%d"):format(os.time() % 100000, math.random(1000, 9999))
+
+local function client(extra)
+    local options = { host = HOST, port = PORT, queues_prefix = PREFIX, connection_timeout = 5 }
+    for k, v in pairs(extra or {}) do options[k] = v end
+    return amqp.client(options)
+end
+
+-- Polls cond() every 20 ms for up to ms; returns its last value.
+local function eventually(cond, ms)
+    local waited = 0
+    while waited < (ms or 5000) do
+        local v = cond()
+        if v then return v end
+        tasks.sleep(20)
+        waited = waited + 20
+    end
+    return cond()
+end
+
+local function run(fn) return testing.run(fn) end
+
+describe("amqp resource", function()
+    setup(function()
+        assert(HOST and PORT, "TAMARCO_TEST_AMQP_HOST and TAMARCO_TEST_AMQP_PORT must be set "
+            .. "(start a broker with: TAMARCO_SERVICES=rabbitmq scripts/test-services.sh start)")
+        testing.timeout_ms = 30000
+    end)
+
+    describe("codecs", function()
+        it("round-trips json, yaml and raw", function()
+            local value = { name = "a: b", list = { 1, 2.5, "x" }, nested = { ok = true, no = false },
+                text = "line1\nline2", yes = "yes", num = "12", empty = "" }
+            for _, name in ipairs({ "json", "yaml" }) do
+                local codec = codecs.get(name)
+                local bytes = assert(codec.encode(value))
+                local back, err = codec.decode(bytes)
+                assert.is_nil(err)
+                assert.are.same(value.name, back.name)
+                assert.are.same({ 1, 2.5, "x" }, { back.list[1], back.list[2], back.list[3] })
+                assert.are.same(true, back.nested.ok)
+                assert.are.same(false, back.nested.no)
+                assert.are.same("line1\nline2", back.text)
+                assert.are.same("yes", back.yes)
+                assert.are.same("12", back.num)
+                assert.are.same("", back.empty)
+            end
+            assert.are.equal("\0bytes\255", codecs.raw.decode(codecs.raw.encode("\0bytes\255")))
+            assert.is_nil((codecs.raw.encode({})))
+            assert.is_nil((codecs.json.encode(function() end)))
+            local v, err = codecs.json.decode("{not json")
+            assert.is_nil(v)
+            assert.is_string(err)
+            v, err = codecs.yaml.decode("a: [1, 2")
+            assert.is_nil(v)
+            assert.matches("line", err)
+            assert.has_error(function() codecs.get("xml") end)
+        end)
+    end)
+
+    describe("push/pull", function()
+        it("delivers persistent, confirmed messages to competing consumers", function()
+            run(function()
+                local a, b, producer = client(), client(), client()
+                local got_a, got_b, seen = 0, 0, {}
+                a:pull("jobs", function(msg, meta)
+                    got_a = got_a + 1
+                    seen[msg.n] = (seen[msg.n] or 0) + 1
+                    assert(meta.properties.delivery_mode == 2, "persistent")
+                    assert(meta.properties.content_type == "application/json")
+                    tasks.sleep(2)
+                end)
+                b:pull("jobs", function(msg)
+                    got_b = got_b + 1
+                    seen[msg.n] = (seen[msg.n] or 0) + 1
+                    tasks.sleep(2)
+                end)
+                a:start(); b:start(); producer:start()
+                assert.are.equal(STATUS.STARTED, a.status_code)
+                for i = 1, 200 do assert.is_true(producer:push("jobs", { n = i })) end
+                assert.truthy(eventually(function() return got_a + got_b >= 200 end))
+                tasks.sleep(100)
+                assert.are.equal(200, got_a + got_b)   -- each exactly once
+                for i = 1, 200 do assert.are.equal(1, seen[i]) end
+                assert.is_true(got_a > 20 and got_b > 20, ("both compete: %d/%d"):format(got_a, got_b))
+                local info = assert(producer:queue_info("push_pull", "jobs"))
+                assert.are.equal(PREFIX .. ".push_pull.jobs", info.queue)
+                assert.are.equal(0, info.messages)
+                assert.are.equal(2, info.consumers)
+                a:stop(); b:stop(); producer:stop()
+            end)
+        end)
+
+        it("uses the codec of the call and of the consumer", function()
+            run(function()
+                local cl = client()
+                local got = {}
+                cl:pull("yaml_jobs", function(msg, meta) got[#got + 1] = { msg, meta.properties.content_type } end,
+                    { codec = "yaml" })
+                cl:pull("raw_jobs", function(msg) got[#got + 1] = { msg } end, { codec = "raw" })
+                cl:start()
+                assert.is_true(cl:push("yaml_jobs", { a = { 1, 2 }, b = "c" }, { codec = "yaml" }))
+                assert.is_true(cl:push("raw_jobs", "plain \0 bytes", { codec = "raw" }))
+                assert.truthy(eventually(function() return #got == 2 end))
+                local yaml_msg = got[1][1].a and got[1] or got[2]
+                local raw_msg = got[1][1].a and got[2] or got[1]
+                assert.are.same({ 1, 2 }, { yaml_msg[1].a[1], yaml_msg[1].a[2] })
+                assert.are.equal("c", yaml_msg[1].b)
+                assert.are.equal("application/yaml", yaml_msg[2])
+                assert.are.equal("plain \0 bytes", raw_msg[1])
+                local ok, err = cl:push("raw_jobs", { not_a = "string" }, { codec = "raw" })
+                assert.is_nil(ok)
+                assert.matches("cannot encode", err)
+                cl:stop()
+            end)
+        end)
+
+        it("rejects a malformed payload to the dead-letter queue and goes on", function()
+            run(function()
+                local cl, raw = client(), client()
+                local good, dead = {}, {}
+                cl:pull("strict", function(msg) good[#good + 1] = msg.n end, { dead_letter = true })
+                cl:pull("strict.dead_letter", function(msg) dead[#dead + 1] = msg end, { codec = "raw" })
+                cl:start(); raw:start()
+                assert.is_true(cl:push("strict", { n = 1 }))
+                -- bytes that are not JSON, on the JSON queue
+                assert.is_true(raw:push("strict", "{this is not json", { codec = "raw" }))
+                assert.is_true(cl:push("strict", { n = 2 }))
+                assert.truthy(eventually(function() return #good == 2 and #dead == 1 end))
+                assert.are.same({ 1, 2 }, good)
+                assert.are.equal("{this is not json", dead[1])
+                assert.are.equal(1, cl.counters.rejected)
+                tasks.sleep(100)
+                assert.are.equal(2, #good)   -- not redelivered
+                cl:stop(); raw:stop()
+            end)
+        end)
+
+        it("requeues a message whose handler raises, and it succeeds once fixed", function()
+            run(function()
+                local cl = client()
+                local calls, done, broken = 0, nil, true
+                local redelivered
+                cl:pull("flaky", function(msg, meta)
+                    calls = calls + 1
+                    if broken then
+                        broken = false
+                        error("handler bug")
+                    end
+                    redelivered = meta.redelivered
+                    done = msg.n
+                end)
+                cl:start()
+                assert.is_true(cl:push("flaky", { n = 7 }))
+                assert.truthy(eventually(function() return done == 7 end))
+                assert.are.equal(2, calls)
+                assert.is_true(redelivered)
+                assert.are.equal(1, cl.counters.handler_errors)
+                cl:stop()
+            end)
+        end)
+
+        it("dead-letters a failing message when configured", function()
+            run(function()
+                local cl = client()
+                local calls, dead = 0, {}
+                cl:pull("poison", function() calls = calls + 1; error("always fails") end,
+                    { on_error = "dead_letter", dead_letter = true })
+                cl:pull("poison.dead_letter", function(msg, meta) dead[#dead + 1] = { msg, meta } end)
+                cl:start()
+                assert.is_true(cl:push("poison", { n = 1 }))
+                assert.truthy(eventually(function() return #dead == 1 end))
+                tasks.sleep(100)
+                assert.are.equal(1, calls)
+                assert.are.equal(1, dead[1][1].n)
+                cl:stop()
+            end)
+        end)
+
+        it("honours prefetch: at most that many handlers per consumer", function()
+            run(function()
+                local cl = client()
+                local running, max_running, done = 0, 0, 0
+                cl:pull("slow", function()
+                    running = running + 1
+                    if running > max_running then max_running = running end
+                    tasks.sleep(30)
+                    running = running - 1
+                    done = done + 1
+                end, { prefetch = 3 })
+                cl:start()
+                for i = 1, 30 do assert.is_true(cl:push("slow", { n = i })) end
+                assert.truthy(eventually(function() return done == 30 end))
+                assert.are.equal(3, max_running)
+                cl:stop()
+            end)
+        end)
+    end)
+
+    describe("publish/subscribe", function()
+        it("gives every subscriber every message", function()
+            run(function()
+                local a, b, pub = client(), client(), client()
+                local got_a, got_b = {}, {}
+                a:subscribe("events", function(msg) got_a[#got_a + 1] = msg.kind end)
+                b:subscribe("events", function(msg) got_b[#got_b + 1] = msg.kind end)
+                a:start(); b:start(); pub:start()
+                for i = 1, 10 do assert.is_true(pub:publish("events", { kind = "k" .. i })) end
+                assert.is_true(pub:publish("events", { kind = "confirmed" }, { confirm = true }))
+                assert.truthy(eventually(function() return #got_a == 11 and #got_b == 11 end))
+                assert.are.equal("k1", got_a[1])
+                assert.are.equal("confirmed", got_b[11])
+                a:stop(); b:stop(); pub:stop()
+            end)
+        end)
+    end)
+
+    describe("request/response", function()
+        it("answers requests, reports remote errors and times out", function()
+            run(function()
+                local server, caller = client(), client()
+                server:respond("prices", function(msg, meta)
+                    assert(meta.properties.correlation_id)
+                    if msg.item == "boom" then error("no price for boom") end
+                    if msg.item == "slow" then tasks.sleep(1000) end
+                    return { price = 3, item = msg.item }
+                end)
+                server:start(); caller:start()
+                local reply, err = caller:request("prices", { item = "a" }, { timeout = 5000 })
+                assert.is_nil(err)
+                assert.are.same({ price = 3, item = "a" }, reply)
+                -- concurrent requests are matched by correlation id
+                local replies = {}
+                local group = tasks.group()
+                for i = 1, 20 do
+                    group:spawn("req" .. i, function()
+                        replies[i] = caller:request("prices", { item = "i" .. i })
+                    end)
+                end
+                assert.is_true(group:wait(10000))
+                for i = 1, 20 do assert.are.equal("i" .. i, replies[i].item) end
+                reply, err = caller:request("prices", { item = "boom" })
+                assert.is_nil(reply)
+                assert.matches("remote error: .*no price for boom", err)
+                reply, err = caller:request("prices", { item = "slow" }, { timeout = 200 })
+                assert.is_nil(reply)
+                assert.are.equal("timeout", err)
+                reply, err = caller:request("nobody_answers", { item = "x" }, { timeout = 300 })
+                assert.is_nil(reply)
+                assert.are.equal("timeout", err)
+                assert.is_true(caller.counters.timeouts >= 2)
+                server:stop(); caller:stop()
+            end)
+        end)
+    end)
+
+    describe("as a service resource", function()
+        it("sets up consumers declared in the service file, from settings", function()
+            run(function()
+                local got = {}
+                local svc = tamarco.service { name = "worker", resources = { amqp = amqp.client() } }
+                svc.amqp:pull("svc_jobs", function(msg) got[#got + 1] = msg.n end)
+                local running = assert(testing.start_service(svc, { settings = { system = { resources = {
+                    amqp = { host = HOST, port = PORT, queues_prefix = PREFIX, prefetch = 5 },
+                } } } }))
+                assert.are.equal(STATUS.STARTED, svc.amqp:status().status)
+                assert.is_true(svc.amqp:push("svc_jobs", { n = 1 }))
+                assert.truthy(eventually(function() return #got == 1 end))
+                local status = svc.amqp:status()
+                assert.are.equal("connected", status.connection.state)
+                assert.are.equal(HOST, status.connection.host)
+                assert.is_nil(status.connection.password)
+                assert.is_nil(status.password)
+                running:stop()
+                assert.are.equal(STATUS.STOPPED, svc.amqp.status_code)
+            end)
+        end)
+
+        it("reports FAILED/CONNECTING with the reason, never the password", function()
+            run(function()
+                local cl = client { password = "s3cret-pw", connection_timeout = 1,
+                    reconnect_backoff_ms = 50, reconnect_backoff_max_ms = 100 }
+                local seen = {}
+                local set_status = cl.set_status
+                cl.set_status = function(self, code)
+                    seen[code] = true
+                    return set_status(self, code)
+                end
+                cl:start()   -- does not raise: keeps retrying in the background
+                tasks.sleep(300)
+                assert.is_true(seen[STATUS.FAILED] or false)
+                assert.is_true(seen[STATUS.CONNECTING] or false)
+                assert.is_nil(seen[STATUS.STARTED])
+                local status = cl:status()
+                local text = cjson.encode(status)
+                assert.matches("ACCESS_REFUSED", status.connection.last_error)
+                assert.is_nil(text:find("s3cret", 1, true))
+                local ok, err = cl:push("jobs", { n = 1 })
+                assert.is_nil(ok)
+                assert.matches("not connected to the AMQP broker", err)
+                assert.is_nil(err:find("s3cret", 1, true))
+                cl:stop()
+            end)
+        end)
+
+        it("fails fast when nothing listens, and waits publish_wait_ms when asked", function()
+            run(function()
+                local cl = amqp.client { host = "127.0.0.1", port = 1, connection_timeout = 1,
+                    reconnect_backoff_ms = 50, reconnect_backoff_max_ms = 100 }
+                cl:start()
+                local timer = require "tamarco.c.timer"
+                local t0 = timer.hrtime()
+                local ok, err = cl:push("jobs", { n = 1 })
+                assert.is_nil(ok)
+                assert.matches("not connected to the AMQP broker 127.0.0.1:1", err)
+                assert.is_true((timer.hrtime() - t0) / 1e6 < 50)
+                t0 = timer.hrtime()
+                ok, err = cl:push("jobs", { n = 1 }, { wait_ms = 300 })
+                assert.is_nil(ok)
+                local waited = (timer.hrtime() - t0) / 1e6
+                assert.is_true(waited >= 290 and waited < 1000, "waited " .. waited)
+                cl:stop()
+            end)
+        end)
+    end)
+
+    teardown(function()
+        -- remove this run's durable queues and exchanges
+        pcall(testing.run, function()
+            local cl = client()
+            cl:start()
+            for _, name in ipairs({ "jobs", "yaml_jobs", "raw_jobs", "strict", "strict.dead_letter", "flaky",
+                "poison", "poison.dead_letter", "slow", "svc_jobs" }) do
+                cl:delete_queue("push_pull", name)
+            end
+            for _, name in ipairs({ "prices", "nobody_answers" }) do cl:delete_queue("request_response", name) end
+            cl:stop()
+        end)
+    end)
+end)
