@@ -17,6 +17,7 @@
  *     -> status, body, headers     (header names lowercased, repeats joined ", ")
  *     -> nil, message, kind        (kind: "timeout", "connect", "resolve", "tls",
  *                                   "too_large", "protocol", "error")
+ *   stream{...} -> handle   a response read chunk by chunk (see "stream" below)
  *   stats() -> {in_flight, sockets, pooled, timer_active, multi}
  *   shutdown() -> true | nil, message   closes the multi (idle only)
  *
@@ -50,6 +51,7 @@ typedef struct poll_ctx {
 
 typedef struct http_request {
     http_multi *m;
+    int is_stream;       /* 1: the first member of an http_stream */
     CURL *easy;
     int wait_id;
     struct curl_slist *headers;
@@ -308,6 +310,9 @@ static int push_result(lua_State *co, void *ud)
     return 3;
 }
 
+static void stream_finished(http_multi *m, http_request *req, CURLcode rc);
+static void process_streams(http_multi *m);
+
 static void check_done(http_multi *m)
 {
     CURLMsg *msg;
@@ -320,6 +325,10 @@ static void check_done(http_multi *m)
         char *priv = NULL;
         curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
         c.req = (http_request *)priv;
+        if (c.req->is_stream) {
+            stream_finished(m, c.req, c.rc);
+            continue;
+        }
         curl_multi_remove_handle(m->multi, easy);   /* msg is invalid from here */
         request_unlink(m, c.req);
         /* Resumes the task now; it may start or cancel other requests,
@@ -327,6 +336,7 @@ static void check_done(http_multi *m)
         tamarco_wake(m->host, c.req->wait_id, push_result, &c);
         request_free(c.req);
     }
+    process_streams(m);
 }
 
 /* ---- libuv <-> curl ---- */
@@ -744,6 +754,519 @@ static int l_request(lua_State *L)
     return tamarco_wait_yield(L);
 }
 
+/* ---- stream(opts): a response read chunk by chunk ----
+ *
+ *   stream{method, url, headers, body, connect_timeout_ms, timeout_ms,
+ *          verify_tls, ca_file, max_buffer_bytes} -> handle  (does not yield)
+ *   handle:response() -> status, headers | nil, message, kind   (yields until
+ *                        the response headers are in)
+ *   handle:read()     -> chunk            the bytes received since the last read
+ *                     -> nil              the response ended
+ *                     -> nil, message, kind   transfer error, or "closed"
+ *   handle:close()    aborts the transfer; a task waiting in read() or
+ *                     response() gets nil, "stream closed", "closed"
+ *   handle:info()     -> {status, finished, buffered, paused}
+ *
+ * Redirects are not followed and timeout_ms defaults to none (a stream may
+ * stay open for hours, e.g. an etcd watch); TCP keep-alive is on. When more
+ * than max_buffer_bytes (default 1 MiB) wait unread, the transfer is paused
+ * until the next read(). One task at a time reads a stream. The handle is a
+ * userdata: when it is collected the transfer is aborted. An open stream
+ * counts as in flight (it keeps the loop alive).
+ */
+
+#define STREAM_MT "tamarco.http_client.stream"
+#define DEFAULT_MAX_BUFFER ((size_t)1024 * 1024)
+
+enum { WAIT_NONE, WAIT_READ, WAIT_RESPONSE };
+
+typedef struct http_stream {
+    http_request r;      /* first: CURLINFO_PRIVATE points at both */
+    tamarco_host *host;
+    int headers_done, finished, closed, paused, notify, waiting;
+    int reader_ref;      /* registry ref of the waiting coroutine */
+    CURLcode rc;
+    long status;
+    size_t max_buffer;
+} http_stream;
+
+static void release_easy(http_multi *m, CURL *easy)
+{
+    if (!easy)
+        return;
+    if (m && m->multi && m->pooled < EASY_POOL_SIZE) {
+        curl_easy_reset(easy);
+        m->pool[m->pooled++] = easy;
+    } else {
+        curl_easy_cleanup(easy);
+    }
+}
+
+static size_t on_stream_body(char *data, size_t size, size_t nmemb, void *ud)
+{
+    http_stream *s = ud;
+    http_request *r = &s->r;
+    size_t n = size * nmemb;
+    if (n == 0)
+        return 0;
+    if (r->body_len >= s->max_buffer) {
+        s->paused = 1;
+        return CURL_WRITEFUNC_PAUSE;   /* curl keeps the data for later */
+    }
+    if (r->body_len + n > r->body_cap) {
+        size_t cap = r->body_cap ? r->body_cap : 4096;
+        while (cap < r->body_len + n)
+            cap *= 2;
+        char *grown = realloc(r->body, cap);
+        if (!grown)
+            return 0;
+        r->body = grown;
+        r->body_cap = cap;
+    }
+    memcpy(r->body + r->body_len, data, n);
+    r->body_len += n;
+    if (!s->headers_done) {
+        long code = 0;
+        curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
+        s->status = code;
+        s->headers_done = 1;
+    }
+    s->notify = 1;
+    return n;
+}
+
+static size_t on_stream_header(char *line, size_t size, size_t nmemb, void *ud)
+{
+    http_stream *s = ud;
+    size_t n = size * nmemb;
+    if (n <= 2 && n > 0 && (line[0] == '\r' || line[0] == '\n')) {
+        long code = 0;
+        curl_easy_getinfo(s->r.easy, CURLINFO_RESPONSE_CODE, &code);
+        if (code >= 200 && !s->headers_done) {   /* not a 1xx interim response */
+            s->status = code;
+            s->headers_done = 1;
+            s->notify = 1;
+        }
+        return n;
+    }
+    return on_header(line, size, nmemb, &s->r);
+}
+
+static void stream_clear_wait(http_stream *s)
+{
+    s->r.wait_id = 0;
+    s->waiting = WAIT_NONE;
+    if (s->reader_ref != LUA_NOREF) {
+        luaL_unref(s->host->L, LUA_REGISTRYINDEX, s->reader_ref);
+        s->reader_ref = LUA_NOREF;
+    }
+}
+
+static void cancel_stream_wait(void *ud)
+{
+    stream_clear_wait(ud);
+}
+
+static int stream_error(lua_State *co, http_stream *s)
+{
+    lua_pushnil(co);
+    if (s->closed) {
+        lua_pushliteral(co, "stream closed");
+        lua_pushliteral(co, "closed");
+        return 3;
+    }
+    const char *text = s->r.errbuf[0] ? s->r.errbuf : curl_easy_strerror(s->rc);
+    if (s->rc == CURLE_OPERATION_TIMEDOUT)
+        lua_pushfstring(co, "timeout: %s", text);
+    else
+        lua_pushstring(co, text);
+    lua_pushstring(co, error_kind(s->rc, 0));
+    return 3;
+}
+
+/* The results of read(), when it has some (else 0 and nothing pushed). */
+static int stream_push_read(lua_State *co, http_stream *s)
+{
+    if (s->r.body_len > 0 && !s->closed) {
+        lua_pushlstring(co, s->r.body, s->r.body_len);
+        s->r.body_len = 0;
+        return 1;
+    }
+    if (s->closed || (s->finished && s->rc != CURLE_OK))
+        return stream_error(co, s);
+    if (s->finished) {
+        lua_pushnil(co);
+        return 1;
+    }
+    return 0;
+}
+
+static int stream_push_response(lua_State *co, http_stream *s)
+{
+    if (s->closed || (s->finished && s->rc != CURLE_OK))
+        return stream_error(co, s);
+    if (s->headers_done || s->finished) {
+        lua_pushinteger(co, (lua_Integer)s->status);
+        push_headers(co, &s->r);
+        return 2;
+    }
+    return 0;
+}
+
+static int push_stream_wait(lua_State *co, void *ud)
+{
+    http_stream *s = ud;
+    luaL_checkstack(co, 8, "http_client stream results");
+    return s->waiting == WAIT_READ ? stream_push_read(co, s) : stream_push_response(co, s);
+}
+
+static int stream_ready(http_stream *s)
+{
+    if (s->closed || s->finished)
+        return 1;
+    return s->waiting == WAIT_READ ? s->r.body_len > 0 : s->headers_done;
+}
+
+/* Resumes the stream's reader when what it waits for is there. Called from
+ * loop callbacks only, outside curl's callbacks. `s` may be freed by the
+ * resumed task: nothing touches it afterwards. */
+static void stream_wake(http_stream *s)
+{
+    if (!s->r.wait_id || !stream_ready(s))
+        return;
+    int id = s->r.wait_id;
+    int waiting = s->waiting;
+    s->r.wait_id = 0;
+    if (s->reader_ref != LUA_NOREF) {
+        luaL_unref(s->host->L, LUA_REGISTRYINDEX, s->reader_ref);
+        s->reader_ref = LUA_NOREF;
+    }
+    s->waiting = waiting;   /* push_stream_wait reads it */
+    tamarco_wake(s->host, id, push_stream_wait, s);
+}
+
+static void process_streams(http_multi *m)
+{
+    int again = 1;
+    while (again) {
+        again = 0;
+        for (http_request *r = m->requests; r; r = r->next) {
+            if (!r->is_stream)
+                continue;
+            http_stream *s = (http_stream *)r;
+            if (!s->notify)
+                continue;
+            s->notify = 0;
+            if (s->r.wait_id && stream_ready(s)) {
+                stream_wake(s);   /* may change the list: rescan */
+                again = 1;
+                break;
+            }
+        }
+    }
+}
+
+/* Takes the stream out of the multi (finished or aborted). */
+static void stream_detach(http_stream *s)
+{
+    http_multi *m = s->r.m;
+    if (!m || s->finished)
+        return;
+    if (!s->status && s->r.easy)
+        curl_easy_getinfo(s->r.easy, CURLINFO_RESPONSE_CODE, &s->status);
+    curl_multi_remove_handle(m->multi, s->r.easy);
+    request_unlink(m, &s->r);
+    release_easy(m, s->r.easy);
+    s->r.easy = NULL;
+    curl_slist_free_all(s->r.headers);
+    s->r.headers = NULL;
+    s->finished = 1;
+    s->paused = 0;
+}
+
+static void stream_finished(http_multi *m, http_request *req, CURLcode rc)
+{
+    (void)m;
+    http_stream *s = (http_stream *)req;
+    s->rc = rc;
+    stream_detach(s);
+    if (rc == CURLE_OK)
+        s->headers_done = 1;
+    stream_wake(s);
+}
+
+/* Interrupts the task waiting on the stream (on the next loop turn) with
+ * nil, "stream closed", "closed" through the scheduler's interrupt, which
+ * also calls cancel_stream_wait. */
+static void stream_interrupt_reader(lua_State *L, http_stream *s)
+{
+    if (!s->r.wait_id || s->reader_ref == LUA_NOREF)
+        return;
+    int top = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    lua_getfield(L, -1, "tamarco.c.scheduler");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "interrupt");
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->reader_ref);
+        lua_pushnil(L);
+        lua_pushliteral(L, "stream closed");
+        lua_pushliteral(L, "closed");
+        lua_call(L, 4, 0);
+    }
+    lua_settop(L, top);
+    stream_clear_wait(s);   /* in case interrupt found no wait */
+}
+
+static void stream_close(lua_State *L, http_stream *s)
+{
+    if (s->closed)
+        return;
+    s->closed = 1;
+    if (s->r.m && !s->finished) {
+        s->rc = CURLE_ABORTED_BY_CALLBACK;
+        stream_detach(s);
+    }
+    free(s->r.body);
+    s->r.body = NULL;
+    s->r.body_len = s->r.body_cap = 0;
+    if (L)
+        stream_interrupt_reader(L, s);
+}
+
+static http_stream *check_stream(lua_State *L)
+{
+    http_stream **box = luaL_checkudata(L, 1, STREAM_MT);
+    if (!*box)
+        luaL_error(L, "http_client stream: already collected");
+    return *box;
+}
+
+static int l_stream_gc(lua_State *L)
+{
+    http_stream **box = luaL_checkudata(L, 1, STREAM_MT);
+    http_stream *s = *box;
+    if (!s)
+        return 0;
+    *box = NULL;
+    stream_close(NULL, s);
+    stream_clear_wait(s);
+    free(s->r.hdrs);
+    free(s);
+    return 0;
+}
+
+static int l_stream_close(lua_State *L)
+{
+    stream_close(L, check_stream(L));
+    return 0;
+}
+
+static int stream_wait(lua_State *L, http_stream *s, int what)
+{
+    if (s->r.wait_id)
+        return luaL_error(L, "http_client stream: another task is already waiting on it");
+    if (!tamarco_in_task(L))
+        return luaL_error(L, "http_client stream: read() and response() yield: call them inside a task");
+    s->waiting = what;
+    s->r.wait_id = tamarco_wait_begin(L, cancel_stream_wait, s);
+    lua_pushthread(L);
+    s->reader_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return tamarco_wait_yield(L);
+}
+
+static int l_stream_read(lua_State *L)
+{
+    http_stream *s = check_stream(L);
+    int n = stream_push_read(L, s);
+    if (n > 0) {
+        if (s->paused && !s->finished && s->r.easy) {
+            s->paused = 0;
+            curl_easy_pause(s->r.easy, CURLPAUSE_CONT);   /* may deliver more now */
+        }
+        return n;
+    }
+    s->notify = 0;
+    return stream_wait(L, s, WAIT_READ);
+}
+
+static int l_stream_response(lua_State *L)
+{
+    http_stream *s = check_stream(L);
+    int n = stream_push_response(L, s);
+    if (n > 0)
+        return n;
+    return stream_wait(L, s, WAIT_RESPONSE);
+}
+
+static int l_stream_info(lua_State *L)
+{
+    http_stream *s = check_stream(L);
+    lua_createtable(L, 0, 5);
+    lua_pushinteger(L, (lua_Integer)s->status);
+    lua_setfield(L, -2, "status");
+    lua_pushboolean(L, s->finished);
+    lua_setfield(L, -2, "finished");
+    lua_pushboolean(L, s->closed);
+    lua_setfield(L, -2, "closed");
+    lua_pushinteger(L, (lua_Integer)s->r.body_len);
+    lua_setfield(L, -2, "buffered");
+    lua_pushboolean(L, s->paused);
+    lua_setfield(L, -2, "paused");
+    return 1;
+}
+
+static int l_stream(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    if (!tamarco_host_of(L))
+        return luaL_error(L, "the HTTP client runs on the service's main state, not in a thread");
+
+    const char *url = opt_string(L, "url", NULL);
+    if (!url)
+        return luaL_error(L, "stream: 'url' is required");
+    const char *method = opt_string(L, "method", "GET");
+    const char *ca_file = opt_string(L, "ca_file", NULL);
+    long timeout_ms = opt_ms(L, "timeout_ms", 0);
+    long connect_timeout_ms = opt_ms(L, "connect_timeout_ms", 0);
+    int verify_tls = opt_bool(L, "verify_tls", 1);
+    long max_buffer = opt_ms(L, "max_buffer_bytes", (long)DEFAULT_MAX_BUFFER);
+    if (max_buffer < 1)
+        max_buffer = 1;
+    size_t body_len = 0;
+    const char *body = NULL;
+    lua_getfield(L, 1, "body");
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "stream: 'body' must be a string");
+        body = lua_tolstring(L, -1, &body_len);
+    }
+    lua_getfield(L, 1, "headers");   /* stack: opts, body, headers */
+    int headers_index = 3;
+    if (!lua_isnil(L, headers_index)) {
+        luaL_argcheck(L, lua_istable(L, headers_index), 1, "'headers' must be a table");
+        check_headers(L, headers_index);
+    }
+    if (!*method)
+        return luaL_error(L, "stream: empty method");
+    for (const char *c = method; *c; c++)
+        if (!isalpha((unsigned char)*c) && *c != '-' && *c != '_')
+            return luaL_error(L, "stream: bad method '%s'", method);
+    http_multi *m = get_multi(L);
+
+    /* the handle first: raising after it is safe (its __gc frees) */
+    http_stream **box = lua_newuserdata(L, sizeof *box);
+    *box = NULL;
+    luaL_getmetatable(L, STREAM_MT);
+    lua_setmetatable(L, -2);
+    int box_index = lua_gettop(L);
+
+    http_stream *s = calloc(1, sizeof *s);
+    if (!s)
+        return luaL_error(L, "out of memory");
+    *box = s;
+    s->host = m->host;
+    s->reader_ref = LUA_NOREF;
+    s->max_buffer = (size_t)max_buffer;
+    http_request *req = &s->r;
+    req->is_stream = 1;
+    req->m = m;
+    req->easy = m->pooled ? m->pool[--m->pooled] : curl_easy_init();
+    int failed = req->easy == NULL;
+    int has_expect = 0;
+    if (!failed && !lua_isnil(L, headers_index))
+        req->headers = build_headers(L, headers_index, &has_expect, &failed);
+    if (!failed && body && !has_expect)
+        req->headers = add_header(req->headers, "Expect", NULL, &failed);
+    if (failed) {
+        s->finished = 1;   /* nothing in the multi: __gc only frees */
+        release_easy(m, req->easy);
+        req->easy = NULL;
+        curl_slist_free_all(req->headers);
+        req->headers = NULL;
+        return fail(L, "out of memory", "error");
+    }
+
+    CURL *e = req->easy;
+    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)req);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, req->errbuf);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_stream_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, s);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_stream_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, s);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "tamarco-host/" TAMARCO_VERSION);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPIDLE, 30L);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPINTVL, 10L);
+#if LIBCURL_VERSION_NUM >= 0x075500
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+#endif
+    if (curl_easy_setopt(e, CURLOPT_URL, url) != CURLE_OK) {
+        s->finished = 1;
+        release_easy(m, e);
+        req->easy = NULL;
+        curl_slist_free_all(req->headers);
+        req->headers = NULL;
+        return fail(L, "bad url", "protocol");
+    }
+    if (timeout_ms > 0)
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms);
+    if (connect_timeout_ms > 0)
+        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout_ms);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, verify_tls ? 1L : 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, verify_tls ? 2L : 0L);
+    if (ca_file)
+        curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
+    if (req->headers)
+        curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
+    if (strcmp(method, "HEAD") == 0) {
+        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+    } else if (body) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+        curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body);
+        if (strcmp(method, "POST") != 0)
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    } else if (strcmp(method, "GET") != 0) {
+        if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 || strcmp(method, "PATCH") == 0) {
+            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, 0L);
+            curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, "");
+        }
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    }
+    CURLMcode mc = curl_multi_add_handle(m->multi, e);
+    if (mc != CURLM_OK) {
+        s->finished = 1;
+        release_easy(m, e);
+        req->easy = NULL;
+        curl_slist_free_all(req->headers);
+        req->headers = NULL;
+        return fail(L, curl_multi_strerror(mc), "error");
+    }
+    request_link(m, req);
+    lua_pushvalue(L, box_index);
+    return 1;
+}
+
+static void register_stream_mt(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        {"read", l_stream_read},
+        {"response", l_stream_response},
+        {"close", l_stream_close},
+        {"info", l_stream_info},
+        {NULL, NULL},
+    };
+    if (luaL_newmetatable(L, STREAM_MT)) {
+        lua_newtable(L);
+        luaL_register(L, NULL, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_stream_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+}
+
 static int l_stats(lua_State *L)
 {
     http_multi *m = the_multi;
@@ -772,6 +1295,12 @@ static void teardown(http_multi *m)
 {
     while (m->requests) {
         http_request *req = m->requests;
+        if (req->is_stream) {   /* the handle's __gc frees it later */
+            http_stream *s = (http_stream *)req;
+            s->rc = CURLE_ABORTED_BY_CALLBACK;
+            stream_detach(s);
+            continue;
+        }
         curl_multi_remove_handle(m->multi, req->easy);
         request_unlink(m, req);
         curl_easy_cleanup(req->easy);
@@ -841,11 +1370,13 @@ int luaopen_tamarco_c_http_client(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
         {"request", l_request},
+        {"stream", l_stream},
         {"stats", l_stats},
         {"shutdown", l_shutdown},
         {NULL, NULL},
     };
     pin_module();
+    register_stream_mt(L);
     lua_newtable(L);
     luaL_register(L, NULL, funcs);
     /* module.__gc_owner: a userdata whose finalizer tears the multi down

@@ -40,7 +40,7 @@ describe("scheduler", function()
             local function deep() error("boom in task") end
             deep()
         end)
-        scheduler.set_error_handler(nil)
+        require("tamarco.tasks").log_failures_to_stderr()
         assert.is_false(ok)
         assert.matches("boom in task", err)
         assert.matches("boom in task", seen.err)

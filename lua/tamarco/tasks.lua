@@ -18,6 +18,16 @@ local cancelled = setmetatable({}, { __mode = "k" })
 --- Names of running named tasks (coroutine -> name), for error reports.
 tasks.names = setmetatable({}, { __mode = "k" })
 
+--- The scheduler's error handler until a service installs its logger:
+-- failures go to stderr with their traceback; cancellations are not failures.
+function tasks.log_failures_to_stderr()
+    scheduler.set_error_handler(function(co, err, traceback)
+        if err == tasks.CANCELLED then return end
+        io.stderr:write("tamarco: task failed: ", tostring(err), "\n", tostring(traceback), "\n")
+    end)
+end
+tasks.log_failures_to_stderr()
+
 --- Installs the scheduler's error handler: every failing task is logged once
 -- with its traceback through `logger`; cancellations are not failures.
 function tasks.log_failures_to(logger)
