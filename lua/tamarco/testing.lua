@@ -20,13 +20,20 @@ function testing.run(fn, ...)
         done, ok, results = true, success, { n = select("#", ...), ... }
     end)
     local deadline = timer.hrtime() + testing.timeout_ms * 1e6
+    -- a timer at the deadline makes sure the loop turns then, even when the
+    -- task waits on something that never comes
+    local uv = require "luv"
+    local alarm = uv.new_timer()
+    alarm:start(testing.timeout_ms, 0, function() end)
     while not done do
         if timer.hrtime() > deadline then
+            alarm:close()
             scheduler.interrupt(co, nil, "timeout")
             error(("testing.run: task did not finish within %d ms"):format(testing.timeout_ms), 2)
         end
         process.run_loop("once")
     end
+    alarm:close()
     if not ok then
         local err, tb = results[1], results[2]
         error(tostring(err) .. "\n" .. tostring(tb), 0)
