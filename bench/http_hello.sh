@@ -1,8 +1,10 @@
 #!/bin/sh
 # Hello-world JSON over HTTP: tamarco-host (services/hello) against nginx
-# with Debian's Lua module (content_by_lua_block, one worker), both on
-# loopback, measured with wrk in the same run. Prints requests/s, p99 and
-# the ratios (ours / theirs), and the resident memory of each server.
+# with Debian's Lua module (content_by_lua_block) and Python aiohttp, all on
+# loopback, measured with wrk in the same run, with one worker each and then
+# two (tamarco-host --workers 2, nginx worker_processes 2, two aiohttp
+# processes on one port). Prints requests/s, p99 and the ratios (ours /
+# theirs), and the resident memory of each server (per worker).
 #
 #   sh bench/http_hello.sh                 # wrk -t2 -c50 -d10s --latency
 #   DURATION=30s CONNECTIONS=100 sh bench/http_hello.sh
@@ -10,8 +12,8 @@
 #   PIN=1 sh bench/http_hello.sh           # servers on CPU 1, wrk on CPU 0
 #   BENCH_LUA_DIR=DIR sh bench/http_hello.sh  # run the service with another Lua tree
 #
-# Needs root the first time, to install wrk, nginx-light and
-# libnginx-mod-http-lua with apt-get.
+# Needs root the first time, to install wrk, nginx-light,
+# libnginx-mod-http-lua and python3-aiohttp with apt-get.
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +23,7 @@ CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-2}
 OUR_PORT=${OUR_PORT:-18080}
 NGINX_PORT=${NGINX_PORT:-18081}
+AIOHTTP_PORT=${AIOHTTP_PORT:-18082}
 PIN=${PIN:-0}
 URL_PATH=/hello/world
 
@@ -28,6 +31,7 @@ missing=""
 command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
 command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
 [ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || missing="$missing libnginx-mod-http-lua"
+/usr/bin/python3 -c "import aiohttp" 2>/dev/null || missing="$missing python3-aiohttp"
 if [ -n "$missing" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing packages:$missing (run as root to install them)" >&2
@@ -49,11 +53,9 @@ fi
 
 WORK=$(mktemp -d /tmp/tamarco-bench.XXXXXX)
 chmod 755 "$WORK"
-OUR_PID=""
-NGINX_PID=""
+PIDS=""
 cleanup() {
-    [ -n "$OUR_PID" ] && kill "$OUR_PID" 2>/dev/null || true
-    [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null || true
+    for pid in $PIDS; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
@@ -66,15 +68,6 @@ if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
     wrk_cpu="taskset -c 0"
 fi
 
-# nginx with its Lua module, one worker
-mkdir -p "$WORK/nginx/logs" "$WORK/nginx/client_body"
-ln -s /usr/lib/nginx/modules "$WORK/nginx/modules"
-sed -e "s|@PREFIX@|$WORK/nginx|g" -e "s|@PORT@|$NGINX_PORT|g" \
-    "$ROOT/bench/http_hello_nginx.conf" > "$WORK/nginx/nginx.conf"
-$server_cpu nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
-NGINX_PID=$!
-
-# the hello service
 cat > "$WORK/settings.yml" <<YML
 system:
   deploy_name: bench
@@ -85,29 +78,22 @@ system:
     api:
       host: 127.0.0.1
       port: $OUR_PORT
+    tamarco_http_report_server:
+      port: 0
 YML
-$server_cpu env ${BENCH_LUA_DIR:+TAMARCO_LUA_DIR=$BENCH_LUA_DIR} "$HOST_BIN" run "$ROOT/services/hello/service.lua" --settings "$WORK/settings.yml" \
-    > "$WORK/hello.log" 2>&1 &
-OUR_PID=$!
 
 wait_port() {
     i=0
     while ! curl -fs "http://127.0.0.1:$1$URL_PATH" >/dev/null 2>&1; do
         i=$((i + 1))
-        if [ $i -gt 100 ]; then
+        if [ $i -gt 150 ]; then
             echo "server on port $1 did not answer" >&2
-            cat "$WORK/hello.log" "$WORK/nginx/error.log" 2>/dev/null >&2 || true
+            cat "$WORK"/*.log "$WORK"/nginx*/error.log 2>/dev/null >&2 || true
             exit 1
         fi
         sleep 0.1
     done
 }
-wait_port "$OUR_PORT"
-wait_port "$NGINX_PORT"
-
-echo "tamarco: $(curl -s "http://127.0.0.1:$OUR_PORT$URL_PATH")"
-echo "nginx:   $(curl -s "http://127.0.0.1:$NGINX_PORT$URL_PATH")"
-
 # p99 from wrk's latency distribution, in milliseconds
 p99_ms() {
     awk '$1 == "99%" {
@@ -118,33 +104,75 @@ p99_ms() {
     }' "$1"
 }
 rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }
-
-run_wrk() {   # name port
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+run_wrk() {   # file port
     $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "http://127.0.0.1:$2$URL_PATH" >/dev/null   # warm-up
     $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
-        "http://127.0.0.1:$2$URL_PATH" > "$WORK/wrk-$1.txt"
+        "http://127.0.0.1:$2$URL_PATH" > "$1"
 }
-run_wrk tamarco "$OUR_PORT"
-run_wrk nginx "$NGINX_PORT"
+stop() { for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -n1)
-OUR_RSS=$(rss_kb "$OUR_PID")
-NGINX_RSS=$(rss_kb "$NGINX_WORKER")
+bench_workers() {   # N
+    n=$1
+    # tamarco-host
+    if [ "$n" = 1 ]; then
+        $server_cpu env ${BENCH_LUA_DIR:+TAMARCO_LUA_DIR=$BENCH_LUA_DIR} "$HOST_BIN" run \
+            "$ROOT/services/hello/service.lua" --settings "$WORK/settings.yml" > "$WORK/hello.log" 2>&1 &
+    else
+        $server_cpu env ${BENCH_LUA_DIR:+TAMARCO_LUA_DIR=$BENCH_LUA_DIR} "$HOST_BIN" run \
+            "$ROOT/services/hello/service.lua" --settings "$WORK/settings.yml" --workers "$n" > "$WORK/hello.log" 2>&1 &
+    fi
+    our=$!
+    PIDS="$PIDS $our"
+    wait_port "$OUR_PORT"
+    sleep 0.5   # every worker listening
+    run_wrk "$WORK/wrk-tamarco-$n.txt" "$OUR_PORT"
+    if [ "$n" = 1 ]; then our_rss=$(rss_kb "$our"); else our_rss=$(rss_kb "$(pgrep -P "$our" | head -n1)"); fi
+    stop "$our"
 
-OUR_RPS=$(rps "$WORK/wrk-tamarco.txt")
-NGINX_RPS=$(rps "$WORK/wrk-nginx.txt")
-OUR_P99=$(p99_ms "$WORK/wrk-tamarco.txt")
-NGINX_P99=$(p99_ms "$WORK/wrk-nginx.txt")
-errors=$(grep -h -E "Socket errors|Non-2xx" "$WORK"/wrk-*.txt || true)
+    # nginx + Lua
+    mkdir -p "$WORK/nginx$n/logs" "$WORK/nginx$n/client_body"
+    ln -sf /usr/lib/nginx/modules "$WORK/nginx$n/modules"
+    sed -e "s|@PREFIX@|$WORK/nginx$n|g" -e "s|@PORT@|$NGINX_PORT|g" -e "s|worker_processes 1;|worker_processes $n;|" \
+        "$ROOT/bench/http_hello_nginx.conf" > "$WORK/nginx$n/nginx.conf"
+    $server_cpu nginx -p "$WORK/nginx$n" -c "$WORK/nginx$n/nginx.conf" &
+    ngx=$!
+    PIDS="$PIDS $ngx"
+    wait_port "$NGINX_PORT"
+    run_wrk "$WORK/wrk-nginx-$n.txt" "$NGINX_PORT"
+    ngx_rss=$(rss_kb "$(pgrep -P "$ngx" | head -n1)")
+    stop "$ngx"
 
-echo
-echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency http://127.0.0.1:PORT$URL_PATH (pinned: $PIN)"
-printf '%-22s %12s %10s %10s\n' "server" "requests/s" "p99 ms" "RSS KiB"
-printf '%-22s %12s %10s %10s\n' "tamarco-host (hello)" "$OUR_RPS" "$OUR_P99" "$OUR_RSS"
-printf '%-22s %12s %10s %10s\n' "nginx+lua worker" "$NGINX_RPS" "$NGINX_P99" "$NGINX_RSS"
-awk -v a="$OUR_RPS" -v b="$NGINX_RPS" -v c="$OUR_P99" -v d="$NGINX_P99" -v e="$OUR_RSS" -v f="$NGINX_RSS" 'BEGIN {
-    printf "ratios (tamarco / nginx): requests/s %.2fx, p99 %.2fx, RSS %.2fx\n", a / b, c / d, e / f
-}'
-[ -n "$errors" ] && echo "$errors"
+    # aiohttp: n processes on one port
+    aio=""
+    i=0
+    while [ $i -lt "$n" ]; do
+        $server_cpu /usr/bin/python3 "$ROOT/bench/peers/hello_aiohttp.py" "$AIOHTTP_PORT" > "$WORK/aiohttp.log" 2>&1 &
+        aio="$aio $!"
+        i=$((i + 1))
+    done
+    PIDS="$PIDS $aio"
+    wait_port "$AIOHTTP_PORT"
+    sleep 0.5
+    run_wrk "$WORK/wrk-aiohttp-$n.txt" "$AIOHTTP_PORT"
+    aio_rss=$(rss_kb "$(echo $aio | cut -d' ' -f1)")
+    stop $aio
+
+    echo
+    echo "== $n worker(s): wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency http://127.0.0.1:PORT$URL_PATH (pinned: $PIN)"
+    printf '%-22s %12s %10s %14s\n' "server" "requests/s" "p99 ms" "RSS KiB/worker"
+    printf '%-22s %12s %10s %14s\n' "tamarco-host (hello)" "$(rps "$WORK/wrk-tamarco-$n.txt")" "$(p99_ms "$WORK/wrk-tamarco-$n.txt")" "$our_rss"
+    printf '%-22s %12s %10s %14s\n' "nginx+lua" "$(rps "$WORK/wrk-nginx-$n.txt")" "$(p99_ms "$WORK/wrk-nginx-$n.txt")" "$ngx_rss"
+    printf '%-22s %12s %10s %14s\n' "python aiohttp" "$(rps "$WORK/wrk-aiohttp-$n.txt")" "$(p99_ms "$WORK/wrk-aiohttp-$n.txt")" "$aio_rss"
+    awk -v a="$(rps "$WORK/wrk-tamarco-$n.txt")" -v b="$(rps "$WORK/wrk-nginx-$n.txt")" -v c="$(rps "$WORK/wrk-aiohttp-$n.txt")" \
+        -v d="$(p99_ms "$WORK/wrk-tamarco-$n.txt")" -v e="$(p99_ms "$WORK/wrk-nginx-$n.txt")" -v f="$(p99_ms "$WORK/wrk-aiohttp-$n.txt")" \
+        -v g="$our_rss" -v h="$ngx_rss" 'BEGIN {
+        printf "ratios vs nginx+lua: requests/s %.2fx, p99 %.2fx, RSS %.2fx\n", a / b, d / e, g / h
+        printf "ratios vs aiohttp:   requests/s %.2fx, p99 %.2fx\n", a / c, d / f
+    }'
+    grep -h -E "Socket errors|Non-2xx" "$WORK"/wrk-*-"$n".txt || true
+}
+
+bench_workers 1
+bench_workers 2
 exit 0
