@@ -14,14 +14,7 @@ local function view_with(logging_section)
     return store:view("sinky")
 end
 
-local function free_port()
-    local uv = require "luv"
-    local tcp = uv.new_tcp()
-    tcp:bind("127.0.0.1", 0)
-    local port = tcp:getsockname().port
-    tcp:close()
-    return port
-end
+local free_port = require("spec.support.net").free_port
 
 local function dropped(sink_name)
     return metrics.counter("logging_dropped_records_total", {

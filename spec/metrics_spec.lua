@@ -419,13 +419,7 @@ local function listen()
     return l
 end
 
-local function free_port()
-    local tcp = uv.new_tcp()
-    tcp:bind("127.0.0.1", 0)
-    local port = tcp:getsockname().port
-    tcp:close()
-    return port
-end
+local free_port = require("spec.support.net").free_port
 
 describe("reporters", function()
     local function registry()

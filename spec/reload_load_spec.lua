@@ -6,14 +6,7 @@ local testing = require "tamarco.testing"
 local http_client = require "tamarco.resources.http_client"
 local cli = require "spec.support.cli"
 
-local function free_port()
-    local uv = require "luv"
-    local tcp = uv.new_tcp()
-    tcp:bind("127.0.0.1", 0)
-    local port = tcp:getsockname().port
-    tcp:close()
-    return port
-end
+local free_port = require("spec.support.net").free_port
 
 local function source(version, port)
     return ([[

@@ -1,14 +1,7 @@
 -- `tamarco-host run --workers N`: shared port, supervision, drain.
 local cli = require "spec.support.cli"
 
-local function free_port()
-    local uv = require "luv"
-    local tcp = uv.new_tcp()
-    tcp:bind("127.0.0.1", 0)
-    local port = tcp:getsockname().port
-    tcp:close()
-    return port
-end
+local free_port = require("spec.support.net").free_port
 
 describe("--workers", function()
     it("runs N workers on one port, restarts a killed one, and stops them all on SIGTERM", function()

@@ -52,52 +52,10 @@ local etcd = {}
 etcd.DEFAULT_PORT = 2379
 etcd.null = cjson.null
 
----------------------------------------------------------------------------
--- base64
----------------------------------------------------------------------------
-
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local b64_enc, b64_dec = {}, {}
-for i = 1, 64 do
-    b64_enc[i - 1] = B64:sub(i, i)
-    b64_dec[B64:byte(i)] = i - 1
-end
-b64_dec[("-"):byte()] = 62   -- URL-safe alphabet too
-b64_dec[("_"):byte()] = 63
-
-function etcd.b64encode(s)
-    local out, n = {}, #s
-    for i = 1, n, 3 do
-        local a, b, d = s:byte(i, i + 2)
-        local v = a * 65536 + (b or 0) * 256 + (d or 0)
-        local c1, c2 = math.floor(v / 262144) % 64, math.floor(v / 4096) % 64
-        local c3, c4 = math.floor(v / 64) % 64, v % 64
-        out[#out + 1] = b64_enc[c1] .. b64_enc[c2] .. (b and b64_enc[c3] or "=") .. (d and b64_enc[c4] or "=")
-    end
-    return table.concat(out)
-end
-
-function etcd.b64decode(s)
-    s = s:gsub("[^%w%+/%-_]", "")
-    local out, n = {}, #s
-    for i = 1, n, 4 do
-        local v, count = 0, 0
-        for j = i, math.min(i + 3, n) do
-            v = v * 64 + b64_dec[s:byte(j)]
-            count = count + 1
-        end
-        for _ = count + 1, 4 do v = v * 64 end
-        local b1, b2, b3 = math.floor(v / 65536) % 256, math.floor(v / 256) % 256, v % 256
-        if count == 4 then
-            out[#out + 1] = string.char(b1, b2, b3)
-        elseif count == 3 then
-            out[#out + 1] = string.char(b1, b2)
-        elseif count == 2 then
-            out[#out + 1] = string.char(b1)
-        end
-    end
-    return table.concat(out)
-end
+-- base64 (etcd's JSON gateway carries keys and values in base64)
+local codec = require "tamarco.c.codec"
+etcd.b64encode = codec.base64_encode
+function etcd.b64decode(s) return (assert(codec.base64_decode(s))) end
 
 --- The range_end that selects every key starting with `prefix`.
 function etcd.prefix_end(prefix)

@@ -102,6 +102,7 @@ local DEFAULTS = {
     request_timeout_ms = 5000,
     drain_timeout_ms = 10000,
 }
+Client.defaults = DEFAULTS
 
 local ON_ERROR = { requeue = true, dead_letter = true }
 
@@ -132,19 +133,6 @@ function Client:init(options)
     self.drain_waiters = {}
     self.next_id = 0
     self.counters = { handled = 0, handler_errors = 0, rejected = 0, requests = 0, timeouts = 0 }
-end
-
---- The effective value of a setting: settings view, then options, then default.
-function Client:setting(key)
-    local view = self.settings
-    if type(view) == "table" then
-        local value
-        if type(view.get) == "function" then value = view:get(key, nil) else value = view[key] end
-        if value ~= nil then return value end
-    end
-    local value = self.options[key]
-    if value ~= nil then return value end
-    return DEFAULTS[key]
 end
 
 function Client:log()

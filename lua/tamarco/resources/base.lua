@@ -56,6 +56,25 @@ function Resource:bind(service, name, settings_view, logger)
     self.logger = logger
 end
 
+--- The effective value of a setting: the settings view (which reads
+-- system.microservices.<svc>.resources.<name>.<key>, then
+-- system.resources.<name>.<key>), then the options given to the
+-- constructor, then `default`, then the class's `defaults[key]`.
+-- Works before bind (no view) and for resources used without a service.
+function Resource:setting(key, default)
+    local view = self.settings
+    if type(view) == "table" then
+        local value
+        if type(view.get) == "function" then value = view:get(key, nil) else value = view[key] end
+        if value ~= nil then return value end
+    end
+    local value = self.options[key]
+    if value ~= nil then return value end
+    if default ~= nil then return default end
+    local defaults = self.defaults
+    return defaults and defaults[key]
+end
+
 function Resource:pre_start() end
 function Resource:start() end
 function Resource:post_start() end

@@ -39,6 +39,7 @@ local DEFAULTS = {
     follow_redirects = true,
     max_body_bytes = 64 * 1024 * 1024,
 }
+HttpClient.defaults = DEFAULTS
 
 local SETTING_KEYS = { "timeout_ms", "connect_timeout_ms", "verify_tls", "ca_file",
     "follow_redirects", "max_body_bytes", "base_url", "headers" }
@@ -46,23 +47,6 @@ local SETTING_KEYS = { "timeout_ms", "connect_timeout_ms", "verify_tls", "ca_fil
 function HttpClient:init(options)
     base.Resource.init(self, options)
     self.counters = { requests = 0, errors = 0, in_flight = 0 }
-end
-
---- The effective value of a setting: settings view, then options, then default.
-function HttpClient:setting(key)
-    local view = self.settings
-    if view ~= nil then
-        local value
-        if type(view) == "table" and type(view.get) == "function" then
-            value = view:get(key, nil)   -- a view raises on a missing key without a default
-        elseif type(view) == "table" then
-            value = view[key]
-        end
-        if value ~= nil then return value end
-    end
-    local value = self.options[key]
-    if value ~= nil then return value end
-    return DEFAULTS[key]
 end
 
 --- The settings the client uses (for /status and debugging; no secrets).

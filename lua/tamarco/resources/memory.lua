@@ -20,11 +20,6 @@ local Profiler = require "tamarco.resources.profiler"
 
 local Memory = base.class("memory")
 
-function Memory:setting(key, default)
-    if not self.settings then return default end
-    return self.settings:get(key, default)
-end
-
 function Memory:enabled()
     return Profiler.listed(self:setting("microservices_with_memory", {}), self.service.name)
 end

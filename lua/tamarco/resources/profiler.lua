@@ -31,11 +31,6 @@ function Profiler.listed(list, name)
     return false
 end
 
-function Profiler:setting(key, default)
-    if not self.settings then return default end
-    return self.settings:get(key, default)
-end
-
 function Profiler:enabled()
     return Profiler.listed(self:setting("microservices_with_profiler", {}), self.service.name)
 end

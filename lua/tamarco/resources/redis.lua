@@ -86,6 +86,7 @@ local DEFAULTS = {
     reconnect_max = 5000,
     fail_on_start = false,
 }
+Redis.defaults = DEFAULTS
 
 local SETTING_KEYS = { "host", "port", "username", "password", "db", "connect_timeout",
     "reconnect_min", "reconnect_max", "fail_on_start" }
@@ -109,23 +110,6 @@ function Redis:init(options)
     -- would be looked up in __index and turn into a command method.
     self.link, self.pubsub, self.stopping = false, false, false
     self.logger, self.settings, self.name, self.service = false, false, false, false
-end
-
---- The effective value of a setting: settings view, then options, then default.
-function Redis:setting(key)
-    local view = self.settings
-    if type(view) == "table" then
-        local value
-        if type(view.get) == "function" then
-            value = view:get(key, nil)
-        else
-            value = view[key]
-        end
-        if value ~= nil then return value end
-    end
-    local value = self.options[key]
-    if value ~= nil then return value end
-    return DEFAULTS[key]
 end
 
 function Redis:log()

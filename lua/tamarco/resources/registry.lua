@@ -48,20 +48,11 @@ local STATUS = base.STATUS
 local Registry = base.class("registry")
 
 local DEFAULTS = { enabled = false, path = "system.discovery", ttl = 5 }
+Registry.defaults = DEFAULTS
 
 function Registry:init(options)
     base.Resource.init(self, options)
     self.watchers = {}
-end
-
-function Registry:setting(key)
-    local view = self.settings
-    if type(view) == "table" and type(view.get) == "function" then
-        local value = view:get(key, nil)
-        if value ~= nil then return value end
-    end
-    if self.options[key] ~= nil then return self.options[key] end
-    return DEFAULTS[key]
 end
 
 local function env(name)
