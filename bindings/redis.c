@@ -106,8 +106,14 @@ typedef struct redis_cmd {
 /* > 0 while one of our Lua entry points runs hiredis code that may call
  * back (close, __gc, cancel): tasks are then woken on the next turn. */
 static int api_depth;
-/* Set when the main state closes: no more calls into Lua. */
+/* Set when the main state closes: no more calls into Lua. It is set by the
+ * finalizer of a userdata anchored in the registry (STATE_END_KEY), which
+ * only runs from lua_close. It must not hang off the module table: require
+ * can load this module more than once in one state (busted's insulation,
+ * reload or any code that clears package.loaded), and collecting an old
+ * module table would otherwise silence every later connect and reply. */
 static int state_closing;
+#define STATE_END_KEY "tamarco.c.redis.state_end"
 
 /* ---- failures delivered on the next loop turn ---- */
 
@@ -883,13 +889,23 @@ int luaopen_tamarco_c_redis(lua_State *L)
     luaL_register(L, NULL, funcs);
     lua_pushlightuserdata(L, NULL);
     lua_setfield(L, -2, "null");
-    /* module.__gc_owner: a userdata whose finalizer marks the state's end */
+    /* module.__gc_owner: a userdata whose finalizer marks the state's end.
+     * One per main state, anchored in the registry (see state_closing):
+     * loading the module again reuses it, and dropping a module table from
+     * package.loaded never runs it. */
     if (tamarco_host_of(L)) {
-        lua_newuserdata(L, 1);
-        lua_createtable(L, 0, 1);
-        lua_pushcfunction(L, l_module_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_setmetatable(L, -2);
+        lua_getfield(L, LUA_REGISTRYINDEX, STATE_END_KEY);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_newuserdata(L, 1);
+            lua_createtable(L, 0, 1);
+            lua_pushcfunction(L, l_module_gc);
+            lua_setfield(L, -2, "__gc");
+            lua_setmetatable(L, -2);
+            lua_pushvalue(L, -1);
+            lua_setfield(L, LUA_REGISTRYINDEX, STATE_END_KEY);
+            state_closing = 0;   /* a new main state */
+        }
         lua_setfield(L, -2, "__gc_owner");
     }
     return 1;

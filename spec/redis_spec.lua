@@ -247,6 +247,60 @@ describe("redis binding (tamarco.c.redis)", function()
             assert.are.same({ nil, "connection closed", "connection" }, results[1])
         end)
     end)
+
+    -- busted insulates spec files: package.loaded is restored after each
+    -- file, so the next file loads tamarco.c.redis again and the first
+    -- module table (with its __gc_owner) becomes garbage. Collecting it
+    -- once marked the main state as closing: every later connect and reply
+    -- was silently dropped and tasks hung (log_sinks_spec, then this file).
+    it("keeps connecting after the module is loaded again and the old copy collected", function()
+        testing.run(function()
+            local tasks = require "tamarco.tasks"
+            -- a client owned by a task that is cancelled, then closed (what
+            -- the Redis log sink does), with a fresh copy of the binding
+            local saved = package.loaded["tamarco.c.redis"]
+            package.loaded["tamarco.c.redis"] = nil
+            local fresh = require "tamarco.c.redis"
+            package.loaded["tamarco.c.redis"] = saved
+            assert.are_not.equal(saved, fresh)
+            local owned
+            local sender = tamarco.spawn(function()
+                owned = assert(fresh.connect(REDIS_HOST, REDIS_PORT))
+                assert.are.equal("PONG", owned:command("PING"))
+                tamarco.sleep(60000)
+            end)
+            assert.is_true(wait_until(function() return owned ~= nil end, 2000))
+            tasks.cancel(sender)
+            tamarco.sleep(10)
+            owned:close()
+            owned, sender, fresh = nil, nil, nil
+            -- connections dropped without close, then a full collection,
+            -- which also collects the second module table
+            do
+                local a = assert(c.connect(REDIS_HOST, REDIS_PORT))
+                assert.are.equal("PONG", a:command("PING"))
+            end
+            collectgarbage()
+            collectgarbage()
+            tamarco.sleep(10)
+            -- connects, replies and close failures still reach their tasks
+            local conn = assert(c.connect(REDIS_HOST, REDIS_PORT, { connect_timeout_ms = 2000 }))
+            assert.are.equal("PONG", conn:command("PING"))
+            local result
+            run_tasks(2, function(i)
+                if i == 1 then
+                    result = { conn:command("BLPOP", "spec:reload:list", 5) }
+                else
+                    tamarco.sleep(20)
+                    conn:close()
+                end
+            end)
+            assert.are.same({ nil, "connection closed", "connection" }, result)
+            local client = connect()
+            assert.are.equal("PONG", client:ping())
+            client:close()
+        end)
+    end)
 end)
 
 describe("redis resource", function()
