@@ -1380,13 +1380,22 @@ int luaopen_tamarco_c_http_client(lua_State *L)
     lua_newtable(L);
     luaL_register(L, NULL, funcs);
     /* module.__gc_owner: a userdata whose finalizer tears the multi down
-     * when the main state closes (thread states own no multi). */
-    tamarco_host **owner = lua_newuserdata(L, sizeof *owner);
-    *owner = tamarco_host_of(L);
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
+     * when the main state closes (thread states own no multi). It is made
+     * once per state and kept in the registry: a module table dropped from
+     * package.loaded (busted does that between spec files) and collected
+     * must not tear down the multi in the middle of a run. */
+    lua_getfield(L, LUA_REGISTRYINDEX, "tamarco.c.http_client.state_end");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        tamarco_host **owner = lua_newuserdata(L, sizeof *owner);
+        *owner = tamarco_host_of(L);
+        lua_createtable(L, 0, 1);
+        lua_pushcfunction(L, l_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_setmetatable(L, -2);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, "tamarco.c.http_client.state_end");
+    }
     lua_setfield(L, -2, "__gc_owner");
     curl_version_info_data *info = curl_version_info(CURLVERSION_NOW);
     lua_pushstring(L, info->version);
