@@ -80,6 +80,8 @@ int main(void)
         "keep = thread.start('forever', function(ctx) ctx:send('up'); ctx:receive() end)\n"
         "assert(testing.run(function() return keep:receive(3000) end) == 'up')\n",
         "host state with threads");
+    /* close callbacks already queued (luv handles) run while their state lives */
+    uv_run(&loop, UV_RUN_NOWAIT);
     lua_close(L);   /* the running thread's handle is collected: it is stopped and let go */
     uv_walk(&loop, close_all, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
