@@ -51,16 +51,17 @@ cd /
 "$host" version
 
 # the hello example from the installed tree
-port=$(( 20000 + $$ % 20000 ))
-report=$(( port + 1 ))
+# outside the 20000-32000 range that scripts/test-services.sh takes ports from
+port=$(( 40000 + $$ % 10000 ))
+report=0
 out="$work/hello.log"
 TAMARCO__SYSTEM__RESOURCES__API__PORT=$port TAMARCO__SYSTEM__RESOURCES__TAMARCO_HTTP_REPORT_SERVER__PORT=$report \
     "$host" run "$source_dir/services/hello/service.lua" >"$out" 2>&1 &
 pid=$!
 i=0
-while [ $i -lt 200 ] && ! grep -q "service started" "$out"; do sleep 0.05; i=$((i + 1)); done
+while [ $i -lt 600 ] && ! grep -q "service started" "$out"; do sleep 0.05; i=$((i + 1)); done
 body=$(curl -sf "http://127.0.0.1:$port/hello/world" || true)
-kill -TERM $pid
+kill -TERM $pid 2>/dev/null || { cat "$out"; echo "the installed host exited before it was stopped"; exit 1; }
 status=0
 wait $pid || status=$?
 [ "$body" = '{"message":"hello world"}' ] || { cat "$out"; echo "hello answered '$body'"; exit 1; }

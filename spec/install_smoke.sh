@@ -17,7 +17,7 @@ TAMARCO__SYSTEM__RESOURCES__TAMARCO_HTTP_REPORT_SERVER__PORT=0 \
     "$prefix/bin/tamarco-host" run "$prefix/service.lua" >"$out" 2>&1 &
 pid=$!
 i=0
-while [ $i -lt 200 ] && ! grep -q "service started" "$out"; do sleep 0.05; i=$((i + 1)); done
+while [ $i -lt 600 ] && ! grep -q "service started" "$out"; do sleep 0.05; i=$((i + 1)); done
 kill -TERM $pid 2>/dev/null || { cat "$out"; echo "the installed host exited before it started"; exit 1; }
 status=0
 wait $pid || status=$?
