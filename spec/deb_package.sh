@@ -51,8 +51,8 @@ cd /
 "$host" version
 
 # the hello example from the installed tree
-# outside the 20000-32000 range that scripts/test-services.sh takes ports from
-port=$(( 40000 + $$ % 10000 ))
+# a port the kernel has just handed out as free
+port=$(/usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 report=0
 out="$work/hello.log"
 TAMARCO__SYSTEM__RESOURCES__API__PORT=$port TAMARCO__SYSTEM__RESOURCES__TAMARCO_HTTP_REPORT_SERVER__PORT=$report \
