@@ -68,7 +68,8 @@ the C module and runs the specs. NAME: lowercase letters, digits, '-' and
 }
 
 commands.etcd = {
-    usage = require("tamarco.etcd_command").usage,
+    -- loaded only when asked for: `run` must not pay for the etcd CLI
+    usage = function() return require("tamarco.etcd_command").usage end,
     main = function(args)
         return require("tamarco.etcd_command").main(args)
     end,
@@ -98,6 +99,12 @@ cannot be ordered.
     end,
 }
 
+function cli.usage_of(command)
+    local usage = command.usage
+    if type(usage) == "function" then usage = usage() end
+    return usage
+end
+
 function cli.main(argv)
     local command_name = argv[1]
     if command_name == nil or command_name == "--help" or command_name == "-h" or command_name == "help" then
@@ -112,12 +119,12 @@ function cli.main(argv)
     local args = {}
     for i = 2, #argv do args[#args + 1] = argv[i] end
     if args[1] == "--help" or args[1] == "-h" then
-        io.stdout:write(command.usage)
+        io.stdout:write(cli.usage_of(command))
         return 0
     end
     local code, err = command.main(args)
     if code == nil then
-        io.stderr:write("tamarco-host " .. command_name .. ": " .. tostring(err) .. "\n\n" .. command.usage)
+        io.stderr:write("tamarco-host " .. command_name .. ": " .. tostring(err) .. "\n\n" .. cli.usage_of(command))
         return EXIT_USAGE
     end
     return code

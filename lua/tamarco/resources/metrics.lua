@@ -26,7 +26,8 @@
 local base = require "tamarco.resources.base"
 local metrics = require "tamarco.metrics"
 local prometheus = require "tamarco.metrics.prometheus"
-local reporters = require "tamarco.metrics.reporters"
+-- reporters load only when a service turns one on
+local reporters = setmetatable({}, { __index = function(_, k) return require("tamarco.metrics.reporters")[k] end })
 local tasks = require "tamarco.tasks"
 
 local Metrics = base.class("metrics")
