@@ -54,6 +54,12 @@ int tamarco_find_lua_dir(char *out, size_t size);
 /* tamarco_host_of(L): see tamarco.h. */
 void tamarco_host_attach(tamarco_host *host, lua_State *L);
 
+/* ---- bytecode_cache.c ---- */
+
+/* Loads the framework's Lua modules from cached bytecode kept in cache_dir
+ * (when it exists and is writable), writing it on first use. */
+void tamarco_bytecode_cache_install(lua_State *L, const char *cache_dir);
+
 /* ---- scheduler.c: the only place that resumes coroutines ---- */
 
 /* tamarco_wait_begin, tamarco_in_task, tamarco_wait_yield, tamarco_wake and

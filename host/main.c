@@ -7,6 +7,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static tamarco_host host;
 
@@ -46,6 +47,12 @@ int main(int argc, char **argv)
     }
     host.L = L;
     tamarco_host_attach(&host, L);
+    char cache_dir[4200];
+    size_t exe_len = sizeof cache_dir - 16;
+    if (uv_exepath(cache_dir, &exe_len) == 0 && strrchr(cache_dir, '/')) {
+        strcpy(strrchr(cache_dir, '/'), "/lua_cache");
+        tamarco_bytecode_cache_install(L, cache_dir);
+    }
     if (tamarco_scheduler_init(&host) != 0) {
         fprintf(stderr, "tamarco-host: cannot initialise the scheduler\n");
         return 1;
