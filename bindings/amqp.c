@@ -91,7 +91,6 @@
 
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
-#include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdint.h>
@@ -2180,15 +2179,6 @@ static int l_connect(lua_State *L)
     return 1;
 }
 
-/* Keeps this module mapped after the state that loaded it closes: the
- * loop's async handles and the I/O threads run its code. */
-static void pin_module(void)
-{
-    Dl_info info;
-    if (dladdr((void *)pin_module, &info) && info.dli_fname)
-        dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
-}
-
 int luaopen_tamarco_c_amqp(lua_State *L)
 {
     static const luaL_Reg methods[] = {
@@ -2210,7 +2200,8 @@ int luaopen_tamarco_c_amqp(lua_State *L)
         {"connect", l_connect},
         {NULL, NULL},
     };
-    pin_module();
+    /* uv handles may still call into this module while the host shuts down */
+    tamarco_keep_loaded((const void *)luaopen_tamarco_c_amqp);
     if (luaL_newmetatable(L, CONN_MT)) {
         lua_newtable(L);
         luaL_register(L, NULL, methods);

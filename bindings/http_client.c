@@ -30,7 +30,6 @@
 
 #include <curl/curl.h>
 #include <ctype.h>
-#include <dlfcn.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -1357,15 +1356,6 @@ static int l_gc(lua_State *L)
     return 0;
 }
 
-/* Keeps this module mapped after the state that loaded it closes: uv
- * handles may still reference its callbacks. */
-static void pin_module(void)
-{
-    Dl_info info;
-    if (dladdr((void *)pin_module, &info) && info.dli_fname)
-        dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
-}
-
 int luaopen_tamarco_c_http_client(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
@@ -1375,7 +1365,8 @@ int luaopen_tamarco_c_http_client(lua_State *L)
         {"shutdown", l_shutdown},
         {NULL, NULL},
     };
-    pin_module();
+    /* uv handles may still call into this module while the host shuts down */
+    tamarco_keep_loaded((const void *)luaopen_tamarco_c_http_client);
     register_stream_mt(L);
     lua_newtable(L);
     luaL_register(L, NULL, funcs);

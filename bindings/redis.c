@@ -64,7 +64,6 @@
 #include <hiredis/adapters/libuv.h>
 
 #include <arpa/inet.h>
-#include <dlfcn.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -850,15 +849,6 @@ static int l_module_gc(lua_State *L)
     return 0;
 }
 
-/* Keeps this module mapped after the state that loaded it closes: uv
- * handles may still reference its callbacks. */
-static void pin_module(void)
-{
-    Dl_info info;
-    if (dladdr((void *)pin_module, &info) && info.dli_fname)
-        dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
-}
-
 int luaopen_tamarco_c_redis(lua_State *L)
 {
     static const luaL_Reg methods[] = {
@@ -874,7 +864,8 @@ int luaopen_tamarco_c_redis(lua_State *L)
         {"connect", l_connect},
         {NULL, NULL},
     };
-    pin_module();
+    /* uv handles may still call into this module while the host shuts down */
+    tamarco_keep_loaded((const void *)luaopen_tamarco_c_redis);
     if (luaL_newmetatable(L, CONN_MT)) {
         lua_newtable(L);
         luaL_register(L, NULL, methods);

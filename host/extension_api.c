@@ -12,6 +12,7 @@
  */
 #include "host.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -402,4 +403,11 @@ int luaopen_tamarco_c_native(lua_State *L)
     lua_pushstring(L, TAMARCO_RELATIVE_CMAKEDIR);
     lua_setfield(L, -2, "relative_cmake_dir");
     return 1;
+}
+
+void tamarco_keep_loaded(const void *symbol)
+{
+    Dl_info info;
+    if (dladdr(symbol, &info) && info.dli_fname)
+        dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 }

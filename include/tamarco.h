@@ -167,6 +167,12 @@ TAMARCO_API int tamarco_offload(lua_State *L, tamarco_work_fn work, tamarco_done
  * Returns 1 when sent, 0 when NOTIFY_SOCKET is not set, or -errno. [FFI] */
 TAMARCO_API int tamarco_sd_notify(const char *state);
 
+/* Keeps the shared object that contains `symbol` (pass any function of your
+ * module, e.g. its luaopen_*) mapped until the process ends, even after the
+ * Lua state that loaded it closes: libuv handles and threads of the module
+ * may still run its code while the host shuts down. */
+TAMARCO_API void tamarco_keep_loaded(const void *symbol);
+
 #ifdef __cplusplus
 }
 #endif

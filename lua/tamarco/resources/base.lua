@@ -91,6 +91,12 @@ function Resource:adopt(new)
     return nil
 end
 
+--- The adopt of a resource whose code defines nothing (no routes, no
+-- handlers): it keeps running as it is. `MyResource.adopt = base.keep_on_reload`.
+function base.keep_on_reload()
+    return function() end
+end
+
 --- Changes the status; logs the transition at debug level.
 function Resource:set_status(code)
     assert(status_names[code], "unknown status code " .. tostring(code))

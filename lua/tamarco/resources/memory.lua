@@ -78,10 +78,8 @@ function Memory:stop()
     self.group = nil
 end
 
---- Hot reload: no definitions of its own; keeps running.
-function Memory:adopt()
-    return function() end
-end
+-- Hot reload: nothing of its own to take over; it keeps running.
+Memory.adopt = base.keep_on_reload
 
 function Memory:status()
     return { status = self.status_code, enabled = self.file ~= nil, file = self.file }

@@ -96,10 +96,8 @@ function Metrics:http_response()
     return 200, self:exposition(), { ["Content-Type"] = prometheus.CONTENT_TYPE }
 end
 
---- Hot reload: nothing to take over; reporters keep running.
-function Metrics:adopt()
-    return function() end
-end
+-- Hot reload: nothing of its own to take over; it keeps running.
+Metrics.adopt = base.keep_on_reload
 
 --- One report to every reporter now (the task calls it; so may tests).
 function Metrics:collect()

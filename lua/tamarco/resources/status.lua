@@ -50,10 +50,8 @@ function Status:report()
     return http_status, body
 end
 
---- Hot reload: the status resource has no definitions of its own.
-function Status:adopt()
-    return function() end
-end
+-- Hot reload: nothing of its own to take over; it keeps running.
+Status.adopt = base.keep_on_reload
 
 local function listed(policy, name)
     if policy == "all" then return true end
