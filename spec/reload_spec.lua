@@ -138,15 +138,19 @@ describe("hot reload", function()
                 return collectgarbage("count")
             end
             -- Caches and tables grow to their working size during the first
-            -- few hundred reloads (the heap levels off by ~1000); after that,
-            -- 300 more reloads must leave no handlers, coroutines, timers or
-            -- tables behind.
+            -- few hundred reloads (the heap levels off by ~1000). After that a
+            -- leak grows the heap in every batch of reloads, while a one-off
+            -- step (a table of the whole test process doubling its capacity)
+            -- shows in one batch only: the smaller of two batches' growth
+            -- must stay near zero.
             local warm = heap_after_reloads(1000)
-            local after = heap_after_reloads(300)
-            local growth_kib = after - warm
-            print(("reload heap: %.0f KiB after 1000 reloads, %.0f KiB after 1300"):format(warm, after))
-            assert.is_true(growth_kib < 32, ("heap grew by %.0f KiB over 300 reloads"):format(growth_kib))
+            local first = heap_after_reloads(300)
+            local second = heap_after_reloads(300)
             running.lifecycle:stop("test")
+            local growth_kib = math.min(first - warm, second - first)
+            print(("reload heap: %.0f KiB after 1000 reloads, %.0f KiB after 1300, %.0f KiB after 1600")
+                :format(warm, first, second))
+            assert.is_true(growth_kib < 32, ("heap grew by %.0f KiB per 300 reloads"):format(growth_kib))
         end)
     end)
 
