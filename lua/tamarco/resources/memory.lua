@@ -36,7 +36,7 @@ function Memory:start()
     self.warn_growth_kb = self:setting("warn_growth_mb", 0) * 1024
     local interval_ms = self:setting("interval_seconds", 10) * 1000
     self.first = Memory.sample()
-    self:write()
+    self:write(self.first)   -- the baseline line: growth 0 by definition
     self.logger:info("memory resource on", { file = self.file })
     self.group = tasks.group()
     self.group:spawn("memory writer", function()
@@ -47,8 +47,9 @@ function Memory:start()
     end)
 end
 
-function Memory:write()
-    local now = Memory.sample()
+--- write([sample]): appends one line for `sample` (default: now).
+function Memory:write(sample)
+    local now = sample or Memory.sample()
     local record = {
         time = timer.time(),
         service = self.service.name,
