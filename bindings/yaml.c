@@ -1,8 +1,8 @@
 /*
  * tamarco.c.yaml: YAML text to Lua values, with libyaml's event API.
  *
- *   parse(text[, source_name]) -> value | nil, message, line, column
- *   load_file(path)            -> value | nil, message[, line, column]
+ *   parse(text[, source_name[, options]]) -> value | nil, message, line, column
+ *   load_file(path[, options])           -> value | nil, message[, line, column]
  *   resolve(text)              -> the value a plain (unquoted) scalar `text` means
  *   is_sequence(value)         -> true when value is a table made from a YAML sequence
  *   sequence_mt                   metatable of every table made from a sequence
@@ -20,6 +20,12 @@
  * Mappings become tables, sequences become arrays with `sequence_mt` as
  * metatable (empty ones too, so that an encoder can tell `[]` from `{}`).
  * A null value leaves its key out of a mapping and a hole in a sequence.
+ *
+ * options (for tools that must keep every YAML type, like etcd write-yml):
+ *   null   a value that stands for null values (mappings keep the key,
+ *          sequences have no hole); keys are never null
+ *   float  function(number) -> value, called for each value (not key)
+ *          typed float, so that 1.0 can be told from 1
  * Mapping keys are typed like values (`8080:` is the number 8080); null,
  * NaN and collection keys are errors. Duplicate keys: the last one wins.
  * Merge keys (`<<: *base`, `<<: [*a, *b]`) follow YAML 1.1: explicit keys win,
@@ -74,6 +80,8 @@ typedef struct builder {
     struct yaml_ctx *ctx;
     const char *source;
     int anchors;       /* stack index: anchor name -> {value, nodes, height} */
+    int null_value;    /* stack index of options.null, 0 if none */
+    int float_fn;      /* stack index of options.float, 0 if none */
     frame frames[YAML_MAX_DEPTH + 1];
     int depth;
     long nodes;
@@ -135,7 +143,7 @@ static yaml_ctx *ctx_new(lua_State *L)
 
 /* ---- scalar resolution ---- */
 
-enum { R_STRING, R_NULL, R_BOOL, R_NUMBER };
+enum { R_STRING, R_NULL, R_BOOL, R_NUMBER, R_FLOAT };
 
 typedef struct resolved {
     int type;
@@ -298,8 +306,10 @@ static resolved resolve_plain(const char *s, size_t len)
         r.type = R_NULL;
     else if (resolve_bool(s, &r.boolean))
         r.type = R_BOOL;
-    else if (resolve_int(s, len, &r.number) || resolve_float(s, len, &r.number))
+    else if (resolve_int(s, len, &r.number))
         r.type = R_NUMBER;
+    else if (resolve_float(s, len, &r.number))
+        r.type = R_FLOAT;
     return r;
 }
 
@@ -509,14 +519,30 @@ static int push_scalar(builder *b, yaml_event_t *ev)
         if (strlen(value) != len ||
             !(resolve_float(value, len, &r.number) || resolve_int(value, len, &r.number)))
             return fail_at(b, ev->start_mark, "invalid !!float value '%s'", value);
-        r.type = R_NUMBER;
+        r.type = R_FLOAT;
     } else {
         return fail_at(b, ev->start_mark, "unsupported tag %s", tag);
     }
 
+    frame *f = b->depth ? &b->frames[b->depth] : NULL;
+    int is_key = f && f->is_map && !f->have_key;
     switch (r.type) {
-    case R_NULL: lua_pushnil(L); break;
+    case R_NULL:
+        if (b->null_value && !is_key)
+            lua_pushvalue(L, b->null_value);
+        else
+            lua_pushnil(L);
+        break;
     case R_BOOL: lua_pushboolean(L, r.boolean); break;
+    case R_FLOAT:
+        if (b->float_fn && !is_key) {
+            lua_pushvalue(L, b->float_fn);
+            lua_pushnumber(L, r.number);
+            lua_call(L, 1, 1);
+        } else {
+            lua_pushnumber(L, r.number);
+        }
+        break;
     case R_NUMBER: lua_pushnumber(L, r.number); break;
     default: lua_pushlstring(L, value, len); break;
     }
@@ -693,14 +719,30 @@ static int build(builder *b)
     return 0;
 }
 
+/* Reads the options table at `index` (none when it is nil) into the builder:
+ * the values stay at their stack slots during the parse. */
+static void read_options(lua_State *L, int index, builder *b)
+{
+    if (lua_isnoneornil(L, index))
+        return;
+    luaL_checktype(L, index, LUA_TTABLE);
+    lua_getfield(L, index, "null");
+    b->null_value = lua_isnil(L, -1) ? 0 : lua_gettop(L);
+    lua_getfield(L, index, "float");
+    if (!lua_isnil(L, -1))
+        luaL_checktype(L, -1, LUA_TFUNCTION);
+    b->float_fn = lua_isnil(L, -1) ? 0 : lua_gettop(L);
+}
+
 /* Runs the builder over ctx's parser (input already set) and returns the Lua
  * results: value, or nil, message, line, column. */
-static int run_parse(lua_State *L, yaml_ctx *ctx, const char *source)
+static int run_parse(lua_State *L, yaml_ctx *ctx, const char *source, int options)
 {
     builder *b = &ctx->b;
     b->L = L;
     b->ctx = ctx;
     b->source = source;
+    read_options(L, options, b);
     lua_newtable(L);
     b->anchors = lua_gettop(L);
     int top = b->anchors;
@@ -723,18 +765,20 @@ static int l_parse(lua_State *L)
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);
     const char *source = luaL_optstring(L, 2, "<string>");
+    lua_settop(L, 3);                      /* options at 3, even when absent */
     yaml_ctx *ctx = ctx_new(L);
     if (!yaml_parser_initialize(&ctx->parser))
         return luaL_error(L, "out of memory");
     ctx->parser_ready = 1;
     yaml_parser_set_input_string(&ctx->parser, (const unsigned char *)text, len);
-    return run_parse(L, ctx, source);
+    return run_parse(L, ctx, source, 3);
 }
 
 /* load_file(path) */
 static int l_load_file(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
+    lua_settop(L, 2);                      /* options at 2, even when absent */
     yaml_ctx *ctx = ctx_new(L);
     ctx->file = fopen(path, "rb");
     if (!ctx->file) {
@@ -768,7 +812,7 @@ static int l_load_file(lua_State *L)
         return luaL_error(L, "out of memory");
     ctx->parser_ready = 1;
     yaml_parser_set_input_string(&ctx->parser, (const unsigned char *)text, len);
-    return run_parse(L, ctx, path);
+    return run_parse(L, ctx, path, 2);
 }
 
 /* resolve(text) -> the value of `text` as a plain scalar. */
@@ -780,7 +824,8 @@ static int l_resolve(lua_State *L)
     switch (r.type) {
     case R_NULL: lua_pushnil(L); break;
     case R_BOOL: lua_pushboolean(L, r.boolean); break;
-    case R_NUMBER: lua_pushnumber(L, r.number); break;
+    case R_NUMBER:
+    case R_FLOAT: lua_pushnumber(L, r.number); break;
     default: lua_pushvalue(L, 1); break;
     }
     return 1;

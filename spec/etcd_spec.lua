@@ -544,7 +544,12 @@ describe("tamarco-host etcd (CLI)", function()
 int: 1000
 negative: -7
 float: 0.1
+float_whole: 1.0
+float_tagged: !!float 3
 exp: 1.5e+20
+exp_whole: 1e3
+nothing: null
+tilde: ~
 bool_true: true
 bool_yes: yes
 bool_false: off
@@ -571,7 +576,7 @@ nested:
     - name: a
       port: 1
     - name: b
-list: [1, two, 3.5, true, "false"]
+list: [1, two, 3.5, 2.0, true, "false", null]
 empty_list: []
 empty_map: {}
 codes:
@@ -581,15 +586,19 @@ codes:
             .. body:gsub("([^\n]*)\n", "      %1\n"), ".yml")
         local code, out = etcd_cli("write-yml", path)
         assert.equal(0, code, out)
-        assert.matches("wrote 29 keys", out, 1, true)
-        local original = yaml.load_file(path).system.microservices[svc_name]
+        assert.matches("wrote 34 keys", out, 1, true)
+        -- nulls kept and floats told from integers on both sides
+        local every_type = { null = etcd.null, float = etcd.float }
+        local original = yaml.load_file(path, every_type).system.microservices[svc_name]
         os.remove(path)
 
         code, out = etcd_cli("read", "/system/microservices/" .. svc_name, "--recursive")
         assert.equal(0, code, out)
-        assert.same(original, yaml.parse(out))
+        assert.same(original, yaml.parse(out, "read", every_type))
         assert.matches('str_yes: "Yes"\n', out, 1, true)
         assert.matches("int: 1000\n", out, 1, true)
+        assert.matches("float_whole: 1.0\n", out, 1, true)
+        assert.matches("nothing: null\n", out, 1, true)
 
         code, out = etcd_cli("read", "system.microservices." .. svc_name .. ".int")
         assert.equal(0, code, out)
@@ -602,6 +611,11 @@ codes:
             assert.equal("1000", (c:get("/system/microservices/" .. svc_name .. "/int")))
             assert.equal('"Yes"', (c:get("/system/microservices/" .. svc_name .. "/str_yes")))
             assert.equal("[]", (c:get("/system/microservices/" .. svc_name .. "/empty_list")))
+            assert.equal("1.0", (c:get("/system/microservices/" .. svc_name .. "/float_whole")))
+            assert.equal("1000.0", (c:get("/system/microservices/" .. svc_name .. "/exp_whole")))
+            assert.equal("null", (c:get("/system/microservices/" .. svc_name .. "/tilde")))
+            assert.equal('[1,"two",3.5,2.0,true,"false",null]',
+                (c:get("/system/microservices/" .. svc_name .. "/list")))
         end)
         -- a JSON null written by another tool reads back as null
         assert(etcdctl("put /system/microservices/" .. svc_name .. "/null null"))

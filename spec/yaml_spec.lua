@@ -207,6 +207,40 @@ describe("yaml.parse", function()
         end)
     end)
 
+    describe("options for tools that keep every type", function()
+        local NULL = {}
+        local function float(n) return { float = n } end
+
+        it("keeps nulls as options.null in mappings and sequences", function()
+            local t = yaml.parse("a: ~\nb: null\nc:\nlist: [1, ~, 3]\n", "t", { null = NULL })
+            assert.are.equal(NULL, t.a)
+            assert.are.equal(NULL, t.b)
+            assert.are.equal(NULL, t.c)
+            assert.are.equal(NULL, t.list[2])
+            assert.are.equal(3, #t.list)
+        end)
+
+        it("passes floats, not integers, through options.float", function()
+            local t = yaml.parse("whole: 1.0\nexp: 1e3\ntagged: !!float 2\nint: 1\nhex: 0x10\n"
+                .. "half: .5\n1.5: key stays a number\n", "t", { float = float })
+            assert.are.same({ float = 1 }, t.whole)
+            assert.are.same({ float = 1000 }, t.exp)
+            assert.are.same({ float = 2 }, t.tagged)
+            assert.are.same({ float = 0.5 }, t.half)
+            assert.are.equal(1, t.int)
+            assert.are.equal(16, t.hex)
+            assert.are.equal("key stays a number", t[1.5])
+        end)
+
+        it("still rejects null keys and checks the options", function()
+            local v, err = yaml.parse("~: x\n", "t", { null = NULL })
+            assert.is_nil(v)
+            assert.matches("null mapping keys", err)
+            assert.has_error(function() yaml.parse("a: 1", "t", { float = 3 }) end)
+            assert.are.same({ a = 1 }, yaml.parse("a: 1", "t"))
+        end)
+    end)
+
     describe("limits against hostile input", function()
         it("accepts nesting up to max_depth and rejects deeper", function()
             local ok = yaml.parse(string.rep("[", yaml.max_depth) .. string.rep("]", yaml.max_depth))

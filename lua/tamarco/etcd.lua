@@ -40,7 +40,10 @@
 -- etcd.decode_json(text) are the codec used by the settings source and the
 -- CLI: numbers are written in their shortest exact form (1000, 0.1), lists
 -- decode with the YAML binding's sequence_mt (so `[]` stays a list), and
--- JSON null decodes to etcd.null.
+-- JSON null decodes to etcd.null. Lua numbers cannot tell 1.0 from 1: tools
+-- that must keep the difference (etcd write-yml and read) box floats with
+-- etcd.float(n), which encodes with a decimal point, and decode with
+-- { floats = true }, which boxes every number written as a float.
 local c = require "tamarco.c.http_client"
 local cjson = require "cjson"
 local scheduler = require "tamarco.c.scheduler"
@@ -106,9 +109,17 @@ local function encode_number(n)
     return ("%.17g"):format(n)
 end
 
+local Float = {}
+--- etcd.float(n) -> n boxed as a float (encoded as 1.0, not 1).
+function etcd.float(n) return setmetatable({ value = n }, Float) end
+function etcd.is_float(v) return getmetatable(v) == Float end
+
 local function encode(v, out)
     local t = type(v)
-    if v == nil or v == cjson.null then
+    if getmetatable(v) == Float then
+        local text = encode_number(v.value)
+        out[#out + 1] = text:find("[.eE]") and text or text .. ".0"
+    elseif v == nil or v == cjson.null then
         out[#out + 1] = "null"
     elseif t == "boolean" then
         out[#out + 1] = v and "true" or "false"
@@ -197,7 +208,7 @@ local function decode_string(s, i)
     end
 end
 
-decode_value = function(s, i, depth)
+decode_value = function(s, i, depth, options)
     if depth > 200 then error("nesting too deep", 0) end
     i = skip(s, i)
     local ch = s:sub(i, i)
@@ -212,7 +223,7 @@ decode_value = function(s, i, depth)
             i = skip(s, i)
             if s:sub(i, i) ~= ":" then error("expected ':' at " .. i, 0) end
             local value
-            value, i = decode_value(s, i + 1, depth + 1)
+            value, i = decode_value(s, i + 1, depth + 1, options)
             obj[key] = value
             i = skip(s, i)
             local sep = s:sub(i, i)
@@ -227,7 +238,7 @@ decode_value = function(s, i, depth)
         local n = 0
         while true do
             local value
-            value, i = decode_value(s, i, depth + 1)
+            value, i = decode_value(s, i, depth + 1, options)
             n = n + 1
             arr[n] = value
             i = skip(s, i)
@@ -248,14 +259,16 @@ decode_value = function(s, i, depth)
         local text = s:match("^-?%d+%.?%d*[eE]?[-+]?%d*", i)
         local n = text and tonumber(text)
         if not n then error("unexpected '" .. ch .. "' at " .. i, 0) end
+        if options and options.floats and text:find("[.eE]") then n = etcd.float(n) end
         return n, i + #text
     end
 end
 
---- etcd.decode_json(text) -> value | nil, err. JSON null is etcd.null.
-function etcd.decode_json(text)
+--- etcd.decode_json(text[, options]) -> value | nil, err. JSON null is
+-- etcd.null; options.floats boxes numbers written as floats (etcd.float).
+function etcd.decode_json(text, options)
     if type(text) ~= "string" then return nil, "not a string" end
-    local ok, value, i = pcall(decode_value, text, 1, 0)
+    local ok, value, i = pcall(decode_value, text, 1, 0, options)
     if not ok then return nil, value end
     if skip(text, i) <= #text then return nil, "trailing characters at " .. i end
     return value

@@ -8,11 +8,12 @@
 -- (`system.microservices.shop.port`). write-yml stores each leaf of the
 -- YAML mapping under the path of its keys as JSON, keeping its YAML type:
 -- `1000` is stored as the number 1000, `"Yes"` (quoted) as the string "Yes",
--- `yes` as true, lists as one JSON array, an empty mapping as `{}`. A YAML
--- null leaves its key out (as everywhere in Tamarco's settings), so
--- write-yml writes nothing for it. read prints the value as YAML (strings
--- that YAML would type differently are quoted); with --recursive, the keys
--- below KEY as a YAML mapping. A value that is not JSON prints as a string.
+-- `yes` as true, `1.0` as the float 1.0 (not 1), `null` and `~` as JSON null
+-- (which the settings read as an absent key), lists as one JSON array, an
+-- empty mapping as `{}`. read prints the value as YAML (strings that YAML
+-- would type differently are quoted, floats keep their decimal point); with
+-- --recursive, the keys below KEY as a YAML mapping. A value that is not JSON
+-- prints as a string.
 -- tamarco.etcd loads libcurl: only when a sub-command runs, not for --help
 -- (cli.lua reads this module's usage at start-up).
 local etcd = setmetatable({}, { __index = function(_, k) return require("tamarco.etcd")[k] end })
@@ -25,7 +26,8 @@ usage: tamarco-host etcd <write-yml FILE | read KEY | delete KEY> [options]
 
   write-yml FILE   stores every leaf of the YAML file FILE in etcd, one key
                    per leaf (/a/b/c for a: {b: {c: ...}}), its value as JSON
-                   with its YAML type kept (1000 a number, "Yes" a string)
+                   with its YAML type kept (1000 a number, 1.0 a float,
+                   "Yes" a string, ~ a JSON null)
   read KEY         prints KEY's value as YAML
   delete KEY       deletes KEY
 
@@ -80,6 +82,10 @@ end
 
 local function format_scalar(v)
     local t = type(v)
+    if etcd.is_float(v) then
+        local text = format_number(v.value)
+        return text:find("[%.n]") and text or text .. ".0"
+    end
     if v == nil or v == etcd.null then return "null" end
     if t == "boolean" then return v and "true" or "false" end
     if t == "number" then return format_number(v) end
@@ -120,8 +126,12 @@ local function is_empty(value)
     return next(value) == nil
 end
 
+local function is_scalar(value)
+    return type(value) ~= "table" or etcd.is_float(value)
+end
+
 emit = function(value, indent, out, head, in_list)
-    if type(value) ~= "table" then
+    if is_scalar(value) then
         out[#out + 1] = head .. " " .. format_scalar(value)
     elseif is_empty(value) then
         local empty = getmetatable(value) == yaml.sequence_mt and "[]" or "{}"
@@ -142,7 +152,7 @@ end
 
 --- etcd_command.to_yaml(value) -> YAML text (ends with a newline).
 function etcd_command.to_yaml(value)
-    if type(value) ~= "table" then return format_scalar(value) .. "\n" end
+    if is_scalar(value) then return format_scalar(value) .. "\n" end
     if is_empty(value) then
         return (getmetatable(value) == yaml.sequence_mt and "[]" or "{}") .. "\n"
     end
@@ -159,7 +169,7 @@ end
 function etcd_command.flatten(tree, prefix)
     local out = {}
     local function walk(node, path)
-        if type(node) == "table" and not etcd.is_sequence(node)
+        if not is_scalar(node) and not etcd.is_sequence(node)
             and getmetatable(node) ~= yaml.sequence_mt and next(node) ~= nil then
             for k, v in pairs(node) do
                 local segment = type(k) == "number" and format_number(k) or tostring(k)
@@ -232,13 +242,13 @@ local function failure(message)
 end
 
 local function decode_for_print(value)
-    local decoded, err = etcd.decode_json(value)
+    local decoded, err = etcd.decode_json(value, { floats = true })
     if err then return value end
     return decoded
 end
 
 local function write_yml(client, file)
-    local tree, message = yaml.load_file(file)
+    local tree, message = yaml.load_file(file, { null = etcd.null, float = etcd.float })
     if tree == nil and message then
         io.stderr:write("tamarco-host etcd: cannot read ", tostring(message), "\n")
         return 2
