@@ -62,6 +62,35 @@ local function fail(_, err)
     return errors.exit_code_of(err)
 end
 
+-- Reads the settings from etcd, which may mean waiting for it (retry,
+-- ETCD_CHECK_KEY). SIGINT/SIGTERM during the wait end it: nothing has
+-- started yet, so that is a clean stop.
+-- -> source | nil, err | nil, nil, signal name
+local function attach_etcd(store, boot_logger)
+    local settings_etcd = require "tamarco.settings_etcd"
+    local tasks = require "tamarco.tasks"
+    local uv = require "luv"
+    local waiting, stop_signal
+    local handles = {}
+    for _, name in ipairs({ "sigint", "sigterm" }) do
+        local handle = uv.new_signal()
+        handle:start(name, function()
+            stop_signal = name:upper()
+            if waiting then tasks.cancel(waiting) end
+        end)
+        handles[#handles + 1] = handle
+    end
+    local ok, attached, err = pcall(require("tamarco.etcd").run_sync, function()
+        waiting = scheduler.current()
+        return settings_etcd.attach(store, {
+            log = function(level, message) boot_logger[level](boot_logger, message) end })
+    end)
+    for _, handle in ipairs(handles) do handle:close() end
+    if stop_signal then return nil, nil, stop_signal end
+    if not ok then error(attached, 0) end
+    return attached, err
+end
+
 function run_command.main(args)
     local options, usage_error = parse_args(args)
     if not options then return nil, usage_error end
@@ -92,8 +121,12 @@ function run_command.main(args)
     }
     if not store then return fail(boot_logger, settings_error) end
     if (os.getenv("TAMARCO_ETCD_HOST") or "") ~= "" then   -- etcd: above the file, below the environment
-        local attached, etcd_error = require("tamarco.settings_etcd").attach(store, {
-            log = function(level, message) boot_logger[level](boot_logger, message) end })
+        local attached, etcd_error, stop_signal = attach_etcd(store, boot_logger)
+        if stop_signal then
+            boot_logger:info("received " .. stop_signal .. " while waiting for etcd; nothing was started")
+            logging.flush()
+            return 0
+        end
         if not attached then return fail(boot_logger, etcd_error) end   -- unreachable: exit 2
     end
 

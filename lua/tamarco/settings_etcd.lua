@@ -28,7 +28,7 @@
 -- seen when etcd is back, and a compacted history means a full reload.
 local errors = require "tamarco.errors"
 local etcd = require "tamarco.etcd"
-local timer = require "tamarco.c.timer"
+local tasks = require "tamarco.tasks"
 
 local settings_etcd = {}
 
@@ -217,7 +217,7 @@ function settings_etcd.attach(store, opts)
             attempts = attempts + 1
             log("warning", ("etcd at %s is unreachable (%s); retrying in %d ms (attempt %d)")
                 :format(client:address(), tostring(err), backoff, attempts))
-            timer.sleep(backoff)
+            tasks.sleep(backoff)
             backoff = math.min(backoff * 2, 5000)
             return true
         end
@@ -225,6 +225,7 @@ function settings_etcd.attach(store, opts)
             local waited = false
             while true do
                 local value, err, kind = client:get(check_key)
+                tasks.checkpoint()
                 if value ~= nil then break end
                 if err then
                     local ok, failure = wait_or_fail(err, kind)
@@ -234,12 +235,13 @@ function settings_etcd.attach(store, opts)
                         log("info", ("waiting for etcd key %s (ETCD_CHECK_KEY)"):format(check_key))
                         waited = true
                     end
-                    timer.sleep(500)
+                    tasks.sleep(500)
                 end
             end
         end
         while true do
             local tree, err = source:load()
+            tasks.checkpoint()
             if tree then break end
             local ok, failure = wait_or_fail(err, source.last_error_kind)
             if not ok then return nil, failure end
