@@ -70,6 +70,21 @@ describe("systemd notify", function()
         end)
     end
 
+    it("with --workers, the supervisor alone sends READY=1 once every worker is ready", function()
+        local path = os.tmpname() .. ".sock"
+        local receiver = listen(path)
+        local code, output = cli.run_until({ "run", service_path, "--workers", "2" }, "all 2 workers ready", "TERM",
+            { NOTIFY_SOCKET = path })
+        local got = receiver.drain()
+        receiver.close()
+        os.remove(path:sub(1, -6))
+        assert.are.equal(0, code, output)
+        assert.are.same({ "READY=1", "STOPPING=1" }, got)
+        local ready_at = assert(output:find("all 2 workers ready", 1, true), output)
+        local _, post_starts = output:sub(1, ready_at):gsub("post_start ran", "")
+        assert.are.equal(2, post_starts, output)
+    end)
+
     it("is a no-op without NOTIFY_SOCKET, and reports a bad socket", function()
         local systemd = require "tamarco.systemd"
         if os.getenv("NOTIFY_SOCKET") == nil then

@@ -7,7 +7,11 @@
 -- The supervisor restarts a worker that dies (after a back-off that grows
 -- when it keeps dying), forwards SIGTERM/SIGINT to all of them, waits for
 -- them to drain and exits 0 (1 if a worker had to be killed).
+-- Under systemd (Type=notify) the supervisor sends READY=1 once every worker
+-- has reported ready (through a pipe on TAMARCO_NOTIFY_FD, see
+-- tamarco.systemd) and STOPPING=1 when it stops them.
 local process = require "tamarco.c.process"
+local systemd = require "tamarco.systemd"
 
 local workers = {}
 
@@ -22,17 +26,47 @@ function workers.supervise(count, worker_args, log)
     local children = {}
     local running = 0
     local exit_code = 0
+    local ready_count, announced_ready = 0, false
 
     local function environment(index)
         local env = {}
         for name, value in pairs(uv.os_environ()) do
-            if name ~= "TAMARCO_WORKER" and name ~= "TAMARCO_REUSE_PORT" then
+            if name ~= "TAMARCO_WORKER" and name ~= "TAMARCO_REUSE_PORT" and name ~= "TAMARCO_NOTIFY_FD"
+                and name ~= "NOTIFY_SOCKET" then
                 env[#env + 1] = name .. "=" .. value
             end
         end
         env[#env + 1] = "TAMARCO_WORKER=" .. index
         env[#env + 1] = "TAMARCO_REUSE_PORT=1"
+        env[#env + 1] = "TAMARCO_NOTIFY_FD=3"
         return env
+    end
+
+    local function on_worker_state(index, state)
+        local child = children[index]
+        if state ~= "READY=1" or child.ready then return end
+        child.ready = true
+        ready_count = ready_count + 1
+        if ready_count == count and not announced_ready and not stopping then
+            announced_ready = true
+            log("info", ("all %d workers ready"):format(count))
+            systemd.notify("READY=1")
+        end
+    end
+
+    -- One state per line from the worker's end of the pipe.
+    local function read_states(index, pipe)
+        local pending = ""
+        pipe:read_start(function(err, data)
+            if err or not data then
+                pipe:read_stop()
+                if not pipe:is_closing() then pipe:close() end
+                return
+            end
+            pending = pending .. data
+            for line in pending:gmatch("([^\n]*)\n") do on_worker_state(index, line) end
+            pending = pending:match("[^\n]*$")
+        end)
     end
 
     local start_worker
@@ -60,11 +94,17 @@ function workers.supervise(count, worker_args, log)
         if stopping then return end
         local child = children[index] or {}
         children[index] = child
+        local states = uv.new_pipe(false)
         local handle, pid = uv.spawn(exe, {
             args = worker_args,
             env = environment(index),
-            stdio = { 0, 1, 2 },
+            stdio = { 0, 1, 2, states },
         }, function(code, signal) on_exit(index, code, signal) end)
+        if handle then
+            read_states(index, states)
+        else
+            states:close()
+        end
         if not handle then
             log("error", "cannot start worker " .. index .. ": " .. tostring(pid))
             child.started_at = uv.now()
@@ -84,6 +124,7 @@ function workers.supervise(count, worker_args, log)
         if stopping then return end
         stopping = true
         log("info", "received " .. signal_name:upper() .. ": stopping " .. running .. " workers")
+        systemd.notify("STOPPING=1")
         for _, child in pairs(children) do
             if child.timer then child.timer:close() child.timer = nil end
             if child.handle then child.handle:kill("sigterm") end
