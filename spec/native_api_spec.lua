@@ -62,6 +62,13 @@ describe("the C extension API", function()
         end)
     end)
 
+    it("finds LuaJIT's own tools (jit.p profiler, jit.v, jit.dump)", function()
+        local jit_p = require "jit.p"
+        assert.is_function(jit_p.start)
+        assert.is_function(require("jit.v").on)
+        assert.is_function(require("jit.dump").on)
+    end)
+
     describe("FFI exports", function()
         it("exposes the version and the loop", function()
             local ffi = require "ffi"
