@@ -302,6 +302,54 @@ describe("Prometheus exposition", function()
         return r
     end
 
+    it("merges several processes' expositions, one group per family, each sample labelled", function()
+        local a = table.concat({
+            "# HELP jobs_total Jobs done",
+            "# TYPE jobs_total counter",
+            'jobs_total{queue="a}b",kind="say \\"hi\\""} 3',
+            "# HELP latency_seconds Latency",
+            "# TYPE latency_seconds histogram",
+            'latency_seconds_bucket{le="1"} 1',
+            'latency_seconds_bucket{le="+Inf"} 2',
+            "latency_seconds_sum 1.5",
+            "latency_seconds_count 2",
+            "# a comment",
+            "",
+        }, "\n")
+        local b = table.concat({
+            "# HELP jobs_total Jobs done",
+            "# TYPE jobs_total counter",
+            "jobs_total 4 1700000000000",
+            "# HELP latency_seconds Latency",
+            "# TYPE latency_seconds histogram",
+            'latency_seconds_bucket{le="1"} 0',
+            'latency_seconds_bucket{le="+Inf"} 1',
+            "latency_seconds_sum 2",
+            "latency_seconds_count 1",
+            "up 1",
+        }, "\n")
+        local merged = prometheus.merge({ { value = 1, text = a }, { value = "x\"y", text = b } }, "w")
+        assert.are.equal(table.concat({
+            "# HELP jobs_total Jobs done",
+            "# TYPE jobs_total counter",
+            'jobs_total{w="1",queue="a}b",kind="say \\"hi\\""} 3',
+            'jobs_total{w="x\\"y"} 4 1700000000000',
+            "# HELP latency_seconds Latency",
+            "# TYPE latency_seconds histogram",
+            'latency_seconds_bucket{w="1",le="1"} 1',
+            'latency_seconds_bucket{w="1",le="+Inf"} 2',
+            'latency_seconds_sum{w="1"} 1.5',
+            'latency_seconds_count{w="1"} 2',
+            'latency_seconds_bucket{w="x\\"y",le="1"} 0',
+            'latency_seconds_bucket{w="x\\"y",le="+Inf"} 1',
+            'latency_seconds_sum{w="x\\"y"} 2',
+            'latency_seconds_count{w="x\\"y"} 1',
+            'up{w="x\\"y"} 1',
+            "",
+        }, "\n"), merged)
+        assert.are.equal("", prometheus.merge({}, "w"))
+    end)
+
     it("passes promtool check metrics on a big mixed registry", function()
         local r = big_registry()
         local text = prometheus.exposition(r, "svc-name")

@@ -35,4 +35,57 @@ describe("--workers", function()
         assert.matches("stopping 2 workers", out, 1, true)
         assert.matches("all workers stopped", out, 1, true)
     end)
+
+    it("serves one /metrics and /status for all workers from the supervisor", function()
+        local port, report_port = free_port(), free_port()
+        local base = "http://127.0.0.1:" .. report_port
+        local metrics_file, status_file = os.tmpname(), os.tmpname()
+        local code, out = cli.run_until(
+            { "run", "spec/fixtures/services/workers_report_service.lua", "--workers", "2" },
+            "all 2 workers ready", "TERM",
+            { TAMARCO__SYSTEM__RESOURCES__API__PORT = tostring(port),
+              TAMARCO__SYSTEM__RESOURCES__TAMARCO_HTTP_REPORT_SERVER__PORT = tostring(report_port) },
+            {
+                { run = "for i in $(seq 1 50); do curl -s http://127.0.0.1:" .. port .. "/hit >/dev/null; done; "
+                        .. "curl -s " .. base .. "/metrics > " .. metrics_file .. "; "
+                        .. "curl -s -w '\\n%{http_code}' " .. base .. "/status > " .. status_file,
+                  wait = "all 2 workers ready" },
+            })
+        assert.are.equal(0, code, out)
+        local exposition = cli.read_all(metrics_file)
+        local status_text = cli.read_all(status_file)
+        os.remove(metrics_file)
+        os.remove(status_file)
+
+        -- one family, both workers' series, and the hits add up to 50
+        local _, help_lines = exposition:gsub("# HELP counted_hits_total ", "")
+        assert.are.equal(1, help_lines, exposition)
+        local total, seen = 0, {}
+        for worker, value in exposition:gmatch('counted_hits_total{tamarco_worker="(%d)"} (%d+)') do
+            seen[worker] = true
+            total = total + tonumber(value)
+        end
+        assert.are.same({ ["1"] = true, ["2"] = true }, seen)
+        assert.are.equal(50, total)
+        local path = os.tmpname()
+        local f = assert(io.open(path, "wb"))
+        f:write(exposition)
+        f:close()
+        local p = assert(io.popen("promtool check metrics < " .. path .. " 2>&1; echo \"rc=$?\""))
+        local lint = p:read("*a")
+        p:close()
+        os.remove(path)
+        assert.are.equal("rc=0\n", lint:sub(-5), "promtool said:\n" .. lint)
+
+        local body, http_code = status_text:match("^(.*)\n(%d+)$")
+        assert.are.equal("200", http_code, status_text)
+        local status = require("cjson").decode(body)
+        for _, index in ipairs({ "1", "2" }) do
+            local worker = status.workers[index]
+            assert.are.equal(200, worker.http_status)
+            assert.is_number(worker.pid)
+            assert.are.equal(2, worker.resources.api.status)   -- STARTED
+        end
+        assert.matches("report server of 2 workers on 127.0.0.1:" .. report_port, out, 1, true)
+    end)
 end)

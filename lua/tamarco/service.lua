@@ -103,6 +103,9 @@ function service.add_report_resources(self)
     -- Routes are part of the definition (they move to the running server on
     -- a hot reload); resources are looked up when a request comes.
     local server = self.resources.tamarco_http_report_server
+    if os.getenv("TAMARCO_WORKER") and os.getenv("TAMARCO_NOTIFY_FD") and server.listen_override == nil then
+        require("tamarco.workers_report").make_private(server)   -- the supervisor serves for all
+    end
     if server.get then
         server:get("/status", function() return self.resources.status:http_response() end)
         server:get("/metrics", function() return self.resources.metrics:http_response() end)

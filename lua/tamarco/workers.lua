@@ -9,9 +9,13 @@
 -- them to drain and exits 0 (1 if a worker had to be killed).
 -- Under systemd (Type=notify) the supervisor sends READY=1 once every worker
 -- has reported ready (through a pipe on TAMARCO_NOTIFY_FD, see
--- tamarco.systemd) and STOPPING=1 when it stops them.
+-- tamarco.systemd) and STOPPING=1 when it stops them. The supervisor also
+-- serves the report server (/metrics and /status of all workers, see
+-- tamarco.workers_report) on the port the workers would have shared.
 local process = require "tamarco.c.process"
+local scheduler = require "tamarco.c.scheduler"
 local systemd = require "tamarco.systemd"
+local workers_report = require "tamarco.workers_report"
 
 local workers = {}
 
@@ -27,6 +31,31 @@ function workers.supervise(count, worker_args, log)
     local running = 0
     local exit_code = 0
     local ready_count, announced_ready = 0, false
+    local report_server, report_failed
+
+    local function list_workers()
+        local list = {}
+        for index = 1, count do
+            local child = children[index] or {}
+            list[index] = { index = index, pid = child.pid, address = child.pid and child.report_address }
+        end
+        return list
+    end
+
+    -- The first worker to announce its report server says where the
+    -- service's report server belongs: the supervisor listens there.
+    local function on_report_address(index, private, host, port)
+        children[index].report_address = private
+        if report_server or report_failed then return end
+        local server, err = workers_report.serve(host, port, list_workers)
+        if not server then
+            report_failed = true
+            log("error", "report server of the workers: " .. tostring(err))
+            return
+        end
+        report_server = server
+        log("info", ("report server of %d workers on %s:%d (/status, /metrics)"):format(count, server:address()))
+    end
 
     local function environment(index)
         local env = {}
@@ -44,6 +73,8 @@ function workers.supervise(count, worker_args, log)
 
     local function on_worker_state(index, state)
         local child = children[index]
+        local private, host, port = workers_report.parse_state(state)
+        if private then return on_report_address(index, private, host, port) end
         if state ~= "READY=1" or child.ready then return end
         child.ready = true
         ready_count = ready_count + 1
@@ -73,7 +104,7 @@ function workers.supervise(count, worker_args, log)
     local function on_exit(index, code, signal)
         local child = children[index]
         child.handle:close()
-        child.handle, child.pid = nil, nil
+        child.handle, child.pid, child.report_address = nil, nil, nil
         running = running - 1
         if stopping then
             if running == 0 then uv.stop() end
@@ -125,6 +156,11 @@ function workers.supervise(count, worker_args, log)
         stopping = true
         log("info", "received " .. signal_name:upper() .. ": stopping " .. running .. " workers")
         systemd.notify("STOPPING=1")
+        if report_server then
+            local server = report_server
+            report_server = nil
+            scheduler.spawn(function() server:stop() end)
+        end
         for _, child in pairs(children) do
             if child.timer then child.timer:close() child.timer = nil end
             if child.handle then child.handle:kill("sigterm") end

@@ -20,6 +20,7 @@ local function shell_quote(s)
     return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
+--- cli.read_all(path) -> the file's text ("" when it cannot be read).
 local function read_all(path)
     local f = io.open(path, "r")
     if not f then return "" end
@@ -27,6 +28,7 @@ local function read_all(path)
     f:close()
     return text
 end
+cli.read_all = read_all
 
 --- cli.run({args...}, env) -> exit_code, output (stdout and stderr together).
 function cli.run(args, env)

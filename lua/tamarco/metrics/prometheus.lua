@@ -65,6 +65,81 @@ local function entries(registry, namespace)
 end
 prometheus.entries = entries
 
+-- A sample line -> name, labels (the text between the braces, or nil),
+-- the rest (value and optional timestamp); nil when it is not a sample.
+-- Label values may hold escaped quotes and braces.
+local function split_sample(line)
+    local name, i = line:match("^([%a_:][%w_:]*)()")
+    if not name then return nil end
+    if line:sub(i, i) ~= "{" then return name, nil, line:match("^%s+(%S.*)$", i) end
+    local j, quoted = i + 1, false
+    while j <= #line do
+        local ch = line:sub(j, j)
+        if quoted then
+            if ch == "\\" then j = j + 1 elseif ch == '"' then quoted = false end
+        elseif ch == '"' then
+            quoted = true
+        elseif ch == "}" then
+            return name, line:sub(i + 1, j - 1), line:match("^%s+(%S.*)$", j + 1)
+        end
+        j = j + 1
+    end
+    return nil
+end
+
+local function escape_label_value(s)
+    return (s:gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+end
+
+--- prometheus.merge(parts, label) -> one exposition made of several
+-- processes' (parts: list of { value = label value, text = exposition }).
+-- Every sample gets label="value" first among its labels; the samples of a
+-- family stay together under one # HELP and one # TYPE, as the format
+-- wants, in the order the families first appear. A sample belongs to the
+-- family announced above it when its name starts with the family's name
+-- (a histogram's _bucket, _sum, _count), else to a family of its own name.
+function prometheus.merge(parts, label)
+    local order, families = {}, {}
+    local function family(name)
+        local f = families[name]
+        if not f then
+            f = { samples = {} }
+            families[name] = f
+            order[#order + 1] = name
+        end
+        return f
+    end
+    for _, part in ipairs(parts) do
+        local added = label .. '="' .. escape_label_value(tostring(part.value)) .. '"'
+        local current
+        for line in part.text:gmatch("[^\n]+") do
+            local kind, name = line:match("^#%s+(%u+)%s+([%a_:][%w_:]*)")
+            if kind == "HELP" or kind == "TYPE" then
+                local f = family(name)
+                f[kind] = f[kind] or line
+                current = name
+            elseif not line:find("^%s*#") and line:find("%S") then
+                local sample, labels, rest = split_sample(line)
+                if sample and rest then
+                    local owner = current and sample:sub(1, #current) == current and current or sample
+                    local all = labels and labels:find("%S") and added .. "," .. labels or added
+                    local samples = family(owner).samples
+                    samples[#samples + 1] = sample .. "{" .. all .. "} " .. rest
+                end
+            end
+        end
+    end
+    local out = {}
+    for _, name in ipairs(order) do
+        local f = families[name]
+        if f.HELP then out[#out + 1] = f.HELP end
+        if f.TYPE then out[#out + 1] = f.TYPE end
+        for _, line in ipairs(f.samples) do out[#out + 1] = line end
+    end
+    if #out == 0 then return "" end
+    return concat(out, "\n") .. "\n"
+end
+
 --- prometheus.exposition(registry[, namespace]) -> text (encoded in C).
 function prometheus.exposition(registry, namespace)
     return cmetrics.encode(entries(registry, namespace))

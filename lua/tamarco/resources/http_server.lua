@@ -422,6 +422,12 @@ function HttpServer:_configure()
     end
     local reuse_default = os.getenv("TAMARCO_REUSE_PORT") == "1"
     c_options.reuse_port = self:setting("reuse_port", reuse_default) and true or false
+    -- a --workers worker's report server listens privately (tamarco.workers_report)
+    local override = self.listen_override
+    if override then
+        self.public_host, self.public_port = c_options.host, c_options.port
+        for k, v in pairs(override) do c_options[k] = v end
+    end
     self.drain_timeout = self:setting("drain_timeout", 5)
     self.access_log = self:setting("access_log", false)
 
@@ -705,6 +711,7 @@ function HttpServer:start()
     if self.logger then
         self.logger:info("http server listening on " .. host .. ":" .. port, { host = host, port = port })
     end
+    if self.on_listen then self:on_listen(host, port, self.public_host, self.public_port) end
 end
 
 --- Hot reload: keeps the listener and its connections, takes the routes of
