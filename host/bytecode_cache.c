@@ -8,9 +8,15 @@
  * at least as new as the source; otherwise it loads the source and writes the
  * bytecode (temp file + rename, so concurrent workers never read half a
  * file). Only modules under the host's Lua directory are cached (never a
- * service's own code, which hot reload re-reads), and only when the cache
- * directory exists and is writable: <build>/lua_cache, made by CMake. Any
- * failure falls back to the source.
+ * service's own code, which hot reload re-reads). Any failure falls back to
+ * the source.
+ *
+ * Two kinds of directory:
+ *  - writable: <build>/lua_cache next to an uninstalled host (made by
+ *    CMake), filled as modules load, keyed by the source's absolute path;
+ *  - read-only: <datadir>/tamarco-host/lua_bytecode of an installed host,
+ *    precompiled at build time (cmake/compile_lua.c), keyed by the path
+ *    relative to the Lua directory, so the package may be installed anywhere.
  */
 #include "host.h"
 
@@ -21,6 +27,7 @@
 #include <unistd.h>
 
 #define REG_CACHE_DIR "tamarco.bytecode_cache.dir"
+#define REG_CACHE_READ_ONLY "tamarco.bytecode_cache.read_only"
 
 static int newer_or_same(const struct stat *a, const struct stat *b)
 {
@@ -54,6 +61,9 @@ static int search(lua_State *L)
     const char *name = luaL_checkstring(L, 1);
     lua_getfield(L, LUA_REGISTRYINDEX, REG_CACHE_DIR);
     const char *cache_dir = lua_tostring(L, -1);
+    lua_getfield(L, LUA_REGISTRYINDEX, REG_CACHE_READ_ONLY);
+    int read_only = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     tamarco_host *host = tamarco_host_of(L);
     if (!cache_dir || !host)
         return 0;
@@ -70,11 +80,13 @@ static int search(lua_State *L)
         lua_pushfstring(L, "\n\tno cached bytecode for '%s'", name);
         return 1;
     }
-    /* keyed by the source's path: hosts pointed at other Lua trees
-     * (TAMARCO_LUA_DIR) share the directory without mixing their modules */
+    /* writable: keyed by the source's path, so that hosts pointed at other
+     * Lua trees (TAMARCO_LUA_DIR) share the directory without mixing their
+     * modules; read-only: by the path below the Lua directory */
+    const char *key = read_only ? source + dir_len + 1 : source;
     char cached[8400];
     int n = snprintf(cached, sizeof cached, "%s/", cache_dir);
-    for (const char *c = source; *c && n < (int)sizeof cached - 6; c++)
+    for (const char *c = key; *c && n < (int)sizeof cached - 6; c++)
         cached[n++] = *c == '/' ? '%' : *c;
     snprintf(cached + n, sizeof cached - (size_t)n, ".ljbc");
 
@@ -87,17 +99,22 @@ static int search(lua_State *L)
     }
     if (luaL_loadfile(L, source) != 0)
         return lua_error(L);   /* a syntax error in the framework: say it */
-    store(L, cached);
+    if (!read_only)
+        store(L, cached);
     return 1;
 }
 
-void tamarco_bytecode_cache_install(lua_State *L, const char *cache_dir)
+int tamarco_bytecode_cache_install(lua_State *L, const char *cache_dir, int read_only)
 {
     struct stat st;
-    if (stat(cache_dir, &st) != 0 || !S_ISDIR(st.st_mode) || access(cache_dir, W_OK) != 0)
-        return;
+    if (stat(cache_dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return 0;
+    if (!read_only && access(cache_dir, W_OK) != 0)
+        return 0;
     lua_pushstring(L, cache_dir);
     lua_setfield(L, LUA_REGISTRYINDEX, REG_CACHE_DIR);
+    lua_pushboolean(L, read_only);
+    lua_setfield(L, LUA_REGISTRYINDEX, REG_CACHE_READ_ONLY);
     /* package.loaders: 1 preload, 2 Lua files, 3 C, 4 all-in-one; ours goes
      * before the Lua file searcher */
     lua_getglobal(L, "table");
@@ -109,4 +126,5 @@ void tamarco_bytecode_cache_install(lua_State *L, const char *cache_dir)
     lua_pushcfunction(L, search);
     lua_call(L, 3, 0);
     lua_pop(L, 1);
+    return 1;
 }

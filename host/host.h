@@ -56,9 +56,9 @@ void tamarco_host_attach(tamarco_host *host, lua_State *L);
 
 /* ---- bytecode_cache.c ---- */
 
-/* Loads the framework's Lua modules from cached bytecode kept in cache_dir
- * (when it exists and is writable), writing it on first use. */
-void tamarco_bytecode_cache_install(lua_State *L, const char *cache_dir);
+/* Loads the framework's modules from LuaJIT bytecode in cache_dir when it is
+ * usable (see bytecode_cache.c); 1 when installed, 0 when not. */
+int tamarco_bytecode_cache_install(lua_State *L, const char *cache_dir, int read_only);
 
 /* ---- scheduler.c: the only place that resumes coroutines ---- */
 

@@ -47,11 +47,19 @@ int main(int argc, char **argv)
     }
     host.L = L;
     tamarco_host_attach(&host, L);
+    /* the writable cache of an uninstalled host, else the precompiled
+     * modules of an installed one (<datadir>/tamarco-host/lua_bytecode) */
     char cache_dir[4200];
     size_t exe_len = sizeof cache_dir - 16;
+    int cached = 0;
     if (uv_exepath(cache_dir, &exe_len) == 0 && strrchr(cache_dir, '/')) {
         strcpy(strrchr(cache_dir, '/'), "/lua_cache");
-        tamarco_bytecode_cache_install(L, cache_dir);
+        cached = tamarco_bytecode_cache_install(L, cache_dir, 0);
+    }
+    if (!cached && snprintf(cache_dir, sizeof cache_dir, "%s", host.lua_dir) < (int)sizeof cache_dir - 16
+        && strrchr(cache_dir, '/')) {
+        strcpy(strrchr(cache_dir, '/'), "/lua_bytecode");
+        tamarco_bytecode_cache_install(L, cache_dir, 1);
     }
     if (tamarco_scheduler_init(&host) != 0) {
         fprintf(stderr, "tamarco-host: cannot initialise the scheduler\n");

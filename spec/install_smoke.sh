@@ -32,7 +32,15 @@ describe("the installed host", function()
         assert.are.equal("$prefix/share/tamarco-host/lua", require("tamarco.c.process").lua_dir())
         assert.is_table(require "tamarco.c.http_client")
     end)
+    it("loads its modules precompiled (named by their path below the Lua directory)", function()
+        assert.are.equal("@tamarco/tasks.lua", debug.getinfo(require("tamarco.tasks").sleep, "S").source)
+    end)
 end)
 LUA
+# every installed module has its bytecode
+for source in $(cd "$prefix/share/tamarco-host/lua" && find . -name '*.lua' | sed 's|^\./||'); do
+    key=$(echo "$source" | tr / %)
+    [ -s "$prefix/share/tamarco-host/lua_bytecode/$key.ljbc" ] || { echo "no bytecode for $source"; exit 1; }
+done
 "$prefix/bin/tamarco-host" test "$prefix/probe_spec.lua"
 echo "installed host OK"
