@@ -88,4 +88,33 @@ describe("--workers", function()
         end
         assert.matches("report server of 2 workers on 127.0.0.1:" .. report_port, out, 1, true)
     end)
+
+    it("forwards SIGHUP: every worker reloads its code, the supervisor keeps running", function()
+        local port = free_port()
+        local source = cli.read_all("spec/fixtures/services/workers_service.lua")
+        local path = cli.write_temp(source)
+        local changed = path .. ".v2"
+        local f = assert(io.open(changed, "w"))
+        f:write((source:gsub("worker = os.getenv%(\"TAMARCO_WORKER\"%)", "worker = os.getenv(\"TAMARCO_WORKER\"), v = 2")))
+        f:close()
+        local answers = os.tmpname()
+        local code, out = cli.run_until({ "run", path, "--workers", "2" }, "all 2 workers ready", "TERM",
+            { TAMARCO__SYSTEM__RESOURCES__API__PORT = tostring(port) },
+            {
+                { run = "mv " .. changed .. " " .. path .. "; kill -HUP $pid", wait = "received SIGHUP" },
+                { run = "i=0; while [ $i -lt 100 ] && [ $(grep -c 'service code reloaded' $out) -lt 2 ]; do "
+                        .. "sleep 0.05; i=$((i+1)); done; for i in $(seq 1 40); do curl -s http://127.0.0.1:"
+                        .. port .. "/pid; echo; done > " .. answers,
+                  wait = "service code reloaded" },
+            })
+        os.remove(path)
+        local replies = cli.read_all(answers)
+        os.remove(answers)
+        assert.are.equal(0, code, out)
+        local _, reloads = out:gsub("service code reloaded", "")
+        assert.are.equal(2, reloads, out)
+        local _, new_code = replies:gsub('"v":2', "")
+        assert.are.equal(40, new_code, replies)
+        assert.matches("all workers stopped", out, 1, true)
+    end)
 end)

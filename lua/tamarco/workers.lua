@@ -6,7 +6,8 @@
 -- the same listening ports (SO_REUSEPORT: the kernel spreads connections).
 -- The supervisor restarts a worker that dies (after a back-off that grows
 -- when it keeps dying), forwards SIGTERM/SIGINT to all of them, waits for
--- them to drain and exits 0 (1 if a worker had to be killed).
+-- them to drain and exits 0 (1 if a worker had to be killed). SIGHUP is
+-- forwarded too: each worker reloads its service code.
 -- Under systemd (Type=notify) the supervisor sends READY=1 once every worker
 -- has reported ready (through a pipe on TAMARCO_NOTIFY_FD, see
 -- tamarco.systemd) and STOPPING=1 when it stops them. The supervisor also
@@ -181,6 +182,16 @@ function workers.supervise(count, worker_args, log)
         handle:start(name, function() stop_all(name) end)
         signals[#signals + 1] = handle
     end
+    -- SIGHUP (systemctl reload): every worker reloads its code in place
+    local hup = uv.new_signal()
+    hup:start("sighup", function()
+        if stopping then return end
+        log("info", "received SIGHUP: reloading the code of " .. running .. " workers")
+        for _, child in pairs(children) do
+            if child.handle then child.handle:kill("sighup") end
+        end
+    end)
+    signals[#signals + 1] = hup
 
     for index = 1, count do start_worker(index) end
     uv.run()

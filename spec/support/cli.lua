@@ -50,6 +50,7 @@ end
 -- until its output contains `marker` (up to 20 s), then for each step
 -- {run = "shell command", wait = "marker"} runs the command and waits for the
 -- marker, sends `signal` (e.g. "TERM") and returns exit_code, output.
+-- Step commands see the host's pid as $pid and its output file as $out.
 function cli.run_until(args, marker, signal, env, steps)
     local parts = {}
     for k, v in pairs(with_defaults(env)) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
@@ -60,7 +61,8 @@ function cli.run_until(args, marker, signal, env, steps)
         return "i=0; while [ $i -lt 400 ] && ! grep -qF " .. shell_quote(text) .. " " .. out
             .. "; do sleep 0.05; i=$((i+1)); done"
     end
-    local lines = { table.concat(parts, " ") .. " >" .. out .. " 2>&1 & pid=$!", wait_for(marker) }
+    local lines = { "out=" .. shell_quote(out), table.concat(parts, " ") .. " >" .. out .. " 2>&1 & pid=$!",
+        wait_for(marker) }
     for _, step in ipairs(steps or {}) do
         lines[#lines + 1] = step.run
         lines[#lines + 1] = wait_for(step.wait)
