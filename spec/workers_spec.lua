@@ -117,4 +117,15 @@ describe("--workers", function()
         assert.are.equal(40, new_code, replies)
         assert.matches("all workers stopped", out, 1, true)
     end)
+
+    it("exits with the code of a worker that cannot start (bad settings: 2) instead of restarting it", function()
+        local settings = cli.write_temp("system:\n  resources: [unclosed\n", ".yml")
+        local code, out = cli.run({ "run", "spec/fixtures/services/workers_service.lua", "--workers", "2",
+            "--settings", settings })
+        os.remove(settings)
+        assert.are.equal(2, code, out)
+        assert.matches(settings, out, 1, true)               -- the worker named the file
+        assert.matches("could not start (exit code 2", out, 1, true)
+        assert.not_matches("restarting in", out, 1, true)
+    end)
 end)

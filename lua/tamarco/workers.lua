@@ -7,7 +7,9 @@
 -- The supervisor restarts a worker that dies (after a back-off that grows
 -- when it keeps dying), forwards SIGTERM/SIGINT to all of them, waits for
 -- them to drain and exits 0 (1 if a worker had to be killed). SIGHUP is
--- forwarded too: each worker reloads its service code.
+-- forwarded too: each worker reloads its service code. A worker that exits
+-- 2, 11 or 12 before it was ever ready (bad settings, port taken) stops the
+-- supervisor with that code rather than being restarted forever.
 -- Under systemd (Type=notify) the supervisor sends READY=1 once every worker
 -- has reported ready (through a pipe on TAMARCO_NOTIFY_FD, see
 -- tamarco.systemd) and STOPPING=1 when it stops them. The supervisor also
@@ -21,6 +23,9 @@ local workers_report = require "tamarco.workers_report"
 local workers = {}
 
 local RESTART_MIN_MS, RESTART_MAX_MS = 100, 10000
+-- exit codes of a worker that are not worth a restart before it ever was
+-- ready: 2 service file or settings error, 11 bind failure, 12 dependencies
+local START_FAILURES = { [2] = true, [11] = true, [12] = true }
 
 --- workers.supervise(count, worker_args, log) -> exit code. worker_args are
 -- the `run` arguments without --workers; log(level, message).
@@ -101,7 +106,7 @@ function workers.supervise(count, worker_args, log)
         end)
     end
 
-    local start_worker
+    local start_worker, stop_all
     local function on_exit(index, code, signal)
         local child = children[index]
         child.handle:close()
@@ -109,6 +114,16 @@ function workers.supervise(count, worker_args, log)
         running = running - 1
         if stopping then
             if running == 0 then uv.stop() end
+            return
+        end
+        -- A worker that could not start because of its service file, its
+        -- settings, a port or its resources' dependencies would fail again
+        -- on every restart: stop, and exit with its code.
+        if not child.ready and START_FAILURES[code] then
+            log("error", ("worker %d could not start (exit code %d, see above): stopping")
+                :format(index, code))
+            exit_code = code
+            stop_all("worker " .. index .. " could not start")
             return
         end
         -- A worker that lived long was healthy: restart it at once; one that
@@ -152,10 +167,10 @@ function workers.supervise(count, worker_args, log)
     end
 
     local signals = {}
-    local function stop_all(signal_name)
+    stop_all = function(reason)
         if stopping then return end
         stopping = true
-        log("info", "received " .. signal_name:upper() .. ": stopping " .. running .. " workers")
+        log("info", reason .. ": stopping " .. running .. " workers")
         systemd.notify("STOPPING=1")
         if report_server then
             local server = report_server
@@ -179,7 +194,7 @@ function workers.supervise(count, worker_args, log)
     end
     for _, name in ipairs({ "sigterm", "sigint" }) do
         local handle = uv.new_signal()
-        handle:start(name, function() stop_all(name) end)
+        handle:start(name, function() stop_all("received " .. name:upper()) end)
         signals[#signals + 1] = handle
     end
     -- SIGHUP (systemctl reload): every worker reloads its code in place
