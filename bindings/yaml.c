@@ -26,6 +26,9 @@
  *          sequences have no hole); keys are never null
  *   float  function(number) -> value, called for each value (not key)
  *          typed float, so that 1.0 can be told from 1
+ *   lines  true: a second result maps the dotted path of every mapping key
+ *          ("system.resources.api.port"; sequence items by index, "a.1.b")
+ *          to its 1-based line, for messages that name where a value is
  * Mapping keys are typed like values (`8080:` is the number 8080); null,
  * NaN and collection keys are errors. Duplicate keys: the last one wins.
  * Merge keys (`<<: *base`, `<<: [*a, *b]`) follow YAML 1.1: explicit keys win,
@@ -73,6 +76,8 @@ typedef struct frame {
     int nodes_at_start;
     int height;        /* max height of the children so far */
     char *anchor;      /* owned: the anchor of this collection, or NULL */
+    size_t path_len;   /* options.lines: length of this collection's path */
+    int key_line;      /* options.lines: line of the pending key */
 } frame;
 
 typedef struct builder {
@@ -82,6 +87,8 @@ typedef struct builder {
     int anchors;       /* stack index: anchor name -> {value, nodes, height} */
     int null_value;    /* stack index of options.null, 0 if none */
     int float_fn;      /* stack index of options.float, 0 if none */
+    int lines;         /* stack index of the key -> line table, 0 if none */
+    char path[1024];   /* options.lines: dotted path of the current collection */
     frame frames[YAML_MAX_DEPTH + 1];
     int depth;
     long nodes;
@@ -373,6 +380,26 @@ static void register_anchor(builder *b, const char *anchor, int nodes, int heigh
 
 static int merge_into(builder *b, int map, int source, yaml_mark_t mark);
 
+/* options.lines: writes "<path of the collection>.<key>" into b->path, the
+ * collection's path being its first `parent_len` bytes, and returns its
+ * length; 0 when the key is not a string or number or the path is too long.
+ * The key (at `key`, a copy: tostring converts numbers in place) stays. */
+static size_t extend_path(builder *b, size_t parent_len, int key)
+{
+    int type = lua_type(b->L, key);
+    if (type != LUA_TSTRING && type != LUA_TNUMBER)
+        return 0;
+    size_t key_len;
+    const char *text = lua_tolstring(b->L, key, &key_len);
+    size_t len = parent_len + (parent_len ? 1 : 0) + key_len;
+    if (len >= sizeof b->path)
+        return 0;
+    if (parent_len)
+        b->path[parent_len] = '.';
+    memcpy(b->path + len - key_len, text, key_len);
+    return len;
+}
+
 /* The value on top of the stack is complete: put it into its parent (or keep
  * it as the root), popping it. `height` is the height of its subtree. */
 static int add_value(builder *b, int height, yaml_mark_t mark)
@@ -399,6 +426,7 @@ static int add_value(builder *b, int height, yaml_mark_t mark)
         if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1))
             return fail_at(b, mark, "NaN cannot be a mapping key", NULL);
         f->have_key = 1;
+        f->key_line = (int)mark.line + 1;
         return 0;
     }
     /* stack: map, [merges], key, value */
@@ -420,6 +448,16 @@ static int add_value(builder *b, int height, yaml_mark_t mark)
             lua_pop(L, 1);                  /* the key */
         }
         return 0;
+    }
+    if (b->lines) {
+        lua_pushvalue(L, -2);
+        size_t len = extend_path(b, f->path_len, lua_gettop(L));
+        lua_pop(L, 1);
+        if (len) {
+            lua_pushlstring(L, b->path, len);
+            lua_pushinteger(L, f->key_line);
+            lua_rawset(L, b->lines);
+        }
     }
     int map = lua_gettop(L) - 2 - (f->merge_slot ? 1 : 0);
     lua_rawset(L, map);
@@ -570,8 +608,19 @@ static int start_collection(builder *b, yaml_event_t *ev, int is_map)
         luaL_getmetatable(L, SEQUENCE_MT);
         lua_setmetatable(L, -2);
     }
+    size_t path_len = 0;
+    if (b->lines && b->depth > 0) {
+        frame *parent = &b->frames[b->depth];
+        if (parent->is_map)
+            lua_pushvalue(L, -2);              /* the key, below the new table */
+        else
+            lua_pushinteger(L, parent->index + 1);
+        path_len = extend_path(b, parent->path_len, lua_gettop(L));
+        lua_pop(L, 1);
+    }
     frame *f = &b->frames[++b->depth];
     memset(f, 0, sizeof *f);
+    f->path_len = path_len;
     f->is_map = is_map;
     f->nodes_at_start = (int)b->nodes;
     if (anchor) {
@@ -732,6 +781,13 @@ static void read_options(lua_State *L, int index, builder *b)
     if (!lua_isnil(L, -1))
         luaL_checktype(L, -1, LUA_TFUNCTION);
     b->float_fn = lua_isnil(L, -1) ? 0 : lua_gettop(L);
+    lua_getfield(L, index, "lines");
+    int lines = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (lines) {
+        lua_newtable(L);
+        b->lines = lua_gettop(L);
+    }
 }
 
 /* Runs the builder over ctx's parser (input already set) and returns the Lua
@@ -756,6 +812,10 @@ static int run_parse(lua_State *L, yaml_ctx *ctx, const char *source, int option
         return 4;
     }
     ctx_release(ctx);
+    if (b->lines) {
+        lua_pushvalue(L, b->lines);
+        return 2;
+    }
     return 1;
 }
 

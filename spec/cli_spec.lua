@@ -76,6 +76,35 @@ return svc
         assert.matches(yml .. ":%d+:%d+", out)
     end)
 
+    it("names the file, line and key of a setting with a bad value (exit 2)", function()
+        local path = cli.write_temp(service_source([[
+local http = require "tamarco.resources.http"
+return tamarco.service { name = "typed", resources = { api = http.server() } }
+]]))
+        local cases = {
+            { "system:\n  resources:\n    api:\n      port: abc\n",
+              ':4: system.resources.api.port: must be a number, not "abc"' },
+            { "system:\n  microservices:\n    typed:\n      resources:\n        api:\n          port: 70000\n",
+              ":6: system.microservices.typed.resources.api.port: must be at most 65535, not 70000" },
+            { "system:\n  deploy_name: x\n  logging:\n    profile: LOUD\n",
+              ':4: system.logging.profile: must be DEVELOP, TESTING or PRODUCTION, not "LOUD"' },
+        }
+        for _, case in ipairs(cases) do
+            local yml = cli.write_temp(case[1], ".yml")
+            local code, out = cli.run({ "run", path, "--settings", yml })
+            os.remove(yml)
+            assert.are.equal(2, code, out)
+            assert.matches("tamarco-host: settings file " .. yml .. case[2], out, 1, true)
+            assert.not_matches("stack traceback", out, 1, true)
+        end
+        -- from the environment: the variable is named
+        local code, out = cli.run({ "run", path }, { TAMARCO__SYSTEM__RESOURCES__API__MAX_BODY_SIZE = "-1" })
+        os.remove(path)
+        assert.are.equal(2, code, out)
+        assert.matches("environment variable TAMARCO__SYSTEM__RESOURCES__API__MAX_BODY_SIZE: "
+            .. "system.resources.api.max_body_size: must be at least 0, not -1", out, 1, true)
+    end)
+
     it("names a missing setting without default (exit 2)", function()
         local path = cli.write_temp(service_source([[
 local svc = tamarco.service { name = "needs" }

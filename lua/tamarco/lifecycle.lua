@@ -119,8 +119,16 @@ local function call_phase(target, phase)
 end
 lifecycle.call_phase = call_phase
 
+-- Failures whose message says everything (a setting, a port, an order of
+-- resources): their traceback would only show the framework's insides.
+local SELF_EXPLAINED = { settings = true, bind = true, dependencies = true }
+
 function Lifecycle:log_failure(what, failure)
     local err = failure.error
+    if errors.is(err) and SELF_EXPLAINED[err.kind] then
+        self.service.logger:error(what .. " failed: " .. tostring(err), { error = tostring(err) })
+        return
+    end
     self.service.logger:exception(what .. " failed: " .. tostring(err), err, failure.traceback)
 end
 
@@ -292,8 +300,8 @@ end
 --- Starts the service, waits for a stop request, stops it. Returns the exit
 -- code: 0 for a clean stop, else the start-up failure's code.
 function Lifecycle:run()
-    local ok, code = self:start()
-    if not ok then return code end
+    local ok, code, err = self:start()
+    if not ok then return code, err end
     if not self.stop_reason then
         self.waiter = scheduler.current()
         scheduler.suspend()

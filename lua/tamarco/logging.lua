@@ -457,20 +457,47 @@ function logging.configure_from_settings(view, identity)
         if value == nil then return default end
         return value
     end
+    -- a bad value is reported with where it comes from (file and line, ...)
+    local function fail(key, problem)
+        if type(view.error) == "function" then error(view:error(key, problem), 0) end
+        errors.raise("settings", key .. ": " .. problem)
+    end
+    local profile = get("logging.profile", logging.DEFAULT_PROFILE)
+    if type(profile) ~= "string" or not logging.PROFILES[profile:upper()] then
+        fail("logging.profile", ("must be DEVELOP, TESTING or PRODUCTION, not %q"):format(tostring(profile)))
+    end
+    local function size(key, default)
+        local value = tonumber(get(key, default))
+        if not value or value < 0 then
+            fail(key, ("must be a number >= 0, not %q"):format(tostring(get(key, default))))
+        end
+        return value
+    end
     local stdout = get("logging.stdout", true)
     if type(stdout) == "string" then stdout = stdout:lower() ~= "false" end
     local file_path = get("logging.file_path", nil)
     if file_path == false then file_path = nil end
-    logging.configure {
+    if file_path ~= nil and type(file_path) ~= "string" then
+        fail("logging.file_path", "must be a path, not " .. type(file_path))
+    end
+    local options = {
         service_name = identity.service_name,
         deploy_name = identity.deploy_name,
         instance_id = identity.instance_id,
-        profile = get("logging.profile", logging.DEFAULT_PROFILE),
+        profile = profile,
         stdout = stdout ~= false,
         file_path = file_path,
-        file_max_bytes = tonumber(get("logging.file_max_bytes", logging.DEFAULT_FILE_MAX_BYTES)),
-        file_backup_count = tonumber(get("logging.file_backup_count", logging.DEFAULT_FILE_BACKUP_COUNT)),
+        file_max_bytes = size("logging.file_max_bytes", logging.DEFAULT_FILE_MAX_BYTES),
+        file_backup_count = size("logging.file_backup_count", logging.DEFAULT_FILE_BACKUP_COUNT),
     }
+    local ok, err = pcall(logging.configure, options)
+    if not ok then
+        -- the file cannot be opened: say which setting named it
+        if file_path and errors.is(err, "settings") then
+            fail("logging.file_path", (tostring(err):gsub("^logging%.file_path: ", "")))
+        end
+        error(err, 0)
+    end
 end
 
 --- logging.provisional(service_name): stdout logging before the settings are

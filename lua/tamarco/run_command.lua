@@ -211,7 +211,13 @@ function run_command.main(args)
                 reload.request(cycle, options.file, "setting " .. key .. " changed")
             end
         end)
-        local code = cycle:run()
+        local code, failure = cycle:run()
+        if errors.is(failure) and failure.kind ~= "runtime" then
+            -- also said plainly on stderr: with JSON logs on stdout this is
+            -- the line a person reads first
+            logging.flush()
+            io.stderr:write("tamarco-host: ", failure.message, "\n")
+        end
         -- what the remote log sinks still hold gets a second to go out
         log_sinks.close(remote_sinks, logging, 1000)
         if file_watcher then file_watcher.close() end

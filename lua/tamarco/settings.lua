@@ -41,6 +41,9 @@
 --         -- on_tree_changed(nil, err); an error keeps the previous values and
 --         -- is logged as a warning. Called by store:start_watching().
 --     close = function(self) end           -- optional: stop watching, close handles
+--     locate = function(self, key) -> text, fields   -- optional: where the
+--         -- source holds dotted `key` ("settings.yml:12", "etcd key /a/b"),
+--         -- for messages (see store:origin)
 --   }
 --
 -- VALUES returned by get are copies: mutating them does not change the store.
@@ -203,9 +206,13 @@ end
 ---------------------------------------------------------------------------
 
 --- settings.static_source(name, tree): a source that never changes.
+local STATIC_ORIGINS = { builtin = "the built-in defaults", defaults = "the defaults",
+    dict = "the service's own settings" }
+
 function settings.static_source(name, tree)
     assert(type(tree) == "table", "static_source: tree must be a table")
-    return { name = name, tree = tree, load = function(self) return self.tree end }
+    return { name = name, tree = tree, load = function(self) return self.tree end,
+        locate = function(self) return STATIC_ORIGINS[self.name] or self.name end }
 end
 
 local YamlSource = {}
@@ -219,17 +226,27 @@ function settings.yaml_source(path)
 end
 
 function YamlSource:load()
-    local value, message, line, column = yaml.load_file(self.path)
-    if value == nil and message then
+    local value, message, line, column = yaml.load_file(self.path, { lines = true })
+    if value == nil and type(message) == "string" then
         return nil, errors.new("settings", "settings file " .. message,
             { file = self.path, line = line, column = column })
     end
-    if value == nil then return {} end
+    if value == nil then
+        self.lines = nil
+        return {}
+    end
     if not is_map(value) then
         return nil, errors.new("settings", ("settings file %s: the top level must be a mapping of settings, not a %s")
             :format(self.path, type(value) == "table" and "sequence" or type(value)), { file = self.path })
     end
+    self.lines = message
     return value
+end
+
+function YamlSource:locate(key)
+    local line = self.lines and self.lines[key]
+    if line then return ("settings file %s:%d"):format(self.path, line), { file = self.path, line = line } end
+    return "settings file " .. self.path, { file = self.path }
 end
 
 function YamlSource:watch(on_tree_changed)
@@ -271,6 +288,9 @@ function settings.environ_source(prefix)
     prefix = prefix or settings.environ_prefix
     return {
         name = "environ",
+        locate = function(_, key)
+            return "environment variable " .. prefix .. key:upper():gsub("%.", "__")
+        end,
         load = function()
             local environ = require("luv").os_environ()
             local names = {}
@@ -346,6 +366,23 @@ function Store:_recompute()
             spawn(w.fn, copy(value), w.key)
         end
     end
+end
+
+--- store:origin(key) -> text, fields: where the value of dotted `key` comes
+-- from ("settings file /etc/svc.yml:12", "environment variable
+-- TAMARCO__SYSTEM__X", "etcd key /system/x", "the built-in defaults"), for
+-- messages; fields has file and line when known. nil when no source has it.
+function Store:origin(key)
+    local path = settings.split_key(key)
+    local dotted = join(path)
+    for i = #self.entries, 1, -1 do
+        local entry = self.entries[i]
+        if entry.tree and lookup(entry.tree, path) then
+            if entry.source.locate then return entry.source:locate(dotted) end
+            return entry.source.name, {}
+        end
+    end
+    return nil
 end
 
 --- store:get(key[, default]) -> value (a copy for subtrees); raises a
@@ -447,6 +484,23 @@ function View:key_of(key)
         if lookup(self.store.tree, path) then return join(path) end
     end
     return join(candidates[1])
+end
+
+--- view:origin(key) -> full dotted key, and where its value comes from
+-- (text, fields as store:origin; nil when no source has it).
+function View:origin(key)
+    local full = self:key_of(key)
+    return full, self.store:origin(full)
+end
+
+--- view:error(key, problem) -> a settings error (exit code 2) naming where
+-- the value of `key` comes from, the full key and the problem:
+-- "settings file /etc/svc.yml:12: system.resources.api.port: must be a number".
+function View:error(key, problem)
+    local full, where, fields = self:origin(key)
+    local e = { key = full }
+    for k, v in pairs(fields or {}) do e[k] = v end
+    return errors.new("settings", (where and where .. ": " or "") .. full .. ": " .. problem, e)
 end
 
 --- view:watch(key, fn) -> handle: fn(value, key) when what get(key) returns changes.

@@ -63,6 +63,11 @@ function settings_etcd.source(opts)
     }, Source)
 end
 
+--- Where dotted `key` lives in etcd, for messages (see store:origin).
+function Source:locate(key)
+    return ("etcd key /%s at %s"):format((key:gsub("%.", "/")), self.client:address())
+end
+
 function Source:_excluded(key)
     for _, prefix in ipairs(self.exclude) do
         if key:sub(1, #prefix) == prefix then return true end

@@ -561,6 +561,9 @@ end
 
 function Client:start()
     if self.conn then return end
+    self:check_settings { port = base.PORT, connection_timeout = base.DURATION, heartbeat = base.COUNT,
+        prefetch = base.COUNT, reconnect_backoff_ms = base.DURATION, reconnect_backoff_max_ms = base.DURATION,
+        publish_wait_ms = base.DURATION, request_timeout_ms = base.DURATION, drain_timeout_ms = base.DURATION }
     self.stopping = false
     local timeout_s = self:setting("connection_timeout")
     local svc_name = self.service and self.service.name or "tamarco"

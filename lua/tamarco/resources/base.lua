@@ -7,6 +7,8 @@
 -- other resources it needs in `depends_on`. The lifecycle sets the
 -- transitional statuses around each phase; a resource only sets FAILED or
 -- CONNECTING itself when its peer goes away or comes back.
+local errors = require "tamarco.errors"
+
 local base = {}
 
 base.STATUS = {
@@ -73,6 +75,66 @@ function Resource:setting(key, default)
     if default ~= nil then return default end
     local defaults = self.defaults
     return defaults and defaults[key]
+end
+
+--- resource:settings_error(key, problem): raises a settings error (the
+-- service stops starting, exit code 2) that names where the value of `key`
+-- comes from (settings file and line, environment variable, etcd key), the
+-- full key and the problem.
+function Resource:settings_error(key, problem)
+    local view = self.settings
+    if type(view) == "table" and type(view.error) == "function" then error(view:error(key, problem), 0) end
+    errors.raise("settings", ("resource '%s': %s: %s"):format(tostring(self.name), key, problem), { key = key })
+end
+
+local function describe(value)
+    if type(value) == "string" then return ("%q"):format(value) end
+    if type(value) == "table" then return "a " .. (value[1] ~= nil and "list" or "mapping") end
+    return tostring(value)
+end
+
+--- resource:number_setting(key, default[, limits]) -> the setting, checked:
+-- a number within limits { min =, max =, integer = true }, else a settings
+-- error (see settings_error).
+function Resource:number_setting(key, default, limits)
+    local value = self:setting(key, default)
+    limits = limits or {}
+    if type(value) ~= "number" or value ~= value then
+        self:settings_error(key, "must be a number, not " .. describe(value))
+    elseif limits.integer and value % 1 ~= 0 then
+        self:settings_error(key, "must be a whole number, not " .. value)
+    elseif limits.min and value < limits.min then
+        self:settings_error(key, ("must be at least %s, not %s"):format(limits.min, value))
+    elseif limits.max and value > limits.max then
+        self:settings_error(key, ("must be at most %s, not %s"):format(limits.max, value))
+    end
+    return value
+end
+
+--- Limits for number_setting.
+base.PORT = { integer = true, min = 0, max = 65535 }
+base.COUNT = { integer = true, min = 0 }
+base.DURATION = { min = 0 }
+
+--- resource:check_settings{ key = limits, ... }: number_setting for each
+-- key (defaults from the class's `defaults`); raises on the first bad one,
+-- in key order, so that the message is the same on every run.
+function Resource:check_settings(spec)
+    local keys = {}
+    for key in pairs(spec) do keys[#keys + 1] = key end
+    table.sort(keys)
+    for _, key in ipairs(keys) do self:number_setting(key, nil, spec[key]) end
+end
+
+--- resource:typed_setting(key, default, lua_type) -> the setting when it is
+-- of that Lua type ("string", "boolean", "table"), else a settings error.
+function Resource:typed_setting(key, default, lua_type)
+    local value = self:setting(key, default)
+    if value ~= nil and type(value) ~= lua_type then
+        local wanted = lua_type == "table" and "a mapping or list" or "a " .. lua_type
+        self:settings_error(key, "must be " .. wanted .. ", not " .. describe(value))
+    end
+    return value
 end
 
 function Resource:pre_start() end

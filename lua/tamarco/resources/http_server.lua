@@ -366,20 +366,22 @@ function HttpServer:init(options)
     }
 end
 
+local COUNT = { integer = true, min = 1 }
+local SECONDS = { min = 0 }
 local SETTINGS = {
-    -- key, default, C option name, scale to C units
+    -- key, default, C option name, number limits (nil: a string), scale to C units
     { "host", "127.0.0.1", "host" },
-    { "port", 8080, "port" },
-    { "backlog", 511, "backlog" },
-    { "max_connections", 10000, "max_connections" },
-    { "max_header_size", 8192, "max_header_size" },
-    { "max_headers", 100, "max_headers" },
-    { "max_body_size", 1024 * 1024, "max_body_size" },
-    { "max_pipeline", 64, "max_pipeline" },
-    { "header_timeout", 10, "header_timeout", 1000 },
-    { "body_timeout", 30, "body_timeout", 1000 },
-    { "idle_timeout", 60, "idle_timeout", 1000 },
-    { "send_timeout", 60, "send_timeout", 1000 },
+    { "port", 8080, "port", { integer = true, min = 0, max = 65535 } },
+    { "backlog", 511, "backlog", COUNT },
+    { "max_connections", 10000, "max_connections", COUNT },
+    { "max_header_size", 8192, "max_header_size", COUNT },
+    { "max_headers", 100, "max_headers", COUNT },
+    { "max_body_size", 1024 * 1024, "max_body_size", { integer = true, min = 0 } },
+    { "max_pipeline", 64, "max_pipeline", COUNT },
+    { "header_timeout", 10, "header_timeout", SECONDS, 1000 },
+    { "body_timeout", 30, "body_timeout", SECONDS, 1000 },
+    { "idle_timeout", 60, "idle_timeout", SECONDS, 1000 },
+    { "send_timeout", 60, "send_timeout", SECONDS, 1000 },
     { "server_name", "tamarco", "server_name" },
 }
 
@@ -416,8 +418,9 @@ end
 function HttpServer:_configure()
     local c_options = {}
     for _, s in ipairs(SETTINGS) do
-        local v = self:setting(s[1], s[2])
-        if s[4] then v = v * s[4] end
+        local v
+        if s[4] then v = self:number_setting(s[1], s[2], s[4]) else v = self:typed_setting(s[1], s[2], "string") end
+        if s[5] then v = v * s[5] end
         c_options[s[3]] = v
     end
     local reuse_default = os.getenv("TAMARCO_REUSE_PORT") == "1"
@@ -428,8 +431,8 @@ function HttpServer:_configure()
         self.public_host, self.public_port = c_options.host, c_options.port
         for k, v in pairs(override) do c_options[k] = v end
     end
-    self.drain_timeout = self:setting("drain_timeout", 5)
-    self.access_log = self:setting("access_log", false)
+    self.drain_timeout = self:number_setting("drain_timeout", 5, SECONDS)
+    self.access_log = self:typed_setting("access_log", false, "boolean")
 
     local cors = {
         enabled = self:setting("cors.enabled", true),

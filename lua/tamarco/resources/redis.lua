@@ -309,6 +309,8 @@ function Redis:address()
 end
 
 function Redis:start()
+    self:check_settings { port = base.PORT, db = base.COUNT, connect_timeout = base.DURATION,
+        reconnect_min = base.DURATION, reconnect_max = base.DURATION }
     local ok, err = self:open_links(self:setting("fail_on_start"))
     if not ok and self:setting("fail_on_start") then error(err, 0) end
 end
