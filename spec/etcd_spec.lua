@@ -453,6 +453,15 @@ describe("etcd settings source", function()
         assert.equal("not json", view:get("plain"))
         assert.same({ 1, 2 }, view:get("nested.a"))
         assert.is_nil(view:get("nothing", nil))
+        -- where each value comes from, for messages about bad values
+        local full, where = view:origin("both")
+        assert.equal("system.microservices." .. svc_name .. ".both", full)
+        assert.equal("etcd key /system/microservices/" .. svc_name .. "/both at " .. c:address(), where)
+        assert.equal("settings file " .. yml .. ":4", select(2, view:origin("from_yaml")))
+        assert.equal("the defaults", select(2, view:origin("default")))
+        assert.matches("^etcd key /system/microservices/" .. svc_name:gsub("%-", "%%-") .. "/number at .*: "
+            .. "system%.microservices%." .. svc_name:gsub("%-", "%%-") .. "%.number: must be small$",
+            view:error("number", "must be small").message)
         store:stop_watching()
     end)
 
