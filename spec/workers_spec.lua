@@ -128,4 +128,19 @@ describe("--workers", function()
         assert.matches("could not start (exit code 2", out, 1, true)
         assert.not_matches("restarting in", out, 1, true)
     end)
+
+    it("exits 11 when the workers' report server cannot listen, like a single process", function()
+        local uv = require "luv"
+        local holder = uv.new_tcp()
+        assert(holder:bind("127.0.0.1", 0))
+        assert(holder:listen(1, function() end))
+        local taken = holder:getsockname().port
+        local code, out = cli.run({ "run", "spec/fixtures/services/workers_report_service.lua", "--workers", "2" },
+            { TAMARCO__SYSTEM__RESOURCES__API__PORT = tostring(free_port()),
+              TAMARCO__SYSTEM__RESOURCES__TAMARCO_HTTP_REPORT_SERVER__PORT = tostring(taken) })
+        holder:close()
+        assert.are.equal(11, code, out)
+        assert.matches("report server of the workers: .*" .. taken, out)
+        assert.matches("all workers stopped", out, 1, true)
+    end)
 end)

@@ -38,6 +38,7 @@ function workers.supervise(count, worker_args, log)
     local exit_code = 0
     local ready_count, announced_ready = 0, false
     local report_server, report_failed
+    local start_worker, stop_all     -- defined below
 
     local function list_workers()
         local list = {}
@@ -55,8 +56,11 @@ function workers.supervise(count, worker_args, log)
         if report_server or report_failed then return end
         local server, err = workers_report.serve(host, port, list_workers)
         if not server then
+            -- as a single process would: a port that cannot be bound ends it
             report_failed = true
             log("error", "report server of the workers: " .. tostring(err))
+            exit_code = 11
+            stop_all("the report server cannot listen")
             return
         end
         report_server = server
@@ -106,7 +110,6 @@ function workers.supervise(count, worker_args, log)
         end)
     end
 
-    local start_worker, stop_all
     local function on_exit(index, code, signal)
         local child = children[index]
         child.handle:close()
