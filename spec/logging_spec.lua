@@ -438,6 +438,19 @@ describe("tamarco.logging", function()
         assert.matches("file_path", tostring(err))
     end)
 
+    it("writes an ERROR record to the file at once, INFO within the loop turn", function()
+        local path = os.tmpname()
+        os.remove(path)
+        local sink = assert(logging.file_sink { path = path })
+        local function lines() return select(2, (read_file(path) or ""):gsub("\n", "")) end
+        sink:emit(logging.make_record("file", "INFO", "buffered"))
+        assert.are.equal(0, lines())      -- a loop turn has not ended yet
+        sink:emit(logging.make_record("file", "ERROR", "at once"))
+        assert.are.equal(2, lines())      -- the error, and what was before it
+        sink:close()
+        os.remove(path)
+    end)
+
     it("configures from a settings view with Tamarco's keys", function()
         local asked = {}
         local values = { ["logging.profile"] = "PRODUCTION", ["logging.stdout"] = false }

@@ -339,8 +339,9 @@ local stop_handle = logging.stop_handle
 --- logging.file_sink{ path, max_bytes, backup_count, buffer_bytes = 65536 }
 -- -> sink | nil, message. JSON lines appended to a rotating file, gathered
 -- in a buffer written when it passes buffer_bytes, at the end of every loop
--- turn (a record reaches the file within one turn), at logging.flush() and
--- at close. Without a loop, one write per line.
+-- turn (a record reaches the file within one turn), at once for ERROR and
+-- CRITICAL records, at logging.flush() and at close. Without a loop, one
+-- write per line.
 function logging.file_sink(opts)
     local buffer_bytes = loop() and (opts.buffer_bytes or logging.DEFAULT_FILE_BUFFER_BYTES) or 0
     local file, err = clog.open_file(opts.path,
@@ -360,6 +361,10 @@ function logging.file_sink(opts)
     function sink:emit(record)
         local ok, werr = self.file:write_json(record)
         if not ok then error(werr, 0) end
+        -- errors go to the disk at once: they are the lines a crash or the
+        -- watchdog's exit must not take with it
+        local level = record.level
+        if level == "ERROR" or level == "CRITICAL" then self:flush() end
     end
     function sink:flush()
         local ok, werr = self.file:flush()
