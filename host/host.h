@@ -28,6 +28,7 @@ struct tamarco_host {
     uv_idle_t ready_idle;  /* runs deferred resumes before the loop blocks */
     int ready_idle_active;
     int next_wait_id;
+    int idle_tasks;        /* coroutines in the pool of tamarco_start_task */
 };
 
 /* Initialises the scheduler's handles on host->loop; host->L must be set. */

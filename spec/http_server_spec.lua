@@ -690,3 +690,31 @@ describe("http_server limits and timeouts", function()
         assert.are.equal("conflict!", tostring(err))
     end)
 end)
+
+describe("handler coroutines", function()
+    it("are reused after a normal return, never once Lua code saw them", function()
+        testing.run(function()
+            local svc = tamarco.service { name = "reuse", report_server = false, resources = { api = http.server() } }
+            local seen = {}
+            svc.api:get("/seen", function()
+                seen[#seen + 1] = coroutine.running()
+                return 200, "ok"
+            end)
+            svc.api:get("/plain", function() return 200, "ok" end)
+            local running = start(svc, { port = 0 })
+            local port = svc.api.port
+            for _ = 1, 5 do assert.are.equal(200, get(port, "/plain").status) end
+            assert.is_true(scheduler.stats().idle_tasks >= 1, "nothing went back to the pool")
+            for _ = 1, 5 do assert.are.equal(200, get(port, "/seen").status) end
+            -- a handler that got hold of its coroutine had one of its own:
+            -- whatever it kept can never wake a later request's handler
+            local distinct = 0
+            for i, co in ipairs(seen) do
+                distinct = distinct + 1
+                for j = 1, i - 1 do assert.are_not.equal(seen[j], co) end
+            end
+            assert.are.equal(5, distinct)
+            running:stop()
+        end)
+    end)
+end)
