@@ -10,13 +10,27 @@ local timer = require "tamarco.c.timer"
 
 local tasks = {}
 
---- The error value raised inside a cancelled task.
-tasks.CANCELLED = setmetatable({}, { __tostring = function() return "task cancelled" end })
+-- Process-wide state, kept in the registry: a test runner that loads this
+-- module afresh for each spec file must not make a second kind of
+-- cancellation that the first error handler does not recognise.
+local registry = debug.getregistry()
+local shared = registry["tamarco.tasks"]
+if not shared then
+    shared = {
+        CANCELLED = setmetatable({}, { __tostring = function() return "task cancelled" end }),
+        cancelled = setmetatable({}, { __mode = "k" }),
+        names = setmetatable({}, { __mode = "k" }),
+    }
+    registry["tamarco.tasks"] = shared
+end
 
-local cancelled = setmetatable({}, { __mode = "k" })
+--- The error value raised inside a cancelled task.
+tasks.CANCELLED = shared.CANCELLED
+
+local cancelled = shared.cancelled
 
 --- Names of running named tasks (coroutine -> name), for error reports.
-tasks.names = setmetatable({}, { __mode = "k" })
+tasks.names = shared.names
 
 --- The scheduler's error handler until a service installs its logger:
 -- failures go to stderr with their traceback; cancellations are not failures.
