@@ -718,3 +718,24 @@ describe("handler coroutines", function()
         end)
     end)
 end)
+
+describe("http_server settings", function()
+    it("turns CORS off with `cors: false` and rejects a CORS value that is not a mapping", function()
+        testing.run(function()
+            local svc = tamarco.service { name = "nocors", report_server = false, resources = { api = http.server() } }
+            svc.api:get("/x", function() return 200, "x" end)
+            local running = start(svc, { port = 0, cors = false })
+            local r = get(svc.api.port, "/x", "Origin: http://app.example\r\n")
+            assert.are.equal(200, r.status)
+            assert.is_nil(r.headers["access-control-allow-origin"])
+            running:stop()
+
+            local bad = tamarco.service { name = "badcors", report_server = false, resources = { api = http.server() } }
+            local started, code, err = testing.start_service(bad, { settings = { system = { resources = {
+                api = { port = 0, cors = "sometimes" } } } } })
+            assert.is_nil(started)
+            assert.are.equal(2, code)
+            assert.matches("system.resources.api.cors: must be true, false or a mapping", tostring(err), 1, true)
+        end)
+    end)
+end)

@@ -18,7 +18,7 @@
 --   (1048576), max_pipeline (64), header_timeout (10), body_timeout (30),
 --   idle_timeout (60), send_timeout (60), drain_timeout (5), server_name
 --   ("tamarco"), access_log (false),
---   cors.enabled (true), cors.allow_origins ("*" or a list),
+--   cors.enabled (true; `cors: false` for short), cors.allow_origins ("*" or a list),
 --   cors.allow_methods (the route's), cors.allow_headers (echoes the
 --   request's), cors.expose_headers, cors.allow_credentials (false),
 --   cors.max_age, cache.max_entries (1000), cache.header_keys ({}).
@@ -434,8 +434,18 @@ function HttpServer:_configure()
     self.drain_timeout = self:number_setting("drain_timeout", 5, SECONDS)
     self.access_log = self:typed_setting("access_log", false, "boolean")
 
+    -- `cors: false` (or true) is the short form of cors.enabled
+    local cors_section = self:setting("cors", nil)
+    local enabled
+    if type(cors_section) == "boolean" then
+        enabled = cors_section
+    elseif cors_section ~= nil and type(cors_section) ~= "table" then
+        self:settings_error("cors", "must be true, false or a mapping of CORS settings")
+    else
+        enabled = self:typed_setting("cors.enabled", true, "boolean")
+    end
     local cors = {
-        enabled = self:setting("cors.enabled", true),
+        enabled = enabled,
         origins = self:setting("cors.allow_origins", "*"),
         methods = as_header_list(self:setting("cors.allow_methods", nil)),
         headers = as_header_list(self:setting("cors.allow_headers", nil)),
