@@ -692,6 +692,14 @@ describe("the metrics resource", function()
                 collect_frequency = 0 } } } } })
             assert.is_nil(ok)
             assert.is_number(code)
+            -- a handler section may be just false
+            local off = MetricsResource.new { registry = metrics.new_registry() }
+            local svc3 = tamarco.service { name = "off", report_server = false, resources = { metrics = off } }
+            running = assert(testing.start_service(svc3, { settings = { system = { resources = { metrics = {
+                handlers = { prometheus = false } } } } } }))
+            assert.is_false(off.prometheus_enabled)
+            assert.are.equal(404, (off:http_response()))
+            running:stop()
         end)
     end)
 end)

@@ -17,7 +17,8 @@
 --     file: { path: /tmp/tamarco_metrics, format: prometheus, enabled: true }
 --     stdout: { format: carbon, enabled: true }
 -- carbon, file and stdout are on when their section is present and
--- `enabled` is not false; prometheus is on unless `enabled` is false.
+-- `enabled` is not false; prometheus is on unless `enabled` is false. A
+-- section may also be just `true` or `false` (`prometheus: false`).
 -- Formats and paths: see tamarco.metrics.reporters.
 --
 -- options of metrics_resource.new{...}: registry (default: the default
@@ -48,7 +49,10 @@ function Metrics:bind(service, name, settings_view, logger)
     if self.registry == metrics.default_registry then metrics.set_namespace(self.namespace) end
 end
 
+-- A handler's section: a mapping (on unless enabled: false), or just
+-- true/false.
 local function enabled(section, default)
+    if type(section) == "boolean" then return section end
     if type(section) ~= "table" then return default end
     if section.enabled == nil then return true end
     return section.enabled == true or section.enabled == "true"
