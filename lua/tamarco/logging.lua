@@ -472,10 +472,9 @@ function logging.configure_from_settings(view, identity)
         fail("logging.profile", ("must be DEVELOP, TESTING or PRODUCTION, not %q"):format(tostring(profile)))
     end
     local function size(key, default)
-        local value = tonumber(get(key, default))
-        if not value or value < 0 then
-            fail(key, ("must be a number >= 0, not %q"):format(tostring(get(key, default))))
-        end
+        local raw = get(key, default)
+        local value = tonumber(raw)
+        if not value or value < 0 then fail(key, ("must be a number >= 0, not %q"):format(tostring(raw))) end
         return value
     end
     local stdout = get("logging.stdout", true)

@@ -5,28 +5,12 @@ local c = require "tamarco.c.native"
 
 local systemd = {}
 
--- A worker of `run --workers N` tells its supervisor instead (a pipe on
--- TAMARCO_NOTIFY_FD, one state per line): systemd only listens to the main
--- process, and the supervisor is READY when every worker is.
-local supervisor_pipe
-
-local function tell_supervisor(fd, state)
-    if not supervisor_pipe then
-        local uv = require "luv"
-        supervisor_pipe = uv.new_pipe(false)
-        local opened, err = supervisor_pipe:open(fd)
-        if not opened then return nil, err end
-    end
-    local written, err = supervisor_pipe:write(state .. "\n")
-    if not written then return nil, err end
-    return true
-end
-
 --- notify(state) -> true if sent, false without NOTIFY_SOCKET, or nil, err.
 -- state: "READY=1", "STOPPING=1", "STATUS=...", several joined by "\n".
 function systemd.notify(state)
-    local supervisor_fd = tonumber(os.getenv("TAMARCO_NOTIFY_FD") or "")
-    if supervisor_fd then return tell_supervisor(supervisor_fd, state) end
+    -- a worker of `run --workers N` tells its supervisor instead: systemd
+    -- only listens to the main process, which is READY when every worker is
+    if os.getenv("TAMARCO_NOTIFY_FD") then return require("tamarco.workers").tell_supervisor(state) end
     if not os.getenv("NOTIFY_SOCKET") then return false end
     local sent, err = c.sd_notify(state)
     if sent == nil then return nil, err end

@@ -87,10 +87,6 @@ local function split_sample(line)
     return nil
 end
 
-local function escape_label_value(s)
-    return (s:gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
-end
-
 --- prometheus.merge(parts, label) -> one exposition made of several
 -- processes' (parts: list of { value = label value, text = exposition }).
 -- Every sample gets label="value" first among its labels; the samples of a
@@ -110,7 +106,7 @@ function prometheus.merge(parts, label)
         return f
     end
     for _, part in ipairs(parts) do
-        local added = label .. '="' .. escape_label_value(tostring(part.value)) .. '"'
+        local added = label .. '="' .. metrics.escape_label_value(tostring(part.value)) .. '"'
         local current
         for line in part.text:gmatch("[^\n]+") do
             local kind, name = line:match("^#%s+(%u+)%s+([%a_:][%w_:]*)")
