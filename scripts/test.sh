@@ -14,6 +14,10 @@ jobs=$(nproc 2>/dev/null || echo 2)
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j"$jobs"
 
+# The suite must leave /tmp as it found it (checked at the end; set
+# TAMARCO_SKIP_TMP_CHECK=1 on a machine where other work writes to /tmp).
+tmp_before=$(ls -A /tmp | sort)
+
 services_dir=$(mktemp -d /tmp/tamarco-services.XXXXXX)
 cleanup() { scripts/test-services.sh stop "$services_dir" || true; }
 trap cleanup EXIT INT TERM
@@ -33,5 +37,16 @@ if [ "${TAMARCO_SKIP_SANITIZERS:-0}" != 1 ]; then
     export ASAN_OPTIONS="abort_on_error=0:detect_leaks=1"
     (cd build-asan && ctest --output-on-failure)
     build-asan/tamarco-host test -o utfTerminal spec services
+fi
+cleanup
+trap - EXIT INT TERM
+if [ "${TAMARCO_SKIP_TMP_CHECK:-0}" != 1 ]; then
+    printf '%s\n' "$tmp_before" > build/tmp_before.txt
+    left=$(ls -A /tmp | sort | comm -13 build/tmp_before.txt -)
+    if [ -n "$left" ]; then
+        echo "== the test suite left files in /tmp:" >&2
+        echo "$left" >&2
+        exit 1
+    fi
 fi
 echo "== all tests passed"

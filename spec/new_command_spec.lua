@@ -18,7 +18,7 @@ local function read(path)
 end
 
 local function tmpdir()
-    local p = io.popen("mktemp -d /tmp/tamarco-new.XXXXXX")
+    local p = io.popen("mktemp -d \"${TMPDIR:-/tmp}/tamarco-new.XXXXXX\"")
     local dir = p:read("*l")
     p:close()
     return dir

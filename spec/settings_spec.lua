@@ -21,7 +21,7 @@ local function replace(path, text)
 end
 
 local function mkdtemp()
-    return assert(uv.fs_mkdtemp("/tmp/tamarco-settings-XXXXXX"))
+    return assert(uv.fs_mkdtemp((os.getenv("TMPDIR") or "/tmp") .. "/tamarco-settings-XXXXXX"))
 end
 
 local function rmtree(dir)

@@ -53,6 +53,29 @@ function test_command.build_extension(dir)
     return true
 end
 
+-- Specs and the services they start make scratch files with os.tmpname(),
+-- which LuaJIT always puts in /tmp. A run gets one private directory instead
+-- (TMPDIR for child processes too), removed when the run ends, so a suite
+-- leaves /tmp as it found it whatever a spec forgets to clean.
+local function private_tmpdir()
+    local uv = require "luv"
+    local base = os.getenv("TMPDIR") or "/tmp"
+    local dir = assert(uv.fs_mkdtemp(base .. "/tamarco-test-XXXXXX"))
+    uv.os_setenv("TMPDIR", dir)
+    local counter = 0
+    os.tmpname = function()
+        counter = counter + 1
+        local path = string.format("%s/lua_%d_%d", dir, uv.os_getpid(), counter)
+        local f = assert(io.open(path, "w"))
+        f:close()
+        return path
+    end
+    return function()
+        os.execute("rm -rf " .. shell_quote(dir))
+        if base ~= "/tmp" then uv.os_setenv("TMPDIR", base) else uv.os_unsetenv("TMPDIR") end
+    end
+end
+
 function test_command.main(args)
     local busted_args = { [0] = "busted" }
     local build = true
@@ -71,9 +94,11 @@ function test_command.main(args)
         end
     end
     _G.arg = busted_args
+    local remove_tmpdir = private_tmpdir()
     -- busted returns when everything passed; on failures it ends with a bare
     -- error() (its Lua 5.1 way of exiting non-zero), after printing them.
     local ok, err = pcall(require "busted.runner", { standalone = false })
+    remove_tmpdir()
     if ok then return 0 end
     if err == nil then return 1 end
     error(err, 0)
