@@ -334,13 +334,22 @@ static int l_wake_ticket(lua_State *L)
 typedef struct sleep_job {
     unsigned ms;
     int on_loop_thread;
+    int overlapping;          /* probe jobs running at once, this one included */
     uv_thread_t loop_thread;
 } sleep_job;
+
+/* How many probe jobs are sleeping on pool threads right now: lets a spec
+ * see that offloads overlap without timing them. */
+static int sleeping_jobs;
 
 static void sleep_work(void *ud)
 {
     sleep_job *job = ud;
+    int now = __atomic_add_fetch(&sleeping_jobs, 1, __ATOMIC_SEQ_CST);
     uv_sleep(job->ms);
+    int at_end = __atomic_load_n(&sleeping_jobs, __ATOMIC_SEQ_CST);
+    job->overlapping = now > at_end ? now : at_end;
+    __atomic_sub_fetch(&sleeping_jobs, 1, __ATOMIC_SEQ_CST);
     uv_thread_t self = uv_thread_self();
     job->on_loop_thread = uv_thread_equal(&self, &job->loop_thread);
 }
@@ -351,13 +360,14 @@ static int sleep_done(lua_State *co, void *ud)
     int n = 0;
     if (co) {
         lua_pushboolean(co, !job->on_loop_thread);
-        n = 1;
+        lua_pushinteger(co, job->overlapping);
+        n = 2;
     }
     free(job);
     return n;
 }
 
-/* offload_sleep(ms) -> ran_off_the_loop_thread. Blocks a pool thread for ms
+/* offload_sleep(ms) -> ran_off_the_loop_thread, overlapping. Blocks a pool thread for ms
  * milliseconds while the task yields. */
 static int l_offload_sleep(lua_State *L)
 {
