@@ -30,6 +30,7 @@
 
 #include <curl/curl.h>
 #include <ctype.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -519,6 +520,19 @@ static long opt_ms(lua_State *L, const char *key, long def)
     return v;
 }
 
+static long opt_size(lua_State *L, const char *key, long def)
+{
+    lua_getfield(L, 1, key);
+    long v = def;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) < 0 || lua_tonumber(L, -1) > (lua_Number)LONG_MAX)
+            luaL_error(L, "'%s' must be a number of bytes >= 0", key);
+        v = (long)lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
 static int opt_bool(lua_State *L, const char *key, int def)
 {
     lua_getfield(L, 1, key);
@@ -630,6 +644,127 @@ static int fail(lua_State *L, const char *message, const char *kind)
     return 3;
 }
 
+/* The options request() and stream() share, read from opts (index 1) before
+ * anything is allocated: everything that can raise is here. */
+typedef struct request_options {
+    const char *url, *method, *ca_file, *body;
+    size_t body_len;
+    long timeout_ms, connect_timeout_ms, max_redirs;
+    int verify_tls;
+    int headers_index;   /* stack index of opts.headers, 0 when none */
+} request_options;
+
+static void read_options(lua_State *L, const char *op, request_options *o)
+{
+    o->url = opt_string(L, "url", NULL);
+    if (!o->url)
+        luaL_error(L, "%s: 'url' is required", op);
+    o->method = opt_string(L, "method", "GET");
+    o->ca_file = opt_string(L, "ca_file", NULL);
+    o->timeout_ms = opt_ms(L, "timeout_ms", 0);
+    o->connect_timeout_ms = opt_ms(L, "connect_timeout_ms", 0);
+    o->verify_tls = opt_bool(L, "verify_tls", 1);
+    o->max_redirs = 0;
+    lua_getfield(L, 1, "follow_redirects");
+    if (lua_type(L, -1) == LUA_TNUMBER)
+        o->max_redirs = (long)lua_tonumber(L, -1);
+    else if (lua_toboolean(L, -1))
+        o->max_redirs = 10;
+    lua_pop(L, 1);
+    o->body = NULL;
+    o->body_len = 0;
+    lua_getfield(L, 1, "body");   /* stays on the stack: the string lives until the call ends */
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "%s: 'body' must be a string", op);
+        o->body = lua_tolstring(L, -1, &o->body_len);
+    }
+    lua_getfield(L, 1, "headers");
+    o->headers_index = 0;
+    if (!lua_isnil(L, -1)) {
+        luaL_argcheck(L, lua_istable(L, -1), 1, "'headers' must be a table");
+        o->headers_index = lua_gettop(L);
+        check_headers(L, o->headers_index);
+    }
+    if (!*o->method)
+        luaL_error(L, "%s: empty method", op);
+    for (const char *c = o->method; *c; c++)
+        if (!isalpha((unsigned char)*c) && *c != '-' && *c != '_')
+            luaL_error(L, "%s: bad method '%s'", op, o->method);
+}
+
+/* The header list of a transfer: the caller's headers, and no
+ * `Expect: 100-continue` round trip for a body unless the caller asked. Cannot
+ * raise; *failed is set when memory runs out. */
+static struct curl_slist *request_headers(lua_State *L, const request_options *o, int *failed)
+{
+    struct curl_slist *list = NULL;
+    int has_expect = 0;
+    if (o->headers_index)
+        list = build_headers(L, o->headers_index, &has_expect, failed);
+    if (!*failed && o->body && !has_expect)
+        list = add_header(list, "Expect", NULL, failed);
+    return list;
+}
+
+/* Everything request() and stream() set on an easy handle alike; the write
+ * and header callbacks get `ud`. Returns CURLE_OK or the URL's error. */
+static CURLcode configure_easy(CURL *e, const request_options *o, http_request *req,
+                               curl_write_callback on_write, curl_write_callback on_head, void *ud)
+{
+    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)req);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, req->errbuf);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_write);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, ud);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_head);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, ud);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "tamarco-host/" TAMARCO_VERSION);
+    /* long-lived connections (pooled, or a stream open for hours) notice a
+     * peer that vanished */
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPIDLE, 30L);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPINTVL, 10L);
+#if LIBCURL_VERSION_NUM >= 0x075500
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+#endif
+    CURLcode rc = curl_easy_setopt(e, CURLOPT_URL, o->url);
+    if (rc != CURLE_OK)
+        return rc;
+    if (o->timeout_ms > 0)
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, o->timeout_ms);
+    if (o->connect_timeout_ms > 0)
+        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, o->connect_timeout_ms);
+    if (o->max_redirs > 0) {
+        curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);
+        curl_easy_setopt(e, CURLOPT_MAXREDIRS, o->max_redirs);
+    }
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, o->verify_tls ? 1L : 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, o->verify_tls ? 2L : 0L);
+    if (o->ca_file)
+        curl_easy_setopt(e, CURLOPT_CAINFO, o->ca_file);
+    if (req->headers)
+        curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
+
+    const char *method = o->method;
+    if (strcmp(method, "HEAD") == 0) {
+        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+    } else if (o->body) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)o->body_len);
+        curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, o->body);
+        if (strcmp(method, "POST") != 0)
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    } else if (strcmp(method, "GET") != 0) {
+        if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 || strcmp(method, "PATCH") == 0) {
+            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, 0L);   /* empty body, Content-Length: 0 */
+            curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, "");
+        }
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    }
+    return CURLE_OK;
+}
+
 static int l_request(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -640,41 +775,9 @@ static int l_request(lua_State *L)
         return luaL_error(L, "http_client.request yields: call it inside a task, hook or handler");
 
     /* Everything that can raise comes before any allocation. */
-    const char *url = opt_string(L, "url", NULL);
-    if (!url)
-        return luaL_error(L, "request: 'url' is required");
-    const char *method = opt_string(L, "method", "GET");
-    const char *ca_file = opt_string(L, "ca_file", NULL);
-    long timeout_ms = opt_ms(L, "timeout_ms", 0);
-    long connect_timeout_ms = opt_ms(L, "connect_timeout_ms", 0);
-    int verify_tls = opt_bool(L, "verify_tls", 1);
-    long max_body = opt_ms(L, "max_body_bytes", (long)DEFAULT_MAX_BODY);
-    long max_redirs = 0;
-    lua_getfield(L, 1, "follow_redirects");
-    if (lua_type(L, -1) == LUA_TNUMBER)
-        max_redirs = (long)lua_tonumber(L, -1);
-    else if (lua_toboolean(L, -1))
-        max_redirs = 10;
-    lua_pop(L, 1);
-    size_t body_len = 0;
-    const char *body = NULL;
-    lua_getfield(L, 1, "body");
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING)
-            return luaL_error(L, "request: 'body' must be a string");
-        body = lua_tolstring(L, -1, &body_len);
-    }
-    lua_getfield(L, 1, "headers");   /* stack: opts, body, headers */
-    int headers_index = 3;
-    if (!lua_isnil(L, headers_index)) {
-        luaL_argcheck(L, lua_istable(L, headers_index), 1, "'headers' must be a table");
-        check_headers(L, headers_index);
-    }
-    if (!*method)
-        return luaL_error(L, "request: empty method");
-    for (const char *c = method; *c; c++)
-        if (!isalpha((unsigned char)*c) && *c != '-' && *c != '_')
-            return luaL_error(L, "request: bad method '%s'", method);
+    request_options o;
+    read_options(L, "request", &o);
+    long max_body = opt_size(L, "max_body_bytes", (long)DEFAULT_MAX_BODY);
     http_multi *m = get_multi(L);
 
     http_request *req = calloc(1, sizeof *req);
@@ -684,61 +787,17 @@ static int l_request(lua_State *L)
     req->max_body = (size_t)max_body;
     req->easy = m->pooled ? m->pool[--m->pooled] : curl_easy_init();
     int failed = req->easy == NULL;
-    int has_expect = 0;
-    if (!failed && !lua_isnil(L, headers_index))
-        req->headers = build_headers(L, headers_index, &has_expect, &failed);
-    if (!failed && body && !has_expect)   /* no 100-continue round trip */
-        req->headers = add_header(req->headers, "Expect", NULL, &failed);
+    if (!failed)
+        req->headers = request_headers(L, &o, &failed);
     if (failed) {
         request_free(req);
         return fail(L, "out of memory", "error");
     }
 
     CURL *e = req->easy;
-    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)req);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, req->errbuf);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, req);
-    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
-    curl_easy_setopt(e, CURLOPT_HEADERDATA, req);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "tamarco-host/" TAMARCO_VERSION);
-#if LIBCURL_VERSION_NUM >= 0x075500
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-#endif
-    if (curl_easy_setopt(e, CURLOPT_URL, url) != CURLE_OK) {
+    if (configure_easy(e, &o, req, on_body, on_header, req) != CURLE_OK) {
         request_free(req);
         return fail(L, "bad url", "protocol");
-    }
-    if (timeout_ms > 0)
-        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms);
-    if (connect_timeout_ms > 0)
-        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout_ms);
-    if (max_redirs > 0) {
-        curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);
-        curl_easy_setopt(e, CURLOPT_MAXREDIRS, max_redirs);
-    }
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, verify_tls ? 1L : 0L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, verify_tls ? 2L : 0L);
-    if (ca_file)
-        curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
-    if (req->headers)
-        curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
-
-    if (strcmp(method, "HEAD") == 0) {
-        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-    } else if (body) {
-        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
-        curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body);
-        if (strcmp(method, "POST") != 0)
-            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
-    } else if (strcmp(method, "GET") != 0) {
-        if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 || strcmp(method, "PATCH") == 0) {
-            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, 0L);   /* empty body, Content-Length: 0 */
-            curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, "");
-        }
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
     }
 
     CURLMcode mc = curl_multi_add_handle(m->multi, e);
@@ -1114,6 +1173,16 @@ static int l_stream_info(lua_State *L)
     return 1;
 }
 
+/* A stream that never made it into the multi: its handle's __gc only frees. */
+static void stream_abandon(http_multi *m, http_stream *s)
+{
+    s->finished = 1;
+    release_easy(m, s->r.easy);
+    s->r.easy = NULL;
+    curl_slist_free_all(s->r.headers);
+    s->r.headers = NULL;
+}
+
 static int l_stream(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -1121,36 +1190,12 @@ static int l_stream(lua_State *L)
     if (!tamarco_host_of(L))
         return luaL_error(L, "the HTTP client runs on the service's main state, not in a thread");
 
-    const char *url = opt_string(L, "url", NULL);
-    if (!url)
-        return luaL_error(L, "stream: 'url' is required");
-    const char *method = opt_string(L, "method", "GET");
-    const char *ca_file = opt_string(L, "ca_file", NULL);
-    long timeout_ms = opt_ms(L, "timeout_ms", 0);
-    long connect_timeout_ms = opt_ms(L, "connect_timeout_ms", 0);
-    int verify_tls = opt_bool(L, "verify_tls", 1);
-    long max_buffer = opt_ms(L, "max_buffer_bytes", (long)DEFAULT_MAX_BUFFER);
+    request_options o;
+    read_options(L, "stream", &o);
+    o.max_redirs = 0;   /* a stream reads the response it asked for */
+    long max_buffer = opt_size(L, "max_buffer_bytes", (long)DEFAULT_MAX_BUFFER);
     if (max_buffer < 1)
         max_buffer = 1;
-    size_t body_len = 0;
-    const char *body = NULL;
-    lua_getfield(L, 1, "body");
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING)
-            return luaL_error(L, "stream: 'body' must be a string");
-        body = lua_tolstring(L, -1, &body_len);
-    }
-    lua_getfield(L, 1, "headers");   /* stack: opts, body, headers */
-    int headers_index = 3;
-    if (!lua_isnil(L, headers_index)) {
-        luaL_argcheck(L, lua_istable(L, headers_index), 1, "'headers' must be a table");
-        check_headers(L, headers_index);
-    }
-    if (!*method)
-        return luaL_error(L, "stream: empty method");
-    for (const char *c = method; *c; c++)
-        if (!isalpha((unsigned char)*c) && *c != '-' && *c != '_')
-            return luaL_error(L, "stream: bad method '%s'", method);
     http_multi *m = get_multi(L);
 
     /* the handle first: raising after it is safe (its __gc frees) */
@@ -1172,74 +1217,21 @@ static int l_stream(lua_State *L)
     req->m = m;
     req->easy = m->pooled ? m->pool[--m->pooled] : curl_easy_init();
     int failed = req->easy == NULL;
-    int has_expect = 0;
-    if (!failed && !lua_isnil(L, headers_index))
-        req->headers = build_headers(L, headers_index, &has_expect, &failed);
-    if (!failed && body && !has_expect)
-        req->headers = add_header(req->headers, "Expect", NULL, &failed);
+    if (!failed)
+        req->headers = request_headers(L, &o, &failed);
     if (failed) {
-        s->finished = 1;   /* nothing in the multi: __gc only frees */
-        release_easy(m, req->easy);
-        req->easy = NULL;
-        curl_slist_free_all(req->headers);
-        req->headers = NULL;
+        stream_abandon(m, s);
         return fail(L, "out of memory", "error");
     }
 
     CURL *e = req->easy;
-    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)req);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, req->errbuf);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_stream_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, s);
-    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_stream_header);
-    curl_easy_setopt(e, CURLOPT_HEADERDATA, s);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "tamarco-host/" TAMARCO_VERSION);
-    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(e, CURLOPT_TCP_KEEPIDLE, 30L);
-    curl_easy_setopt(e, CURLOPT_TCP_KEEPINTVL, 10L);
-#if LIBCURL_VERSION_NUM >= 0x075500
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-#endif
-    if (curl_easy_setopt(e, CURLOPT_URL, url) != CURLE_OK) {
-        s->finished = 1;
-        release_easy(m, e);
-        req->easy = NULL;
-        curl_slist_free_all(req->headers);
-        req->headers = NULL;
+    if (configure_easy(e, &o, req, on_stream_body, on_stream_header, s) != CURLE_OK) {
+        stream_abandon(m, s);
         return fail(L, "bad url", "protocol");
-    }
-    if (timeout_ms > 0)
-        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms);
-    if (connect_timeout_ms > 0)
-        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout_ms);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, verify_tls ? 1L : 0L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, verify_tls ? 2L : 0L);
-    if (ca_file)
-        curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
-    if (req->headers)
-        curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
-    if (strcmp(method, "HEAD") == 0) {
-        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-    } else if (body) {
-        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
-        curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body);
-        if (strcmp(method, "POST") != 0)
-            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
-    } else if (strcmp(method, "GET") != 0) {
-        if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 || strcmp(method, "PATCH") == 0) {
-            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, 0L);
-            curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, "");
-        }
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
     }
     CURLMcode mc = curl_multi_add_handle(m->multi, e);
     if (mc != CURLM_OK) {
-        s->finished = 1;
-        release_easy(m, e);
-        req->easy = NULL;
-        curl_slist_free_all(req->headers);
-        req->headers = NULL;
+        stream_abandon(m, s);
         return fail(L, curl_multi_strerror(mc), "error");
     }
     request_link(m, req);
