@@ -2,6 +2,7 @@
 -- units. run_command sends READY=1 once post_start has run and STOPPING=1
 -- when a stop starts. Without $NOTIFY_SOCKET every call is a no-op.
 local c = require "tamarco.c.native"
+local supervisor_pipe = require "tamarco.supervisor_pipe"
 
 local systemd = {}
 
@@ -10,7 +11,7 @@ local systemd = {}
 function systemd.notify(state)
     -- a worker of `run --workers N` tells its supervisor instead: systemd
     -- only listens to the main process, which is READY when every worker is
-    if os.getenv("TAMARCO_NOTIFY_FD") then return require("tamarco.workers").tell_supervisor(state) end
+    if supervisor_pipe.in_worker() then return supervisor_pipe.tell(state) end
     if not os.getenv("NOTIFY_SOCKET") then return false end
     local sent, err = c.sd_notify(state)
     if sent == nil then return nil, err end

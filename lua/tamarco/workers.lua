@@ -12,7 +12,7 @@
 -- supervisor with that code rather than being restarted forever.
 -- Under systemd (Type=notify) the supervisor sends READY=1 once every worker
 -- has reported ready (through a pipe on TAMARCO_NOTIFY_FD, see
--- workers.tell_supervisor) and STOPPING=1 when it stops them. The supervisor also
+-- tamarco.supervisor_pipe) and STOPPING=1 when it stops them. The supervisor also
 -- serves the report server (/metrics and /status of all workers, see
 -- tamarco.workers_report) on the port the workers would have shared.
 local process = require "tamarco.c.process"
@@ -21,24 +21,6 @@ local systemd = require "tamarco.systemd"
 local workers_report = require "tamarco.workers_report"
 
 local workers = {}
-
--- Worker side of the pipe (TAMARCO_NOTIFY_FD, one state per line): readiness
--- for systemd (see tamarco.systemd) and the report server's address (see
--- tamarco.workers_report).
-local supervisor_pipe
-
---- workers.tell_supervisor(line) -> true | nil, err (in a worker only).
-function workers.tell_supervisor(line)
-    if not supervisor_pipe then
-        local uv = require "luv"
-        supervisor_pipe = uv.new_pipe(false)
-        local opened, err = supervisor_pipe:open(tonumber(os.getenv("TAMARCO_NOTIFY_FD")))
-        if not opened then return nil, err end
-    end
-    local written, err = supervisor_pipe:write(line .. "\n")
-    if not written then return nil, err end
-    return true
-end
 
 local RESTART_MIN_MS, RESTART_MAX_MS = 100, 10000
 -- exit codes of a worker that are not worth a restart before it ever was

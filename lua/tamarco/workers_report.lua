@@ -4,7 +4,7 @@
 -- time, each with its own counters. Instead each worker's report server
 -- listens on a private loopback port and tells the supervisor where (a line
 -- "X_TAMARCO_REPORT=<private host:port> <public host:port>" on the
--- supervisor pipe, see workers.tell_supervisor), and the supervisor listens on the
+-- supervisor pipe, see tamarco.supervisor_pipe), and the supervisor listens on the
 -- configured address (system.resources.tamarco_http_report_server) for all:
 --   GET /metrics  every worker's exposition merged into one, each sample
 --                 labelled tamarco_worker="<index>"
@@ -28,7 +28,7 @@ workers_report.WORKER_LABEL = "tamarco_worker"
 function workers_report.make_private(server)
     server.listen_override = { host = "127.0.0.1", port = 0, reuse_port = false }
     server.on_listen = function(_, host, port, public_host, public_port)
-        require("tamarco.workers").tell_supervisor(("%s=%s:%d %s:%d"):format(STATE, host, port,
+        require("tamarco.supervisor_pipe").tell(("%s=%s:%d %s:%d"):format(STATE, host, port,
             public_host, public_port))
     end
 end
