@@ -39,7 +39,7 @@ describe("remote log sinks", function()
             local sinks = log_sinks.configure_from_settings(
                 view_with { logstash = { enabled = true, host = "127.0.0.1", port = port, version = 1 } }, logging)
             local log = logging.get_logger("sinky")
-            for i = 1, 20 do log:info("udp record", { n = i }) end
+            for i = 1, 20 do log:info("udp record", { n = i, tags = { "orders" } }) end
             local waited = 0
             while #received < 20 and waited < 2000 do tamarco.sleep(10) waited = waited + 10 end
             log_sinks.close(sinks, logging)
@@ -50,6 +50,38 @@ describe("remote log sinks", function()
         assert.are.equal("udp record", first.message)
         assert.are.equal("1", tostring(first["@version"]))
         assert.are.equal(1, first.n)
+        -- Tamarco's fields: the user's tags, type "logstash", path = the file that logged
+        assert.are.same({ "orders" }, first.tags)
+        assert.are.equal("logstash", first.type)
+        assert.are.equal(debug.getinfo(1, "S").source:sub(2), first.path)
+        assert.is_nil(first.source_path)
+    end)
+
+    it("takes the logstash version from system.logging.version when the sink has none (Tamarco's key)", function()
+        local uv = require "luv"
+        local received = {}
+        local server = uv.new_udp()
+        server:bind("127.0.0.1", 0)
+        local port = server:getsockname().port
+        server:recv_start(function(err, data) if data then received[#received + 1] = data end end)
+        testing.run(function()
+            local sinks = log_sinks.configure_from_settings(
+                view_with { version = 0, logstash = { enabled = true, host = "127.0.0.1", port = port } }, logging)
+            logging.get_logger("sinky"):warning("v0 record", { tags = "one" })
+            local waited = 0
+            while #received < 1 and waited < 2000 do tamarco.sleep(10) waited = waited + 10 end
+            log_sinks.close(sinks, logging)
+        end)
+        server:close()
+        local v0 = cjson.decode(received[1])
+        assert.are.equal("v0 record", v0["@message"])
+        assert.are.same({ "one" }, v0["@tags"])
+        assert.are.equal("logstash", v0["@type"])
+        assert.are.equal("WARNING", v0["@fields"].levelname)
+        assert.are.equal(debug.getinfo(1, "S").source:sub(2), v0["@source_path"])
+        assert.has_error(function()
+            log_sinks.configure_from_settings(view_with { logstash = { enabled = true, version = 3 } }, logging)
+        end, "system.logging.logstash.version: must be 0 or 1, not 3")
     end)
 
     it("pushes logstash records to a Redis list", function()

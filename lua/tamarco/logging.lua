@@ -50,7 +50,19 @@ local state = {
     sinks = {},             -- ordered list of active sinks
     builtin = {},           -- the sinks configure() made: { stdout = s, file = s }
     flush_interval_ms = logging.DEFAULT_FLUSH_INTERVAL_MS,
+    wants_source = false,   -- an active sink places the caller's file (logstash layouts)
 }
+
+-- A sink with `wants_source = true` gets source_path and source_line (the
+-- file and line of the logging call) in every record. Looking them up costs
+-- more than the rest of a record, so only while such a sink is active.
+local function refresh_wants_source()
+    local wants = false
+    for _, s in ipairs(state.sinks) do
+        if s.wants_source then wants = true break end
+    end
+    state.wants_source = wants
+end
 
 local function stderr_line(text)
     pcall(function()
@@ -136,6 +148,7 @@ local function disable_sink(sink, what, err)
     for k, s in pairs(state.builtin) do
         if s == sink then state.builtin[k] = nil end
     end
+    refresh_wants_source()
     stderr_line(("sink %q disabled: %s raised: %s"):format(tostring(sink.name), what, tostring(err)))
 end
 
@@ -206,11 +219,22 @@ function logging.make_record(name, level_name, message, extra, traceback)
 end
 local make_record = logging.make_record
 
+local getinfo = debug.getinfo
+
+-- Called by the logger methods only: level 3 is the code that logged.
 local function log(name, level_name, message, extra, traceback)
     local ok, record = pcall(make_record, name, level_name, message, extra, traceback)
     if not ok then
         stderr_line("cannot build a log record: " .. tostring(record))
         return
+    end
+    if state.wants_source then
+        local info = getinfo(3, "Sl")
+        if info then
+            local source = info.source
+            record.source_path = source:sub(1, 1) == "@" and source:sub(2) or info.short_src
+            if info.currentline and info.currentline > 0 then record.source_line = info.currentline end
+        end
     end
     dispatch(record)
 end
@@ -223,6 +247,7 @@ function logging.add_sink(sink)
         if s == sink then return sink end
     end
     state.sinks[#state.sinks + 1] = sink
+    refresh_wants_source()
     return sink
 end
 
@@ -231,6 +256,7 @@ function logging.remove_sink(sink)
     for i, s in ipairs(state.sinks) do
         if s == sink then
             table.remove(state.sinks, i)
+            refresh_wants_source()
             return true
         end
     end
@@ -264,6 +290,7 @@ function logging.close()
     call_each("close")
     state.sinks = {}
     state.builtin = {}
+    refresh_wants_source()
 end
 
 -- ---- built-in sinks ----
@@ -449,6 +476,7 @@ function logging.configure(opts)
     if new.file then sinks[#sinks + 1] = new.file end
     for _, s in ipairs(state.sinks) do sinks[#sinks + 1] = s end
     state.sinks = sinks
+    refresh_wants_source()
 end
 
 --- logging.configure_from_settings(view, identity): Tamarco's keys through a

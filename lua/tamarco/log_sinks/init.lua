@@ -1,8 +1,9 @@
 --- tamarco.log_sinks: remote log sinks, configured from Tamarco's keys under
 -- system.logging:
 --
---   logstash:  enabled, host, port (5959), version (0 or 1), fqdn (false),
---              message_type ("Logstash"), tags ([])     -- UDP datagrams
+--   logstash:  enabled, host, port (5959), version (0 or 1; else
+--              system.logging.version, else 1), message_type ("logstash"),
+--              tags ([])                                -- UDP datagrams
 --   redis:     enabled, host, port (6379), password, db, key ("logstash")
 --                                                       -- RPUSH of logstash v1 JSON
 --   http:      enabled, url, user, password, max_records (50),
@@ -19,6 +20,19 @@ local function enabled(section)
     return type(section) == "table" and section.enabled == true
 end
 
+--- log_sinks.logstash_version(section, kind, default) -> 0 or 1; raises a
+-- settings error for anything else.
+function log_sinks.logstash_version(section, kind, default)
+    local version = section.version
+    if version == nil then version = default end
+    version = tonumber(version)
+    if version ~= 0 and version ~= 1 then
+        require("tamarco.errors").raise("settings", ("system.logging.%s.version: must be 0 or 1, not %s")
+            :format(kind, tostring(section.version)))
+    end
+    return version
+end
+
 --- log_sinks.configure_from_settings(view, logging) -> the sinks added.
 -- view resolves keys under system.* (a service settings view).
 function log_sinks.configure_from_settings(view, logging)
@@ -28,7 +42,7 @@ function log_sinks.configure_from_settings(view, logging)
     for _, kind in ipairs({ "logstash", "redis", "http" }) do
         local section = view:get("logging." .. kind, nil)
         if enabled(section) then
-            local sink = require(kinds[kind]).new(section)
+            local sink = require(kinds[kind]).new(section, { version = view:get("logging.version", nil) })
             logging.add_sink(sink)
             sink:start()
             added[#added + 1] = sink

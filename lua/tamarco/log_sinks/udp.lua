@@ -23,19 +23,22 @@ local function open_sender(host, port)
     return assert(log_udp.open(infos[1].addr, port))
 end
 
-function udp.new(section)
+--- udp.new(section[, defaults]): defaults.version is the version when the
+-- section has none (Tamarco read `system.logging.version` for this sink).
+function udp.new(section, defaults)
     local process = require "tamarco.c.process"
     local host, port = section.host or "127.0.0.1", section.port or 5959
-    local version = section.version or 1
+    local version = require("tamarco.log_sinks").logstash_version(section, "logstash",
+        defaults and defaults.version or 1)
     local source_host = process.hostname()
-    local message_type = section.message_type or "Logstash"
+    local message_type = section.message_type or "logstash"
     local tags = section.tags or {}
     local sender = open_sender(host, port)
     local dropped = metrics.counter("logging_dropped_records_total", {
         help = "Log records dropped because a remote sink's queue was full",
         labels = { sink = "logstash" },
     })
-    local sink = { name = "logstash" }
+    local sink = { name = "logstash", wants_source = true }
 
     local function count(lost)
         if lost > 0 then dropped:inc(lost) end
