@@ -7,7 +7,6 @@
 -- take now is dropped and counted in logging_dropped_records_total, never
 -- waited for. The batch bounds the memory (queue_size does not apply).
 local logging = require "tamarco.logging"
-local metrics = require "tamarco.metrics"
 local log_udp = require "tamarco.c.log_udp"
 
 local udp = {}
@@ -34,10 +33,7 @@ function udp.new(section, defaults)
     local message_type = section.message_type or "logstash"
     local tags = section.tags or {}
     local sender = open_sender(host, port)
-    local dropped = metrics.counter("logging_dropped_records_total", {
-        help = "Log records dropped because a remote sink's queue was full",
-        labels = { sink = "logstash" },
-    })
+    local dropped = require("tamarco.log_sinks.queue").dropped_counter("logstash")
     local sink = { name = "logstash", wants_source = true }
 
     local function count(lost)
