@@ -399,14 +399,38 @@ describe("tamarco.logging", function()
         logging.get_logger("hello"):warning("careful", { n = 1 })
         assert.matches("\27[33mWARNING\27[0m [hello] careful", out.lines[1], 1, true)
         assert.is_true(out.flushes >= 1)   -- a tty is flushed on each record
+        -- DEVELOP on a pipe: JSON lines, as every other profile (the README's word)
         out = capture()
-        logging.configure { service_name = "hello", profile = "DEVELOP", stream = out, tty = false }
+        logging.configure { service_name = "hello", deploy_name = "dev", instance_id = "id-9", profile = "DEVELOP",
+            stream = out, tty = false }
+        logging.get_logger("hello"):info("piped")
+        local piped = cjson.decode(out.lines[1])
+        assert.are.equal("piped", piped.message)
+        assert.are.equal("dev", piped.deploy_name)
+        assert.are.equal("id-9", piped.service_instance_id)
+        -- text when asked for (system.logging.stdout_format: text)
+        out = capture()
+        logging.configure { service_name = "hello", profile = "DEVELOP", stream = out, tty = false,
+            stdout_format = "text" }
         logging.get_logger("hello"):info("plain")
         assert.matches("^%d+%-%d+%-%d+ [%d:.]+ INFO    %[hello%] plain$", out.lines[1])
         out = capture()
         logging.configure { service_name = "hello", profile = "TESTING", stream = out, tty = false }
         logging.get_logger("hello"):info("json")
         assert.are.equal("json", cjson.decode(out.lines[1]).message)
+    end)
+
+    it("keeps an extra field named like a record field under extra_<name>, in every output", function()
+        local out = configure_json("DEVELOP")
+        logging.get_logger("hello"):info("the record's message", { message = "the user's", level = "mine" })
+        local record = cjson.decode(out.lines[1])
+        assert.are.equal("the record's message", record.message)
+        assert.are.equal("the user's", record.extra_message)
+        assert.are.equal("mine", record.extra_level)
+        local made = logging.make_record("hello", "INFO", "m", { message = "the user's" })
+        assert.matches('extra_message="the user\'s"', clog.format_text(made, false), 1, true)
+        assert.are.equal("the user's", cjson.decode(clog.encode_logstash(made, 1, "h")).extra_message)
+        assert.are.equal("the user's", cjson.decode(clog.encode_logstash(made, 0, "h"))["@fields"].extra_message)
     end)
 
     it("disables a sink that raises and keeps logging to the others", function()
@@ -500,7 +524,7 @@ describe("tamarco.logging", function()
         assert.are.equal("u", records[1].service_instance_id)
         table.sort(asked)
         assert.are.same({ "logging.file_backup_count", "logging.file_max_bytes", "logging.file_path",
-            "logging.profile", "logging.stdout" }, asked)
+            "logging.profile", "logging.stdout", "logging.stdout_format" }, asked)
     end)
 
     it("has a provisional stdout logger before settings", function()

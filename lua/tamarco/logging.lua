@@ -10,7 +10,8 @@
 --
 -- A record is a flat table: @timestamp, level, logger, message, service_name,
 -- deploy_name, service_instance_id, the caller's extra fields and, on errors,
--- traceback. A sink is any table
+-- traceback. An extra field named like one of the standard fields is kept as
+-- extra_<name> (extra `message` -> `extra_message`). A sink is any table
 --     { name = "...", emit = function(self, record) end,
 --       flush = function(self) end, close = function(self) end }
 -- (flush and close optional) added with logging.add_sink. stdout and the
@@ -415,7 +416,8 @@ local function check_positive(name, value)
 end
 
 --- logging.configure{ service_name, deploy_name, instance_id, profile,
---   stdout = true, stdout_format = "text"|"json" (text in DEVELOP, else json),
+--   stdout = true, stdout_format = "text"|"json" (text in DEVELOP on a
+--   terminal, else json),
 --   color = nil (auto: stdout is a tty), file_path, file_max_bytes = 10485760,
 --   file_backup_count = 5, flush_interval_ms = 1000,
 --   tty = nil (auto), stream = io.stdout (a stand-in for specs) }
@@ -426,7 +428,11 @@ function logging.configure(opts)
     local profile = opts.profile or logging.DEFAULT_PROFILE
     if type(profile) == "string" then profile = profile:upper() end
     local level = profile_level(profile, "logging.configure")
-    local stdout_format = opts.stdout_format or (profile == "DEVELOP" and "text" or "json")
+    local tty = opts.tty
+    if tty == nil then tty = stdout_is_tty() end
+    -- text only for a person at a terminal; a pipe (journald, a collector)
+    -- gets JSON lines with every field
+    local stdout_format = opts.stdout_format or ((profile == "DEVELOP" and tty) and "text" or "json")
     local flush_interval = check_positive("flush_interval_ms",
         opts.flush_interval_ms or logging.DEFAULT_FLUSH_INTERVAL_MS)
 
@@ -434,8 +440,6 @@ function logging.configure(opts)
     -- the previous configuration in place.
     local new = {}
     if opts.stdout ~= false then
-        local tty = opts.tty
-        if tty == nil then tty = stdout_is_tty() end
         local color = opts.color
         if color == nil then color = tty end
         new.stdout = logging.stdout_sink {
@@ -481,7 +485,8 @@ end
 
 --- logging.configure_from_settings(view, identity): Tamarco's keys through a
 -- settings view (`view:get(key, default)`, resolved under system.*):
--- logging.profile, logging.stdout, logging.file_path, logging.file_max_bytes,
+-- logging.profile, logging.stdout, logging.stdout_format (text | json),
+-- logging.file_path, logging.file_max_bytes,
 -- logging.file_backup_count. identity = { service_name, deploy_name, instance_id }.
 function logging.configure_from_settings(view, identity)
     identity = identity or {}
@@ -507,6 +512,10 @@ function logging.configure_from_settings(view, identity)
     end
     local stdout = get("logging.stdout", true)
     if type(stdout) == "string" then stdout = stdout:lower() ~= "false" end
+    local stdout_format = get("logging.stdout_format", nil)
+    if stdout_format ~= nil and stdout_format ~= "text" and stdout_format ~= "json" then
+        fail("logging.stdout_format", ("must be text or json, not %q"):format(tostring(stdout_format)))
+    end
     local file_path = get("logging.file_path", nil)
     if file_path == false then file_path = nil end
     if file_path ~= nil and type(file_path) ~= "string" then
@@ -518,6 +527,7 @@ function logging.configure_from_settings(view, identity)
         instance_id = identity.instance_id,
         profile = profile,
         stdout = stdout ~= false,
+        stdout_format = stdout_format,
         file_path = file_path,
         file_max_bytes = size("logging.file_max_bytes", logging.DEFAULT_FILE_MAX_BYTES),
         file_backup_count = size("logging.file_backup_count", logging.DEFAULT_FILE_BACKUP_COUNT),
