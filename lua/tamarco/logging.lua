@@ -240,6 +240,21 @@ local function log(name, level_name, message, extra, traceback)
     dispatch(record)
 end
 
+--- logging.emit_thread_record(record, thread_name): a record a thread made
+-- with its own tamarco.logging (see tamarco.thread_logging) enters the
+-- service's logging: the service's level applies, the identity fields are
+-- the service's, thread_name says which thread logged it.
+function logging.emit_thread_record(record, thread_name)
+    if type(record) ~= "table" then return end
+    local level = LEVELS[record.level]
+    if not level or level < state.level then return end
+    record.service_name = state.service_name
+    record.deploy_name = state.deploy_name
+    record.service_instance_id = state.instance_id
+    if record.thread_name == nil then record.thread_name = thread_name end
+    dispatch(record)
+end
+
 --- logging.add_sink(sink): sink.emit(self, record) is called for each record.
 function logging.add_sink(sink)
     assert(type(sink) == "table" and type(sink.emit) == "function",
