@@ -263,6 +263,33 @@ describe("remote log sinks", function()
         end)
     end)
 
+    it("an HTTP sink whose endpoint refuses the records (4xx) says so with the status and drops them", function()
+        local http = require "tamarco.resources.http"
+        local port = free_port()
+        testing.run(function()
+            local svc = tamarco.service { name = "refuser", resources = { api = http.server { port = port } },
+                report_server = false }
+            local posts = 0
+            svc.api:post("/logs", function() posts = posts + 1 return 401 end)
+            local running = assert(testing.start_service(svc))
+            local reports, stop_capture = capture_reports()
+            local before = dropped("http")
+            local sinks = log_sinks.configure_from_settings(view_with { http = { enabled = true,
+                url = "http://127.0.0.1:" .. port .. "/logs", max_records = 5, max_time_seconds = 0.01 } }, logging)
+            for i = 1, 5 do logging.get_logger("sinky"):info("refused", { n = i }) end
+            wait_for(function() return dropped("http") - before >= 5 end)
+            local state = log_sinks.report().http
+            log_sinks.close(sinks, logging, 200)
+            stop_capture()
+            running:stop()
+            assert.is_true(posts >= 1)
+            assert.is_true(dropped("http") - before >= 5)
+            assert.are.equal("failing", state.state)
+            assert.matches("answered HTTP 401", state.reason, 1, true)
+            assert.matches("records dropped", reports[1].message, 1, true)
+        end)
+    end)
+
     it("never stalls the service when the sink is dead: overflow is dropped and counted", function()
         local port = free_port()   -- nothing listens there
         local ticks = 0

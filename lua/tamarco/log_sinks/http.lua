@@ -34,11 +34,15 @@ function http_sink.new(section, options)
         report = options.report,
         send = function(lines)
             client = client or require("tamarco.resources.http_client").new()
-            local status, body = client:request {
+            local status, body, kind = client:request {
                 method = "POST", url = section.url, headers = headers,
                 body = "[" .. table.concat(lines, ",") .. "]", timeout = 10000,
             }
-            if not status then return nil, section.url .. ": " .. tostring(body) end
+            if not status then
+                -- kind: "connect" (refused, unreachable), "timeout", "resolve", "tls", ...
+                return nil, ("%s: %s: %s"):format(section.url, kind == "connect" and "cannot connect"
+                    or tostring(kind or "failed"), tostring(body))
+            end
             if status >= 300 then
                 -- a 4xx (but timeout and too-many-requests) refuses these records for good
                 local refused = status >= 400 and status < 500 and status ~= 408 and status ~= 429
