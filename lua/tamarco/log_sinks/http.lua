@@ -18,7 +18,7 @@ function http_sink.new(section, options)
     local version = not json_records and log_sinks.logstash_version(section, "http", 0) or nil
     local message_type = section.message_type or "record"
     local tags = section.tags or {}
-    local host_name = require("tamarco.c.process").hostname()
+    local host_name = require("tamarco.log_sinks").host_name(section)
     local max_records = section.max_records or 50
     local headers = { ["Content-Type"] = "application/json" }
     if section.user then

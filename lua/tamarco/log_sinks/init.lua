@@ -3,7 +3,7 @@
 --
 --   logstash:  enabled, host, port (5959), version (0 or 1; else
 --              system.logging.version, else 1), message_type ("logstash"),
---              tags ([])                                -- UDP datagrams
+--              tags ([]), fqdn (false)                  -- UDP datagrams
 --   redis:     enabled, host, port (6379), username, password, db, key ("logstash"),
 --              version (0), message_type ("record"), tags ([])
 --                                                       -- RPUSH of logstash JSON
@@ -11,7 +11,8 @@
 --              max_time_seconds (1), version (0; 1; or "json" for the
 --              host's own records), message_type ("record"), tags ([])
 --                                                       -- POST of a JSON array
---   (each)     queue_size (10000)
+--   (each)     queue_size (10000); fqdn (false: the host name in `host`,
+--              true: the fully qualified name)
 --   unhealthy_on_sink_failure (false): a failing sink makes /status 500
 --
 -- Redis and HTTP are fed through a bounded queue off the hot path (see
@@ -42,6 +43,18 @@ function log_sinks.logstash_version(section, kind, default)
             :format(kind, tostring(section.version)))
     end
     return version
+end
+
+--- log_sinks.host_name(section) -> the `host` of the logstash layouts: the
+-- host name, or with `fqdn: true` its fully qualified name (as Tamarco's
+-- fqdn setting; resolved once, when the sink is made).
+function log_sinks.host_name(section)
+    local name = require("tamarco.c.process").hostname()
+    if section.fqdn == true then
+        local ok, infos = pcall(require("luv").getaddrinfo, name, nil, { canonname = true })
+        if ok and type(infos) == "table" and infos[1] and infos[1].canonname then name = infos[1].canonname end
+    end
+    return name
 end
 
 -- How a sink says it cannot deliver: one line on stderr (read even when the

@@ -19,13 +19,12 @@ end
 --- redis_sink.new(section, options): options.report(level, message, fields).
 function redis_sink.new(section, options)
     options = options or {}
-    local process = require "tamarco.c.process"
     local log_sinks = require "tamarco.log_sinks"
     local key = section.key or "logstash"
     local version = log_sinks.logstash_version(section, "redis", 0)
     local message_type = section.message_type or "record"
     local tags = section.tags or {}
-    local host_name = process.hostname()
+    local host_name = require("tamarco.log_sinks").host_name(section)
     local client
     local sink = { name = "redis", wants_source = true }
     sink.queue = queue.new {

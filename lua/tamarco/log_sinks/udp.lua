@@ -25,11 +25,10 @@ end
 --- udp.new(section[, defaults]): defaults.version is the version when the
 -- section has none (Tamarco read `system.logging.version` for this sink).
 function udp.new(section, defaults)
-    local process = require "tamarco.c.process"
     local host, port = section.host or "127.0.0.1", section.port or 5959
     local version = require("tamarco.log_sinks").logstash_version(section, "logstash",
         defaults and defaults.version or 1)
-    local source_host = process.hostname()
+    local source_host = require("tamarco.log_sinks").host_name(section)
     local message_type = section.message_type or "logstash"
     local tags = section.tags or {}
     local sender = open_sender(host, port)
