@@ -77,6 +77,30 @@ describe("thread", function()
         assert.is_true(loop_settles())
     end)
 
+    it("svc:thread's ctx.logger is <service>.<thread> and reaches the service's sinks", function()
+        local logging = require "tamarco.logging"
+        local records = {}
+        local sink = { name = "mem", emit = function(_, r) if r.thread_name then records[#records + 1] = r end end }
+        testing.run(function()
+            local svc = tamarco.service { name = "threaded", report_server = false }
+            svc:thread("worker", function(ctx)
+                ctx.logger:warning("hello from the worker")
+                while not ctx:should_stop() do ctx:sleep(20) end
+            end)
+            logging.add_sink(sink)
+            local running = assert(testing.start_service(svc))
+            local waited = 0
+            while #records == 0 and waited < 5000 do tamarco.sleep(10) waited = waited + 10 end
+            running:stop()
+        end)
+        logging.remove_sink(sink)
+        assert.are.equal(1, #records)
+        assert.are.equal("threaded.worker", records[1].logger)
+        assert.are.equal("hello from the worker", records[1].message)
+        assert.are.equal("worker", records[1].thread_name)
+        assert.is_true(loop_settles())
+    end)
+
     it("ping-pongs 1000 messages both ways with the values intact", function()
         local t = thread.start("echo", function(ctx)
             while true do
