@@ -14,6 +14,8 @@
 --   (each)     queue_size (10000); fqdn (false: the host name in `host`,
 --              true: the fully qualified name)
 --   unhealthy_on_sink_failure (false): a failing sink makes /status 500
+--   source_path (true): `path` is the file of the logging call; false: the
+--              logger name (saves a debug.getinfo per record)
 --
 -- Redis and HTTP are fed through a bounded queue off the hot path (see
 -- tamarco.log_sinks.queue): a slow or dead sink never blocks the loop or
@@ -76,11 +78,14 @@ function log_sinks.configure_from_settings(view, logging)
     local added = {}
     local kinds = { logstash = "tamarco.log_sinks.udp", redis = "tamarco.log_sinks.redis",
                     http = "tamarco.log_sinks.http" }
-    local options = { version = view:get("logging.version", nil), report = reporter(logging) }
+    local options = { version = view:get("logging.version", nil), report = reporter(logging),
+                      source_path = view:get("logging.source_path", true) ~= false }
     for _, kind in ipairs({ "logstash", "redis", "http" }) do
         local section = view:get("logging." .. kind, nil)
         if enabled(section) then
             local sink = require(kinds[kind]).new(section, options)
+            -- the caller's file costs a debug.getinfo per record: it can be turned off
+            if not options.source_path then sink.wants_source = false end
             logging.add_sink(sink)
             sink:start()
             added[#added + 1] = sink
