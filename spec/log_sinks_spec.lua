@@ -175,6 +175,10 @@ describe("remote log sinks", function()
             -- fqdn: the host's fully qualified name, as the resolver gives it
             local infos = require("luv").getaddrinfo(require("tamarco.c.process").hostname(), nil, { canonname = true })
             assert.are.equal(infos[1].canonname, v1.host)
+            -- the talk's settings say ssl: false; true is refused, not ignored
+            assert.has_error(function()
+                log_sinks.configure_from_settings(view_with { redis = { enabled = true, ssl = true } }, logging)
+            end, "system.logging.redis.ssl: TLS to Redis is not supported; set ssl: false or use a local Redis")
             reader:del("spec_logs_v1")
             reader:close()
         end)

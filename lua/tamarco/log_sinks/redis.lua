@@ -20,6 +20,11 @@ end
 function redis_sink.new(section, options)
     options = options or {}
     local log_sinks = require "tamarco.log_sinks"
+    if section.ssl == true then
+        -- never send the logs in clear text to a peer that expects TLS
+        require("tamarco.errors").raise("settings",
+            "system.logging.redis.ssl: TLS to Redis is not supported; set ssl: false or use a local Redis")
+    end
     local key = section.key or "logstash"
     local version = log_sinks.logstash_version(section, "redis", 0)
     local message_type = section.message_type or "record"
