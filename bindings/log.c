@@ -76,8 +76,10 @@ static int l_encode_json(lua_State *L)
  *            @fields{levelname, logger, ...extra, stack_trace}
  * version 1: @timestamp @version message host path tags type level
  *            logger_name ...extra stack_trace
- * The source path is the logger name (a Lua record has no file pathname);
- * message_type defaults to "Logstash", tags to an empty array. */
+ * path is the record's source_path (the file of the logging call), else the
+ * logger name; tags are the given ones followed by the record's `tags`;
+ * records with a traceback get Tamarco's debug fields (lineno, process,
+ * thread_name). message_type defaults to "logstash". */
 static int l_encode_logstash(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -85,7 +87,7 @@ static int l_encode_logstash(lua_State *L)
     luaL_argcheck(L, version == 0 || version == 1, 2, "logstash version must be 0 or 1");
     size_t host_len, type_len;
     const char *host = luaL_checklstring(L, 3, &host_len);
-    const char *type = luaL_optlstring(L, 4, "Logstash", &type_len);
+    const char *type = luaL_optlstring(L, 4, "logstash", &type_len);
     if (!lua_isnoneornil(L, 5))
         luaL_checktype(L, 5, LUA_TTABLE);
 

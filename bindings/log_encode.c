@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- buffer ---- */
 
@@ -521,24 +522,37 @@ int tamarco_log_is_standard_field(const char *key, size_t len)
     return standard_rank(key, len) < (int)N_STANDARD;
 }
 
-/* ---- logstash layouts (python-logstash's formatter versions 0 and 1) ---- */
+/* ---- logstash layouts (Tamarco's formatters, versions 0 and 1) ---- */
 
 typedef struct logstash_ctx {
     tamarco_log_buf *b;
     int version;
 } logstash_ctx;
 
+static int key_is(const char *key, size_t len, const char *name)
+{
+    return strlen(name) == len && memcmp(name, key, len) == 0;
+}
+
 static int is_reserved_logstash(int version, const char *key, size_t len)
 {
     static const char *const v0[] = { "levelname", "stack_trace", NULL };
     static const char *const v1[] = {
-        "@timestamp", "@version", "message", "host", "path", "tags", "type",
+        "@timestamp", "@version", "message", "host", "path", "type",
         "level", "logger_name", "stack_trace", NULL,
     };
     for (const char *const *r = version == 0 ? v0 : v1; *r; r++)
-        if (strlen(*r) == len && memcmp(*r, key, len) == 0)
+        if (key_is(key, len, *r))
             return 1;
     return 0;
+}
+
+/* Record fields the layout places itself (or drops): the first four
+ * standard fields, the caller's source (path, lineno) and the user's tags. */
+static int placed_by_layout(const char *key, size_t len)
+{
+    return standard_rank(key, len) <= 3 || key_is(key, len, "source_path") ||
+           key_is(key, len, "source_line") || key_is(key, len, "tags");
 }
 
 /* Every record field but the ones the layout places itself goes to the extra
@@ -546,11 +560,10 @@ static int is_reserved_logstash(int version, const char *key, size_t len)
 static void logstash_extra(void *ud, lua_State *L, const char *key, size_t len, int value_idx)
 {
     logstash_ctx *c = ud;
-    int rank = standard_rank(key, len);
-    if (rank <= 3)   /* @timestamp, level, logger, message: placed already */
+    if (placed_by_layout(key, len))
         return;
     tamarco_log_buf_addc(c->b, ',');
-    if (len == 9 && memcmp(key, "traceback", 9) == 0) {
+    if (key_is(key, len, "traceback")) {
         tamarco_log_buf_adds(c->b, "\"stack_trace\"");
     } else if (is_reserved_logstash(c->version, key, len)) {
         char prefixed[32];   /* reserved names are short */
@@ -587,11 +600,86 @@ static const char *string_field(lua_State *L, int idx, const char *name,
     return s;
 }
 
+/* Appends the elements of the array at idx (n elements written so far). */
+static int append_elements(tamarco_log_buf *b, lua_State *L, int idx, int n)
+{
+    int count = (int)lua_objlen(L, idx);
+    for (int i = 1; i <= count; i++) {
+        if (n++)
+            tamarco_log_buf_addc(b, ',');
+        lua_rawgeti(L, idx, i);
+        tamarco_log_json_value(b, L, lua_gettop(L), 0);
+        lua_pop(L, 1);
+    }
+    return n;
+}
+
+/* The tags array: the sink's own tags, then the record's `tags` (an array
+ * is spliced in, any other value is one more tag), as Tamarco takes the
+ * tags of a record from its extra fields. */
+static void logstash_tags(tamarco_log_buf *b, lua_State *L, int idx, int tags_idx)
+{
+    int n = 0;
+    tamarco_log_buf_addc(b, '[');
+    if (tags_idx != 0 && lua_istable(L, tags_idx))
+        n = append_elements(b, L, tags_idx, n);
+    lua_getfield(L, idx, "tags");
+    int top = lua_gettop(L);
+    if (lua_istable(L, top) && lua_objlen(L, top) > 0) {
+        append_elements(b, L, top, n);
+    } else if (!lua_isnil(L, top)) {
+        int empty_table = 0;
+        if (lua_istable(L, top)) {
+            lua_pushnil(L);
+            empty_table = !lua_next(L, top);
+            lua_settop(L, top);
+        }
+        if (!empty_table) {
+            if (n)
+                tamarco_log_buf_addc(b, ',');
+            tamarco_log_json_value(b, L, top, 0);
+        }
+    }
+    lua_pop(L, 1);
+    tamarco_log_buf_addc(b, ']');
+}
+
+static int has_field(lua_State *L, int idx, const char *name)
+{
+    lua_getfield(L, idx, name);
+    int present = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    return present;
+}
+
+/* Tamarco's debug fields of a record with an exception: the line of the
+ * logging call, the process id and the thread's name (unless the record
+ * has fields of those names already). */
+static void logstash_debug_fields(tamarco_log_buf *b, lua_State *L, int idx)
+{
+    char num[24];
+    if (!has_field(L, idx, "lineno")) {
+        lua_getfield(L, idx, "source_line");
+        if (lua_type(L, -1) == LUA_TNUMBER) {
+            tamarco_log_buf_adds(b, ",\"lineno\":");
+            tamarco_log_json_number(b, lua_tonumber(L, -1));
+        }
+        lua_pop(L, 1);
+    }
+    if (!has_field(L, idx, "process")) {
+        snprintf(num, sizeof num, "%ld", (long)getpid());
+        tamarco_log_buf_adds(b, ",\"process\":");
+        tamarco_log_buf_adds(b, num);
+    }
+    if (!has_field(L, idx, "thread_name"))
+        tamarco_log_buf_adds(b, ",\"thread_name\":\"MainThread\"");
+}
+
 void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version,
                           const char *host, size_t host_len,
                           const char *type, size_t type_len, int tags_idx)
 {
-    size_t ts_len, msg_len, level_len, logger_len;
+    size_t ts_len, msg_len, level_len, logger_len, path_len;
     char now[40];
     if (idx < 0 && idx > LUA_REGISTRYINDEX)
         idx = lua_gettop(L) + idx + 1;
@@ -609,14 +697,21 @@ void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version
     const char *message = string_field(L, idx, "message", "", &msg_len);
     const char *level = string_field(L, idx, "level", "INFO", &level_len);
     const char *logger = string_field(L, idx, "logger", "", &logger_len);
+    /* the source file of the logging call; the logger name when unknown */
+    const char *path = string_field(L, idx, "source_path", NULL, &path_len);
+    if (!path) {
+        path = logger;
+        path_len = logger_len;
+    }
+    int has_traceback = has_field(L, idx, "traceback");
 
     logstash_ctx ctx = { b, version };
     tamarco_log_buf_addc(b, '{');
     add_member(b, "@timestamp", ts, ts_len, 0);
     if (version == 0) {
-        /* @source is "<type>://<host>/<logger>" */
+        /* @source is "<type>://<host>/<path>" */
         char small[256];
-        size_t n = type_len + 3 + host_len + 1 + logger_len;
+        size_t n = type_len + 3 + host_len + 1 + path_len;
         char *source = n <= sizeof small ? small : malloc(n);
         if (!source) {
             b->oom = 1;
@@ -626,37 +721,38 @@ void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version
         memcpy(source + type_len, "://", 3);
         memcpy(source + type_len + 3, host, host_len);
         source[type_len + 3 + host_len] = '/';
-        memcpy(source + type_len + 4 + host_len, logger, logger_len);
+        memcpy(source + type_len + 4 + host_len, path, path_len);
         add_member(b, "@message", message, msg_len, 1);
         add_member(b, "@source", source, n, 1);
         if (source != small)
             free(source);
         add_member(b, "@source_host", host, host_len, 1);
-        add_member(b, "@source_path", logger, logger_len, 1);
+        add_member(b, "@source_path", path, path_len, 1);
         tamarco_log_buf_adds(b, ",\"@tags\":");
     } else {
         tamarco_log_buf_adds(b, ",\"@version\":\"1\"");
         add_member(b, "message", message, msg_len, 1);
         add_member(b, "host", host, host_len, 1);
-        add_member(b, "path", logger, logger_len, 1);
+        add_member(b, "path", path, path_len, 1);
         tamarco_log_buf_adds(b, ",\"tags\":");
     }
-    if (tags_idx != 0 && lua_istable(L, tags_idx) && lua_objlen(L, tags_idx) > 0)
-        tamarco_log_json_value(b, L, tags_idx, 0);
-    else
-        tamarco_log_buf_add(b, "[]", 2);
+    logstash_tags(b, L, idx, tags_idx);
     if (version == 0) {
         add_member(b, "@type", type, type_len, 1);
         tamarco_log_buf_adds(b, ",\"@fields\":{");
         add_member(b, "levelname", level, level_len, 0);
         add_member(b, "logger", logger, logger_len, 1);
         tamarco_log_each_field(L, idx, 1, logstash_extra, &ctx);
+        if (has_traceback)
+            logstash_debug_fields(b, L, idx);
         tamarco_log_buf_addc(b, '}');
     } else {
         add_member(b, "type", type, type_len, 1);
         add_member(b, "level", level, level_len, 1);
         add_member(b, "logger_name", logger, logger_len, 1);
         tamarco_log_each_field(L, idx, 1, logstash_extra, &ctx);
+        if (has_traceback)
+            logstash_debug_fields(b, L, idx);
     }
     tamarco_log_buf_addc(b, '}');
 }

@@ -10,6 +10,9 @@
  *   outbox  thread -> service   pushed by ctx:send, then uv_async_send
  *   lq      loop-side queue: the outbox moved onto the loop thread, read by
  *           h:receive or handed to the handler registered by set_handler
+ *   lg      loop-side log records: ctx:log sends through the outbox too (in
+ *           order with the thread's messages), flagged, and they are handed
+ *           to the handler set by set_log_handler whatever reads messages
  *
  * The thread signals the async after every push and once when its function
  * has ended (`finished`); the async callback drains the outbox, wakes the
@@ -48,6 +51,7 @@
 
 typedef struct tmsg {
     struct tmsg *next;
+    int is_log;             /* a log record from ctx:log, not a message */
     size_t len;
     unsigned char data[];
 } tmsg;
@@ -261,6 +265,7 @@ static tmsg *encode_message(lua_State *L, int idx, char *err, size_t errsize)
     if (wb_reserve(b, 64) == 0 && encode_value(L, idx, b, 0) == 0) {
         m = (tmsg *)b->p;
         m->next = NULL;
+        m->is_log = 0;
         m->len = b->len - offsetof(tmsg, data);
         b->p = NULL;
     } else {
@@ -386,6 +391,7 @@ typedef struct tthread {
 
     /* immutable after start */
     char *name;
+    char *logger_name;         /* ctx.logger_name, or NULL */
     char *code;
     size_t code_len;
     char *lua_dir;
@@ -398,8 +404,9 @@ typedef struct tthread {
     int joined;                /* joined or detached: tid no longer usable */
     int exited;                /* the loop saw `finished` */
     tmsg *lq_head, *lq_tail;
+    tmsg *lg_head, *lg_tail;
     wlist recv_waiters, join_waiters;
-    int handler_ref, self_ref, exit_ref;
+    int handler_ref, self_ref, exit_ref, log_ref;
 
     /* every live record, under all_mu (see all_threads) */
     struct tthread *all_prev, *all_next;
@@ -454,8 +461,10 @@ static void tthread_destroy(tthread *t)
     msg_list_free(t->in_head);
     msg_list_free(t->out_head);
     msg_list_free(t->lq_head);
+    msg_list_free(t->lg_head);
     free(t->error);
     free(t->name);
+    free(t->logger_name);
     free(t->code);
     free(t->lua_dir);
     uv_cond_destroy(&t->cond);
@@ -503,15 +512,16 @@ static tthread *ctx_thread(lua_State *L)
     return lua_touserdata(L, lua_upvalueindex(1));
 }
 
-/* ctx:send(msg) -> true, or nil, "detached" when the service stopped listening. */
-static int ctx_send(lua_State *L)
+/* Copies the value at index 2 into the outbox. */
+static int ctx_post(lua_State *L, int is_log)
 {
     tthread *t = ctx_thread(L);
     char err[512];
     lua_settop(L, 2);
     tmsg *m = encode_message(L, 2, err, sizeof err);
     if (!m)
-        return luaL_error(L, "ctx:send: %s", err);
+        return luaL_error(L, "ctx:%s: %s", is_log ? "log" : "send", err);
+    m->is_log = is_log;
     uv_mutex_lock(&t->mu);
     if (t->detached) {
         uv_mutex_unlock(&t->mu);
@@ -525,6 +535,19 @@ static int ctx_send(lua_State *L)
     uv_mutex_unlock(&t->mu);
     lua_pushboolean(L, 1);
     return 1;
+}
+
+/* ctx:send(msg) -> true, or nil, "detached" when the service stopped listening. */
+static int ctx_send(lua_State *L)
+{
+    return ctx_post(L, 0);
+}
+
+/* ctx:log(record) -> true, or nil, "detached": a log record for the
+ * service's sinks (tamarco.thread_logging sends them). */
+static int ctx_log(lua_State *L)
+{
+    return ctx_post(L, 1);
 }
 
 /* Optional timeout in ms at index idx: returns -1 for none. */
@@ -630,6 +653,7 @@ static void push_ctx(lua_State *L, tthread *t)
 {
     static const luaL_Reg methods[] = {
         {"send", ctx_send},
+        {"log", ctx_log},
         {"receive", ctx_receive},
         {"should_stop", ctx_should_stop},
         {"sleep", ctx_sleep},
@@ -638,6 +662,10 @@ static void push_ctx(lua_State *L, tthread *t)
     lua_newtable(L);
     lua_pushstring(L, t->name);
     lua_setfield(L, -2, "name");
+    if (t->logger_name) {
+        lua_pushstring(L, t->logger_name);
+        lua_setfield(L, -2, "logger_name");
+    }
     for (const luaL_Reg *m = methods; m->name; m++) {
         lua_pushlightuserdata(L, t);
         lua_pushcclosure(L, m->func, 1);
@@ -666,8 +694,17 @@ static void thread_main(void *arg)
         int rc = luaL_loadbuffer(L, t->code, t->code_len, t->name);
         if (rc == 0) {
             push_ctx(L, t);
-            rc = lua_pcall(L, 1, 0, 1);
+            /* ctx.logger and tamarco.logging send to the service's sinks */
+            lua_getglobal(L, "require");
+            lua_pushliteral(L, "tamarco.thread_logging");
+            rc = lua_pcall(L, 1, 1, 1);
+            if (rc == 0) {
+                lua_pushvalue(L, -2);
+                rc = lua_pcall(L, 1, 0, 1);
+            }
         }
+        if (rc == 0)
+            rc = lua_pcall(L, 1, 0, 1);
         if (rc != 0) {
             const char *msg = lua_tostring(L, -1);
             error = dup_string(msg ? msg : "(error object is not a string)");
@@ -786,6 +823,8 @@ static void loop_side_close(tthread *t)
     lua_State *L = t->host->L;
     luaL_unref(L, LUA_REGISTRYINDEX, t->handler_ref);
     t->handler_ref = LUA_NOREF;
+    luaL_unref(L, LUA_REGISTRYINDEX, t->log_ref);
+    t->log_ref = LUA_NOREF;
     luaL_unref(L, LUA_REGISTRYINDEX, t->self_ref);   /* may let the userdata be collected */
     t->self_ref = LUA_NOREF;
 }
@@ -802,11 +841,37 @@ static void pull(tthread *t)
     uv_mutex_unlock(&t->mu);
     while (m) {
         tmsg *next = m->next;
-        push_msg(&t->lq_head, &t->lq_tail, m);
+        if (m->is_log)
+            push_msg(&t->lg_head, &t->lg_tail, m);
+        else
+            push_msg(&t->lq_head, &t->lq_tail, m);
         m = next;
     }
     if (finished)
         t->exited = 1;
+}
+
+/* Hands the queued log records to the log handler (or stderr without one:
+ * a record is never dropped silently). */
+static void deliver_logs(tthread *t)
+{
+    lua_State *L = t->host->L;
+    tmsg *m;
+    while ((m = pop_msg(&t->lg_head, &t->lg_tail)) != NULL) {
+        int top = lua_gettop(L);
+        if (t->log_ref != LUA_NOREF) {
+            lua_rawgeti(L, LUA_REGISTRYINDEX, t->log_ref);
+            if (decode_message(L, m->data, m->len) != 0)
+                lua_pushnil(L);
+            if (lua_pcall(L, 1, 0, 0) != 0)
+                fprintf(stderr, "tamarco: thread '%s' log handler failed: %s\n", t->name,
+                        lua_tostring(L, -1));
+        } else {
+            fprintf(stderr, "tamarco: thread '%s' logged a record with no log handler\n", t->name);
+        }
+        lua_settop(L, top);
+        free(m);
+    }
 }
 
 /* Calls the exit handler once (status, error) when the loop stops tracking
@@ -847,6 +912,10 @@ static void dispatch(tthread *t)
 {
     lua_State *L = t->host->L;
     for (;;) {
+        if (t->lg_head) {
+            deliver_logs(t);
+            continue;
+        }
         if (t->handler_ref != LUA_NOREF && t->lq_head) {
             tmsg *m = pop_msg(&t->lq_head, &t->lq_tail);
             int top = lua_gettop(L);
@@ -912,8 +981,10 @@ static int detach(tthread *t)
     t->stop_requested = 1;
     uv_cond_broadcast(&t->cond);
     uv_mutex_unlock(&t->mu);
-    /* Messages it sent before are still delivered to receive. */
+    /* Messages it sent before are still delivered to receive, its log
+     * records to the log handler. */
     pull(t);
+    deliver_logs(t);
     if (!t->joined) {
         t->joined = 1;
         pthread_detach(t->tid);
@@ -977,12 +1048,13 @@ static tthread *check_handle(lua_State *L)
     return ud->t;
 }
 
-/* start(name, bytecode) -> handle, or nil, err */
+/* start(name, bytecode[, logger_name]) -> handle, or nil, err */
 static int l_start(lua_State *L)
 {
     const char *name = luaL_checkstring(L, 1);
     size_t code_len;
     const char *code = luaL_checklstring(L, 2, &code_len);
+    const char *logger_name = luaL_optstring(L, 3, NULL);
     tamarco_host *host = tamarco_host_of(L);
     if (!host)
         return luaL_error(L, "threads can only be started from the service's main state");
@@ -996,10 +1068,12 @@ static int l_start(lua_State *L)
     if (!t)
         return luaL_error(L, "out of memory");
     t->name = dup_string(name);
+    t->logger_name = logger_name ? dup_string(logger_name) : NULL;
     t->lua_dir = dup_string(host->lua_dir);
     t->code = malloc(code_len ? code_len : 1);
-    if (!t->name || !t->lua_dir || !t->code) {
+    if (!t->name || !t->lua_dir || !t->code || (logger_name && !t->logger_name)) {
         free(t->name);
+        free(t->logger_name);
         free(t->lua_dir);
         free(t->code);
         free(t);
@@ -1008,7 +1082,7 @@ static int l_start(lua_State *L)
     memcpy(t->code, code, code_len);
     t->code_len = code_len;
     t->host = host;
-    t->handler_ref = t->self_ref = t->exit_ref = LUA_NOREF;
+    t->handler_ref = t->self_ref = t->exit_ref = t->log_ref = LUA_NOREF;
     uv_mutex_init(&t->mu);
     uv_cond_init(&t->cond);
     t->refs = 2;   /* loop side + userdata; +1 for the OS thread below */
@@ -1118,6 +1192,23 @@ static int h_set_handler(lua_State *L)
     /* receive and on_message are exclusive: the queue goes to the handler */
     pull(t);
     dispatch(t);
+    return 0;
+}
+
+/* h:set_log_handler(fn): fn(record) is called on the loop thread for every
+ * record the thread logs with ctx:log (it must not yield). */
+static int h_set_log_handler(lua_State *L)
+{
+    tthread *t = check_handle(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    luaL_unref(L, LUA_REGISTRYINDEX, t->log_ref);
+    t->log_ref = LUA_NOREF;
+    if (t->async_open) {
+        t->log_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        pull(t);
+        dispatch(t);
+    }
     return 0;
 }
 
@@ -1257,6 +1348,7 @@ int luaopen_tamarco_c_thread(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"send", h_send},
+        {"set_log_handler", h_set_log_handler},
         {"receive", h_receive},
         {"set_handler", h_set_handler},
         {"set_exit_handler", h_set_exit_handler},

@@ -17,9 +17,7 @@ end
 local free_port = require("spec.support.net").free_port
 
 local function dropped(sink_name)
-    return metrics.counter("logging_dropped_records_total", {
-        help = "Log records dropped because a remote sink's queue was full",
-        labels = { sink = sink_name } }):get()
+    return require("tamarco.log_sinks.queue").dropped_counter(sink_name):get()
 end
 
 before_each(function()
@@ -39,7 +37,7 @@ describe("remote log sinks", function()
             local sinks = log_sinks.configure_from_settings(
                 view_with { logstash = { enabled = true, host = "127.0.0.1", port = port, version = 1 } }, logging)
             local log = logging.get_logger("sinky")
-            for i = 1, 20 do log:info("udp record", { n = i }) end
+            for i = 1, 20 do log:info("udp record", { n = i, tags = { "orders" } }) end
             local waited = 0
             while #received < 20 and waited < 2000 do tamarco.sleep(10) waited = waited + 10 end
             log_sinks.close(sinks, logging)
@@ -50,6 +48,44 @@ describe("remote log sinks", function()
         assert.are.equal("udp record", first.message)
         assert.are.equal("1", tostring(first["@version"]))
         assert.are.equal(1, first.n)
+        -- Tamarco's fields: the user's tags, type "logstash", path = the file that logged
+        assert.are.same({ "orders" }, first.tags)
+        assert.are.equal("logstash", first.type)
+        assert.are.equal(debug.getinfo(1, "S").source:sub(2), first.path)
+        assert.is_nil(first.source_path)
+    end)
+
+    it("takes the logstash version from system.logging.version when the sink has none (Tamarco's key)", function()
+        local uv = require "luv"
+        local received = {}
+        local server = uv.new_udp()
+        server:bind("127.0.0.1", 0)
+        local port = server:getsockname().port
+        server:recv_start(function(err, data) if data then received[#received + 1] = data end end)
+        testing.run(function()
+            local sinks = log_sinks.configure_from_settings(
+                view_with { version = 0, logstash = { enabled = true, host = "127.0.0.1", port = port } }, logging)
+            logging.get_logger("sinky"):warning("v0 record", { tags = "one" })
+            local waited = 0
+            while #received < 1 and waited < 2000 do tamarco.sleep(10) waited = waited + 10 end
+            log_sinks.close(sinks, logging)
+        end)
+        server:close()
+        local v0 = cjson.decode(received[1])
+        assert.are.equal("v0 record", v0["@message"])
+        assert.are.equal(require("tamarco.c.process").hostname(), v0["@source_host"])
+        assert.are.same({ "one" }, v0["@tags"])
+        assert.are.equal("logstash", v0["@type"])
+        assert.are.equal("WARNING", v0["@fields"].levelname)
+        assert.are.equal(debug.getinfo(1, "S").source:sub(2), v0["@source_path"])
+        -- source_path: false puts the logger name in the path (no debug.getinfo per record)
+        local plain = log_sinks.configure_from_settings(view_with { source_path = false,
+            logstash = { enabled = true, host = "127.0.0.1", port = 9 } }, logging)
+        assert.is_false(plain[1].wants_source)
+        log_sinks.close(plain, logging)
+        assert.has_error(function()
+            log_sinks.configure_from_settings(view_with { logstash = { enabled = true, version = 3 } }, logging)
+        end, "system.logging.logstash.version: must be 0 or 1, not 3")
     end)
 
     it("pushes logstash records to a Redis list", function()
@@ -67,9 +103,12 @@ describe("remote log sinks", function()
             while (reader:llen("spec_logs") or 0) < 100 and waited < 3000 do tamarco.sleep(10) waited = waited + 10 end
             local lines = reader:lrange("spec_logs", 0, -1)
             assert.are.equal(100, #lines)
+            -- Tamarco's Redis handler: logstash v0, type "record"
             local last = cjson.decode(lines[100])
-            assert.are.equal("redis record", last.message)
-            assert.are.equal(100, last.n)
+            assert.are.equal("redis record", last["@message"])
+            assert.are.equal("record", last["@type"])
+            assert.are.equal(100, last["@fields"].n)
+            assert.are.equal("sinky", last["@fields"].service_name)
             reader:del("spec_logs")
             log_sinks.close(sinks, logging)
             reader:close()
@@ -103,7 +142,7 @@ describe("remote log sinks", function()
                 total = 0
                 for _, batch in ipairs(batches) do
                     for _, record in ipairs(batch) do
-                        if record.message == "http record" then total = total + 1 end
+                        if record["@message"] == "http record" then total = total + 1 end
                     end
                 end
             end
@@ -113,7 +152,155 @@ describe("remote log sinks", function()
         end)
         for _, batch in ipairs(batches) do assert.is_true(#batch <= 10) end
         assert.are.equal("Basic " .. require("tamarco.c.codec").base64_encode("logger:s3cret"), auth)
-        assert.are.equal("http record", batches[1][1].message)
+        -- Tamarco's HTTP handler: an array of logstash v0 records, type "record"
+        assert.are.equal("http record", batches[1][1]["@message"])
+        assert.are.equal("record", batches[1][1]["@type"])
+        assert.are.equal(1, batches[1][1]["@fields"].n)
+    end)
+
+    it("a Redis sink with a version setting sends that layout", function()
+        local host, port = os.getenv("TAMARCO_TEST_REDIS_HOST"), tonumber(os.getenv("TAMARCO_TEST_REDIS_PORT"))
+        testing.run(function()
+            local reader = assert(require("tamarco.resources.redis").client():connect_to { host = host, port = port })
+            reader:del("spec_logs_v1")
+            local sinks = log_sinks.configure_from_settings(view_with { redis = { enabled = true, host = host,
+                port = port, key = "spec_logs_v1", version = 1, message_type = "logstash", fqdn = true } }, logging)
+            logging.get_logger("sinky"):info("v1 please", { n = 7 })
+            log_sinks.close(sinks, logging)
+            local v1 = cjson.decode(reader:lrange("spec_logs_v1", 0, -1)[1])
+            assert.are.equal("v1 please", v1.message)
+            assert.are.equal("1", v1["@version"])
+            assert.are.equal("logstash", v1.type)
+            assert.are.equal(7, v1.n)
+            -- fqdn: the host's fully qualified name, as the resolver gives it
+            local infos = require("luv").getaddrinfo(require("tamarco.c.process").hostname(), nil, { canonname = true })
+            assert.are.equal(infos[1].canonname, v1.host)
+            -- the talk's settings say ssl: false; true is refused, not ignored
+            assert.has_error(function()
+                log_sinks.configure_from_settings(view_with { redis = { enabled = true, ssl = true } }, logging)
+            end, "system.logging.redis.ssl: TLS to Redis is not supported; set ssl: false or use a local Redis")
+            reader:del("spec_logs_v1")
+            reader:close()
+        end)
+    end)
+
+    -- Records of what the sinks report, through a sink of the spec's own.
+    local function capture_reports()
+        local lines = {}
+        local sink = logging.add_sink { name = "capture", emit = function(_, record)
+            if record.sink then lines[#lines + 1] = record end
+        end }
+        return lines, function() logging.remove_sink(sink) end
+    end
+
+    local function wait_for(predicate)
+        local waited = 0
+        while not predicate() and waited < 5000 do tamarco.sleep(10) waited = waited + 10 end
+    end
+
+    for _, case in ipairs({
+        { what = "a password the server does not need", password = "nope", reason = "without any password configured" },
+        { what = "a wrong password", username = "spec_logsink", password = "wrong", reason = "WRONGPASS" },
+    }) do
+        it("a Redis sink with " .. case.what .. " says so once, with the reason, and counts the dropped records", function()
+            local host, port = os.getenv("TAMARCO_TEST_REDIS_HOST"), tonumber(os.getenv("TAMARCO_TEST_REDIS_PORT"))
+            testing.run(function()
+                local admin = assert(require("tamarco.resources.redis").client():connect_to { host = host, port = port })
+                assert(admin:call("ACL", "SETUSER", "spec_logsink", "on", ">right", "~*", "+@all"))
+                local reports, stop_capture = capture_reports()
+                local before = dropped("redis")
+                local sinks = log_sinks.configure_from_settings(view_with { redis = { enabled = true, host = host,
+                    port = port, key = "spec_logs_auth", username = case.username, password = case.password } }, logging)
+                local log = logging.get_logger("sinky")
+                for i = 1, 10 do log:info("lost", { n = i }) end
+                wait_for(function() return dropped("redis") - before >= 10 end)
+                for i = 1, 10 do log:info("lost again", { n = i }) end
+                wait_for(function() return dropped("redis") - before >= 20 end)
+                local state = log_sinks.report().redis
+                log_sinks.close(sinks, logging)
+                stop_capture()
+                admin:call("ACL", "DELUSER", "spec_logsink")
+                assert.are.equal(0, admin:llen("spec_logs_auth"))
+                admin:close()
+                assert.is_true(dropped("redis") - before >= 20)
+                assert.are.equal("failing", state.state)
+                assert.matches(case.reason, state.reason, 1, true)
+                -- said once (rate-limited), as a WARNING with the reason
+                local said = 0
+                for _, record in ipairs(reports) do
+                    if record.message:find("log sink redis cannot deliver", 1, true) then
+                        said = said + 1
+                        assert.are.equal("WARNING", record.level)
+                        assert.matches(case.reason, record.reason, 1, true)
+                    end
+                end
+                assert.are.equal(1, said)
+            end)
+        end)
+    end
+
+    it("an HTTP sink to a closed port says so, shows it on /status (200 unless the setting says otherwise)", function()
+        local port = free_port()   -- nothing listens there
+        testing.run(function()
+            local reports, stop_capture = capture_reports()
+            for _, unhealthy in ipairs({ false, true }) do
+                local sinks = log_sinks.configure_from_settings(view_with { unhealthy_on_sink_failure = unhealthy,
+                    http = { enabled = true, url = "http://127.0.0.1:" .. port .. "/logs", max_time_seconds = 0.01 } },
+                    logging)
+                local svc = tamarco.service { name = "sinky" }
+                local running = assert(testing.start_service(svc))
+                logging.get_logger("sinky"):info("nobody hears this")
+                wait_for(function() local r = log_sinks.report() return r and r.http.state == "failing" end)
+                local host, report_port = svc.tamarco_http_report_server:address()
+                local status, body = require("tamarco.resources.http_client").new():request {
+                    method = "GET", url = ("http://%s:%d/status"):format(host, report_port) }
+                running:stop()
+                local before = dropped("http")
+                log_sinks.close(sinks, logging, 200)
+                local sink_state = cjson.decode(body).log_sinks.http
+                assert.are.equal("failing", sink_state.state)
+                assert.matches("Couldn't connect", sink_state.reason, 1, true)
+                assert.is_true(sink_state.queued >= 1)
+                assert.are.equal(unhealthy and 500 or 200, status)
+                -- what was never delivered is counted at stop
+                assert.is_true(dropped("http") - before >= 1)
+            end
+            stop_capture()
+            local cannot, at_stop = 0, 0
+            for _, record in ipairs(reports) do
+                if record.message:find("log sink http cannot deliver", 1, true) then cannot = cannot + 1 end
+                if record.message:find("not delivered at stop", 1, true) then at_stop = at_stop + 1 end
+            end
+            assert.are.equal(2, cannot)
+            assert.are.equal(2, at_stop)
+        end)
+    end)
+
+    it("an HTTP sink whose endpoint refuses the records (4xx) says so with the status and drops them", function()
+        local http = require "tamarco.resources.http"
+        local port = free_port()
+        testing.run(function()
+            local svc = tamarco.service { name = "refuser", resources = { api = http.server { port = port } },
+                report_server = false }
+            local posts = 0
+            svc.api:post("/logs", function() posts = posts + 1 return 401 end)
+            local running = assert(testing.start_service(svc))
+            local reports, stop_capture = capture_reports()
+            local before = dropped("http")
+            local sinks = log_sinks.configure_from_settings(view_with { http = { enabled = true,
+                url = "http://127.0.0.1:" .. port .. "/logs", max_records = 5, max_time_seconds = 0.01 } }, logging)
+            for i = 1, 5 do logging.get_logger("sinky"):info("refused", { n = i }) end
+            wait_for(function() return dropped("http") - before >= 5 end)
+            local state = log_sinks.report().http
+            log_sinks.close(sinks, logging, 200)
+            stop_capture()
+            running:stop()
+            assert.is_true(posts >= 1)
+            assert.is_true(dropped("http") - before >= 5)
+            assert.are.equal("failing", state.state)
+            assert.matches("answered HTTP 401", state.reason, 1, true)
+            assert.matches("records dropped", reports[1].message, 1, true)
+        end)
     end)
 
     it("never stalls the service when the sink is dead: overflow is dropped and counted", function()
@@ -135,5 +322,79 @@ describe("remote log sinks", function()
             log_sinks.close(sinks, logging, 50)
         end)
         assert.is_true(ticks >= 20)
+    end)
+end)
+
+describe("remote log sinks at stop", function()
+    -- A real service process with an HTTP sink that batches for 15 s (the
+    -- talk's value), stopped by SIGINT 2 s after it started: every record
+    -- reaches the receiver, the stop messages included.
+    it("flush everything whatever the batching interval", function()
+        local uv = require "luv"
+        local cli = require "spec.support.cli"
+        local http = require "tamarco.resources.http"
+        local receiver_port = free_port()
+        local dir = os.tmpname()
+        os.remove(dir)
+        assert(uv.fs_mkdir(dir, tonumber("755", 8)))
+        local service_path, settings_path, out_path = dir .. "/service.lua", dir .. "/settings.yml", dir .. "/out.log"
+        local function write(path, text)
+            local f = assert(io.open(path, "w"))
+            f:write(text)
+            f:close()
+        end
+        write(service_path, [[
+local tamarco = require "tamarco"
+local svc = tamarco.service { name = "flushy" }
+function svc:start() for i = 1, 30 do self.logger:info("record " .. i) end end
+return svc
+]])
+        write(settings_path, ([[
+system:
+  logging:
+    profile: PRODUCTION
+    http: { enabled: true, url: "http://127.0.0.1:%d/logs", max_time_seconds: 15, max_records: 1000 }
+]]):format(receiver_port))
+        local messages = {}
+        local exit_code
+        testing.run(function()
+            local receiver = tamarco.service { name = "receiver", report_server = false,
+                resources = { api = http.server { port = receiver_port } } }
+            receiver.api:post("/logs", function(req)
+                for _, record in ipairs(req:json()) do messages[#messages + 1] = record["@message"] end
+                return 204
+            end)
+            local running = assert(testing.start_service(receiver))
+            local out_fd = assert(uv.fs_open(out_path, "w", tonumber("644", 8)))
+            local child = assert(uv.spawn(cli.host, {
+                args = { "run", service_path, "--settings", settings_path },
+                env = { "TAMARCO__SYSTEM__RESOURCES__TAMARCO_HTTP_REPORT_SERVER__PORT=0", "PATH=" .. os.getenv("PATH") },
+                stdio = { nil, out_fd, out_fd },
+            }, function(code) exit_code = code end))
+            local waited = 0
+            while not cli.read_all(out_path):find("service started", 1, true) and waited < 20000 do
+                tamarco.sleep(50)
+                waited = waited + 50
+            end
+            tamarco.sleep(2000)
+            child:kill("sigint")
+            waited = 0
+            while exit_code == nil and waited < 20000 do tamarco.sleep(20) waited = waited + 20 end
+            tamarco.sleep(100)   -- the last POST's handler has run
+            running:stop()
+            child:close()
+            uv.fs_close(out_fd)
+        end)
+        local output = cli.read_all(out_path)
+        for _, name in ipairs({ service_path, settings_path, out_path }) do os.remove(name) end
+        uv.fs_rmdir(dir)
+        assert.are.equal(0, exit_code, output)
+        local seen = {}
+        for _, message in ipairs(messages) do seen[message] = (seen[message] or 0) + 1 end
+        for i = 1, 30 do assert.are.equal(1, seen["record " .. i], "record " .. i) end
+        for _, message in ipairs({ "starting service", "service started", "received SIGINT",
+                                   "stopping service", "service stopped" }) do
+            assert.are.equal(1, seen[message], message .. " not delivered; got: " .. table.concat(messages, " | "))
+        end
     end)
 end)

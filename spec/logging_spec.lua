@@ -124,27 +124,35 @@ describe("tamarco.c.log encode_logstash", function()
         ["@timestamp"] = "2026-11-29T10:00:00.123Z", level = "ERROR", logger = "hello.redis",
         message = "boom", service_name = "hello", deploy_name = "d", service_instance_id = "i",
         user = "ana", traceback = "stack traceback:\n\tx.lua:1", host = "extra-host",
+        source_path = "/srv/hello/service.lua", source_line = 42, tags = { "billing" },
     }
 
-    it("writes the version 0 layout", function()
+    it("writes the version 0 layout as Tamarco's formatter", function()
         local v0 = cjson.decode(clog.encode_logstash(record, 0, "box1"))
         assert.are.equal("2026-11-29T10:00:00.123Z", v0["@timestamp"])
         assert.are.equal("boom", v0["@message"])
-        assert.are.equal("Logstash://box1/hello.redis", v0["@source"])
+        assert.are.equal("logstash://box1//srv/hello/service.lua", v0["@source"])
         assert.are.equal("box1", v0["@source_host"])
-        assert.are.equal("hello.redis", v0["@source_path"])
-        assert.are.same({}, v0["@tags"])
-        assert.are.equal("Logstash", v0["@type"])
+        assert.are.equal("/srv/hello/service.lua", v0["@source_path"])
+        assert.are.same({ "billing" }, v0["@tags"])
+        assert.are.equal("logstash", v0["@type"])
         local f = v0["@fields"]
         assert.are.equal("ERROR", f.levelname)
         assert.are.equal("hello.redis", f.logger)
         assert.are.equal("hello", f.service_name)
+        assert.are.equal("d", f.deploy_name)
         assert.are.equal("i", f.service_instance_id)
         assert.are.equal("ana", f.user)
         assert.are.equal("stack traceback:\n\tx.lua:1", f.stack_trace)
+        -- Tamarco's debug fields of an error record
+        assert.are.equal(42, f.lineno)
+        assert.are.equal(require("luv").os_getpid(), f.process)
+        assert.are.equal("MainThread", f.thread_name)
         assert.is_nil(f.message)
+        assert.is_nil(f.tags)
+        assert.is_nil(f.source_path)
+        assert.is_nil(f.source_line)
         assert.is_nil(v0.message)
-        assert.matches('"@tags":[]', clog.encode_logstash(record, 0, "box1"), 1, true)
     end)
 
     it("writes the version 1 layout with extra fields at the top level", function()
@@ -154,15 +162,35 @@ describe("tamarco.c.log encode_logstash", function()
         assert.are.equal("boom", v1.message)
         assert.are.equal("box1", v1.host)
         assert.are.equal("extra-host", v1.extra_host)
-        assert.are.equal("hello.redis", v1.path)
-        assert.are.same({ "a", "b" }, v1.tags)
+        assert.are.equal("/srv/hello/service.lua", v1.path)
+        -- the sink's tags, then the record's own
+        assert.are.same({ "a", "b", "billing" }, v1.tags)
+        assert.is_nil(v1.extra_tags)
         assert.are.equal("tamarco", v1.type)
         assert.are.equal("ERROR", v1.level)
         assert.are.equal("hello.redis", v1.logger_name)
         assert.are.equal("ana", v1.user)
         assert.are.equal("hello", v1.service_name)
         assert.are.equal("stack traceback:\n\tx.lua:1", v1.stack_trace)
+        assert.are.equal(42, v1.lineno)
         assert.is_nil(v1.logger)
+        assert.is_nil(v1.source_path)
+    end)
+
+    it("defaults: type logstash, empty tags, the logger name for a record without a source", function()
+        local plain = { ["@timestamp"] = "2026-11-29T10:00:00.123Z", level = "INFO", logger = "hello",
+            message = "m" }
+        local line = clog.encode_logstash(plain, 1, "box1")
+        assert.matches('"tags":[]', line, 1, true)
+        local v1 = cjson.decode(line)
+        assert.are.equal("logstash", v1.type)
+        assert.are.equal("hello", v1.path)
+        assert.is_nil(v1.lineno)   -- debug fields only with a traceback
+        assert.is_nil(v1.process)
+        assert.matches('"@tags":[]', clog.encode_logstash(plain, 0, "box1"), 1, true)
+        -- one tag that is not an array is one tag
+        plain.tags = "solo"
+        assert.are.same({ "x", "solo" }, cjson.decode(clog.encode_logstash(plain, 1, "h", nil, { "x" })).tags)
     end)
 
     it("rejects unknown versions", function()
@@ -371,14 +399,38 @@ describe("tamarco.logging", function()
         logging.get_logger("hello"):warning("careful", { n = 1 })
         assert.matches("\27[33mWARNING\27[0m [hello] careful", out.lines[1], 1, true)
         assert.is_true(out.flushes >= 1)   -- a tty is flushed on each record
+        -- DEVELOP on a pipe: JSON lines, as every other profile (the README's word)
         out = capture()
-        logging.configure { service_name = "hello", profile = "DEVELOP", stream = out, tty = false }
+        logging.configure { service_name = "hello", deploy_name = "dev", instance_id = "id-9", profile = "DEVELOP",
+            stream = out, tty = false }
+        logging.get_logger("hello"):info("piped")
+        local piped = cjson.decode(out.lines[1])
+        assert.are.equal("piped", piped.message)
+        assert.are.equal("dev", piped.deploy_name)
+        assert.are.equal("id-9", piped.service_instance_id)
+        -- text when asked for (system.logging.stdout_format: text)
+        out = capture()
+        logging.configure { service_name = "hello", profile = "DEVELOP", stream = out, tty = false,
+            stdout_format = "text" }
         logging.get_logger("hello"):info("plain")
         assert.matches("^%d+%-%d+%-%d+ [%d:.]+ INFO    %[hello%] plain$", out.lines[1])
         out = capture()
         logging.configure { service_name = "hello", profile = "TESTING", stream = out, tty = false }
         logging.get_logger("hello"):info("json")
         assert.are.equal("json", cjson.decode(out.lines[1]).message)
+    end)
+
+    it("keeps an extra field named like a record field under extra_<name>, in every output", function()
+        local out = configure_json("DEVELOP")
+        logging.get_logger("hello"):info("the record's message", { message = "the user's", level = "mine" })
+        local record = cjson.decode(out.lines[1])
+        assert.are.equal("the record's message", record.message)
+        assert.are.equal("the user's", record.extra_message)
+        assert.are.equal("mine", record.extra_level)
+        local made = logging.make_record("hello", "INFO", "m", { message = "the user's" })
+        assert.matches('extra_message="the user\'s"', clog.format_text(made, false), 1, true)
+        assert.are.equal("the user's", cjson.decode(clog.encode_logstash(made, 1, "h")).extra_message)
+        assert.are.equal("the user's", cjson.decode(clog.encode_logstash(made, 0, "h"))["@fields"].extra_message)
     end)
 
     it("disables a sink that raises and keeps logging to the others", function()
@@ -472,7 +524,7 @@ describe("tamarco.logging", function()
         assert.are.equal("u", records[1].service_instance_id)
         table.sort(asked)
         assert.are.same({ "logging.file_backup_count", "logging.file_max_bytes", "logging.file_path",
-            "logging.profile", "logging.stdout" }, asked)
+            "logging.profile", "logging.stdout", "logging.stdout_format" }, asked)
     end)
 
     it("has a provisional stdout logger before settings", function()

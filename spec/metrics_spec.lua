@@ -568,6 +568,98 @@ describe("reporters", function()
     end)
 end)
 
+describe("naming modes", function()
+    local function registry()
+        local r = metrics.new_registry()
+        r:counter("orders.created", { unit = "orders", labels = { shop = "a b" } }):inc(3)
+        r:gauge("temp", { unit = "celsius" }):set(21.5)
+        local s = r:summary("latency", { unit = "seconds" })
+        for i = 1, 4 do s:observe(i) end
+        r:summary("idle", { unit = "seconds" })
+        return r
+    end
+
+    it("maps dots in ids to _ in both modes (the same meter)", function()
+        local r = metrics.new_registry()
+        local dotted = r:counter("orders.created")
+        assert.are.equal(dotted, r:counter("orders_created"))
+        dotted:inc(2)
+        assert.is_truthy(prometheus.exposition(r, "svc"):find("\nsvc_orders_created_total 2\n", 1, true))
+        r:set_naming("tamarco")
+        assert.is_truthy(prometheus.exposition(r, "svc"):find("\nsvc_orders_created 2\n", 1, true))
+        errors_with(function() r:counter("orders..x-y") end, "invalid metric name 'orders..x-y'")
+    end)
+
+    it("tamarco: counters without _total, Tamarco's quantiles, the unit as help", function()
+        local r = registry()
+        r:set_naming("tamarco")
+        local text = prometheus.exposition(r, "svc")
+        assert.is_truthy(text:find("# HELP svc_orders_created units orders\n# TYPE svc_orders_created counter\n"
+            .. 'svc_orders_created{shop="a b"} 3\n', 1, true), text)
+        assert.is_nil(text:find("_total", 1, true))
+        for _, q in ipairs({ "0.5", "0.75", "0.9", "0.95", "0.99" }) do
+            assert.is_truthy(text:find('svc_latency{quantile="' .. q .. '"}', 1, true), q)
+        end
+        assert.is_truthy(text:find("\nsvc_latency_sum 10\nsvc_latency_count 4\n", 1, true))
+        -- explicit quantiles stay; the default mode keeps its own
+        local own = metrics.new_registry()
+        own:summary("s", { quantiles = { 0.3 } }):observe(1)
+        own:summary("d"):observe(1)
+        assert.are.same({ 0.5, 0.9, 0.99 }, own:get("d").quantiles)
+        own:set_naming("tamarco")
+        assert.are.same({ 0.3 }, own:get("s").quantiles)
+        assert.are.same({ 0.5, 0.75, 0.9, 0.95, 0.99 }, own:get("d").quantiles)
+        assert.is_truthy(prometheus.exposition(own, "x"):find('x_d{quantile="0.75"} 1', 1, true))
+        errors_with(function() own:set_naming("graphite") end, "naming mode must be")
+    end)
+
+    it("tamarco: carbon lines <prefix>.<id>_<type>_<labels>__<unit> value timestamp", function()
+        local r = registry()
+        r:set_naming("tamarco")
+        assert.are.equal(table.concat({
+            "dep.svc.host.idle_sum_summary___seconds 0 1700000000.25",
+            "dep.svc.host.idle_count_summary___seconds 0 1700000000.25",
+            "dep.svc.host.latency_sum_summary___seconds 10 1700000000.25",
+            "dep.svc.host.latency_count_summary___seconds 4 1700000000.25",
+            "dep.svc.host.latency_summary_quantile_0.5__seconds 2 1700000000.25",
+            "dep.svc.host.latency_summary_quantile_0.75__seconds 3 1700000000.25",
+            "dep.svc.host.latency_summary_quantile_0.9__seconds 4 1700000000.25",
+            "dep.svc.host.latency_summary_quantile_0.95__seconds 4 1700000000.25",
+            "dep.svc.host.latency_summary_quantile_0.99__seconds 4 1700000000.25",
+            "dep.svc.host.orders.created_counter_shop_a_b__orders 3 1700000000.25",
+            "dep.svc.host.temp_gauge___celsius 21.5 1700000000.25",
+            "",
+        }, "\n"), reporters.tamarco_carbon_lines(r, "dep.svc.host", 1700000000.25))
+    end)
+
+    it("the resource: naming tamarco prefixes stdout with deploy.service.host and serves /metrics only when enabled",
+        function()
+        testing.run(function()
+            for _, case in ipairs({ { handlers = {}, served = false },
+                                    { handlers = { prometheus = { enabled = true } }, served = true } }) do
+                local out = {}
+                local reg = metrics.new_registry()
+                reg:counter("jobs", { unit = "jobs" }):inc(7)
+                local resource = MetricsResource.new { registry = reg,
+                    stdout_stream = { write = function(_, s) out[#out + 1] = s end } }
+                local svc = tamarco.service { name = "named", report_server = false,
+                                              resources = { metrics = resource } }
+                case.handlers.stdout = { enabled = true }
+                local running = assert(testing.start_service(svc, { settings = { system = {
+                    deploy_name = "prod", resources = { metrics = {
+                        naming = "tamarco", collect_frequency = 0.02, handlers = case.handlers } } } } }))
+                assert.is_true(wait_for(function() return #out >= 1 end))
+                running:stop()
+                local host = require("tamarco.c.process").hostname()
+                assert.matches("^prod%.named%." .. host:gsub("%p", "%%%0") .. "%.jobs_counter___jobs 7 %d+",
+                    out[1])
+                assert.are.equal(case.served, resource.prometheus_enabled)
+                assert.are.equal(case.served and 200 or 404, (resource:http_response()))
+            end
+        end)
+    end)
+end)
+
 describe("the metrics resource", function()
     it("reports every collect_frequency from a task that ends at stop", function()
         testing.run(function()

@@ -37,6 +37,70 @@ describe("thread", function()
         assert.is_true(loop_settles())
     end)
 
+    it("gives a thread a logger whose records reach the service's sinks, with the service's level", function()
+        local logging = require "tamarco.logging"
+        logging.configure { service_name = "threads", deploy_name = "spec", instance_id = "i-7",
+            profile = "PRODUCTION", stdout = false }
+        local records = {}
+        local sink = logging.add_sink { name = "mem", emit = function(_, r) records[#records + 1] = r end }
+        local t = thread.start("logger", function(ctx)
+            ctx.logger:info("from ctx.logger", { n = 1 })
+            ctx.logger:debug("below the service's level")
+            local log = require("tamarco.logging").get_logger("threads.lib")
+            log:warning("from tamarco.logging", { password = "hunter2", fn = print })
+            ctx.logger:exception("failed", "bad thing")
+            ctx:send("done")
+        end)
+        testing.run(function()
+            assert.are.equal("done", t:receive(5000))
+            assert.is_true(t:join(3000))
+        end)
+        logging.remove_sink(sink)
+        assert.is_nil(t:error())
+        assert.are.equal(3, #records)
+        local first, second, third = records[1], records[2], records[3]
+        assert.are.equal("from ctx.logger", first.message)
+        assert.are.equal("threads.logger", first.logger)
+        assert.are.equal("INFO", first.level)
+        assert.are.equal(1, first.n)
+        assert.are.equal("threads", first.service_name)
+        assert.are.equal("spec", first.deploy_name)
+        assert.are.equal("i-7", first.service_instance_id)
+        assert.are.equal("logger", first.thread_name)
+        assert.are.equal("from tamarco.logging", second.message)
+        assert.are.equal("threads.lib", second.logger)
+        assert.are.equal("***", second.password)
+        assert.matches("^function", second.fn)   -- a function travels as its text
+        assert.are.equal("ERROR", third.level)
+        assert.are.equal("bad thing", third.error)
+        assert.matches("stack traceback", third.traceback)
+        assert.is_true(loop_settles())
+    end)
+
+    it("svc:thread's ctx.logger is <service>.<thread> and reaches the service's sinks", function()
+        local logging = require "tamarco.logging"
+        local records = {}
+        local sink = { name = "mem", emit = function(_, r) if r.thread_name then records[#records + 1] = r end end }
+        testing.run(function()
+            local svc = tamarco.service { name = "threaded", report_server = false }
+            svc:thread("worker", function(ctx)
+                ctx.logger:warning("hello from the worker")
+                while not ctx:should_stop() do ctx:sleep(20) end
+            end)
+            logging.add_sink(sink)
+            local running = assert(testing.start_service(svc))
+            local waited = 0
+            while #records == 0 and waited < 5000 do tamarco.sleep(10) waited = waited + 10 end
+            running:stop()
+        end)
+        logging.remove_sink(sink)
+        assert.are.equal(1, #records)
+        assert.are.equal("threaded.worker", records[1].logger)
+        assert.are.equal("hello from the worker", records[1].message)
+        assert.are.equal("worker", records[1].thread_name)
+        assert.is_true(loop_settles())
+    end)
+
     it("ping-pongs 1000 messages both ways with the values intact", function()
         local t = thread.start("echo", function(ctx)
             while true do

@@ -10,7 +10,8 @@
 --
 -- A record is a flat table: @timestamp, level, logger, message, service_name,
 -- deploy_name, service_instance_id, the caller's extra fields and, on errors,
--- traceback. A sink is any table
+-- traceback. An extra field named like one of the standard fields is kept as
+-- extra_<name> (extra `message` -> `extra_message`). A sink is any table
 --     { name = "...", emit = function(self, record) end,
 --       flush = function(self) end, close = function(self) end }
 -- (flush and close optional) added with logging.add_sink. stdout and the
@@ -50,7 +51,19 @@ local state = {
     sinks = {},             -- ordered list of active sinks
     builtin = {},           -- the sinks configure() made: { stdout = s, file = s }
     flush_interval_ms = logging.DEFAULT_FLUSH_INTERVAL_MS,
+    wants_source = false,   -- an active sink places the caller's file (logstash layouts)
 }
+
+-- A sink with `wants_source = true` gets source_path and source_line (the
+-- file and line of the logging call) in every record. Looking them up costs
+-- more than the rest of a record, so only while such a sink is active.
+local function refresh_wants_source()
+    local wants = false
+    for _, s in ipairs(state.sinks) do
+        if s.wants_source then wants = true break end
+    end
+    state.wants_source = wants
+end
 
 local function stderr_line(text)
     pcall(function()
@@ -136,6 +149,7 @@ local function disable_sink(sink, what, err)
     for k, s in pairs(state.builtin) do
         if s == sink then state.builtin[k] = nil end
     end
+    refresh_wants_source()
     stderr_line(("sink %q disabled: %s raised: %s"):format(tostring(sink.name), what, tostring(err)))
 end
 
@@ -206,12 +220,38 @@ function logging.make_record(name, level_name, message, extra, traceback)
 end
 local make_record = logging.make_record
 
+local getinfo = debug.getinfo
+
+-- Called by the logger methods only: level 3 is the code that logged.
 local function log(name, level_name, message, extra, traceback)
     local ok, record = pcall(make_record, name, level_name, message, extra, traceback)
     if not ok then
         stderr_line("cannot build a log record: " .. tostring(record))
         return
     end
+    if state.wants_source then
+        local info = getinfo(3, "Sl")
+        if info then
+            local source = info.source
+            record.source_path = source:sub(1, 1) == "@" and source:sub(2) or info.short_src
+            if info.currentline and info.currentline > 0 then record.source_line = info.currentline end
+        end
+    end
+    dispatch(record)
+end
+
+--- logging.emit_thread_record(record, thread_name): a record a thread made
+-- with its own tamarco.logging (see tamarco.thread_logging) enters the
+-- service's logging: the service's level applies, the identity fields are
+-- the service's, thread_name says which thread logged it.
+function logging.emit_thread_record(record, thread_name)
+    if type(record) ~= "table" then return end
+    local level = LEVELS[record.level]
+    if not level or level < state.level then return end
+    record.service_name = state.service_name
+    record.deploy_name = state.deploy_name
+    record.service_instance_id = state.instance_id
+    if record.thread_name == nil then record.thread_name = thread_name end
     dispatch(record)
 end
 
@@ -223,6 +263,7 @@ function logging.add_sink(sink)
         if s == sink then return sink end
     end
     state.sinks[#state.sinks + 1] = sink
+    refresh_wants_source()
     return sink
 end
 
@@ -231,6 +272,7 @@ function logging.remove_sink(sink)
     for i, s in ipairs(state.sinks) do
         if s == sink then
             table.remove(state.sinks, i)
+            refresh_wants_source()
             return true
         end
     end
@@ -264,6 +306,7 @@ function logging.close()
     call_each("close")
     state.sinks = {}
     state.builtin = {}
+    refresh_wants_source()
 end
 
 -- ---- built-in sinks ----
@@ -388,7 +431,8 @@ local function check_positive(name, value)
 end
 
 --- logging.configure{ service_name, deploy_name, instance_id, profile,
---   stdout = true, stdout_format = "text"|"json" (text in DEVELOP, else json),
+--   stdout = true, stdout_format = "text"|"json" (text in DEVELOP on a
+--   terminal, else json),
 --   color = nil (auto: stdout is a tty), file_path, file_max_bytes = 10485760,
 --   file_backup_count = 5, flush_interval_ms = 1000,
 --   tty = nil (auto), stream = io.stdout (a stand-in for specs) }
@@ -399,7 +443,11 @@ function logging.configure(opts)
     local profile = opts.profile or logging.DEFAULT_PROFILE
     if type(profile) == "string" then profile = profile:upper() end
     local level = profile_level(profile, "logging.configure")
-    local stdout_format = opts.stdout_format or (profile == "DEVELOP" and "text" or "json")
+    local tty = opts.tty
+    if tty == nil then tty = stdout_is_tty() end
+    -- text only for a person at a terminal; a pipe (journald, a collector)
+    -- gets JSON lines with every field
+    local stdout_format = opts.stdout_format or ((profile == "DEVELOP" and tty) and "text" or "json")
     local flush_interval = check_positive("flush_interval_ms",
         opts.flush_interval_ms or logging.DEFAULT_FLUSH_INTERVAL_MS)
 
@@ -407,8 +455,6 @@ function logging.configure(opts)
     -- the previous configuration in place.
     local new = {}
     if opts.stdout ~= false then
-        local tty = opts.tty
-        if tty == nil then tty = stdout_is_tty() end
         local color = opts.color
         if color == nil then color = tty end
         new.stdout = logging.stdout_sink {
@@ -449,11 +495,13 @@ function logging.configure(opts)
     if new.file then sinks[#sinks + 1] = new.file end
     for _, s in ipairs(state.sinks) do sinks[#sinks + 1] = s end
     state.sinks = sinks
+    refresh_wants_source()
 end
 
 --- logging.configure_from_settings(view, identity): Tamarco's keys through a
 -- settings view (`view:get(key, default)`, resolved under system.*):
--- logging.profile, logging.stdout, logging.file_path, logging.file_max_bytes,
+-- logging.profile, logging.stdout, logging.stdout_format (text | json),
+-- logging.file_path, logging.file_max_bytes,
 -- logging.file_backup_count. identity = { service_name, deploy_name, instance_id }.
 function logging.configure_from_settings(view, identity)
     identity = identity or {}
@@ -479,6 +527,10 @@ function logging.configure_from_settings(view, identity)
     end
     local stdout = get("logging.stdout", true)
     if type(stdout) == "string" then stdout = stdout:lower() ~= "false" end
+    local stdout_format = get("logging.stdout_format", nil)
+    if stdout_format ~= nil and stdout_format ~= "text" and stdout_format ~= "json" then
+        fail("logging.stdout_format", ("must be text or json, not %q"):format(tostring(stdout_format)))
+    end
     local file_path = get("logging.file_path", nil)
     if file_path == false then file_path = nil end
     if file_path ~= nil and type(file_path) ~= "string" then
@@ -490,6 +542,7 @@ function logging.configure_from_settings(view, identity)
         instance_id = identity.instance_id,
         profile = profile,
         stdout = stdout ~= false,
+        stdout_format = stdout_format,
         file_path = file_path,
         file_max_bytes = size("logging.file_max_bytes", logging.DEFAULT_FILE_MAX_BYTES),
         file_backup_count = size("logging.file_backup_count", logging.DEFAULT_FILE_BACKUP_COUNT),

@@ -21,7 +21,8 @@
 -- meters' inc/observe never allocate). Meters of one id form a family with
 -- one type, help text and bucket/quantile layout; asking for an id with
 -- another type or layout raises. Names follow Prometheus' rules
--- ([a-zA-Z_:][a-zA-Z0-9_:]*), label names too ([a-zA-Z_][a-zA-Z0-9_]*, not
+-- ([a-zA-Z_:][a-zA-Z0-9_:]*), but for dots, which become "_" as Tamarco did
+-- ("orders.created" is the meter "orders_created"), label names too ([a-zA-Z_][a-zA-Z0-9_]*, not
 -- "__..." and not "le"/"quantile", which the exposition adds); label values
 -- are strings (numbers and booleans are converted).
 --
@@ -30,6 +31,14 @@
 -- (set by the metrics resource through metrics.set_namespace), and a
 -- counter's exposed name gets a "_total" suffix when it lacks one (as
 -- Python's prometheus_client does; promtool's lint wants it).
+--
+-- Naming modes (registry:set_naming, the metrics resource's `naming`
+-- setting): "prometheus" (the default, above) or "tamarco", Tamarco's own
+-- names so that its dashboards and Graphite queries keep working: no
+-- "_total" suffix, default summary quantiles 0.5, 0.75, 0.9, 0.95, 0.99, a
+-- HELP text "units <unit>" when none is given, and Tamarco's carbon paths
+-- (see tamarco.metrics.reporters). options.unit is the meter's unit
+-- (Tamarco's measurement_unit).
 --
 -- HTTP server meters: the HTTP server resource calls, once per answered
 -- request,
@@ -54,6 +63,8 @@ local metrics = {}
 
 metrics.DEFAULT_BUCKETS = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
 metrics.DEFAULT_QUANTILES = { 0.5, 0.9, 0.99 }
+metrics.TAMARCO_QUANTILES = { 0.5, 0.75, 0.9, 0.95, 0.99 }
+metrics.NAMING_MODES = { prometheus = true, tamarco = true }
 metrics.DEFAULT_MAX_SAMPLES = 1024
 
 ---------------------------------------------------------------------------
@@ -206,6 +217,16 @@ end
 
 function Summary:get() return self.sum, self.count end
 
+-- The label part of each quantile line, rendered once per layout.
+function Summary:render_quantile_labels()
+    local key = self.label_str
+    self.quantile_labels = {}
+    for i, q in ipairs(self.family.quantiles) do
+        local l = 'quantile="' .. format_value(q) .. '"'
+        self.quantile_labels[i] = key == "" and ("{" .. l .. "}") or (key:sub(1, -2) .. "," .. l .. "}")
+    end
+end
+
 --- histogram:observe(v): counts v in the first bucket whose bound >= v.
 function Histogram:observe(v)
     local bounds, counts = self.bounds, self.counts
@@ -281,12 +302,7 @@ local function new_series(family, labels, names, key)
         s.sum, s.count, s.size, s.next = 0, 0, 0, 1
         s.max_samples = family.max_samples
         s.samples = {}
-        -- the label part of each quantile line, rendered once
-        s.quantile_labels = {}
-        for i, q in ipairs(family.quantiles) do
-            local l = 'quantile="' .. format_value(q) .. '"'
-            s.quantile_labels[i] = key == "" and ("{" .. l .. "}") or (key:sub(1, -2) .. "," .. l .. "}")
-        end
+        s:render_quantile_labels()
     else
         s.sum, s.count = 0, 0
         s.bounds, s.nbounds = family.bounds, #family.bounds
@@ -345,9 +361,36 @@ local Registry = {}
 Registry.__index = Registry
 metrics.Registry = Registry
 
+local function same_list(a, b)
+    if #a ~= #b then return false end
+    for i = 1, #a do if a[i] ~= b[i] then return false end end
+    return true
+end
+
 --- metrics.new_registry() -> an empty registry.
 function metrics.new_registry()
-    return setmetatable({ families = {}, sorted = nil, http_cache = {} }, Registry)
+    return setmetatable({ families = {}, sorted = nil, http_cache = {}, naming = "prometheus" }, Registry)
+end
+
+local function default_quantiles(registry)
+    return registry.naming == "tamarco" and metrics.TAMARCO_QUANTILES or metrics.DEFAULT_QUANTILES
+end
+
+--- registry:set_naming(mode): "prometheus" or "tamarco" (see the module
+-- header). Summaries created without explicit quantiles take the mode's.
+function Registry:set_naming(mode)
+    if not metrics.NAMING_MODES[mode] then
+        error(("metrics naming mode must be \"prometheus\" or \"tamarco\" (got %s)"):format(tostring(mode)), 2)
+    end
+    self.naming = mode
+    local quantiles = default_quantiles(self)
+    for _, f in pairs(self.families) do
+        if f.kind == "summary" and f.default_quantiles and not same_list(f.quantiles, quantiles) then
+            f.quantiles = { unpack(quantiles) }
+            f.carbon_quantiles = nil
+            for _, series in pairs(f.children) do series:render_quantile_labels() end
+        end
+    end
 end
 
 local SUFFIXES = { "_bucket", "_sum", "_count" }
@@ -370,12 +413,6 @@ local function check_collisions(self, id, kind)
             end
         end
     end
-end
-
-local function same_list(a, b)
-    if #a ~= #b then return false end
-    for i = 1, #a do if a[i] ~= b[i] then return false end end
-    return true
 end
 
 local function check_buckets(id, buckets)
@@ -412,9 +449,11 @@ end
 
 --- registry:family(kind, id, options) -> the family (created once).
 function Registry:family(kind, id, options)
+    local source_id = id
+    if type(id) == "string" and id:find(".", 1, true) then id = id:gsub("%.", "_") end
     if not valid_metric_name(id) then
         error(("invalid metric name %s (want [a-zA-Z_:][a-zA-Z0-9_:]*)")
-            :format(type(id) == "string" and ("'" .. id .. "'") or tostring(id)), 3)
+            :format(type(source_id) == "string" and ("'" .. source_id .. "'") or tostring(source_id)), 3)
     end
     if type(options) == "string" then options = { help = options } end
     options = options or {}
@@ -422,6 +461,10 @@ function Registry:family(kind, id, options)
     local help = options.help
     if help ~= nil and type(help) ~= "string" then
         error(("metric '%s': help must be a string"):format(id), 3)
+    end
+    local unit = options.unit
+    if unit ~= nil and type(unit) ~= "string" then
+        error(("metric '%s': unit must be a string"):format(id), 3)
     end
     local f = self.families[id]
     if f then
@@ -444,15 +487,18 @@ function Registry:family(kind, id, options)
         if kind == "summary" and options.max_samples and options.max_samples ~= f.max_samples then
             error(("summary '%s' is already registered with another max_samples"):format(id), 3)
         end
+        if unit and not f.unit then f.unit = unit end
         return f
     end
     check_collisions(self, id, kind)
-    f = setmetatable({ id = id, kind = kind, help = help or id, help_given = help ~= nil,
-                       children = {}, registry = self }, Family)
+    -- source_id: the id as given (Tamarco's carbon paths keep its dots)
+    f = setmetatable({ id = id, source_id = source_id, kind = kind, help = help or id, help_given = help ~= nil,
+                       unit = unit, children = {}, registry = self }, Family)
     if kind == "histogram" then
         f.bounds = check_buckets(id, options.buckets or metrics.DEFAULT_BUCKETS)
     elseif kind == "summary" then
-        f.quantiles = check_quantiles(id, options.quantiles or metrics.DEFAULT_QUANTILES)
+        f.default_quantiles = options.quantiles == nil
+        f.quantiles = check_quantiles(id, options.quantiles or default_quantiles(self))
         local max = options.max_samples or metrics.DEFAULT_MAX_SAMPLES
         if type(max) ~= "number" or max < 1 or max ~= floor(max) then
             error(("summary '%s': max_samples must be a positive integer"):format(id), 3)
@@ -508,9 +554,9 @@ end
 --- registry:get(id) -> the family or nil.
 function Registry:get(id) return self.families[id] end
 
---- registry:reset(): forgets every meter (for tests).
+--- registry:reset(): forgets every meter and the naming mode (for tests).
 function Registry:reset()
-    self.families, self.sorted, self.http_cache = {}, nil, {}
+    self.families, self.sorted, self.http_cache, self.naming = {}, nil, {}, "prometheus"
 end
 
 local HTTP_REQUESTS = "http_requests_total"
@@ -567,11 +613,12 @@ end
 
 function metrics.namespace() return namespace end
 
---- metrics.exposed_name(id[, kind]) -> the name in the exposition.
-function metrics.exposed_name(id, kind, ns)
+--- metrics.exposed_name(id[, kind[, namespace[, naming]]]) -> the name in
+-- the exposition (naming "tamarco": no "_total" suffix).
+function metrics.exposed_name(id, kind, ns, naming)
     if ns == nil then ns = namespace elseif ns then ns = metrics.sanitize_name(ns) end
     local name = ns and (ns .. "_" .. id) or id
-    if kind == "counter" and name:sub(-6) ~= "_total" then name = name .. "_total" end
+    if kind == "counter" and naming ~= "tamarco" and name:sub(-6) ~= "_total" then name = name .. "_total" end
     return name
 end
 

@@ -147,9 +147,11 @@ function run_command.main(args)
 
     local stop_seconds = options.watchdog or store:get("system.stop_timeout_seconds", 30)
     local watchdog_armed = false
+    local stop_requested_at
     local function arm_watchdog()
         if watchdog_armed then return end
         watchdog_armed = true
+        stop_requested_at = require("tamarco.c.timer").now()
         process.watchdog(stop_seconds, ("tamarco-host: service '%s' did not stop within %s s; exiting with code 1\n")
             :format(svc.name, tostring(stop_seconds)))
     end
@@ -218,8 +220,10 @@ function run_command.main(args)
             logging.flush()
             io.stderr:write("tamarco-host: ", failure.message, "\n")
         end
-        -- what the remote log sinks still hold gets a second to go out
-        log_sinks.close(remote_sinks, logging, 1000)
+        -- what the remote log sinks still hold goes out, whatever their
+        -- batching interval, within the stop budget (a second kept for the rest)
+        local spent = stop_requested_at and (require("tamarco.c.timer").now() - stop_requested_at) or 0
+        log_sinks.close(remote_sinks, logging, math.max(1000, stop_seconds * 1000 - spent - 1000))
         if file_watcher then file_watcher.close() end
         store:stop_watching()
         return code

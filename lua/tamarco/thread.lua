@@ -21,6 +21,11 @@
 --
 -- In the thread, fn(ctx):
 --   ctx.name
+--   ctx.logger               a logger (`<service>.<thread name>`) whose records
+--                               reach the service's sinks, with its level and
+--                               identity fields and thread_name; so does
+--                               tamarco.logging used in the thread
+--                               (tamarco.thread_logging)
 --   ctx:send(msg)            -> true, or nil, "detached" (the service stopped listening)
 --   ctx:receive([ms])        -> msg | nil, "timeout" | nil, "stopped"
 --                               (blocks the thread; a stop request wakes it)
@@ -88,12 +93,16 @@ local function check_fn(name, fn)
     end
 end
 
---- thread.start(name, fn) -> thread object, or nil, err when the OS thread
--- cannot be created. Raises on bad arguments.
-function thread.start(name, fn)
+--- thread.start(name, fn[, options]) -> thread object, or nil, err when the
+-- OS thread cannot be created. Raises on bad arguments. options.logger_name
+-- names ctx.logger (default `<service>.<name>`).
+function thread.start(name, fn, options)
     check_fn(name, fn)
-    local handle, err = c.start(name, string.dump(fn))
+    local logging = require "tamarco.logging"
+    local logger_name = options and options.logger_name or (logging.get_logger().name .. "." .. name)
+    local handle, err = c.start(name, string.dump(fn), logger_name)
     if not handle then return nil, err end
+    handle:set_log_handler(function(record) logging.emit_thread_record(record, name) end)
     return setmetatable({ name = name, _handle = handle }, Thread)
 end
 

@@ -111,6 +111,20 @@ int main(void)
     check_lua(L, "return clog.encode_json{ a = { b = { } , c = 1 } }", "{\"a\":{\"b\":{},\"c\":1}}");
     check_lua(L, "return clog.encode_json{ a = { [print] = 1 }, b = { { x = 1 } }, c = 2 }",
               "{\"a\":{},\"b\":[{\"x\":1}],\"c\":2}");
+
+    /* logstash layouts: Tamarco's fields, in a fixed order */
+    check_lua(L, "return clog.encode_logstash({ ['@timestamp'] = 'T', level = 'INFO', logger = 'svc',"
+                 " message = 'm', service_name = 'svc', source_path = '/s.lua', source_line = 7,"
+                 " tags = { 'u' }, path = 'p', n = 1 }, 1, 'h', nil, { 'c' })",
+              "{\"@timestamp\":\"T\",\"@version\":\"1\",\"message\":\"m\",\"host\":\"h\","
+              "\"path\":\"/s.lua\",\"tags\":[\"c\",\"u\"],\"type\":\"logstash\",\"level\":\"INFO\","
+              "\"logger_name\":\"svc\",\"service_name\":\"svc\",\"n\":1,\"extra_path\":\"p\"}");
+    check_lua(L, "return clog.encode_logstash({ ['@timestamp'] = 'T', level = 'ERROR', logger = 'svc',"
+                 " message = 'm', source_line = 7, traceback = 'tb', process = 1, thread_name = 'w' }, 0, 'h', 'record')",
+              "{\"@timestamp\":\"T\",\"@message\":\"m\",\"@source\":\"record://h/svc\","
+              "\"@source_host\":\"h\",\"@source_path\":\"svc\",\"@tags\":[],\"@type\":\"record\","
+              "\"@fields\":{\"levelname\":\"ERROR\",\"logger\":\"svc\",\"process\":1,"
+              "\"thread_name\":\"w\",\"stack_trace\":\"tb\",\"lineno\":7}}");
     lua_close(L);
 
     if (failures) {

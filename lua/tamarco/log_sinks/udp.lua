@@ -7,7 +7,6 @@
 -- take now is dropped and counted in logging_dropped_records_total, never
 -- waited for. The batch bounds the memory (queue_size does not apply).
 local logging = require "tamarco.logging"
-local metrics = require "tamarco.metrics"
 local log_udp = require "tamarco.c.log_udp"
 
 local udp = {}
@@ -23,19 +22,18 @@ local function open_sender(host, port)
     return assert(log_udp.open(infos[1].addr, port))
 end
 
-function udp.new(section)
-    local process = require "tamarco.c.process"
+--- udp.new(section[, defaults]): defaults.version is the version when the
+-- section has none (Tamarco read `system.logging.version` for this sink).
+function udp.new(section, defaults)
     local host, port = section.host or "127.0.0.1", section.port or 5959
-    local version = section.version or 1
-    local source_host = process.hostname()
-    local message_type = section.message_type or "Logstash"
+    local version = require("tamarco.log_sinks").logstash_version(section, "logstash",
+        defaults and defaults.version or 1)
+    local source_host = require("tamarco.log_sinks").host_name(section)
+    local message_type = section.message_type or "logstash"
     local tags = section.tags or {}
     local sender = open_sender(host, port)
-    local dropped = metrics.counter("logging_dropped_records_total", {
-        help = "Log records dropped because a remote sink's queue was full",
-        labels = { sink = "logstash" },
-    })
-    local sink = { name = "logstash" }
+    local dropped = require("tamarco.log_sinks.queue").dropped_counter("logstash")
+    local sink = { name = "logstash", wants_source = true }
 
     local function count(lost)
         if lost > 0 then dropped:inc(lost) end

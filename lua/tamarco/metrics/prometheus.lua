@@ -4,6 +4,7 @@
 --   local text = prometheus.exposition(registry, namespace)
 --   -- served with prometheus.CONTENT_TYPE
 --
+-- Names follow the registry's naming mode (see tamarco.metrics).
 -- Families sorted by exposed name, each with one # HELP and one # TYPE
 -- line, then its series sorted by labels; a summary has its quantile
 -- lines, _sum and _count; a histogram its cumulative _bucket lines (the
@@ -58,7 +59,10 @@ local function entries(registry, namespace)
             les[#les + 1] = "+Inf"
             f.le_values = les
         end
-        list[i] = { exposed_name(f.id, f.kind, namespace or false), f.help, f.kind, series, les }
+        local help = f.help
+        -- Tamarco's HELP line said the unit when there is no help text
+        if registry.naming == "tamarco" and not f.help_given then help = "units " .. (f.unit or "") end
+        list[i] = { exposed_name(f.id, f.kind, namespace or false, registry.naming), help, f.kind, series, les }
     end
     table.sort(list, function(a, b) return a[1] < b[1] end)
     return list

@@ -29,6 +29,16 @@
 -- `.bucket.le_<bound>` (cumulative; "." in the bound becomes "_", +Inf is
 -- "inf"); summaries `.count`, `.sum` and `.p<quantile*100>` (p50, p90, p99,
 -- p99_9). The prefix defaults to the namespace (the service name).
+--
+-- With a registry in the "tamarco" naming mode, carbon lines are Tamarco's:
+-- `<prefix>.<id>_<type>_<labels>__<unit> <value> <timestamp>`, the id as
+-- given (its dots kept), labels `name_value` joined by "." (sorted by name;
+-- whitespace in values becomes "_"), the unit of the meter, the timestamp
+-- in seconds with its fraction; a summary writes `<id>_sum`, `<id>_count`
+-- then `<id>` with a `quantile_<q>` label per quantile (none while it has
+-- no samples), a histogram `<id>_sum`, `<id>_count` and `<id>_bucket` with
+-- an `le_<bound>` label. The metrics resource makes the prefix Tamarco's
+-- `<deploy_name>.<service>.<hostname>` for carbon and stdout.
 local metrics = require "tamarco.metrics"
 local prometheus = require "tamarco.metrics.prometheus"
 local ctimer = require "tamarco.c.timer"
@@ -116,6 +126,65 @@ function reporters.carbon_lines(registry, prefix, timestamp)
     return concat(buf, "", 1, n)
 end
 
+-- Tamarco's label part: name_value joined by "." (a value's whitespace,
+-- which would break the line, becomes "_").
+local function tamarco_labels(s)
+    local labels = s.tamarco_labels
+    if not labels then
+        local parts = {}
+        for _, name in ipairs(s.label_names) do
+            parts[#parts + 1] = name .. "_" .. tostring(s.label_set[name]):gsub("%s", "_")
+        end
+        labels = concat(parts, ".")
+        s.tamarco_labels = labels
+    end
+    return labels
+end
+
+local function with_label(labels, extra)
+    return labels == "" and extra or (labels .. "." .. extra)
+end
+
+--- reporters.tamarco_carbon_lines(registry, prefix, timestamp) -> text in
+-- Tamarco's layout (see the module header).
+function reporters.tamarco_carbon_lines(registry, prefix, timestamp)
+    local buf, n = {}, 0
+    local ts = " " .. format_value(timestamp) .. "\n"
+    prefix = (prefix and prefix ~= "") and (prefix .. ".") or ""
+    for _, f in ipairs(registry:sorted_families()) do
+        local id, kind, unit = f.source_id or f.id, f.kind, f.unit or ""
+        local tail = "__" .. unit
+        local function line(name, labels, v)
+            buf[n + 1] = prefix .. name .. "_" .. kind .. "_" .. labels .. tail .. " " .. format_value(v) .. ts
+            n = n + 1
+        end
+        for _, s in ipairs(f:sorted_series()) do
+            local labels = tamarco_labels(s)
+            if kind == "counter" or kind == "gauge" then
+                line(id, labels, s.value)
+            else
+                line(id .. "_sum", labels, s.sum)
+                line(id .. "_count", labels, s.count)
+                if kind == "summary" then
+                    if s.size > 0 then
+                        local values = s:quantiles()
+                        for i, q in ipairs(f.quantiles) do
+                            line(id, with_label(labels, "quantile_" .. format_value(q)), values[i])
+                        end
+                    end
+                else
+                    local cum = s:buckets()
+                    for i = 1, #cum do
+                        local bound = f.bounds[i] and format_value(f.bounds[i]) or "+Inf"
+                        line(id .. "_bucket", with_label(labels, "le_" .. bound), cum[i])
+                    end
+                end
+            end
+        end
+    end
+    return concat(buf, "", 1, n)
+end
+
 local function encode(self, registry, namespace, now)
     now = now or ctimer.time()
     if self.format == "prometheus" then
@@ -124,6 +193,7 @@ local function encode(self, registry, namespace, now)
         return text
     end
     local prefix = self.prefix
+    if registry.naming == "tamarco" then return reporters.tamarco_carbon_lines(registry, prefix, now) end
     if prefix == nil then prefix = namespace or metrics.namespace() end
     return reporters.carbon_lines(registry, prefix, now)
 end

@@ -8,6 +8,15 @@
 --
 -- Settings under system.resources.metrics (Tamarco's layout):
 --   collect_frequency: 10            seconds between two reports (> 0)
+--   naming: prometheus               or tamarco: Tamarco's metric names,
+--                                    quantiles and carbon lines (see
+--                                    tamarco.metrics); then /metrics is
+--                                    served only with prometheus enabled:
+--                                    true, as Tamarco did, carbon and stdout
+--                                    lines are prefixed
+--                                    <deploy_name>.<service>.<hostname>
+--                                    unless a prefix is set, and the file
+--                                    reporter writes carbon lines
 --   handlers:
 --     prometheus: { enabled: true }  GET /metrics (defined with the service;
 --                                    when the service has a
@@ -66,23 +75,43 @@ function Metrics:_configure()
             .. tostring(self.settings:get("collect_frequency", nil)) .. ")", 0)
     end
     self.collect_frequency = frequency
+    local naming = self.settings:get("naming", "prometheus")
+    if not metrics.NAMING_MODES[naming] then
+        error("system.resources." .. self.name .. ".naming must be prometheus or tamarco (got "
+            .. tostring(naming) .. ")", 0)
+    end
+    self.naming = naming
+    self.registry:set_naming(naming)
+    local tamarco_names = naming == "tamarco"
     local handlers = self.settings:get("handlers", {})
     if type(handlers) ~= "table" then handlers = {} end
-    self.prometheus_enabled = enabled(handlers.prometheus, true)
+    -- Tamarco served /metrics only when its prometheus handler was enabled
+    self.prometheus_enabled = enabled(handlers.prometheus, not tamarco_names)
+    if tamarco_names and type(handlers.prometheus) == "table" and handlers.prometheus.enabled == nil then
+        self.prometheus_enabled = false
+    end
     local list = {}
+    local tamarco_prefix
+    if tamarco_names then
+        local svc = self.service
+        local deploy = svc and svc.settings and svc.settings:get("deploy_name", nil) or "tamarco"
+        tamarco_prefix = ("%s.%s.%s"):format(tostring(deploy), svc and svc.name or self.namespace,
+            require("tamarco.c.process").hostname())
+    end
     if enabled(handlers.carbon, false) then
         local c = handlers.carbon
-        list[#list + 1] = reporters.carbon { host = c.host, port = c.port, prefix = c.prefix, format = c.format,
-                                             logger = self.logger }
+        list[#list + 1] = reporters.carbon { host = c.host, port = c.port, prefix = c.prefix or tamarco_prefix,
+                                             format = c.format, logger = self.logger }
     end
     if enabled(handlers.file, false) then
         local f = handlers.file
-        list[#list + 1] = reporters.file { path = f.path or "/tmp/tamarco_metrics", format = f.format,
+        list[#list + 1] = reporters.file { path = f.path or "/tmp/tamarco_metrics",
+                                           format = f.format or (tamarco_names and "carbon" or nil),
                                            prefix = f.prefix, logger = self.logger }
     end
     if enabled(handlers.stdout, false) then
         local s = handlers.stdout
-        list[#list + 1] = reporters.stdout { format = s.format, prefix = s.prefix,
+        list[#list + 1] = reporters.stdout { format = s.format, prefix = s.prefix or tamarco_prefix,
                                              stream = self.options.stdout_stream }
     end
     self.reporters = list

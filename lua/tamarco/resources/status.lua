@@ -4,7 +4,8 @@
 -- The body maps each resource's name to its status dict (`{status = code}`
 -- plus what the resource adds; never secrets). HTTP status: 200 when every
 -- resource is STARTED, 500 when any is STOPPED or FAILED, and 503 while any
--- is still CONNECTING or STOPPING. (Tamarco answered 102 in that case; 102 is
+-- is still CONNECTING or STOPPING. `log_sinks` (when remote log sinks are
+-- on) shows each sink's state; see tamarco.log_sinks. (Tamarco answered 102 in that case; 102 is
 -- an interim response in HTTP/1.1 that clients and Kubernetes probes wait
 -- past, so a final 503 says "not ready" without hanging them.)
 --
@@ -46,6 +47,11 @@ function Status:report()
         if code == STATUS.STOPPED or code == STATUS.FAILED then any_down = true end
         if code ~= STATUS.STARTED then all_started = false end
     end
+    -- the remote log sinks: shown, and unhealthy only when the settings say
+    -- so (system.logging.unhealthy_on_sink_failure)
+    local sinks, sinks_unhealthy = require("tamarco.log_sinks").report()
+    if sinks and body.log_sinks == nil then body.log_sinks = sinks end
+    if sinks_unhealthy then any_down = true end
     local http_status = any_down and 500 or (all_started and 200 or 503)
     return http_status, body
 end
