@@ -948,6 +948,12 @@ static int stream_push_read(lua_State *co, http_stream *s)
     if (s->r.body_len > 0 && !s->closed) {
         lua_pushlstring(co, s->r.body, s->r.body_len);
         s->r.body_len = 0;
+        /* room again: a paused transfer goes on, whether this read found the
+         * bytes at once or was woken for them */
+        if (s->paused && !s->finished && s->r.easy) {
+            s->paused = 0;
+            curl_easy_pause(s->r.easy, CURLPAUSE_CONT);   /* may deliver more now */
+        }
         return 1;
     }
     if (s->closed || (s->finished && s->rc != CURLE_OK))
@@ -1136,13 +1142,8 @@ static int l_stream_read(lua_State *L)
 {
     http_stream *s = check_stream(L);
     int n = stream_push_read(L, s);
-    if (n > 0) {
-        if (s->paused && !s->finished && s->r.easy) {
-            s->paused = 0;
-            curl_easy_pause(s->r.easy, CURLPAUSE_CONT);   /* may deliver more now */
-        }
+    if (n > 0)
         return n;
-    }
     s->notify = 0;
     return stream_wait(L, s, WAIT_READ);
 }

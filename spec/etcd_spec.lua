@@ -180,6 +180,25 @@ describe("tamarco.c.http_client stream (used by the etcd watch)", function()
         stop()
     end)
 
+    it("resumes a paused transfer for a reader that waited for its data", function()
+        -- the reader is always waiting when the bytes come in: it is woken
+        -- with them, and the transfer paused meanwhile must go on after it
+        local piece = ("y"):rep(16384)
+        local url, stop = serve("HTTP/1.1 200 OK\r\nContent-Length: " .. (#piece * 64) .. "\r\n\r\n",
+            function(write) for _ = 1, 64 do write(piece) end end)
+        testing.run(function()
+            local s = c.stream { url = url, max_buffer_bytes = 32768 }
+            local total = 0
+            while true do
+                local data = s:read()
+                if not data then break end
+                total = total + #data
+            end
+            assert.equal(#piece * 64, total)
+        end)
+        stop()
+    end)
+
     it("wakes a waiting reader with 'closed' when another task closes the stream", function()
         local url, stop = serve(CHUNKED, function(write) write(chunk("hello")) end)
         testing.run(function()
