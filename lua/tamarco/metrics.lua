@@ -51,7 +51,7 @@
 -- Several registries may exist (metrics.new_registry()); the module-level
 -- functions use the default one.
 local ctimer = require "tamarco.c.timer"
-local cmetrics = require "tamarco.c.metrics"
+local naming = require "tamarco.metrics.naming"
 
 local type, tostring, error, pairs, ipairs, setmetatable, select, pcall =
     type, tostring, error, pairs, ipairs, setmetatable, select, pcall
@@ -71,14 +71,8 @@ metrics.DEFAULT_MAX_SAMPLES = 1024
 -- names and labels
 ---------------------------------------------------------------------------
 
-local function valid_metric_name(name)
-    return type(name) == "string" and name:find("^[%a_:][%w_:]*$") ~= nil
-end
-
-local function valid_label_name(name)
-    return type(name) == "string" and name:find("^[%a_][%w_]*$") ~= nil and name:sub(1, 2) ~= "__"
-end
-
+local valid_metric_name = naming.valid_metric_name
+local valid_label_name = naming.valid_label_name
 metrics.valid_metric_name = valid_metric_name
 metrics.valid_label_name = valid_label_name
 
@@ -92,13 +86,7 @@ local function check_label_name(name, id)
     end
 end
 
---- Escapes a label value for the text format: \ " and newline.
-local function escape_label_value(v)
-    if v:find('[\\"\n]') then
-        v = v:gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" })
-    end
-    return v
-end
+local escape_label_value = naming.escape_label_value
 metrics.escape_label_value = escape_label_value
 
 local function label_value(v, name, id)
@@ -119,17 +107,9 @@ local function render_labels(labels, names)
     return "{" .. concat(parts, ",") .. "}"
 end
 
---- metrics.format_value(v) -> text: integers without exponent, +Inf,
--- -Inf, NaN, other floats in the shortest form that reads back exactly (C).
-local format_value = cmetrics.format_value
+local format_value = naming.format_value
 metrics.format_value = format_value
-
---- Maps a service name to a valid metric name prefix.
-function metrics.sanitize_name(name)
-    name = tostring(name):gsub("[^%w_]", "_")
-    if name == "" or name:find("^%d") then name = "_" .. name end
-    return name
-end
+metrics.sanitize_name = naming.sanitize_name
 
 ---------------------------------------------------------------------------
 -- meters
@@ -603,24 +583,9 @@ end
 local default = metrics.new_registry()
 metrics.default_registry = default
 
-local namespace = nil
-
---- metrics.set_namespace(name): exposed names become <name>_<id> (name
--- sanitized); nil for no prefix.
-function metrics.set_namespace(name)
-    namespace = name ~= nil and metrics.sanitize_name(name) or nil
-end
-
-function metrics.namespace() return namespace end
-
---- metrics.exposed_name(id[, kind[, namespace[, naming]]]) -> the name in
--- the exposition (naming "tamarco": no "_total" suffix).
-function metrics.exposed_name(id, kind, ns, naming)
-    if ns == nil then ns = namespace elseif ns then ns = metrics.sanitize_name(ns) end
-    local name = ns and (ns .. "_" .. id) or id
-    if kind == "counter" and naming ~= "tamarco" and name:sub(-6) ~= "_total" then name = name .. "_total" end
-    return name
-end
+metrics.set_namespace = naming.set_namespace
+metrics.namespace = naming.namespace
+metrics.exposed_name = naming.exposed_name
 
 function metrics.counter(id, options) return default:counter(id, options) end
 function metrics.gauge(id, options) return default:gauge(id, options) end
@@ -635,7 +600,7 @@ end
 
 --- metrics.exposition([registry[, namespace]]) -> Prometheus text (0.0.4).
 function metrics.exposition(registry, ns)
-    return require("tamarco.metrics.prometheus").exposition(registry or default, ns or namespace)
+    return require("tamarco.metrics.prometheus").exposition(registry or default, ns or naming.namespace())
 end
 
 return metrics

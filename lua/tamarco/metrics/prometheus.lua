@@ -11,12 +11,12 @@
 -- last le="+Inf"), _sum and _count. Label values are escaped (\\ \" \n),
 -- help text too (\\ \n). Values: integers as integers, +Inf, -Inf, NaN,
 -- other floats in the shortest form that reads back exactly.
-local metrics = require "tamarco.metrics"
+local naming = require "tamarco.metrics.naming"
 local cmetrics = require "tamarco.c.metrics"
 
 local concat = table.concat
 local floor, huge = math.floor, math.huge
-local exposed_name = metrics.exposed_name
+local exposed_name = naming.exposed_name
 
 local prometheus = {}
 
@@ -28,7 +28,7 @@ local function escape_help(s)
 end
 prometheus.escape_help = escape_help
 
---- format_value in Lua (the C one is metrics.format_value): the reference.
+--- format_value in Lua (the C one is naming.format_value): the reference.
 local function format_value(v)
     if v ~= v then return "NaN" end
     if v == huge then return "+Inf" end
@@ -55,7 +55,7 @@ local function entries(registry, namespace)
         local les = f.le_values
         if f.kind == "histogram" and not les then
             les = {}
-            for b, bound in ipairs(f.bounds) do les[b] = metrics.format_value(bound) end
+            for b, bound in ipairs(f.bounds) do les[b] = naming.format_value(bound) end
             les[#les + 1] = "+Inf"
             f.le_values = les
         end
@@ -110,7 +110,7 @@ function prometheus.merge(parts, label)
         return f
     end
     for _, part in ipairs(parts) do
-        local added = label .. '="' .. metrics.escape_label_value(tostring(part.value)) .. '"'
+        local added = label .. '="' .. naming.escape_label_value(tostring(part.value)) .. '"'
         local current
         for line in part.text:gmatch("[^\n]+") do
             local kind, name = line:match("^#%s+(%u+)%s+([%a_:][%w_:]*)")

@@ -1,0 +1,105 @@
+-- The framework's Lua package has no require cycles, lazy requires inside
+-- functions included: a cycle hidden by a lazy require is still a module
+-- that cannot be understood (or loaded) without the other.
+local uv = require "luv"
+
+local ROOT = "lua"
+
+-- module name -> file path, for every module under lua/tamarco
+local function modules()
+    local found = {}
+    local function walk(dir)
+        local scan = assert(uv.fs_scandir(dir))
+        while true do
+            local name, kind = uv.fs_scandir_next(scan)
+            if not name then break end
+            local path = dir .. "/" .. name
+            if kind == "directory" then
+                walk(path)
+            elseif name:sub(-4) == ".lua" then
+                local module = path:sub(#ROOT + 2, -5):gsub("/", ".")
+                found[(module:gsub("%.init$", ""))] = path
+            end
+        end
+    end
+    walk(ROOT .. "/tamarco")
+    return found
+end
+
+-- The code of a file without its comments (a doc comment may show a require).
+local function code_of(path)
+    local f = assert(io.open(path))
+    local text = f:read("*a")
+    f:close()
+    text = text:gsub("%-%-%[(=*)%[.-%]%1%]", "")
+    return (text:gsub("%-%-[^\n]*", ""))
+end
+
+local function require_graph()
+    local mods = modules()
+    local graph = {}
+    for module, path in pairs(mods) do
+        local deps = {}
+        for name in code_of(path):gmatch("require%s*%(?%s*[\"']([%w_%.]+)[\"']") do
+            if mods[name] and name ~= module then deps[name] = true end
+        end
+        graph[module] = deps
+    end
+    return graph
+end
+
+-- A cycle as a list of module names (first == last), or nil.
+local function find_cycle(graph)
+    local state, stack = {}, {}
+    local function visit(module)
+        state[module] = "open"
+        stack[#stack + 1] = module
+        local names = {}
+        for dep in pairs(graph[module]) do names[#names + 1] = dep end
+        table.sort(names)
+        for _, dep in ipairs(names) do
+            if state[dep] == "open" then
+                local cycle = {}
+                for i = #stack, 1, -1 do
+                    table.insert(cycle, 1, stack[i])
+                    if stack[i] == dep then break end
+                end
+                cycle[#cycle + 1] = dep
+                return cycle
+            elseif not state[dep] then
+                local found = visit(dep)
+                if found then return found end
+            end
+        end
+        stack[#stack] = nil
+        state[module] = "done"
+    end
+    local names = {}
+    for module in pairs(graph) do names[#names + 1] = module end
+    table.sort(names)
+    for _, module in ipairs(names) do
+        if not state[module] then
+            local found = visit(module)
+            if found then return found end
+        end
+    end
+end
+
+describe("the Lua package", function()
+    it("finds the requires of a module, lazy ones included, but not those in comments", function()
+        local graph = require_graph()
+        assert.is_true(graph["tamarco.systemd"]["tamarco.supervisor_pipe"])
+        assert.is_true(graph["tamarco.metrics"]["tamarco.metrics.prometheus"])   -- inside a function
+        assert.is_nil(graph["tamarco.metrics.prometheus"]["tamarco.metrics.prometheus"])
+    end)
+
+    it("detects a cycle when there is one", function()
+        local cycle = find_cycle({ a = { b = true }, b = { c = true }, c = { a = true }, d = {} })
+        assert.are.same({ "a", "b", "c", "a" }, cycle)
+    end)
+
+    it("has no require cycle", function()
+        local cycle = find_cycle(require_graph())
+        assert.is_nil(cycle, cycle and ("require cycle: " .. table.concat(cycle, " -> ")))
+    end)
+end)
