@@ -166,7 +166,7 @@ struct hconn {
     int error_status;     /* set by a parser callback that rejects a request */
     unsigned in_feed : 1, in_field : 1, closing : 1, finishing : 1, writing : 1;
     unsigned stop_reading : 1, read_paused : 1, close_after_flush : 1, eof : 1;
-    unsigned resume_pending : 1;
+    unsigned resume_pending : 1, close_pending : 1;
 };
 
 struct hserver {
@@ -525,11 +525,19 @@ static void on_conn_timer(uv_timer_t *timer)
 }
 
 /* Closes the connection now. Requests whose handlers still run are
- * detached: their response is dropped when it comes. */
+ * detached: their response is dropped when it comes. While the parser
+ * runs (a failed write inside a callback, a handler closing the server)
+ * the close waits until it has returned: the parser still uses the
+ * request being parsed and the connection. */
 static void conn_close(hconn *c)
 {
     if (c->closing)
         return;
+    if (c->in_feed) {
+        c->close_pending = 1;
+        c->stop_reading = 1;
+        return;
+    }
     hserver *srv = c->srv;
     c->closing = 1;
     if (c->prev)
@@ -651,7 +659,7 @@ static void on_write(uv_write_t *req, int status)
 
 static void conn_flush(hconn *c)
 {
-    if (c->closing || c->writing)
+    if (c->closing || c->close_pending || c->writing)
         return;
     hserver *srv = c->srv;
     if (!c->out.len) {
@@ -933,6 +941,8 @@ static int on_headers_complete(http_parser *p)
             return -1;
         }
         conn_flush(c);   /* now: the client waits for it before sending the body */
+        if (c->close_pending)
+            return -1;   /* the write failed: the connection closes after the parser returns */
     }
     conn_deadline(c, srv->body_timeout);
     return 0;
@@ -1036,6 +1046,8 @@ static void conn_feed(hconn *c, const char *p, size_t len)
             }
             continue;
         }
+        if (c->close_pending)
+            break;
         if (err != HPE_OK) {
             int status = status_for_parse_error(c, err);
             conn_reject(c, status, message_for_status(status));
@@ -1047,6 +1059,10 @@ static void conn_feed(hconn *c, const char *p, size_t len)
             break;
     }
     c->in_feed = 0;
+    if (c->close_pending) {
+        c->close_pending = 0;
+        conn_close(c);
+    }
 }
 
 static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
@@ -1339,7 +1355,7 @@ static int l_req_remote_address(lua_State *L)
 static int l_req_connected(lua_State *L)
 {
     hreq *r = check_req(L);
-    lua_pushboolean(L, r->conn && !r->conn->closing && !r->conn->finishing);
+    lua_pushboolean(L, r->conn && !r->conn->closing && !r->conn->close_pending && !r->conn->finishing);
     return 1;
 }
 
@@ -1487,7 +1503,7 @@ static int l_req_respond(lua_State *L)
     size_t ctlen = 0;
     const char *ctype = lua_isnoneornil(L, 5) ? NULL : luaL_checklstring(L, 5, &ctlen);
     hconn *c = r->conn;
-    if (!c || c->closing || c->finishing) {
+    if (!c || c->closing || c->close_pending || c->finishing) {
         /* the client is gone: drop the response */
         if (r->srv)
             r->srv->n_dropped_responses++;
@@ -1542,7 +1558,7 @@ static int l_req_respond(lua_State *L)
 static int respond_c(hreq *r, int status, const char *message)
 {
     hconn *c = r->conn;
-    if (!c || c->closing || c->finishing) {
+    if (!c || c->closing || c->close_pending || c->finishing) {
         if (!c)
             req_release(r);
         else {
@@ -1606,6 +1622,18 @@ static void stop_accepting(hserver *srv)
 
 static void on_drain_timer(uv_timer_t *timer);
 
+/* Closes every connection (one being parsed right now closes when its
+ * parser returns, so this walks the list instead of emptying it). */
+static void close_all(hserver *srv)
+{
+    hconn *c = srv->conns;
+    while (c) {
+        hconn *next = c->next;
+        conn_close(c);
+        c = next;
+    }
+}
+
 /* Closes every connection now and the server's handles; releases its
  * Lua references. The C struct lives until the last handle closed and
  * the last detached request was answered. */
@@ -1617,8 +1645,7 @@ static void server_close(lua_State *L, server_box *box)
     box->srv = NULL;
     stop_accepting(srv);
     srv->closed = 1;
-    while (srv->conns)
-        conn_close(srv->conns);
+    close_all(srv);
     if (srv->drain_wait)
         uv_timer_start(&srv->drain_timer, on_drain_timer, 0, 0);   /* wakes it, then closes */
     else
@@ -1645,8 +1672,7 @@ static void on_drain_timer(uv_timer_t *timer)
 {
     hserver *srv = timer->data;
     int timed_out = srv->nconns > 0;
-    while (srv->conns)
-        conn_close(srv->conns);
+    close_all(srv);
     int closed = srv->closed;
     if (srv->drain_wait) {
         int id = srv->drain_wait;
