@@ -201,6 +201,18 @@ local function make_service(name, options)
         counter = counter + 1
         return 200, { n = counter, k = req.params.k }
     end, { cache_ttl = 0.3, cache_headers = { "x-tenant" } })
+    local private_counter = 0
+    api:get("/cached-private/{mode}", function(req)
+        private_counter = private_counter + 1
+        local headers = { ["Cache-Control"] = req.params.mode == "private" and "private, max-age=60" or nil,
+            ["Set-Cookie"] = req.params.mode == "cookie" and "session=1" or nil }
+        return 200, { n = private_counter }, headers
+    end, { cache_ttl = 60 })
+    local vary_counter = 0
+    api:get("/cached-vary", function(req)
+        vary_counter = vary_counter + 1
+        return 200, { n = vary_counter, auth = req.headers["authorization"] }
+    end, { cache_ttl = 60, cache_headers = { "Authorization" } })
     return svc
 end
 
@@ -538,6 +550,48 @@ describe("http_server resource", function()
             tamarco.sleep(350)
             local r4 = get(port, "/cached/a")
             assert.are.equal("MISS", r4.headers["x-cache"])
+        end)
+    end)
+
+    it("never serves or stores a request with Authorization or Cookie unless the key varies on it", function()
+        testing.run(function()
+            local alice = get(port, "/cached/creds", "Authorization: Bearer alice-secret\r\n")
+            assert.is_nil(alice.headers["x-cache"])
+            local anonymous = get(port, "/cached/creds")
+            assert.are.equal("MISS", anonymous.headers["x-cache"])
+            assert.are_not.equal(alice.body, anonymous.body)
+            local bob = get(port, "/cached/creds", "Authorization: Bearer bob\r\n")
+            assert.is_nil(bob.headers["x-cache"])
+            assert.are_not.equal(anonymous.body, bob.body)
+            local cookie = get(port, "/cached/creds", "Cookie: session=carol\r\n")
+            assert.is_nil(cookie.headers["x-cache"])
+            assert.are_not.equal(anonymous.body, cookie.body)
+            assert.are.equal("HIT", get(port, "/cached/creds").headers["x-cache"])
+            -- a route whose key varies on Authorization caches per credential
+            local a1 = get(port, "/cached-vary", "Authorization: Bearer alice\r\n")
+            local a2 = get(port, "/cached-vary", "authorization: Bearer alice\r\n")
+            local b1 = get(port, "/cached-vary", "Authorization: Bearer bob\r\n")
+            assert.are.equal("MISS", a1.headers["x-cache"])
+            assert.are.equal("HIT", a2.headers["x-cache"])
+            assert.are.equal(a1.body, a2.body)
+            assert.are.equal("MISS", b1.headers["x-cache"])
+            assert.are.equal("Bearer bob", json_of(b1).auth)
+        end)
+    end)
+
+    it("keeps responses marked Cache-Control private or setting a cookie out of the cache", function()
+        testing.run(function()
+            for _, mode in ipairs({ "private", "cookie" }) do
+                local r1 = get(port, "/cached-private/" .. mode)
+                local r2 = get(port, "/cached-private/" .. mode)
+                assert.is_nil(r1.headers["x-cache"])
+                assert.is_nil(r2.headers["x-cache"])
+                assert.are_not.equal(r1.body, r2.body)
+            end
+            local p1 = get(port, "/cached-private/public")
+            local p2 = get(port, "/cached-private/public")
+            assert.are.equal("HIT", p2.headers["x-cache"])
+            assert.are.equal(p1.body, p2.body)
         end)
     end)
 
