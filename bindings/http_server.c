@@ -161,6 +161,9 @@ struct hconn {
     tbuf wbuf;            /* bytes of the uv_write in progress */
     tbuf stash;           /* unparsed input kept while reading is paused */
     size_t head_bytes;    /* size of the current request's head so far */
+    const char *feed_end; /* end of the bytes the parser is running over */
+    uint64_t chunk_left;  /* data bytes left in the current chunk */
+    int crlf_left;        /* bytes of the CRLF after chunk data not yet seen */
     uint64_t deadline, timer_due;
     int handles;          /* open libuv handles; freed at 0 */
     int error_status;     /* set by a parser callback that rejects a request */
@@ -474,6 +477,8 @@ static void on_conn_handle_closed(uv_handle_t *handle)
 }
 
 static void on_conn_timer(uv_timer_t *timer);
+static void conn_reject(hconn *c, int status, const char *message);
+static const char *message_for_status(int status);
 
 /* Sets the connection's deadline to now + ms (0: none). The timer is only
  * restarted when it is not running or would fire too late. */
@@ -521,6 +526,13 @@ static void on_conn_timer(uv_timer_t *timer)
         return;
     }
     c->srv->n_timeouts++;
+    if (c->cur && !c->writing && !c->finishing) {
+        /* part of a request came, too slowly: say so, then close (the send
+         * deadline bounds the wait for the responses queued before it) */
+        conn_reject(c, 408, message_for_status(408));
+        conn_deadline(c, c->srv->send_timeout ? c->srv->send_timeout : c->srv->header_timeout);
+        return;
+    }
     conn_close(c);
 }
 
@@ -912,16 +924,75 @@ static int name_is(const hreq *r, const hdr *h, const char *name, size_t len)
     return h->name_len == len && strncasecmp(r->head.p + h->name_off, name, len) == 0;
 }
 
+/* RFC 9110 token characters: what a field name is made of. */
+static int is_tchar(unsigned char ch)
+{
+    if ((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z'))
+        return 1;
+    return ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL;
+}
+
+static int valid_field_name(const char *s, size_t n)
+{
+    if (!n)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!is_tchar((unsigned char)s[i]))
+            return 0;
+    return 1;
+}
+
+/* Field values: visible characters, obs-text, space and tab; no NUL or
+ * other control characters. */
+static int valid_field_value(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if ((ch < 32 && ch != '\t') || ch == 127)
+            return 0;
+    }
+    return 1;
+}
+
+/* The parser (built lenient) lets through what a proxy in front of us may
+ * read differently: "Content-Length : 5", control bytes in values, a
+ * missing or repeated Host. Any of them is a 400, so that no two parsers
+ * can disagree on where this request ends. */
+static int check_head(http_parser *p, hreq *r)
+{
+    if (p->http_major != 1 || p->http_minor > 1)
+        return 505;
+    int hosts = 0;
+    for (int i = 0; i < r->nhdrs; i++) {
+        hdr *h = &r->hdrs[i];
+        if (!valid_field_name(r->head.p + h->name_off, h->name_len) ||
+            !valid_field_value(r->head.p + h->value_off, h->value_len))
+            return 400;
+        if (name_is(r, h, "host", 4))
+            hosts++;
+    }
+    if (hosts > 1 || (hosts == 0 && p->http_minor == 1))
+        return 400;
+    return 0;
+}
+
 static int on_headers_complete(http_parser *p)
 {
     hconn *c = p->data;
     hreq *r = c->cur;
     hserver *srv = c->srv;
     c->in_field = 0;
+    int bad = check_head(p, r);
+    if (bad) {
+        c->error_status = bad;
+        return -1;
+    }
     if ((p->flags & F_CONTENTLENGTH) && p->content_length > srv->max_body_size) {
         c->error_status = 413;
         return -1;
     }
+    c->chunk_left = 0;
+    c->crlf_left = 0;
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
         if (name_is(r, h, "expect", 6)) {
@@ -948,6 +1019,26 @@ static int on_headers_complete(http_parser *p)
     return 0;
 }
 
+/* Checks the CRLF that must follow chunk data (the lenient parser takes
+ * any two bytes) against the bytes from *at up to the end of the input. */
+static int check_chunk_crlf(hconn *c, const char *at)
+{
+    while (c->crlf_left && at < c->feed_end) {
+        if (*at != (c->crlf_left == 2 ? '\r' : '\n'))
+            return -1;
+        at++;
+        c->crlf_left--;
+    }
+    return 0;
+}
+
+static int on_chunk_header(http_parser *p)
+{
+    hconn *c = p->data;
+    c->chunk_left = p->content_length;
+    return 0;
+}
+
 static int on_body(http_parser *p, const char *at, size_t len)
 {
     hconn *c = p->data;
@@ -955,6 +1046,16 @@ static int on_body(http_parser *p, const char *at, size_t len)
     if (r->body.len + len > c->srv->max_body_size) {
         c->error_status = 413;
         return -1;
+    }
+    if ((p->flags & F_CHUNKED) && len && c->chunk_left) {
+        c->chunk_left -= len <= c->chunk_left ? len : c->chunk_left;
+        if (c->chunk_left == 0) {
+            c->crlf_left = 2;
+            if (check_chunk_crlf(c, at + len) != 0) {
+                c->error_status = 400;
+                return -1;
+            }
+        }
     }
     if (tbuf_put(&r->body, at, len) != 0) {
         c->error_status = 503;
@@ -992,6 +1093,7 @@ static const struct http_parser_settings parser_settings = {
     .on_headers_complete = on_headers_complete,
     .on_body = on_body,
     .on_message_complete = on_message_complete,
+    .on_chunk_header = on_chunk_header,
 };
 
 static int status_for_parse_error(hconn *c, enum http_errno err)
@@ -1008,6 +1110,7 @@ static int status_for_parse_error(hconn *c, enum http_errno err)
 static const char *message_for_status(int status)
 {
     switch (status) {
+    case 408: return "request timeout";
     case 413: return "request body too large";
     case 414: return "request URI too long";
     case 417: return "expectation failed";
@@ -1023,7 +1126,13 @@ static void conn_feed(hconn *c, const char *p, size_t len)
 {
     hserver *srv = c->srv;
     c->in_feed = 1;
+    c->feed_end = p + len;
     while (len > 0 && !c->closing && !c->stop_reading) {
+        if (c->crlf_left && check_chunk_crlf(c, p) != 0) {
+            /* chunk data that ran to the end of the previous read */
+            conn_reject(c, 400, message_for_status(400));
+            break;
+        }
         size_t n = http_parser_execute(&c->parser, &parser_settings, p, len);
         enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
         if (err == HPE_PAUSED) {
@@ -1284,12 +1393,19 @@ static int l_req_headers(lua_State *L)
     char name[256];
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
-        size_t n = h->name_len < sizeof name ? h->name_len : sizeof name - 1;
-        for (size_t k = 0; k < n; k++) {
-            char ch = r->head.p[h->name_off + k];
-            name[k] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+        const char *raw = r->head.p + h->name_off;
+        if (h->name_len <= sizeof name) {
+            for (size_t k = 0; k < h->name_len; k++)
+                name[k] = (raw[k] >= 'A' && raw[k] <= 'Z') ? (char)(raw[k] + 32) : raw[k];
+            lua_pushlstring(L, name, h->name_len);
+        } else {
+            /* long names (max_header_size bounds them) are kept whole */
+            luaL_Buffer b;
+            luaL_buffinit(L, &b);
+            for (size_t k = 0; k < h->name_len; k++)
+                luaL_addchar(&b, (raw[k] >= 'A' && raw[k] <= 'Z') ? (char)(raw[k] + 32) : raw[k]);
+            luaL_pushresult(&b);
         }
-        lua_pushlstring(L, name, n);
         lua_pushvalue(L, -1);
         lua_rawget(L, -3);
         if (lua_isnil(L, -1)) {

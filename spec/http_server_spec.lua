@@ -8,138 +8,9 @@ local http = require "tamarco.resources.http"
 local http_server = require "tamarco.resources.http_server"
 local cjson = require "cjson"
 local uv = require "luv"
+local net = require "spec.support.net"
 
----------------------------------------------------------------------------
--- a small raw HTTP client on luv (inside tasks)
----------------------------------------------------------------------------
-
-local Conn = {}
-Conn.__index = Conn
-
-local function wake_waiter(c)
-    local w = c.waiter
-    if w then
-        c.waiter = nil
-        scheduler.wake(w)
-    end
-end
-
-local function connect(port)
-    local me = scheduler.current()
-    local tcp = uv.new_tcp()
-    local c = setmetatable({ tcp = tcp, buf = "", closed = false }, Conn)
-    local err
-    tcp:connect("127.0.0.1", port, function(e)
-        err = e
-        scheduler.wake(me)
-    end)
-    scheduler.suspend()
-    if err then
-        tcp:close()
-        return nil, err
-    end
-    tcp:read_start(function(e, chunk)
-        if e or not chunk then
-            c.closed = true
-            c.read_error = e
-        else
-            c.buf = c.buf .. chunk
-        end
-        wake_waiter(c)
-    end)
-    return c
-end
-
-function Conn:send(data)
-    self.tcp:write(data)
-end
-
--- Waits until pred(self) is true or the peer closed or timeout_ms passed.
-function Conn:wait(pred, timeout_ms)
-    local deadline = tamarco.now() + (timeout_ms or 5000)
-    while not pred(self) do
-        if self.closed then return pred(self) end
-        local left = deadline - tamarco.now()
-        if left <= 0 then return false end
-        local me = scheduler.current()
-        self.waiter = me
-        local guard = uv.new_timer()
-        guard:start(left, 0, function()
-            guard:close()
-            wake_waiter(self)
-        end)
-        scheduler.suspend()
-        if not guard:is_closing() then
-            guard:stop()
-            guard:close()
-        end
-    end
-    return true
-end
-
--- Parses one response off the front of buf: returns response, rest.
-local function parse_response(buf, head_request)
-    local head_end = buf:find("\r\n\r\n", 1, true)
-    if not head_end then return nil end
-    local head = buf:sub(1, head_end - 1)
-    local status_line = head:match("^[^\r\n]*")
-    local status = tonumber(status_line:match("^HTTP/1%.%d (%d%d%d)"))
-    local headers, raw = {}, {}
-    for line in (head .. "\r\n"):gmatch("([^\r\n]*)\r\n") do
-        local k, v = line:match("^([^:]+):%s*(.*)$")
-        if k then
-            headers[k:lower()] = v
-            raw[#raw + 1] = k
-        end
-    end
-    local len = tonumber(headers["content-length"] or "0")
-    if head_request then len = 0 end
-    if #buf < head_end + 3 + len then return nil end
-    local body = buf:sub(head_end + 4, head_end + 3 + len)
-    return { status = status, headers = headers, body = body, header_names = raw, head = head },
-        buf:sub(head_end + 4 + len)
-end
-
---- Reads one complete response (nil on close/timeout).
-function Conn:response(head_request, timeout_ms)
-    local resp
-    self:wait(function(c)
-        local r, rest = parse_response(c.buf, head_request)
-        if r then
-            resp = r
-            c.buf = rest
-            return true
-        end
-        return false
-    end, timeout_ms)
-    return resp
-end
-
---- Waits until the server closes the connection; true if it did.
-function Conn:wait_closed(timeout_ms)
-    return self:wait(function(c) return c.closed end, timeout_ms)
-end
-
-function Conn:close()
-    if not self.tcp:is_closing() then self.tcp:close() end
-end
-
--- Both ends of every connection live in this process: make room for them.
-local function ensure_fd_limit(wanted)
-    local ffi = require "ffi"
-    pcall(ffi.cdef, [[
-        struct tamarco_spec_rlimit { unsigned long cur, max; };
-        int getrlimit(int resource, struct tamarco_spec_rlimit *rl);
-        int setrlimit(int resource, const struct tamarco_spec_rlimit *rl);
-    ]])
-    local RLIMIT_NOFILE = 7
-    local rl = ffi.new("struct tamarco_spec_rlimit")
-    if ffi.C.getrlimit(RLIMIT_NOFILE, rl) ~= 0 then return false end
-    if rl.cur >= wanted then return true end
-    rl.cur = math.min(wanted, tonumber(rl.max))
-    ffi.C.setrlimit(RLIMIT_NOFILE, rl)
-    return rl.cur >= wanted
-end
+local connect, ensure_fd_limit = net.connect, net.ensure_fd_limit
 
 local function json_of(resp) return cjson.decode(resp.body) end
 
@@ -188,6 +59,11 @@ local function make_service(name, options)
         return 200, "slept " .. req.params.ms
     end)
     api:get("/text", function() return 200, "plain text" end)
+    api:get("/echo-header-names", function(req)
+        local copy = {}
+        for k, v in pairs(req.headers) do copy[k] = v end
+        return 200, copy
+    end)
     api:get("/boom", function()
         local function deep_failure() error("kaboom in handler") end
         deep_failure()
@@ -285,6 +161,15 @@ describe("http_server resource", function()
             assert.are.equal(204, r.status)
             assert.is_nil(r.headers["content-length"])
             assert.is_truthy(r.headers["date"]:match("^%a%a%a, %d%d %a%a%a %d%d%d%d %d%d:%d%d:%d%d GMT$"))
+        end)
+    end)
+
+    it("keeps header names longer than 255 bytes whole", function()
+        testing.run(function()
+            local long = "X-" .. string.rep("Long", 100)
+            local r = get(port, "/echo-header-names", long .. ": yes\r\n")
+            assert.are.equal(200, r.status)
+            assert.are.equal("yes", json_of(r)[long:lower()])
         end)
     end)
 
@@ -636,6 +521,7 @@ describe("http_server limits and timeouts", function()
             assert.is_true(c:wait_closed(2000))
             local took = tamarco.now() - started
             assert.is_true(took >= 250 and took < 1500, "closed after " .. took .. " ms")
+            assert.matches("^HTTP/1.1 408 Request Timeout\r\n", c.buf)
             c:close()
             -- an idle keep-alive connection is closed after idle_timeout
             c = assert(connect(port))
