@@ -59,6 +59,18 @@ function Conn:send(data)
     self.tcp:write(data)
 end
 
+--- conn:send_all(data): writes data and waits until the kernel took all of it
+-- (a close right after a plain send would cancel what is still queued).
+function Conn:send_all(data)
+    local me, done, err = scheduler.current(), false, nil
+    self.tcp:write(data, function(e)
+        done, err = true, e
+        scheduler.wake(me)
+    end)
+    if not done then scheduler.suspend() end
+    return err == nil, err
+end
+
 -- Waits until pred(self) is true or the peer closed or timeout_ms passed.
 function Conn:wait(pred, timeout_ms)
     local deadline = tamarco.now() + (timeout_ms or 5000)
