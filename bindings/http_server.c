@@ -33,6 +33,7 @@
 
 #include <http_parser.h>
 #include <errno.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -46,6 +47,8 @@
 #define REQUEST_MT "tamarco.http_server.request"
 
 #define READ_BUFFER_SIZE (64 * 1024)
+#define MAX_POOLED_REQUESTS 256         /* spare request structs kept for reuse */
+#define TRIM_MIN_PEAK 1024              /* connections: a burst worth returning memory after */
 #define MAX_POOLED_BUFFERS 64
 #define KEEP_HEAD_BYTES (4 * 1024)      /* pooled buffers larger than this are freed */
 #define KEEP_BODY_BYTES (4 * 1024)
@@ -137,6 +140,8 @@ struct hreq {
     uint32_t gen;         /* moves on at respond/release: stale handles notice */
     unsigned char method, http_major, http_minor;
     unsigned char keep_alive, responded, close_after, detached, expect_continue;
+    unsigned char orphan; /* released beyond the pool: freed with its last handle */
+    int handles;          /* Lua handles pointing here (they read gen) */
     tbuf head;            /* URL bytes, then header names and values */
     uint32_t url_len;
     hdr *hdrs;
@@ -182,6 +187,8 @@ struct hserver {
     int drain_wait;       /* wait id of a task in shutdown(), 0 if none */
     hconn *conns;
     int nconns;
+    int peak_conns;       /* most connections since memory was last trimmed */
+    int trim_at_zero;     /* trimmed at the end of a burst: once more at 0 */
     tbuf pool[MAX_POOLED_BUFFERS];   /* spare output buffers */
     int npool;
     /* limits */
@@ -211,6 +218,17 @@ static char read_buffer[READ_BUFFER_SIZE];
 
 static hreq *free_reqs;
 static int nfree_reqs;
+static int norphans;       /* released structs waiting for their handles' __gc */
+static int trim_pending;   /* a burst ended while orphans were alive */
+
+/* Gives the allocator's free pages back to the system (glibc keeps them). */
+static void trim_memory(void)
+{
+    trim_pending = 0;
+#ifdef __GLIBC__
+    malloc_trim(64 * 1024);
+#endif
+}
 
 static hreq *req_alloc(hserver *srv, hconn *c)
 {
@@ -236,6 +254,16 @@ static hreq *req_alloc(hserver *srv, hconn *c)
 
 static void server_unref(hserver *srv);
 
+static void req_free_buffers(hreq *r)
+{
+    tbuf_free(&r->head);
+    tbuf_free(&r->body);
+    tbuf_free(&r->resp);
+    free(r->hdrs);
+    r->hdrs = NULL;
+    r->hdrs_cap = 0;
+}
+
 /* Returns r to the pool; its handles become stale. */
 static void req_release(hreq *r)
 {
@@ -252,11 +280,22 @@ static void req_release(hreq *r)
         r->hdrs = NULL;
         r->hdrs_cap = 0;
     }
-    /* Structs are never freed (only their buffers): a handle may point at
-     * one forever and must be able to read its generation. */
-    r->next = free_reqs;
-    free_reqs = r;
-    nfree_reqs++;
+    /* A struct outlives every handle pointing at it (a handle reads its
+     * generation to know it is stale). A bounded number are kept for reuse;
+     * the others are freed now or, while Lua holds a handle, by its __gc. */
+    if (nfree_reqs < MAX_POOLED_REQUESTS) {
+        r->next = free_reqs;
+        free_reqs = r;
+        nfree_reqs++;
+    } else {
+        req_free_buffers(r);
+        if (r->handles == 0) {
+            free(r);
+        } else {
+            r->orphan = 1;
+            norphans++;
+        }
+    }
     if (detached && srv)
         server_unref(srv);
 }
@@ -463,6 +502,29 @@ static void conn_feed(hconn *c, const char *p, size_t len);
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
 static void drain_check(hserver *srv);
 
+/* After a burst of connections the allocator keeps the freed memory of
+ * their structs, buffers and requests scattered through its heap; once the
+ * burst is over (connections down to a sixteenth of the peak) the free
+ * pages go back to the system. */
+static void trim_after_burst(hserver *srv)
+{
+    if (srv->nconns == 0 && srv->trim_at_zero) {
+        srv->trim_at_zero = 0;   /* again for the stragglers of the burst */
+    } else {
+        if (srv->peak_conns < TRIM_MIN_PEAK || srv->nconns > srv->peak_conns / 16)
+            return;
+        srv->trim_at_zero = srv->nconns > 0;
+    }
+    srv->peak_conns = srv->nconns;
+    /* the burst's request handles are garbage now: collecting them frees
+     * the request structs they kept, and the last one trims */
+    trim_pending = 1;
+    if (srv->host->L)
+        lua_gc(srv->host->L, LUA_GCCOLLECT, 0);
+    if (trim_pending)
+        trim_memory();
+}
+
 static void on_conn_handle_closed(uv_handle_t *handle)
 {
     hconn *c = handle->data;
@@ -473,6 +535,7 @@ static void on_conn_handle_closed(uv_handle_t *handle)
     out_release(srv, &c->wbuf);
     tbuf_free(&c->stash);
     free(c);
+    trim_after_burst(srv);
     server_unref(srv);
 }
 
@@ -813,6 +876,7 @@ static void dispatch(hconn *c, hreq *r)
     h->gen = r->gen;
     lua_rawgeti(L, LUA_REGISTRYINDEX, srv->req_mt_ref);
     lua_setmetatable(L, -2);
+    r->handles++;
     uint32_t gen = r->gen;
     if (tamarco_start_task(host, 1) != 0 && r->gen == gen) {
         /* the dispatcher itself failed (already logged): answer for it */
@@ -1235,6 +1299,8 @@ static void on_connection(uv_stream_t *listener, int status)
         srv->conns->prev = c;
     srv->conns = c;
     srv->nconns++;
+    if (srv->nconns > srv->peak_conns)
+        srv->peak_conns = srv->nconns;
     if (srv->nconns > srv->max_connections) {
         srv->n_rejected++;
         conn_close(c);
@@ -1703,6 +1769,18 @@ static int respond_c(hreq *r, int status, const char *message)
     return 0;
 }
 
+static int l_req_gc(lua_State *L)
+{
+    req_handle *h = lua_touserdata(L, 1);
+    hreq *r = h->r;
+    if (--r->handles == 0 && r->orphan) {
+        free(r);
+        if (--norphans == 0 && trim_pending)
+            trim_memory();   /* the last of a burst's requests is gone */
+    }
+    return 0;
+}
+
 static int l_req_tostring(lua_State *L)
 {
     req_handle *h = lua_touserdata(L, 1);
@@ -2090,6 +2168,8 @@ int luaopen_tamarco_c_http_server(lua_State *L)
     lua_setfield(L, mt, "__index");
     lua_pushcfunction(L, l_req_tostring);
     lua_setfield(L, mt, "__tostring");
+    lua_pushcfunction(L, l_req_gc);
+    lua_setfield(L, mt, "__gc");
     lua_pushliteral(L, "http request");
     lua_setfield(L, mt, "__metatable");
     lua_pop(L, 1);

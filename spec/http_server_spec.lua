@@ -489,6 +489,24 @@ describe("http_server resource", function()
         assert.are.equal(0, svc.api.stats.in_flight)
     end)
 
+    it("keeps a bounded pool of request structs after a burst of concurrent requests", function()
+        testing.run(function()
+            local chttp = require "tamarco.c.http_server"
+            assert.is_true(ensure_fd_limit(4500), "needs ulimit -n >= 4500")
+            local conns = {}
+            for i = 1, 600 do
+                conns[i] = assert(connect(port))
+                conns[i]:send("GET /sleep/500 HTTP/1.1\r\nHost: x\r\n\r\n")
+            end
+            for i = 1, 600 do
+                assert.are.equal(200, conns[i]:response().status)
+                conns[i]:close()
+            end
+            collectgarbage()
+            assert.is_true(chttp.pool_stats() <= 256, "pooled request structs: " .. chttp.pool_stats())
+        end)
+    end)
+
     it("holds 2000 idle connections and still serves", function()
         testing.run(function()
             assert.is_true(ensure_fd_limit(4500), "needs ulimit -n >= 4500")
