@@ -205,14 +205,23 @@ local function parse_pattern(pattern)
     local segments, names, seen = {}, {}, {}
     local rest = pattern:sub(2)
     for seg in (rest .. "/"):gmatch("([^/]*)/") do
-        local name = seg:match("^{([%a_][%w_]*)}$")
+        -- {name}, or Sanic's <name> (and <name:str>) as Tamarco services write it
+        local name = seg:match("^{([%a_][%w_]*)}$") or seg:match("^<([%a_][%w_]*)>$")
+        local typed_name, kind = seg:match("^<([%a_][%w_]*):([%w_]+)>$")
+        if typed_name then
+            if kind ~= "str" and kind ~= "string" then
+                error("route pattern '" .. pattern .. "': typed parameter <" .. typed_name .. ":" .. kind
+                    .. "> is not supported; write <" .. typed_name .. "> and convert it in the handler", 4)
+            end
+            name = typed_name
+        end
         if name then
             if seen[name] then error("route pattern '" .. pattern .. "' repeats {" .. name .. "}", 4) end
             seen[name] = true
             segments[#segments + 1] = { param = name }
             names[#names + 1] = name
-        elseif seg:find("[{}]") then
-            error("route pattern '" .. pattern .. "': a segment is either literal or a whole {name}", 4)
+        elseif seg:find("[{}<>]") then
+            error("route pattern '" .. pattern .. "': a segment is either literal or a whole {name} or <name>", 4)
         else
             segments[#segments + 1] = seg
         end
