@@ -5,6 +5,7 @@
  */
 #include "host.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,10 @@ static void shutdown_host(void)
 
 int main(int argc, char **argv)
 {
+    /* A peer that goes away must cost a write an EPIPE, never the process
+     * its life. The disposition covers every thread; --workers children
+     * are this same binary and set it again (libuv resets it on spawn). */
+    signal(SIGPIPE, SIG_IGN);
     host.loop = uv_default_loop();
     if (tamarco_find_lua_dir(host.lua_dir, sizeof host.lua_dir) != 0) {
         fprintf(stderr, "tamarco-host: cannot find the tamarco Lua modules "

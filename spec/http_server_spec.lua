@@ -8,138 +8,9 @@ local http = require "tamarco.resources.http"
 local http_server = require "tamarco.resources.http_server"
 local cjson = require "cjson"
 local uv = require "luv"
+local net = require "spec.support.net"
 
----------------------------------------------------------------------------
--- a small raw HTTP client on luv (inside tasks)
----------------------------------------------------------------------------
-
-local Conn = {}
-Conn.__index = Conn
-
-local function wake_waiter(c)
-    local w = c.waiter
-    if w then
-        c.waiter = nil
-        scheduler.wake(w)
-    end
-end
-
-local function connect(port)
-    local me = scheduler.current()
-    local tcp = uv.new_tcp()
-    local c = setmetatable({ tcp = tcp, buf = "", closed = false }, Conn)
-    local err
-    tcp:connect("127.0.0.1", port, function(e)
-        err = e
-        scheduler.wake(me)
-    end)
-    scheduler.suspend()
-    if err then
-        tcp:close()
-        return nil, err
-    end
-    tcp:read_start(function(e, chunk)
-        if e or not chunk then
-            c.closed = true
-            c.read_error = e
-        else
-            c.buf = c.buf .. chunk
-        end
-        wake_waiter(c)
-    end)
-    return c
-end
-
-function Conn:send(data)
-    self.tcp:write(data)
-end
-
--- Waits until pred(self) is true or the peer closed or timeout_ms passed.
-function Conn:wait(pred, timeout_ms)
-    local deadline = tamarco.now() + (timeout_ms or 5000)
-    while not pred(self) do
-        if self.closed then return pred(self) end
-        local left = deadline - tamarco.now()
-        if left <= 0 then return false end
-        local me = scheduler.current()
-        self.waiter = me
-        local guard = uv.new_timer()
-        guard:start(left, 0, function()
-            guard:close()
-            wake_waiter(self)
-        end)
-        scheduler.suspend()
-        if not guard:is_closing() then
-            guard:stop()
-            guard:close()
-        end
-    end
-    return true
-end
-
--- Parses one response off the front of buf: returns response, rest.
-local function parse_response(buf, head_request)
-    local head_end = buf:find("\r\n\r\n", 1, true)
-    if not head_end then return nil end
-    local head = buf:sub(1, head_end - 1)
-    local status_line = head:match("^[^\r\n]*")
-    local status = tonumber(status_line:match("^HTTP/1%.%d (%d%d%d)"))
-    local headers, raw = {}, {}
-    for line in (head .. "\r\n"):gmatch("([^\r\n]*)\r\n") do
-        local k, v = line:match("^([^:]+):%s*(.*)$")
-        if k then
-            headers[k:lower()] = v
-            raw[#raw + 1] = k
-        end
-    end
-    local len = tonumber(headers["content-length"] or "0")
-    if head_request then len = 0 end
-    if #buf < head_end + 3 + len then return nil end
-    local body = buf:sub(head_end + 4, head_end + 3 + len)
-    return { status = status, headers = headers, body = body, header_names = raw, head = head },
-        buf:sub(head_end + 4 + len)
-end
-
---- Reads one complete response (nil on close/timeout).
-function Conn:response(head_request, timeout_ms)
-    local resp
-    self:wait(function(c)
-        local r, rest = parse_response(c.buf, head_request)
-        if r then
-            resp = r
-            c.buf = rest
-            return true
-        end
-        return false
-    end, timeout_ms)
-    return resp
-end
-
---- Waits until the server closes the connection; true if it did.
-function Conn:wait_closed(timeout_ms)
-    return self:wait(function(c) return c.closed end, timeout_ms)
-end
-
-function Conn:close()
-    if not self.tcp:is_closing() then self.tcp:close() end
-end
-
--- Both ends of every connection live in this process: make room for them.
-local function ensure_fd_limit(wanted)
-    local ffi = require "ffi"
-    pcall(ffi.cdef, [[
-        struct tamarco_spec_rlimit { unsigned long cur, max; };
-        int getrlimit(int resource, struct tamarco_spec_rlimit *rl);
-        int setrlimit(int resource, const struct tamarco_spec_rlimit *rl);
-    ]])
-    local RLIMIT_NOFILE = 7
-    local rl = ffi.new("struct tamarco_spec_rlimit")
-    if ffi.C.getrlimit(RLIMIT_NOFILE, rl) ~= 0 then return false end
-    if rl.cur >= wanted then return true end
-    rl.cur = math.min(wanted, tonumber(rl.max))
-    ffi.C.setrlimit(RLIMIT_NOFILE, rl)
-    return rl.cur >= wanted
-end
+local connect, ensure_fd_limit = net.connect, net.ensure_fd_limit
 
 local function json_of(resp) return cjson.decode(resp.body) end
 
@@ -188,6 +59,11 @@ local function make_service(name, options)
         return 200, "slept " .. req.params.ms
     end)
     api:get("/text", function() return 200, "plain text" end)
+    api:get("/echo-header-names", function(req)
+        local copy = {}
+        for k, v in pairs(req.headers) do copy[k] = v end
+        return 200, copy
+    end)
     api:get("/boom", function()
         local function deep_failure() error("kaboom in handler") end
         deep_failure()
@@ -201,6 +77,18 @@ local function make_service(name, options)
         counter = counter + 1
         return 200, { n = counter, k = req.params.k }
     end, { cache_ttl = 0.3, cache_headers = { "x-tenant" } })
+    local private_counter = 0
+    api:get("/cached-private/{mode}", function(req)
+        private_counter = private_counter + 1
+        local headers = { ["Cache-Control"] = req.params.mode == "private" and "private, max-age=60" or nil,
+            ["Set-Cookie"] = req.params.mode == "cookie" and "session=1" or nil }
+        return 200, { n = private_counter }, headers
+    end, { cache_ttl = 60 })
+    local vary_counter = 0
+    api:get("/cached-vary", function(req)
+        vary_counter = vary_counter + 1
+        return 200, { n = vary_counter, auth = req.headers["authorization"] }
+    end, { cache_ttl = 60, cache_headers = { "Authorization" } })
     return svc
 end
 
@@ -273,6 +161,15 @@ describe("http_server resource", function()
             assert.are.equal(204, r.status)
             assert.is_nil(r.headers["content-length"])
             assert.is_truthy(r.headers["date"]:match("^%a%a%a, %d%d %a%a%a %d%d%d%d %d%d:%d%d:%d%d GMT$"))
+        end)
+    end)
+
+    it("keeps header names longer than 255 bytes whole", function()
+        testing.run(function()
+            local long = "X-" .. string.rep("Long", 100)
+            local r = get(port, "/echo-header-names", long .. ": yes\r\n")
+            assert.are.equal(200, r.status)
+            assert.are.equal("yes", json_of(r)[long:lower()])
         end)
     end)
 
@@ -541,6 +438,48 @@ describe("http_server resource", function()
         end)
     end)
 
+    it("never serves or stores a request with Authorization or Cookie unless the key varies on it", function()
+        testing.run(function()
+            local alice = get(port, "/cached/creds", "Authorization: Bearer alice-secret\r\n")
+            assert.is_nil(alice.headers["x-cache"])
+            local anonymous = get(port, "/cached/creds")
+            assert.are.equal("MISS", anonymous.headers["x-cache"])
+            assert.are_not.equal(alice.body, anonymous.body)
+            local bob = get(port, "/cached/creds", "Authorization: Bearer bob\r\n")
+            assert.is_nil(bob.headers["x-cache"])
+            assert.are_not.equal(anonymous.body, bob.body)
+            local cookie = get(port, "/cached/creds", "Cookie: session=carol\r\n")
+            assert.is_nil(cookie.headers["x-cache"])
+            assert.are_not.equal(anonymous.body, cookie.body)
+            assert.are.equal("HIT", get(port, "/cached/creds").headers["x-cache"])
+            -- a route whose key varies on Authorization caches per credential
+            local a1 = get(port, "/cached-vary", "Authorization: Bearer alice\r\n")
+            local a2 = get(port, "/cached-vary", "authorization: Bearer alice\r\n")
+            local b1 = get(port, "/cached-vary", "Authorization: Bearer bob\r\n")
+            assert.are.equal("MISS", a1.headers["x-cache"])
+            assert.are.equal("HIT", a2.headers["x-cache"])
+            assert.are.equal(a1.body, a2.body)
+            assert.are.equal("MISS", b1.headers["x-cache"])
+            assert.are.equal("Bearer bob", json_of(b1).auth)
+        end)
+    end)
+
+    it("keeps responses marked Cache-Control private or setting a cookie out of the cache", function()
+        testing.run(function()
+            for _, mode in ipairs({ "private", "cookie" }) do
+                local r1 = get(port, "/cached-private/" .. mode)
+                local r2 = get(port, "/cached-private/" .. mode)
+                assert.is_nil(r1.headers["x-cache"])
+                assert.is_nil(r2.headers["x-cache"])
+                assert.are_not.equal(r1.body, r2.body)
+            end
+            local p1 = get(port, "/cached-private/public")
+            local p2 = get(port, "/cached-private/public")
+            assert.are.equal("HIT", p2.headers["x-cache"])
+            assert.are.equal(p1.body, p2.body)
+        end)
+    end)
+
     it("keeps counters per route, method and status", function()
         local stat = svc.api.stats.routes["GET /hello/{name}"]
         assert.is_true(stat.count >= 5)
@@ -548,6 +487,24 @@ describe("http_server resource", function()
         assert.is_true(stat.duration_sum > 0)
         assert.is_true(svc.api.stats.unmatched.statuses[404] >= 1)
         assert.are.equal(0, svc.api.stats.in_flight)
+    end)
+
+    it("keeps a bounded pool of request structs after a burst of concurrent requests", function()
+        testing.run(function()
+            local chttp = require "tamarco.c.http_server"
+            assert.is_true(ensure_fd_limit(4500), "needs ulimit -n >= 4500")
+            local conns = {}
+            for i = 1, 600 do
+                conns[i] = assert(connect(port))
+                conns[i]:send("GET /sleep/500 HTTP/1.1\r\nHost: x\r\n\r\n")
+            end
+            for i = 1, 600 do
+                assert.are.equal(200, conns[i]:response().status)
+                conns[i]:close()
+            end
+            collectgarbage()
+            assert.is_true(chttp.pool_stats() <= 256, "pooled request structs: " .. chttp.pool_stats())
+        end)
     end)
 
     it("holds 2000 idle connections and still serves", function()
@@ -582,6 +539,7 @@ describe("http_server limits and timeouts", function()
             assert.is_true(c:wait_closed(2000))
             local took = tamarco.now() - started
             assert.is_true(took >= 250 and took < 1500, "closed after " .. took .. " ms")
+            assert.matches("^HTTP/1.1 408 Request Timeout\r\n", c.buf)
             c:close()
             -- an idle keep-alive connection is closed after idle_timeout
             c = assert(connect(port))
@@ -688,6 +646,30 @@ describe("http_server limits and timeouts", function()
         assert.is_true(http_server.is_error(err))
         assert.are.equal(409, err.status)
         assert.are.equal("conflict!", tostring(err))
+    end)
+end)
+
+describe("route patterns", function()
+    it("accepts Sanic-style <name> parameters and refuses typed ones at definition", function()
+        testing.run(function()
+            local svc = tamarco.service { name = "sanic", report_server = false, resources = { api = http.server() } }
+            svc.api:get("/users/<id>", function(req) return 200, { id = req.params.id } end)
+            svc.api:get("/orgs/<org:str>/teams/{team}", function(req)
+                return 200, { org = req.params.org, team = req.params.team }
+            end)
+            local ok, err = pcall(svc.api.get, svc.api, "/items/<n:int>", function() end)
+            assert.is_false(ok)
+            assert.matches("typed parameter <n:int> is not supported", err)
+            ok, err = pcall(svc.api.get, svc.api, "/items/x<n>", function() end)
+            assert.is_false(ok)
+            assert.matches("a segment is either literal or a whole", err)
+            local running = start(svc, { port = 0 })
+            local p = svc.api.port
+            assert.are.same({ id = "5" }, json_of(get(p, "/users/5")))
+            assert.are.same({ org = "acme", team = "core" }, json_of(get(p, "/orgs/acme/teams/core")))
+            assert.are.equal(404, get(p, "/users/5/extra").status)
+            running:stop()
+        end)
     end)
 end)
 

@@ -205,14 +205,23 @@ local function parse_pattern(pattern)
     local segments, names, seen = {}, {}, {}
     local rest = pattern:sub(2)
     for seg in (rest .. "/"):gmatch("([^/]*)/") do
-        local name = seg:match("^{([%a_][%w_]*)}$")
+        -- {name}, or Sanic's <name> (and <name:str>) as Tamarco services write it
+        local name = seg:match("^{([%a_][%w_]*)}$") or seg:match("^<([%a_][%w_]*)>$")
+        local typed_name, kind = seg:match("^<([%a_][%w_]*):([%w_]+)>$")
+        if typed_name then
+            if kind ~= "str" and kind ~= "string" then
+                error("route pattern '" .. pattern .. "': typed parameter <" .. typed_name .. ":" .. kind
+                    .. "> is not supported; write <" .. typed_name .. "> and convert it in the handler", 4)
+            end
+            name = typed_name
+        end
         if name then
             if seen[name] then error("route pattern '" .. pattern .. "' repeats {" .. name .. "}", 4) end
             seen[name] = true
             segments[#segments + 1] = { param = name }
             names[#names + 1] = name
-        elseif seg:find("[{}]") then
-            error("route pattern '" .. pattern .. "': a segment is either literal or a whole {name}", 4)
+        elseif seg:find("[{}<>]") then
+            error("route pattern '" .. pattern .. "': a segment is either literal or a whole {name} or <name>", 4)
         else
             segments[#segments + 1] = seg
         end
@@ -270,7 +279,9 @@ end
 
 --- server:route(method, pattern, handler[, options]) -> server. options:
 -- cache_ttl (seconds: cache 2xx GET/HEAD responses), cache_headers (request
--- headers that are part of the cache key). Defining a route again replaces it.
+-- headers that are part of the cache key; a request with Authorization or
+-- Cookie bypasses the cache unless that header is listed here or in
+-- cache.header_keys). Defining a route again replaces it.
 function HttpServer:route(method, pattern, handler, options)
     if type(method) ~= "string" or not method:match("^[%u%-]+$") then
         error("route method must be an upper-case HTTP method (got " .. tostring(method) .. ")", 2)
@@ -556,6 +567,50 @@ function HttpServer:_cache_key(h, route)
     return table.concat(parts, "\n")
 end
 
+-- Credentials a shared cache must not mix up between users. A request that
+-- carries one is neither answered from nor stored into the cache, unless
+-- the route's key varies on that header (cache_headers, cache.header_keys).
+local CREDENTIAL_HEADERS = { "authorization", "cookie" }
+
+local function lists_header(list, name)
+    if not list then return false end
+    for _, item in ipairs(list) do
+        if type(item) == "string" and item:lower() == name then return true end
+    end
+    return false
+end
+
+function HttpServer:_cacheable_request(h, route)
+    for _, name in ipairs(CREDENTIAL_HEADERS) do
+        if h:header(name) and not lists_header(route.cache_headers, name)
+            and not lists_header(self._cache_header_keys, name) then
+            return false
+        end
+    end
+    return true
+end
+
+-- A handler keeps its response out of the shared cache with Cache-Control
+-- private, no-store or no-cache (there is no revalidation here), or by
+-- setting a cookie, which must never reach another client.
+local function storable_response(headers)
+    if not headers then return true end
+    for name, value in pairs(headers) do
+        if type(name) == "string" then
+            local lname = name:lower()
+            if lname == "set-cookie" then return false end
+            if lname == "cache-control" then
+                local text = (type(value) == "table" and table.concat(value, ",") or tostring(value)):lower()
+                for directive in text:gmatch("[^,%s][^,]*") do
+                    local token = directive:match("^([%w%-]+)")
+                    if token == "private" or token == "no-store" or token == "no-cache" then return false end
+                end
+            end
+        end
+    end
+    return true
+end
+
 function HttpServer:_cache_store(key, entry)
     if self._cache[key] == nil then
         if self._cache_count >= self._cache_max then
@@ -642,7 +697,7 @@ function HttpServer:_dispatch(h)
     end
 
     local cache_key, cors = nil, self._cors
-    if route.cache_ttl and (method == "GET" or method == "HEAD") then
+    if route.cache_ttl and (method == "GET" or method == "HEAD") and self:_cacheable_request(h, route) then
         cache_key = self:_cache_key(h, route)
         local hit = self._cache[cache_key]
         if hit and hit.expires > now_ms() then
@@ -690,7 +745,7 @@ function HttpServer:_dispatch(h)
                 .. tostring(err.error), err.error, err.traceback, { method = method, path = path })
             status, body, ctype, headers = 500, error_body("internal server error"), JSON, nil
         end
-    elseif cache_key and status >= 200 and status < 300 then
+    elseif cache_key and status >= 200 and status < 300 and storable_response(headers) then
         self:_cache_store(cache_key, { expires = now_ms() + route.cache_ttl * 1000, status = status,
             body = body, headers = headers, ctype = ctype })
         headers = with_header(headers, "x-cache", "MISS")

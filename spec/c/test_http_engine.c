@@ -1,0 +1,217 @@
+/* The HTTP engine without Lua: a connected socket pair given to a server
+ * (http_server_adopt), raw bytes written on the other end, and the answers
+ * read back while the loop turns. */
+#include "http_engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int failures;
+static uv_loop_t loop;
+static hserver *srv;
+static hreq *held;          /* a request answered later, by a timer */
+static uv_timer_t later;
+static int drained = -1;
+
+static void check(int ok, const char *what)
+{
+    if (!ok) {
+        fprintf(stderr, "FAIL: %s\n", what);
+        failures++;
+    }
+}
+
+static void answer(hreq *r, int status, const char *body)
+{
+    tbuf *b;
+    size_t mark;
+    if (http_response_begin(r, status, &b, &mark) != 0)
+        return;
+    resp_flags fl = {0, 0, 0, 0};
+    check(http_response_header(b, "X-Test", 6, "yes", 3, &fl) == NULL, "a valid header is written");
+    check(http_response_header(b, "X-Bad", 5, "a\r\nb", 4, &fl) != NULL, "CR LF in a value is refused");
+    check(http_response_end(r, b, mark, status, &fl, body, strlen(body), "text/plain", 10) == 0, "response end");
+}
+
+static void on_later(uv_timer_t *t)
+{
+    if (held)
+        answer(held, 200, "later");
+    held = NULL;
+}
+
+static void on_request(hserver *s, hreq *r)
+{
+    const char *path, *query;
+    size_t plen, qlen;
+    http_req_split_url(r, &path, &plen, &query, &qlen);
+    if (plen == 6 && memcmp(path, "/later", 6) == 0) {
+        held = r;
+        uv_timer_start(&later, on_later, 20, 0);
+    } else {
+        answer(r, 200, "hello");
+    }
+}
+
+static void on_drained(hserver *s, int timed_out)
+{
+    drained = timed_out;
+}
+
+static const http_engine_callbacks callbacks = {.on_request = on_request, .on_drained = on_drained};
+
+/* A new client: the server gets one end of a socket pair. */
+static int client(void)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
+        return -1;
+    check(http_server_adopt(srv, sv[0]) == 0, "adopt a socket");
+    fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK);
+    return sv[1];
+}
+
+static int count(const char *s, const char *what)
+{
+    int n = 0;
+    for (size_t l = strlen(what); (s = strstr(s, what)); s += l)
+        n++;
+    return n;
+}
+
+/* Turns the loop and reads from fd until `want` responses came complete,
+ * the server closed (*eof) or 2 s passed. */
+static size_t collect(int fd, char *out, size_t cap, int want, int *eof)
+{
+    size_t len = 0;
+    *eof = 0;
+    for (int turn = 0; turn < 400; turn++) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        struct pollfd p = {fd, POLLIN, 0};
+        poll(&p, 1, 5);
+        ssize_t n = read(fd, out + len, cap - 1 - len);
+        if (n == 0) {
+            *eof = 1;
+            break;
+        }
+        if (n > 0)
+            len += (size_t)n;
+        out[len] = 0;
+        /* the bodies here are short: a head's end means the response came */
+        if (want && count(out, "\r\n\r\n") >= want && n <= 0)
+            break;
+    }
+    out[len] = 0;
+    return len;
+}
+
+static void send_all(int fd, const char *s)
+{
+    size_t len = strlen(s);
+    while (len) {
+        ssize_t n = write(fd, s, len);
+        if (n < 0 && errno == EAGAIN) {
+            uv_run(&loop, UV_RUN_NOWAIT);
+            continue;
+        }
+        if (n <= 0)
+            return;
+        s += n;
+        len -= (size_t)n;
+    }
+}
+
+int main(void)
+{
+    char buf[65536];
+    int eof;
+    signal(SIGPIPE, SIG_IGN);   /* as the host does: a gone peer is an EPIPE */
+    uv_loop_init(&loop);
+    uv_timer_init(&loop, &later);
+    srv = http_server_new(&loop, &callbacks, NULL);
+    check(srv != NULL, "server created");
+    check(http_server_set_name(srv, "bad\r\nname") == -1, "a server name with CR LF is refused");
+    srv->header_timeout = 200;
+
+    /* a request, kept alive */
+    int fd = client();
+    send_all(fd, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    collect(fd, buf, sizeof buf, 1, &eof);
+    check(strncmp(buf, "HTTP/1.1 200 OK\r\n", 17) == 0, "GET answered 200");
+    check(strstr(buf, "X-Test: yes\r\n") != NULL, "the handler's header is sent");
+    check(strstr(buf, "Content-Length: 5\r\n") && strstr(buf, "\r\n\r\nhello"), "body with its length");
+    check(!eof, "keep-alive connection stays open");
+
+    /* pipelined: the first one is answered last, the responses keep the order */
+    send_all(fd, "GET /later HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    collect(fd, buf, sizeof buf, 2, &eof);
+    const char *first = strstr(buf, "later"), *second = strstr(buf, "hello");
+    check(first && second && first < second, "pipelined responses in request order");
+    close(fd);
+
+    /* what a lenient parser would let through: 400 or 505, then closed */
+    static const char *const refused[][2] = {
+        {"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length : 5\r\n\r\nhello", "HTTP/1.1 400 "},
+        {"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+         "HTTP/1.1 400 "},
+        {"GET /hello HTTP/1.1\r\n\r\n", "HTTP/1.1 400 "},
+        {"GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "HTTP/1.1 400 "},
+        {"GET /hello HTTP/1.1\r\nHost: x\r\nX: \001\r\n\r\n", "HTTP/1.1 400 "},
+        {"GET /hello HTTP/2.0\r\nHost: x\r\n\r\n", "HTTP/1.1 505 "},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        fd = client();
+        send_all(fd, refused[i][0]);
+        collect(fd, buf, sizeof buf, 0, &eof);
+        check(strncmp(buf, refused[i][1], 13) == 0, refused[i][1]);
+        check(eof, "a refused request closes its connection");
+        check(count(buf, "HTTP/1.1 ") == 1, "nothing after the refusal");
+        close(fd);
+    }
+
+    /* 100-continue, then the client leaves before the answer */
+    for (int i = 0; i < 50; i++) {
+        fd = client();
+        send_all(fd, "POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello");
+        close(fd);
+        uv_run(&loop, UV_RUN_NOWAIT);
+    }
+
+    /* a head that never completes: 408 after header_timeout */
+    fd = client();
+    send_all(fd, "GET /hello HTTP/1.1\r\nHo");
+    collect(fd, buf, sizeof buf, 0, &eof);
+    check(strncmp(buf, "HTTP/1.1 408 ", 13) == 0, "a slow head gets 408");
+    check(eof, "and its connection is closed");
+    close(fd);
+
+    /* graceful shutdown: the busy connection finishes, then on_drained */
+    fd = client();
+    send_all(fd, "GET /later HTTP/1.1\r\nHost: x\r\n\r\n");
+    for (int i = 0; i < 5; i++)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    check(http_server_shutdown(srv, 2000) == 0, "shutdown waits for the busy connection");
+    collect(fd, buf, sizeof buf, 1, &eof);
+    check(strstr(buf, "Connection: close\r\n") != NULL, "the last response closes");
+    for (int i = 0; i < 100 && drained < 0; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    check(drained == 0, "on_drained without a timeout");
+    close(fd);
+
+    check(srv->n_bad_requests >= 6, "bad requests counted");
+    http_server_close(srv);
+    uv_close((uv_handle_t *)&later, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    check(uv_loop_close(&loop) == 0, "every handle closed");
+    if (failures)
+        return 1;
+    printf("http engine: all checks passed\n");
+    return 0;
+}
