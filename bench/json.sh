@@ -5,7 +5,7 @@
 # the ratio tamarco.json / cjson, and whether each keeps [], {} and 1.0
 # through a round trip.
 #
-#   sh bench/json.sh                       # 1 s per measurement
+#   sh bench/json.sh                       # 2 s per measurement, best of 5 rounds
 #   SECONDS_PER_CASE=3 sh bench/json.sh
 #   BUILD_DIR=build sh bench/json.sh
 set -eu

@@ -526,6 +526,82 @@ static void add_float(encoder *e, double v)
     tamarco_log_buf_add(e->b, ".0", 2);
 }
 
+/* What each byte needs in a JSON string: 0 copied as it is, 1 escaped,
+ * 2 the lead of a UTF-8 sequence to check. */
+static const unsigned char string_class[256] = {
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,   /* '"' */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,   /* '\\' */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+};
+
+/* Appends s as a JSON string; a byte that does not start a valid UTF-8
+ * sequence is written as \ufffd. */
+static void add_string(tamarco_log_buf *b, const char *str, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *s = (const unsigned char *)str, *end = s + len;
+    /* room for the common case (nothing to escape); escapes make more */
+    if (!tamarco_log_buf_reserve(b, len + 2))
+        return;
+    b->data[b->len++] = '"';
+    while (s < end) {
+        const unsigned char *run = s;
+        while (s < end && string_class[*s] == 0)
+            s++;
+        tamarco_log_buf_add(b, (const char *)run, (size_t)(s - run));
+        if (s >= end)
+            break;
+        if (!tamarco_log_buf_reserve(b, 8 + (size_t)(end - s)))
+            return;
+        char *out = b->data + b->len;
+        unsigned c = *s;
+        if (string_class[c] == 2) {
+            size_t n = utf8_length(s, end);
+            if (n) {
+                memcpy(out, s, n);
+                out += n;
+                s += n;
+            } else {
+                memcpy(out, "\\ufffd", 6);
+                out += 6;
+                s++;
+            }
+        } else {
+            *out++ = '\\';
+            switch (c) {
+            case '"': *out++ = '"'; break;
+            case '\\': *out++ = '\\'; break;
+            case '\n': *out++ = 'n'; break;
+            case '\r': *out++ = 'r'; break;
+            case '\t': *out++ = 't'; break;
+            case '\b': *out++ = 'b'; break;
+            case '\f': *out++ = 'f'; break;
+            default:
+                memcpy(out, "u00", 3);
+                out[3] = hex[c >> 4];
+                out[4] = hex[c & 15];
+                out += 5;
+            }
+            s++;
+        }
+        b->len = (size_t)(out - b->data);
+    }
+    tamarco_log_buf_addc(b, '"');
+}
+
 static int encode_number(encoder *e, double v, int as_float)
 {
     if (!isfinite(v))
@@ -625,7 +701,7 @@ static int encode_key(encoder *e, int key)
     size_t len;
     if (lua_type(L, key) == LUA_TSTRING) {
         const char *s = lua_tolstring(L, key, &len);
-        tamarco_log_json_string(e->b, s, len);
+        add_string(e->b, s, len);
         return 0;
     }
     if (lua_type(L, key) == LUA_TNUMBER) {
@@ -732,7 +808,7 @@ static int encode_value(encoder *e, int idx, int depth, int as_float)
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        tamarco_log_json_string(e->b, s, len);
+        add_string(e->b, s, len);
         return 0;
     }
     case LUA_TTABLE:
