@@ -1,6 +1,7 @@
 /* tamarco.c.codec: byte codecs shared by the Lua side (base64 for HTTP basic
- * auth, etcd's JSON gateway keys and values). */
+ * auth, etcd's JSON gateway keys and values; JSON itself in json.c). */
 #include "host.h"
+#include "json.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -79,5 +80,6 @@ int luaopen_tamarco_c_codec(lua_State *L)
     };
     lua_newtable(L);
     luaL_register(L, NULL, funcs);
+    tamarco_json_register(L, -1);
     return 1;
 }

@@ -3,7 +3,8 @@
 # machine (as root): installs missing packages, builds, starts redis-server,
 # etcd and rabbitmq-server on loopback in a temporary directory, runs the C
 # tests (ctest) and the busted specs inside the host, then does the same with
-# an AddressSanitizer + UndefinedBehaviorSanitizer build, and stops the
+# an AddressSanitizer + UndefinedBehaviorSanitizer build, runs every fuzz
+# target for a fixed number of inputs (scripts/fuzz.sh --ci), and stops the
 # servers. Exit status 0 only when everything passed.
 set -eu
 cd "$(dirname "$0")/.."
@@ -37,6 +38,10 @@ if [ "${TAMARCO_SKIP_SANITIZERS:-0}" != 1 ]; then
     export ASAN_OPTIONS="abort_on_error=0:detect_leaks=1"
     (cd build-asan && ctest --output-on-failure)
     build-asan/tamarco-host test -o utfTerminal spec services
+fi
+if [ "${TAMARCO_SKIP_FUZZ:-0}" != 1 ]; then
+    echo "== fuzz targets (libFuzzer, a fixed number of runs each)"
+    scripts/fuzz.sh --ci
 fi
 cleanup
 trap - EXIT INT TERM

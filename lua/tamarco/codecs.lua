@@ -9,35 +9,25 @@
 -- also accepts such a table (a service's own codec) and returns it after a
 -- check. `decode` signals failure only through its second result, so that a
 -- payload that decodes to nil (YAML `~`) is not an error. JSON null decodes
--- to `cjson.null`.
+-- to `json.null` (== cjson.null).
 --
---   json  lua-cjson (a private instance: global cjson settings do not leak
---         in or out). Empty tables encode as {}.
+--   json  tamarco.json: strict decoding (`NaN`, `0x10`, `1e400`... are
+--         errors), `[]`/`{}` and `1.0` survive a round trip; see json.lua.
 --   yaml  decode with tamarco.c.yaml (libyaml); encode with the small block
 --         style emitter below (maps with sorted keys, sequences, scalars;
 --         strings that YAML would read as something else are quoted).
 --   raw   strings as they are (numbers are converted with tostring).
-local cjson = require "cjson"
+local json = require "tamarco.json"
 
 local codecs = {}
-
-local json = cjson.new()
-json.encode_sparse_array(true)
-json.decode_max_depth(200)
-json.encode_max_depth(200)
 
 codecs.json = {
     name = "json",
     content_type = "application/json",
-    encode = function(value)
-        local ok, out = pcall(json.encode, value)
-        if not ok then return nil, tostring(out) end
-        return out
-    end,
+    encode = json.encode,
     decode = function(bytes)
-        local ok, value = pcall(json.decode, bytes)
-        if not ok then return nil, tostring(value) end
-        return value, nil
+        if type(bytes) ~= "string" then return nil, "the json codec decodes strings" end
+        return json.decode(bytes)
     end,
 }
 
@@ -74,7 +64,7 @@ end
 
 local function yaml_scalar(v)
     local t = type(v)
-    if v == nil or v == cjson.null then return "null" end
+    if v == nil or v == json.null then return "null" end
     if t == "boolean" then return v and "true" or "false" end
     if t == "number" then
         if v ~= v then return ".nan" end

@@ -38,14 +38,14 @@
 --
 -- VALUES: Tamarco keeps JSON values in etcd. etcd.encode_json(value) and
 -- etcd.decode_json(text) are the codec used by the settings source and the
--- CLI: numbers are written in their shortest exact form (1000, 0.1), lists
--- decode with the YAML binding's sequence_mt (so `[]` stays a list), and
--- JSON null decodes to etcd.null. Lua numbers cannot tell 1.0 from 1: tools
+-- CLI, tamarco.json: numbers are written in their shortest exact form (1000,
+-- 0.1), lists decode with the YAML binding's sequence_mt (so `[]` stays a
+-- list), and JSON null decodes to etcd.null. Lua numbers cannot tell 1.0 from 1: tools
 -- that must keep the difference (etcd write-yml and read) box floats with
 -- etcd.float(n), which encodes with a decimal point, and decode with
 -- { floats = true }, which boxes every number written as a float.
 local c = require "tamarco.c.http_client"
-local cjson = require "cjson"
+local json = require "tamarco.json"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 local yaml = require "tamarco.c.yaml"
@@ -53,7 +53,7 @@ local yaml = require "tamarco.c.yaml"
 local etcd = {}
 
 etcd.DEFAULT_PORT = 2379
-etcd.null = cjson.null
+etcd.null = json.null
 
 -- base64 (etcd's JSON gateway carries keys and values in base64)
 local codec = require "tamarco.c.codec"
@@ -88,190 +88,20 @@ local function is_sequence(t)
 end
 etcd.is_sequence = is_sequence
 
-local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f",
-    ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
-
-local function encode_string(s)
-    return '"' .. s:gsub('[%c"\\]', function(ch)
-        return escapes[ch] or ("\\u%04x"):format(ch:byte())
-    end) .. '"'
-end
-
-local function encode_number(n)
-    if n ~= n or n == math.huge or n == -math.huge then
-        error("cannot encode " .. tostring(n) .. " as JSON", 0)
-    end
-    if n % 1 == 0 and math.abs(n) < 2 ^ 53 then return ("%d"):format(n) end
-    for precision = 14, 17 do
-        local text = ("%." .. precision .. "g"):format(n)
-        if tonumber(text) == n then return text end
-    end
-    return ("%.17g"):format(n)
-end
-
-local Float = {}
 --- etcd.float(n) -> n boxed as a float (encoded as 1.0, not 1).
-function etcd.float(n) return setmetatable({ value = n }, Float) end
-function etcd.is_float(v) return getmetatable(v) == Float end
-
-local function encode(v, out)
-    local t = type(v)
-    if getmetatable(v) == Float then
-        local text = encode_number(v.value)
-        out[#out + 1] = text:find("[.eE]") and text or text .. ".0"
-    elseif v == nil or v == cjson.null then
-        out[#out + 1] = "null"
-    elseif t == "boolean" then
-        out[#out + 1] = v and "true" or "false"
-    elseif t == "number" then
-        out[#out + 1] = encode_number(v)
-    elseif t == "string" then
-        out[#out + 1] = encode_string(v)
-    elseif t == "table" then
-        if is_sequence(v) then
-            out[#out + 1] = "["
-            for i = 1, #v do
-                if i > 1 then out[#out + 1] = "," end
-                encode(v[i], out)
-            end
-            out[#out + 1] = "]"
-        else
-            local keys = {}
-            for k in pairs(v) do keys[#keys + 1] = k end
-            table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
-            out[#out + 1] = "{"
-            for i, k in ipairs(keys) do
-                if i > 1 then out[#out + 1] = "," end
-                out[#out + 1] = encode_string(tostring(k))
-                out[#out + 1] = ":"
-                encode(v[k], out)
-            end
-            out[#out + 1] = "}"
-        end
-    else
-        error("cannot encode a " .. t .. " as JSON", 0)
-    end
-end
+etcd.float = json.float
+etcd.is_float = json.is_float
 
 --- etcd.encode_json(value) -> text (raises on functions, NaN, ...).
 function etcd.encode_json(value)
-    local out = {}
-    encode(value, out)
-    return table.concat(out)
-end
-
--- A small JSON decoder: cjson 2.1.0 cannot tell [] from {}.
-local decode_value
-
-local function skip(s, i)
-    return s:find("[^ \t\r\n]", i) or #s + 1
-end
-
-local function utf8_char(cp)
-    if cp < 0x80 then return string.char(cp) end
-    if cp < 0x800 then return string.char(0xC0 + math.floor(cp / 64), 0x80 + cp % 64) end
-    if cp < 0x10000 then
-        return string.char(0xE0 + math.floor(cp / 4096), 0x80 + math.floor(cp / 64) % 64, 0x80 + cp % 64)
-    end
-    return string.char(0xF0 + math.floor(cp / 262144), 0x80 + math.floor(cp / 4096) % 64,
-        0x80 + math.floor(cp / 64) % 64, 0x80 + cp % 64)
-end
-
-local unescapes = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t", ['"'] = '"', ["\\"] = "\\", ["/"] = "/" }
-
-local function decode_string(s, i)
-    local parts, j = {}, i + 1
-    while true do
-        local k = s:find('["\\]', j)
-        if not k then error("unterminated string", 0) end
-        parts[#parts + 1] = s:sub(j, k - 1)
-        if s:sub(k, k) == '"' then return table.concat(parts), k + 1 end
-        local e = s:sub(k + 1, k + 1)
-        if e == "u" then
-            local cp = tonumber(s:sub(k + 2, k + 5), 16)
-            if not cp then error("bad \\u escape", 0) end
-            j = k + 6
-            if cp >= 0xD800 and cp <= 0xDBFF and s:sub(j, j + 1) == "\\u" then
-                local low = tonumber(s:sub(j + 2, j + 5), 16)
-                if low and low >= 0xDC00 and low <= 0xDFFF then
-                    cp = 0x10000 + (cp - 0xD800) * 1024 + (low - 0xDC00)
-                    j = j + 6
-                end
-            end
-            parts[#parts + 1] = utf8_char(cp)
-        elseif unescapes[e] then
-            parts[#parts + 1] = unescapes[e]
-            j = k + 2
-        else
-            error("bad escape \\" .. e, 0)
-        end
-    end
-end
-
-decode_value = function(s, i, depth, options)
-    if depth > 200 then error("nesting too deep", 0) end
-    i = skip(s, i)
-    local ch = s:sub(i, i)
-    if ch == "{" then
-        local obj = {}
-        i = skip(s, i + 1)
-        if s:sub(i, i) == "}" then return obj, i + 1 end
-        while true do
-            if s:sub(i, i) ~= '"' then error("expected a key at " .. i, 0) end
-            local key
-            key, i = decode_string(s, i)
-            i = skip(s, i)
-            if s:sub(i, i) ~= ":" then error("expected ':' at " .. i, 0) end
-            local value
-            value, i = decode_value(s, i + 1, depth + 1, options)
-            obj[key] = value
-            i = skip(s, i)
-            local sep = s:sub(i, i)
-            if sep == "}" then return obj, i + 1 end
-            if sep ~= "," then error("expected ',' or '}' at " .. i, 0) end
-            i = skip(s, i + 1)
-        end
-    elseif ch == "[" then
-        local arr = setmetatable({}, yaml.sequence_mt)
-        i = skip(s, i + 1)
-        if s:sub(i, i) == "]" then return arr, i + 1 end
-        local n = 0
-        while true do
-            local value
-            value, i = decode_value(s, i, depth + 1, options)
-            n = n + 1
-            arr[n] = value
-            i = skip(s, i)
-            local sep = s:sub(i, i)
-            if sep == "]" then return arr, i + 1 end
-            if sep ~= "," then error("expected ',' or ']' at " .. i, 0) end
-            i = i + 1
-        end
-    elseif ch == '"' then
-        return decode_string(s, i)
-    elseif s:sub(i, i + 3) == "true" then
-        return true, i + 4
-    elseif s:sub(i, i + 4) == "false" then
-        return false, i + 5
-    elseif s:sub(i, i + 3) == "null" then
-        return cjson.null, i + 4
-    else
-        local text = s:match("^-?%d+%.?%d*[eE]?[-+]?%d*", i)
-        local n = text and tonumber(text)
-        if not n then error("unexpected '" .. ch .. "' at " .. i, 0) end
-        if options and options.floats and text:find("[.eE]") then n = etcd.float(n) end
-        return n, i + #text
-    end
+    return (assert(json.encode(value)))
 end
 
 --- etcd.decode_json(text[, options]) -> value | nil, err. JSON null is
 -- etcd.null; options.floats boxes numbers written as floats (etcd.float).
 function etcd.decode_json(text, options)
     if type(text) ~= "string" then return nil, "not a string" end
-    local ok, value, i = pcall(decode_value, text, 1, 0, options)
-    if not ok then return nil, value end
-    if skip(text, i) <= #text then return nil, "trailing characters at " .. i end
-    return value
+    return json.decode(text, options)
 end
 
 ---------------------------------------------------------------------------
@@ -325,9 +155,9 @@ function Client:address()
 end
 
 local function gateway_error(status, body)
-    local ok, decoded = pcall(cjson.decode, body)
+    local decoded = json.decode(body)
     local message, code = body, nil
-    if ok and type(decoded) == "table" then
+    if type(decoded) == "table" then
         local e = type(decoded.error) == "table" and decoded.error or decoded
         message = e.message or (type(e.error) == "string" and e.error) or body
         code = tonumber(e.code)
@@ -350,7 +180,7 @@ function Client:authenticate()
     local status, body, kind = c.request {
         method = "POST",
         url = self.url .. "/v3/auth/authenticate",
-        body = cjson.encode({ name = self.user, password = self.password }),
+        body = etcd.encode_json({ name = self.user, password = self.password }),
         headers = { ["Content-Type"] = "application/json" },
         timeout_ms = self.timeout_ms,
         connect_timeout_ms = self.connect_timeout_ms,
@@ -360,8 +190,8 @@ function Client:authenticate()
         local message = gateway_error(status, body)
         return nil, "etcd authentication failed: " .. message, "auth"
     end
-    local ok, decoded = pcall(cjson.decode, body)
-    if not ok or type(decoded) ~= "table" or type(decoded.token) ~= "string" then
+    local decoded = json.decode(body)
+    if type(decoded) ~= "table" or type(decoded.token) ~= "string" then
         return nil, "etcd authentication: no token in the answer", "auth"
     end
     self.token = decoded.token
@@ -383,7 +213,7 @@ function Client:call(path, request, retried)
     local status, body, kind = c.request {
         method = "POST",
         url = self.url .. path,
-        body = cjson.encode(request),
+        body = etcd.encode_json(request),
         headers = self:_headers(),
         timeout_ms = self.timeout_ms,
         connect_timeout_ms = self.connect_timeout_ms,
@@ -399,8 +229,8 @@ function Client:call(path, request, retried)
         end
         return nil, message, is_auth_failure(status, code, message) and "auth" or "etcd"
     end
-    local ok, decoded = pcall(cjson.decode, body)
-    if not ok or type(decoded) ~= "table" then
+    local decoded = json.decode(body)
+    if type(decoded) ~= "table" then
         return nil, "etcd: invalid JSON answer: " .. tostring(body):sub(1, 200), "etcd"
     end
     return decoded
@@ -616,7 +446,7 @@ function Watcher:_body()
     if self.opts.prefix then request.range_end = etcd.b64encode(etcd.prefix_end(self.key)) end
     if self.next_revision then request.start_revision = self.next_revision end
     if self.opts.prev_kv then request.prev_kv = true end
-    return cjson.encode({ create_request = request })
+    return etcd.encode_json({ create_request = request })
 end
 
 -- One connection: returns when the stream ends; the reason as a string.
@@ -667,8 +497,8 @@ function Watcher:_connect()
             local line = buffer:sub(1, nl - 1)
             buffer = buffer:sub(nl + 1)
             if line:find("%S") then
-                local ok, msg = pcall(cjson.decode, line)
-                if ok and type(msg) == "table" then
+                local msg = json.decode(line)
+                if type(msg) == "table" then
                     local action, why = self:_message(msg)
                     if action == "break" then stop, reason = true, why break end
                 end

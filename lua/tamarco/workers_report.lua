@@ -13,7 +13,7 @@
 --                 500, else 503 (a worker restarting or silent: not ready)
 local HttpClient = require "tamarco.resources.http_client"
 local HttpServer = require "tamarco.resources.http_server"
-local cjson = require "cjson"
+local json = require "tamarco.json"
 local prometheus = require "tamarco.metrics.prometheus"
 local tasks = require "tamarco.tasks"
 
@@ -82,8 +82,7 @@ function workers_report.serve(host, port, list_workers)
         for _, result in ipairs(fetch_all("/status")) do
             local entry = { pid = result.worker.pid, http_status = result.status }
             if result.status then
-                local ok, decoded = pcall(cjson.decode, result.body)
-                if ok then entry.resources = decoded end
+                entry.resources = json.decode(result.body)
                 if result.status == 500 then
                     overall = 500
                 elseif result.status ~= 200 and overall ~= 500 then

@@ -28,7 +28,7 @@
 -- used inside any task.
 local base = require "tamarco.resources.base"
 local c = require "tamarco.c.http_client"
-local cjson = require "cjson"
+local json = require "tamarco.json"
 
 local HttpClient = base.class("http_client")
 
@@ -112,8 +112,8 @@ function HttpClient:request(opts)
 
     local body = opts.body
     if opts.json ~= nil then
-        local ok, encoded = pcall(cjson.encode, opts.json)
-        if not ok then error("http_client:request: cannot encode 'json': " .. tostring(encoded), 2) end
+        local encoded, err = json.encode(opts.json)
+        if not encoded then error("http_client:request: cannot encode 'json': " .. tostring(err), 2) end
         body = encoded
         if not has_header(headers, "content-type") then headers["Content-Type"] = "application/json" end
     end
@@ -173,9 +173,9 @@ function HttpClient.resp_json(status, body, headers)
         local snippet = #body > 200 and body:sub(1, 200) .. "..." or body
         return nil, ("HTTP %d: %s"):format(status, snippet), status
     end
-    if body == "" then return cjson.null, status, headers end
-    local ok, value = pcall(cjson.decode, body)
-    if not ok then return nil, "invalid JSON in response: " .. tostring(value), status end
+    if body == "" then return json.null, status, headers end
+    local value, err = json.decode(body)
+    if value == nil then return nil, "invalid JSON in response: " .. tostring(err), status end
     return value, status, headers
 end
 

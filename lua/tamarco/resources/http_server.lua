@@ -33,9 +33,7 @@ local errors = require "tamarco.errors"
 local chttp = require "tamarco.c.http_server"
 local timer = require "tamarco.c.timer"
 
-local json = require("cjson").new()
-local json_safe = require("cjson.safe").new()
-json.encode_sparse_array(true)
+local json = require "tamarco.json"
 
 local hrtime = timer.hrtime
 local now_ms = timer.now
@@ -174,8 +172,8 @@ function Request:json()
     if body == "" then
         error(HttpServer.new_error(400, "invalid JSON body: the body is empty"), 2)
     end
-    local value, err = json_safe.decode(body)
-    if value == nil and err then
+    local value, err = json.decode(body)
+    if value == nil then
         error(HttpServer.new_error(400, "invalid JSON body: " .. tostring(err)), 2)
     end
     rawset(self, "_json", value)
@@ -538,13 +536,13 @@ end
 local function encode_body(body)
     local t = type(body)
     if t == "string" then return body, TEXT end
-    if t == "table" then return json.encode(body), JSON end
+    if t == "table" then return assert(json.encode(body)), JSON end
     if body == nil then return nil, nil end
     return tostring(body), TEXT
 end
 
 local function error_body(message)
-    return json.encode({ error = message })
+    return (json.encode({ error = message }))
 end
 
 -- Answers; a bad header from the handler becomes a 500.

@@ -64,7 +64,7 @@ function Memory:write(sample)
         self.logger:warning("memory resource cannot write " .. self.file .. ": " .. tostring(err))
         return
     end
-    f:write(require("cjson").encode(record), "\n")
+    f:write(assert(require("tamarco.json").encode(record)), "\n")
     f:close()
     if self.warn_growth_kb > 0 and record.rss_growth_kb > self.warn_growth_kb then
         self.logger:warning("RSS grew by " .. record.rss_growth_kb .. " kB since start", record)

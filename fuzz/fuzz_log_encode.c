@@ -1,0 +1,85 @@
+/* Fuzz target: the log record encoder (bindings/log_encode.c): the host's
+ * JSON lines and the logstash v0/v1 layouts, fed arbitrary records built
+ * from the fuzz bytes (fuzz_push_value), and its JSON string escaping fed
+ * the raw bytes. Whatever the record holds, the output must be JSON that
+ * the strict decoder (tamarco.c.codec's json_decode) accepts. */
+#include "fuzz_lua.h"
+#include "log_encode.h"
+
+#include <lauxlib.h>
+#include <string.h>
+
+typedef struct job {
+    const uint8_t *data;
+    size_t size;
+} job;
+
+static void must_decode(lua_State *L, tamarco_log_buf *b, const char *what)
+{
+    lua_getglobal(L, "json_decode");
+    lua_pushlstring(L, b->data ? b->data : "", b->len);
+    lua_call(L, 1, 2);
+    if (lua_isnil(L, -2)) {
+        lua_pushfstring(L, "%s: %s in %s", what, lua_tostring(L, -1), tamarco_log_buf_cstr(b));
+        fuzz_fail("the log encoder wrote invalid JSON", lua_tostring(L, -1));
+    }
+    lua_pop(L, 2);
+}
+
+/* Runs protected: memory errors of the Lua state unwind to lua_cpcall. */
+static int encode_all(lua_State *L)
+{
+    job *j = lua_touserdata(L, 1);
+    lua_settop(L, 0);
+    int version = j->size ? j->data[0] & 1 : 0;
+    fuzz_push_value(L, j->data, j->size);
+    if (!lua_istable(L, 1)) {
+        /* a record is a table: put the value in its message */
+        lua_createtable(L, 0, 2);
+        lua_pushvalue(L, 1);
+        lua_setfield(L, -2, "message");
+        lua_pushliteral(L, "INFO");
+        lua_setfield(L, -2, "level");
+        lua_replace(L, 1);
+    }
+    /* tags: the record's own `tags` when it is a table */
+    lua_getfield(L, 1, "tags");
+    int tags = lua_istable(L, 2) ? 2 : 0;
+
+    tamarco_log_buf b;
+    tamarco_log_buf_init(&b);
+    tamarco_log_json_value(&b, L, 1, 1);
+    if (!b.oom) must_decode(L, &b, "json record");
+    b.len = 0;
+    tamarco_log_json_value(&b, L, 1, 0);
+    if (!b.oom) must_decode(L, &b, "json value");
+    b.len = 0;
+    tamarco_log_logstash(&b, L, 1, version, "fuzz-host", 9, "logstash", 8, tags);
+    if (!b.oom) must_decode(L, &b, "logstash record");
+    b.len = 0;
+    tamarco_log_json_string(&b, (const char *)j->data, j->size);
+    if (!b.oom) must_decode(L, &b, "json string");
+    tamarco_log_buf_free(&b);
+    return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    lua_State *L = fuzz_lua_state();
+    lua_getglobal(L, "json_decode");
+    if (lua_isnil(L, -1)) {
+        lua_getglobal(L, "require");
+        lua_pushliteral(L, "tamarco.c.codec");
+        lua_call(L, 1, 1);
+        lua_getfield(L, -1, "json_decode");
+        lua_setglobal(L, "json_decode");
+    }
+    lua_settop(L, 0);
+    job j = { data, size };
+    if (lua_cpcall(L, encode_all, &j) != 0) {
+        const char *msg = lua_tostring(L, -1);
+        if (!msg || !strstr(msg, "memory"))
+            fuzz_fail("the log encoder raised", msg);
+    }
+    return 0;
+}
