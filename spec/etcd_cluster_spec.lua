@@ -1,0 +1,266 @@
+-- etcd as a 3-member cluster (scripts/test-services.sh start-cluster etcd):
+-- every request and the watch fail over from member to member; settings
+-- and the registry survive the death of the member in use and of the
+-- leader. Prints its figures.
+local tamarco = require "tamarco"
+local testing = require "tamarco.testing"
+local etcd = require "tamarco.etcd"
+local settings = require "tamarco.settings"
+local settings_etcd = require "tamarco.settings_etcd"
+local registry = require "tamarco.resources.registry"
+local process = require "tamarco.c.process"
+local cluster = require "spec.support.cluster"
+local net = require "spec.support.net"
+
+local MEMBERS = { "m1", "m2", "m3" }
+
+local function unique(name)
+    return name .. "_" .. process.uuid4():sub(1, 8)
+end
+
+local function member_url(m)
+    return "http://127.0.0.1:" .. cluster.port("etcd", m)
+end
+
+local function member_of_url(url)
+    return cluster.member_of("etcd", MEMBERS, url:match(":(%d+)$"))
+end
+
+-- The current leader's name (asks each member in turn).
+local function leader()
+    for _, m in ipairs(MEMBERS) do
+        local answer = etcd.new { url = member_url(m), timeout_ms = 1000 }:status()
+        if answer and answer.leader and answer.header then
+            for _, candidate in ipairs(MEMBERS) do
+                local status = etcd.new { url = member_url(candidate), timeout_ms = 1000 }:status()
+                if status and status.header and status.header.member_id == answer.leader then return candidate end
+            end
+        end
+    end
+end
+
+local function wait_until(fn, ms)
+    local deadline = tamarco.now() + ms
+    while tamarco.now() < deadline do
+        if fn() then return true end
+        tamarco.sleep(20)
+    end
+    return fn() and true or false
+end
+
+describe("etcd endpoints", function()
+    it("parses lists and comma-separated strings, and names a bad entry", function()
+        assert.same({ "http://10.0.0.1:2379", "http://10.0.0.2:2380", "https://e3:2379", "http://[::1]:2381" },
+            etcd.parse_endpoints("10.0.0.1, 10.0.0.2:2380,https://e3:2379/,[::1]:2381"))
+        assert.same({ "http://a:1", "http://b:2" }, etcd.parse_endpoints({ "a:1", "b:2" }))
+        local urls, err = etcd.parse_endpoints("a:1,b:x")
+        assert.is_nil(urls)
+        assert.matches("'b:x' is not host:port", err)
+        assert.is_nil((etcd.parse_endpoints("")))
+        assert.is_nil((etcd.parse_endpoints(42)))
+    end)
+
+    it("takes TAMARCO_ETCD_ENDPOINTS over system.etcd.endpoints over TAMARCO_ETCD_HOST", function()
+        local store = assert(settings.load { dict = { system = { etcd = { endpoints = { "s1:1", "s2:2" } } } },
+            environ = false })
+        local located = etcd.locate(store)
+        if os.getenv("TAMARCO_ETCD_ENDPOINTS") then
+            assert.same(etcd.parse_endpoints(os.getenv("TAMARCO_ETCD_ENDPOINTS")), located.endpoints)
+        else
+            assert.same({ "http://s1:1", "http://s2:2" }, located.endpoints)
+        end
+        local bad = assert(settings.load { dict = { system = { etcd = { endpoints = "x:y" } } }, environ = false })
+        if not os.getenv("TAMARCO_ETCD_ENDPOINTS") then
+            local none, err = etcd.locate(bad)
+            assert.is_nil(none)
+            assert.matches("system.etcd.endpoints: etcd endpoints: 'x:y' is not host:port", err, 1, true)
+        end
+    end)
+
+    it("moves on from a member that refuses connections, for requests and watches", function()
+        local dead = "127.0.0.1:" .. net.free_port()
+        local endpoints = { dead }
+        for item in cluster.etcd():gmatch("[^,]+") do endpoints[#endpoints + 1] = item end
+        testing.run(function()
+            local client = etcd.new { endpoints = endpoints }
+            client.current, client.url = 1, "http://" .. dead   -- start on the dead one
+            local key = "/" .. unique("failover") .. "/k"
+            local seen = {}
+            local w = client:watch(key, { on_events = function(events)
+                for _, e in ipairs(events) do seen[#seen + 1] = e.value end
+            end })
+            assert(client:put(key, "v1"))
+            assert.is_true(client.failovers >= 1)
+            assert.are_not.equal("http://" .. dead, client.url)
+            assert.equal("v1", (client:get(key)))
+            assert.is_true(wait_until(function() return #seen == 1 end, 5000))
+            assert.same({ "v1" }, seen)
+            w:close()
+            client:delete(key)
+        end)
+    end)
+end)
+
+describe("etcd cluster faults", function()
+    local endpoints
+
+    before_each(function()
+        endpoints = cluster.etcd()
+    end)
+
+    it("misses no settings change and keeps the registry entry while the member in use and the leader die",
+        function()
+        testing.timeout_ms = 120000
+        local svc_name = unique("clustersvc")
+        local prefix = "/system/microservices/" .. svc_name .. "/stream/"
+        local figures = {}
+        local ok, err = pcall(testing.run, function()
+            -- the service: settings from etcd (watched) and the registry, both
+            -- on the cluster
+            local store = assert(settings.load { environ = false })
+            local source = assert(settings_etcd.attach(store, { endpoints = endpoints,
+                log = function() end }))
+            assert(store:start_watching())
+            local notified = {}   -- key -> number of notifications
+            store:on_change(function(key, value)
+                local k = key:match("%.stream%.(k%d+)$")
+                if k and value ~= nil then notified[k] = (notified[k] or 0) + 1 end
+            end)
+            -- a raw watch on the same cluster: revisions in order, none twice
+            local revisions, repeated, out_of_order, last = {}, 0, 0, 0
+            local raw = etcd.new { endpoints = endpoints }
+            local watcher = raw:watch(prefix, { prefix = true, on_events = function(events)
+                for _, e in ipairs(events) do
+                    if revisions[e.mod_revision] then repeated = repeated + 1 end
+                    if e.mod_revision <= last then out_of_order = out_of_order + 1 end
+                    revisions[e.mod_revision] = true
+                    last = math.max(last, e.mod_revision)
+                end
+            end })
+            local svc = tamarco.service { name = svc_name, resources = { registry = registry.new() } }
+            local running = assert(testing.start_service(svc, { settings = { system = { resources = {
+                registry = { enabled = true, etcd_endpoints = endpoints, ttl = 5 } } } } }))
+            local reg_key = svc.registry:key()
+
+            -- the stream of changes: one key each, retried until etcd takes it
+            local writer_client = etcd.new { endpoints = endpoints }
+            local written, write_failures, writing, writer_done = 0, 0, true, false
+            tamarco.spawn(function()
+                while writing do
+                    local n = written + 1
+                    local revision = writer_client:put(prefix .. "k" .. n, tostring(n))
+                    if revision then written = n else write_failures = write_failures + 1 end
+                    tamarco.sleep(5)
+                end
+                writer_done = true
+            end)
+            -- the registry entry, looked at every 100 ms
+            local checker_client = etcd.new { endpoints = endpoints }
+            local absent, checks, checking = 0, 0, true
+            tamarco.spawn(function()
+                while checking do
+                    local value, kv_or_err = checker_client:get(reg_key)
+                    if value ~= nil then
+                        checks = checks + 1
+                    elseif type(kv_or_err) ~= "string" then   -- read fine, key missing
+                        checks = checks + 1
+                        absent = absent + 1
+                    end
+                    tamarco.sleep(100)
+                end
+            end)
+            local function after_writes(count)
+                local target = written + count
+                assert(wait_until(function() return written >= target end, 30000), "the writes stalled")
+            end
+
+            after_writes(100)
+            -- 1: the member the settings watch talks to
+            local victim = member_of_url(source.client.url)
+            figures.killed_in_use = victim
+            cluster.member("kill", "etcd", victim)
+            after_writes(100)
+            cluster.member("start", "etcd", victim)
+            after_writes(50)
+            -- 2: the leader
+            local lead = leader()
+            figures.killed_leader = lead
+            cluster.member("kill", "etcd", lead)
+            after_writes(100)
+            cluster.member("start", "etcd", lead)
+            after_writes(50)
+
+            writing = false
+            assert(wait_until(function() return writer_done end, 20000))
+            local total = written
+            local function all_seen()
+                for i = 1, total do if not notified["k" .. i] then return false end end
+                return true
+            end
+            wait_until(all_seen, 10000)
+            checking = false
+            tamarco.sleep(150)
+            local missed, twice = 0, 0
+            for i = 1, total do
+                local n = notified["k" .. i] or 0
+                if n == 0 then missed = missed + 1 elseif n > 1 then twice = twice + 1 end
+            end
+            figures.written, figures.write_failures = total, write_failures
+            figures.missed, figures.twice = missed, twice
+            figures.raw_repeated, figures.raw_out_of_order = repeated, out_of_order
+            figures.watch_failovers = source.client.failovers
+            figures.registry_checks, figures.registry_absent = checks, absent
+            figures.registry_failovers = svc.registry:client().failovers
+            figures.registered = svc.registry:status().registered
+            figures.store_value = store:get("system.microservices." .. svc_name .. ".stream.k" .. total, nil)
+            watcher:close()
+            running:stop()
+            store:stop_watching()
+            writer_client:delete(prefix, { prefix = true })
+        end)
+        testing.timeout_ms = 20000
+        print(("\netcd cluster faults: killed %s (settings watch's member) then %s (leader); "
+            .. "%s changes written (%s write retries), %s missed, %s delivered twice; raw watch: %s repeated, "
+            .. "%s out of order; watch failovers %s; registry: %s checks, absent %s times, keep-alive failovers %s")
+            :format(tostring(figures.killed_in_use), tostring(figures.killed_leader), tostring(figures.written),
+                tostring(figures.write_failures), tostring(figures.missed), tostring(figures.twice),
+                tostring(figures.raw_repeated), tostring(figures.raw_out_of_order), tostring(figures.watch_failovers),
+                tostring(figures.registry_checks), tostring(figures.registry_absent),
+                tostring(figures.registry_failovers)))
+        assert(ok, err)
+        assert.is_true(figures.written >= 400)
+        assert.equal(0, figures.missed)
+        assert.equal(0, figures.twice)
+        assert.equal(0, figures.raw_repeated)
+        assert.equal(0, figures.raw_out_of_order)
+        assert.is_true(figures.watch_failovers >= 1)
+        assert.is_true(figures.registry_checks > 10)
+        assert.equal(0, figures.registry_absent)
+        assert.is_true(figures.registered)
+        assert.equal(figures.written, figures.store_value)
+    end)
+
+    it("reports a member cut off from its quorum as unavailable (a failure the client moves on from)", function()
+        testing.timeout_ms = 60000
+        local lone, result = "m1", {}
+        local ok, err = pcall(testing.run, function()
+            cluster.member("stop", "etcd", "m2")
+            cluster.member("stop", "etcd", "m3")
+            -- m1 alone has no leader: it says so ("no leader", with the
+            -- require-leader header) or gives up on the commit ("request
+            -- timed out"); both are the member's failure, not the request's
+            local client = etcd.new { endpoints = { "127.0.0.1:" .. cluster.port("etcd", lone) }, timeout_ms = 15000 }
+            wait_until(function()
+                local _, e, kind = client:put("/" .. unique("noquorum"), "x")
+                result.err, result.kind = e, kind
+                return kind == "unavailable"
+            end, 15000)
+            cluster.member("start", "etcd", "m2")
+            cluster.member("start", "etcd", "m3")
+        end)
+        testing.timeout_ms = 20000
+        assert(ok, err)
+        assert.equal("unavailable", result.kind)
+        assert.is_truthy(result.err:find("no leader", 1, true) or result.err:find("timed out", 1, true), result.err)
+    end)
+end)
