@@ -98,6 +98,12 @@ function Registry:prefix(service_name)
     return "/" .. path .. "/" .. service_name .. "/"
 end
 
+--- "/system/discovery/": where every service's instances are.
+function Registry:root()
+    local path = tostring(self:setting("path")):gsub("%.", "/"):gsub("^/+", ""):gsub("/+$", "")
+    return "/" .. path .. "/"
+end
+
 --- The key this instance registers under.
 function Registry:key()
     return self:prefix(self.service.name) .. self.service.instance_id
