@@ -455,7 +455,7 @@ end
 local MEMBER_FAILURES = { connect = true, timeout = true, resolve = true, error = true,
     protocol = true, unavailable = true }
 local NO_QUORUM_MESSAGES = { "no leader", "request timed out", "leader changed",
-    "not capable", "stopped", "timed out" }
+    "not capable", "stopped", "timed out", "deadline exceeded" }
 local function is_member_unavailable(status, code, message)
     -- gRPC Unavailable (14) / DeadlineExceeded (4); HTTP 503 from the gateway
     if status == 503 or code == 14 or code == 4 then return true end
