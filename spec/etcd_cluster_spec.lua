@@ -10,6 +10,7 @@ local settings_etcd = require "tamarco.settings_etcd"
 local registry = require "tamarco.resources.registry"
 local process = require "tamarco.c.process"
 local cluster = require "spec.support.cluster"
+local cli = require "spec.support.cli"
 local net = require "spec.support.net"
 
 local MEMBERS = { "m1", "m2", "m3" }
@@ -268,5 +269,55 @@ describe("etcd cluster faults", function()
         assert.equal("unavailable", result.kind)
         assert.matches("no leader", result.err, 1, true)
         for _, kind in ipairs(result.kinds) do assert.equal("unavailable", kind) end
+    end)
+end)
+
+describe("etcd cluster from the command line and tamarco-host run", function()
+    local dead, key, svc_name, service_path
+    before_each(function()
+        dead = "127.0.0.1:" .. net.free_port()
+        svc_name = unique("clusterrun")
+        key = "/system/microservices/" .. svc_name .. "/greeting"
+        testing.run(function() assert(etcd.new { endpoints = cluster.etcd() }:put(key, '"from the cluster"')) end)
+        service_path = cli.write_temp(([[
+local tamarco = require "tamarco"
+local svc = tamarco.service { name = %q }
+function svc:start()
+    print("GREETING " .. tostring(self.settings:get("greeting", "none")))
+    io.stdout:flush()
+end
+return svc
+]]):format(svc_name))
+    end)
+    after_each(function()
+        os.remove(service_path)
+        testing.run(function() etcd.new { endpoints = cluster.etcd() }:delete(key) end)
+    end)
+
+    it("etcd read --endpoints skips a member that refuses connections", function()
+        -- the start member is picked at random: four runs try the dead one
+        -- first with probability 15/16
+        for _ = 1, 4 do
+            local code, out = cli.run({ "etcd", "read", key, "--endpoints", dead .. "," .. cluster.etcd() })
+            assert.equal(0, code, out)
+            assert.matches("from the cluster", out, 1, true)
+        end
+        local code, out = cli.run({ "etcd", "read", key, "--endpoints", "a:b" })
+        assert.equal(2, code, out)
+        assert.matches("--endpoints: etcd endpoints: 'a:b' is not host:port", out, 1, true)
+    end)
+
+    it("run reads its settings from TAMARCO_ETCD_ENDPOINTS, or system.etcd.endpoints in the YAML file", function()
+        local code, out = cli.run_until({ "run", service_path }, "GREETING", "TERM",
+            { TAMARCO_ETCD_ENDPOINTS = dead .. "," .. cluster.etcd(), TAMARCO_ETCD_HOST = "", TAMARCO_YML_FILE = "" })
+        assert.equal(0, code, out)
+        assert.matches("GREETING from the cluster", out, 1, true)
+        local yml = cli.write_temp("system:\n  etcd:\n    endpoints: [" .. dead .. ", "
+            .. cluster.etcd():gsub(",", ", ") .. "]\n", ".yml")
+        code, out = cli.run_until({ "run", service_path, "--settings", yml }, "GREETING", "TERM",
+            { TAMARCO_ETCD_ENDPOINTS = "", TAMARCO_ETCD_HOST = "", TAMARCO_YML_FILE = "" })
+        os.remove(yml)
+        assert.equal(0, code, out)
+        assert.matches("GREETING from the cluster", out, 1, true)
     end)
 end)

@@ -85,11 +85,7 @@ function Directory:service(name)
         for _, co in ipairs(waiting) do scheduler.wake(co) end
         return nil, ("service '%s': cannot read its instances from etcd (%s)"):format(name, tostring(revision))
     end
-    for _, kv in ipairs(kvs) do
-        local instance = decode(kv, prefix)
-        if instance then pool.instances[instance.id] = instance end
-    end
-    pool:_reorder()
+    pool:_fill(kvs)
     pool.watcher = self.client:watch(prefix, {
         prefix = true,
         start_revision = revision + 1,
@@ -105,6 +101,13 @@ function Directory:service(name)
             end
             pool:_reorder()
         end,
+        -- the history we would resume from is gone: read the instances again
+        on_compacted = function()
+            local fresh, at = self.client:range(prefix, { prefix = true })
+            if not fresh then return nil end
+            pool:_fill(fresh)
+            return at + 1
+        end,
     })
     for _, co in ipairs(waiting) do scheduler.wake(co) end
     return pool
@@ -117,6 +120,21 @@ function Directory:close()
         if pool.watcher then pool.watcher:close() end
     end
     self.pools = {}
+end
+
+-- replaces the instances by those of a full read (breakers of the ones
+-- still there are kept)
+function Pool:_fill(kvs)
+    local instances = {}
+    for _, kv in ipairs(kvs) do
+        local instance = decode(kv, self.prefix)
+        if instance then instances[instance.id] = instance end
+    end
+    for id in pairs(self.breakers) do
+        if not instances[id] then self.breakers[id] = nil end
+    end
+    self.instances = instances
+    self:_reorder()
 end
 
 function Pool:_reorder()

@@ -46,6 +46,7 @@
 -- { floats = true }, which boxes every number written as a float.
 local c = require "tamarco.c.http_client"
 local cjson = require "cjson"
+local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 local yaml = require "tamarco.c.yaml"
@@ -335,7 +336,9 @@ function etcd.new(opts)
         local port = tonumber(opts.port) or etcd.DEFAULT_PORT
         endpoints = { ((opts.url or base_url(host, port)):gsub("/+$", "")) }
     end
-    local current = #endpoints > 1 and math.random(#endpoints) or 1
+    -- math.random is not seeded per process: a UUID's random bits are
+    local current = 1
+    if #endpoints > 1 then current = tonumber(process.uuid4():sub(1, 8), 16) % #endpoints + 1 end
     local host, port = endpoints[current]:match("^%a+://%[?([^%]/]-)%]?:(%d+)")
     return setmetatable({
         host = host,
@@ -920,7 +923,6 @@ end
 -- loop until it ends; its error is raised again.
 function etcd.run_sync(fn, ...)
     if scheduler.current() then return fn(...) end
-    local process = require "tamarco.c.process"
     local done, results = false, nil
     local co = scheduler.spawn(fn, ...)
     scheduler.on_exit(co, function(success, ...)

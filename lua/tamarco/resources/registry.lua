@@ -43,6 +43,7 @@
 --   address     a table of extra fields for the registered value
 -- etcd user/password come from TAMARCO_ETCD_USER / TAMARCO_ETCD_PASSWORD.
 local base = require "tamarco.resources.base"
+local errors = require "tamarco.errors"
 local etcd = require "tamarco.etcd"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
@@ -80,11 +81,14 @@ function Registry:client()
         }
         local endpoints, host = self:setting("etcd_endpoints"), self:setting("etcd_host")
         if endpoints then
+            local _, err = etcd.parse_endpoints(endpoints)
+            if err then self:settings_error("etcd_endpoints", err) end
             opts.endpoints = endpoints
         elseif host then
             opts.host, opts.port = host, self:setting("etcd_port") or env("TAMARCO_ETCD_PORT")
         else
-            local located = etcd.locate(type(self.settings) == "table" and self.settings.store or nil)
+            local located, err = etcd.locate(type(self.settings) == "table" and self.settings.store or nil)
+            if err then errors.raise("settings", "registry: " .. err) end
             if located then for k, v in pairs(located) do opts[k] = v end end
         end
         self._client = etcd.new(opts)
