@@ -84,18 +84,25 @@ describe("etcd endpoints", function()
         for item in cluster.etcd():gmatch("[^,]+") do endpoints[#endpoints + 1] = item end
         testing.run(function()
             local client = etcd.new { endpoints = endpoints }
-            client.current, client.url = 1, "http://" .. dead   -- start on the dead one
+            local function start_on_dead() client.current, client.url = 1, "http://" .. dead end
             local key = "/" .. unique("failover") .. "/k"
+            -- a request
+            start_on_dead()
+            local revision = assert(client:put(key, "v1"))
+            assert.equal(1, client.failovers)
+            assert.equal(endpoints[2], client.url:match("//(.*)$"))
+            assert.equal("v1", (client:get(key)))
+            -- a watch (from a known revision: one without starts whenever
+            -- its stream is first established)
+            start_on_dead()
             local seen = {}
-            local w = client:watch(key, { on_events = function(events)
+            local w = client:watch(key, { start_revision = revision + 1, on_events = function(events)
                 for _, e in ipairs(events) do seen[#seen + 1] = e.value end
             end })
-            assert(client:put(key, "v1"))
-            assert.is_true(client.failovers >= 1)
-            assert.are_not.equal("http://" .. dead, client.url)
-            assert.equal("v1", (client:get(key)))
+            assert.is_true(wait_until(function() return client.failovers == 2 end, 5000))
+            assert(etcd.new { endpoints = cluster.etcd() }:put(key, "v2"))
             assert.is_true(wait_until(function() return #seen == 1 end, 5000))
-            assert.same({ "v1" }, seen)
+            assert.same({ "v2" }, seen)
             w:close()
             client:delete(key)
         end)
