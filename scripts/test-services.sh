@@ -925,7 +925,7 @@ cmd_stop_one() {
 }
 
 cmd_status() {
-    local s rc=0
+    local s m rc=0
     need_dir "${1:-}"
     for s in $(cat "$DIR/services"); do
         if "running_$s" && "probe_$s"; then
@@ -934,6 +934,16 @@ cmd_status() {
             log "$s at $HOST:$(port_of "$s"): DOWN"
             rc=1
         fi
+    done
+    for s in $(started_clusters); do
+        for m in $("$(cluster_fn members "$s")"); do
+            if "$(cluster_fn probe_member "$s")" "$m"; then
+                log "$s cluster member $m at $HOST:$(cat "$(cluster_dir "$s")/$m/port"): up"
+            else
+                log "$s cluster member $m at $HOST:$(cat "$(cluster_dir "$s")/$m/port"): DOWN"
+                rc=1
+            fi
+        done
     done
     [ -f "$DIR/env.sh" ] && cat "$DIR/env.sh"
     return $rc

@@ -92,6 +92,9 @@ describe("redis sentinel faults", function()
                     else
                         failed = failed + 1
                         last_error = call_err
+                        local kind = tostring(call_err):gsub("%d+%.%d+%.%d+%.%d+:%d+", "<addr>")
+                        figures.errors = figures.errors or {}
+                        figures.errors[kind] = (figures.errors[kind] or 0) + 1
                     end
                     tamarco.sleep(5)
                 end
@@ -144,6 +147,10 @@ describe("redis sentinel faults", function()
             :format(tostring(figures.killed), tostring(figures.kill_ms), tostring(figures.kill_failed),
                 tostring(figures.failover_ms), tostring(figures.failover_failed), tostring(figures.writes),
                 tostring(figures.crashes), tostring(figures.switches)))
+        local kinds = {}
+        for text, n in pairs(figures.errors or {}) do kinds[#kinds + 1] = ("  %5d x %s"):format(n, text) end
+        table.sort(kinds)
+        print("errors the failed calls returned:\n" .. table.concat(kinds, "\n"))
         assert(ok, err)
         assert.equal(0, figures.crashes)
         assert.is_true(figures.switches >= 2)

@@ -161,7 +161,11 @@ function Link:open()
         on_disconnect = function(message) self:lost(conn_ref.conn, message) end,
     })
     tasks.checkpoint()
-    if not conn then return nil, lower_first(err) end
+    if not conn then
+        -- behind sentinels, say which master the sentinels named
+        if owner.sentinel_watch then return nil, "master at " .. self.next_address .. ": " .. lower_first(err) end
+        return nil, lower_first(err)
+    end
     conn_ref.conn = conn
     local password = owner:setting("password")
     if password ~= nil and password ~= "" then
