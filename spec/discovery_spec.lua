@@ -125,12 +125,20 @@ describe("calling services by name", function()
             local pool = svc.web._discovery.pools[service]
             assert.equal(3, pool:count())
 
-            -- round-robin: 60 calls, 20 each
+            -- round-robin: 60 calls, 20 each, and not one etcd request for them
+            local etcd_client = svc.registry:client()
+            local etcd_requests = 0
+            etcd_client.call = function(self, ...)
+                etcd_requests = etcd_requests + 1
+                return etcd.Client.call(self, ...)
+            end
             local per = {}
             for _ = 1, 60 do
                 local id = assert(whoami(svc.web, service))
                 per[id] = (per[id] or 0) + 1
             end
+            etcd_client.call = nil
+            assert.equal(0, etcd_requests)
             local counts = {}
             for _, n in pairs(per) do counts[#counts + 1] = n end
             assert.same({ 20, 20, 20 }, counts)

@@ -182,8 +182,12 @@ describe("etcd cluster faults", function()
                 assert(wait_until(function() return written >= target end, 30000), "the writes stalled")
             end
 
+            -- the registry's keep-alives go to the settings watch's member
+            -- too, so that killing it hits both
+            local reg_client = svc.registry:client()
+            reg_client.current, reg_client.url = source.client.current, source.client.url
             after_writes(100)
-            -- 1: the member the settings watch talks to
+            -- 1: the member the settings watch and the registry talk to
             local victim = member_of_url(source.client.url)
             figures.killed_in_use = victim
             cluster.member("kill", "etcd", victim)
@@ -227,7 +231,7 @@ describe("etcd cluster faults", function()
             writer_client:delete(prefix, { prefix = true })
         end)
         testing.timeout_ms = 20000
-        print(("\netcd cluster faults: killed %s (settings watch's member) then %s (leader); "
+        print(("\netcd cluster faults: killed %s (the member the settings watch and the registry use) then %s (leader); "
             .. "%s changes written (%s write retries), %s missed, %s delivered twice; raw watch: %s repeated, "
             .. "%s out of order; watch failovers %s; registry: %s checks, absent %s times, keep-alive failovers %s")
             :format(tostring(figures.killed_in_use), tostring(figures.killed_leader), tostring(figures.written),
@@ -242,6 +246,7 @@ describe("etcd cluster faults", function()
         assert.equal(0, figures.raw_repeated)
         assert.equal(0, figures.raw_out_of_order)
         assert.is_true(figures.watch_failovers >= 1)
+        assert.is_true(figures.registry_failovers >= 1)
         assert.is_true(figures.registry_checks > 10)
         assert.equal(0, figures.registry_absent)
         assert.is_true(figures.registered)
@@ -314,17 +319,30 @@ return svc
         assert.matches("--endpoints: etcd endpoints: 'a:b' is not host:port", out, 1, true)
     end)
 
-    it("run reads its settings from TAMARCO_ETCD_ENDPOINTS, or system.etcd.endpoints in the YAML file", function()
-        local code, out = cli.run_until({ "run", service_path }, "GREETING", "TERM",
-            { TAMARCO_ETCD_ENDPOINTS = dead .. "," .. cluster.etcd(), TAMARCO_ETCD_HOST = "", TAMARCO_YML_FILE = "" })
-        assert.equal(0, code, out)
-        assert.matches("GREETING from the cluster", out, 1, true)
-        local yml = cli.write_temp("system:\n  etcd:\n    endpoints: [" .. dead .. ", "
-            .. cluster.etcd():gsub(",", ", ") .. "]\n", ".yml")
-        code, out = cli.run_until({ "run", service_path, "--settings", yml }, "GREETING", "TERM",
-            { TAMARCO_ETCD_ENDPOINTS = "", TAMARCO_ETCD_HOST = "", TAMARCO_YML_FILE = "" })
+    it("run reads its settings from TAMARCO_ETCD_ENDPOINTS, else system.etcd.endpoints, else TAMARCO_ETCD_HOST",
+        function()
+        local function yml_with(list)
+            return cli.write_temp("system:\n  etcd:\n    endpoints: [" .. list:gsub(",", ", ") .. "]\n", ".yml")
+        end
+        local function greeting(args, env)
+            local base = { TAMARCO_ETCD_ENDPOINTS = "", TAMARCO_ETCD_HOST = "", TAMARCO_YML_FILE = "" }
+            for k, v in pairs(env) do base[k] = v end
+            local code, out = cli.run_until(args, "GREETING", "TERM", base)
+            assert.equal(0, code, out)
+            return out:match("GREETING ([^\n]*)")
+        end
+        -- the environment's list (a dead member in it)
+        assert.equal("from the cluster", greeting({ "run", service_path },
+            { TAMARCO_ETCD_ENDPOINTS = dead .. "," .. cluster.etcd() }))
+        -- the environment's list wins over the file's (all dead)
+        local dead_yml = yml_with(dead)
+        assert.equal("from the cluster", greeting({ "run", service_path, "--settings", dead_yml },
+            { TAMARCO_ETCD_ENDPOINTS = cluster.etcd() }))
+        os.remove(dead_yml)
+        -- the file's list wins over TAMARCO_ETCD_HOST (dead)
+        local yml = yml_with(dead .. "," .. cluster.etcd())
+        assert.equal("from the cluster", greeting({ "run", service_path, "--settings", yml },
+            { TAMARCO_ETCD_HOST = "127.0.0.1", TAMARCO_ETCD_PORT = tostring(net.free_port()) }))
         os.remove(yml)
-        assert.equal(0, code, out)
-        assert.matches("GREETING from the cluster", out, 1, true)
     end)
 end)

@@ -83,7 +83,9 @@ describe("redis sentinel faults", function()
                 local n = 0
                 while running do
                     n = n + 1
+                    local t0 = tamarco.now()
                     local fine, reply, call_err = pcall(cache.set, cache, "sentinel-loop", tostring(n))
+                    local took = tamarco.now() - t0
                     if not fine then
                         crashes = crashes + 1
                     elseif reply == "OK" then
@@ -92,6 +94,7 @@ describe("redis sentinel faults", function()
                     else
                         failed = failed + 1
                         last_error = call_err
+                        figures.slowest_failure = math.max(figures.slowest_failure or 0, took)
                         local kind = tostring(call_err):gsub("%d+%.%d+%.%d+%.%d+:%d+", "<addr>")
                         figures.errors = figures.errors or {}
                         figures.errors[kind] = (figures.errors[kind] or 0) + 1
@@ -150,7 +153,8 @@ describe("redis sentinel faults", function()
         local kinds = {}
         for text, n in pairs(figures.errors or {}) do kinds[#kinds + 1] = ("  %5d x %s"):format(n, text) end
         table.sort(kinds)
-        print("errors the failed calls returned:\n" .. table.concat(kinds, "\n"))
+        print(("slowest failed call: %s ms; errors the failed calls returned:\n%s")
+            :format(tostring(figures.slowest_failure), table.concat(kinds, "\n")))
         assert(ok, err)
         assert.equal(0, figures.crashes)
         assert.is_true(figures.switches >= 2)
