@@ -15,12 +15,21 @@
 #       Stops/starts one server, keeping its port and data directory.
 #   scripts/test-services.sh status DIR
 #       Shows which servers of DIR are running; exits 1 if one is down.
+#   scripts/test-services.sh start-cluster etcd|redis-sentinel DIR
+#       Adds a cluster to DIR (made by `start`, or a new one): a 3-member
+#       etcd (members m1 m2 m3), or a Redis master + replica + 3 sentinels
+#       (members master replica s1 s2 s3; master name "tamarco").
+#       `stop DIR` stops it with the rest.
+#   scripts/test-services.sh start-member|stop-member|kill-member KIND MEMBER DIR
+#       Starts again (same ports, same data) / stops / SIGKILLs one member.
 #
 # Environment:
 #   TAMARCO_SERVICES         servers to start (default "redis etcd rabbitmq")
 #   TAMARCO_SERVICES_TIMEOUT seconds to wait for a server to answer (default 90)
 #
-# DIR/env.sh exports TAMARCO_SERVICES_DIR and TAMARCO_TEST_{REDIS,ETCD,AMQP}_{HOST,PORT}.
+# DIR/env.sh exports TAMARCO_SERVICES_DIR and TAMARCO_TEST_{REDIS,ETCD,AMQP}_{HOST,PORT};
+# with clusters also TAMARCO_TEST_ETCD_CLUSTER (h:p,h:p,h:p),
+# TAMARCO_TEST_REDIS_SENTINELS (h:p,h:p,h:p), TAMARCO_TEST_REDIS_SENTINEL_MASTER.
 # RabbitMQ: user guest/guest, vhost /.
 #
 # Layout of DIR: one sub-directory per server holding its port(s), a run.sh
@@ -53,7 +62,7 @@ log() { echo "$PROG: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '5,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,32p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -423,6 +432,338 @@ logs_rabbitmq() {
     echo "$DIR/rabbitmq/epmd.log"
 }
 
+# ---------------------------------------------------------------- clusters
+#
+# `start-cluster KIND DIR` starts a cluster of KIND in DIR/KIND-cluster (DIR
+# may be a directory made by `start`, or a new one), next to the single
+# servers; `stop DIR` stops it with them. Each member has its own
+# sub-directory (port, run.sh, pid, log, data) so that a fault spec can
+# kill-member / start-member it. A kind is the set of functions
+# cluster_<what>_<kind> (dashes in KIND become underscores) for what in
+# setup launch probe probe_member stop stop_member members pattern env logs;
+# DIR/clusters lists the kinds started.
+
+cluster_dir() { echo "$DIR/$1-cluster"; }
+
+# member_launch DIR/MEMBER: runs its run.sh in the background, in a session
+# of its own (like launch).
+member_launch() {
+    rm -f "$1/pid"
+    setsid /bin/sh "$1/run.sh" < /dev/null >> "$1/member.log" 2>&1 &
+}
+
+# ---- etcd: three members m1 m2 m3 on loopback (DESIGN §11)
+
+ETCD_MEMBERS="m1 m2 m3"
+
+cluster_setup_etcd() {
+    local c m port peer initial=""
+    need_cmd etcd etcd-server
+    need_cmd curl curl
+    c=$(cluster_dir etcd)
+    rm -rf "$c"
+    for m in $ETCD_MEMBERS; do
+        mkdir -p "$c/$m"
+        pick_port; echo "$REPLY" > "$c/$m/port"
+        pick_port; echo "$REPLY" > "$c/$m/peer_port"
+        initial="$initial${initial:+,}$m=http://$HOST:$REPLY"
+    done
+    for m in $ETCD_MEMBERS; do
+        port=$(cat "$c/$m/port"); peer=$(cat "$c/$m/peer_port")
+        # --initial-* only matter for the first start; a restarted member
+        # (start-member) rejoins from its data directory.
+        cat > "$c/$m/run.sh" <<EOF
+#!/bin/sh
+# Starts etcd cluster member $m in the foreground (test-services.sh start-member etcd $m).
+echo \$\$ > '$c/$m/pid'
+exec etcd --name $m --data-dir '$c/$m/data' \\
+    --listen-client-urls http://$HOST:$port --advertise-client-urls http://$HOST:$port \\
+    --listen-peer-urls http://$HOST:$peer --initial-advertise-peer-urls http://$HOST:$peer \\
+    --initial-cluster $initial --initial-cluster-state new \\
+    --initial-cluster-token tamarco-$(cat "$c/m1/peer_port") \\
+    --logger zap --log-outputs stderr
+EOF
+    done
+}
+
+cluster_members_etcd() { echo "$ETCD_MEMBERS"; }
+
+cluster_pattern_etcd() { echo etcd; }
+
+cluster_launch_etcd() {
+    local m c; c=$(cluster_dir etcd)
+    for m in $ETCD_MEMBERS; do member_launch "$c/$m"; done
+}
+
+# cluster_probe_member_etcd MEMBER: 0 = healthy (it has a leader), 1 = not
+# yet, 2 = died.
+cluster_probe_member_etcd() {
+    local d; d="$(cluster_dir etcd)/$1"
+    curl -fsS -m 2 "http://$HOST:$(cat "$d/port")/health" 2>/dev/null | grep -q '"health":"true"' && return 0
+    [ -s "$d/pid" ] && ! alive "$(readpid "$d/pid")" && return 2
+    return 1
+}
+
+cluster_probe_etcd() {
+    local m rc
+    for m in $ETCD_MEMBERS; do
+        rc=0; cluster_probe_member_etcd "$m" || rc=$?
+        [ "$rc" = 0 ] || return "$rc"
+    done
+}
+
+cluster_stop_member_etcd() {
+    local d; d="$(cluster_dir etcd)/$1"
+    stop_pid "$(readpid "$d/pid")" etcd "etcd $1"
+    wait_port_free "$(cat "$d/port")"
+    wait_port_free "$(cat "$d/peer_port")"
+}
+
+cluster_stop_etcd() {
+    local m
+    for m in $ETCD_MEMBERS; do cluster_stop_member_etcd "$m"; done
+}
+
+cluster_env_etcd() {
+    local m c list=""; c=$(cluster_dir etcd)
+    for m in $ETCD_MEMBERS; do list="$list${list:+,}$HOST:$(cat "$c/$m/port")"; done
+    echo "export TAMARCO_TEST_ETCD_CLUSTER=$list"
+}
+
+cluster_logs_etcd() {
+    local m c; c=$(cluster_dir etcd)
+    for m in $ETCD_MEMBERS; do echo "$c/$m/member.log"; done
+}
+
+# ---- redis-sentinel: a master, a replica and three sentinels watching
+# them under the master name "tamarco" (quorum 2, master down after 1 s).
+
+SENTINEL_MASTER=tamarco
+REDIS_SENTINEL_MEMBERS="master replica s1 s2 s3"
+
+cluster_setup_redis_sentinel() {
+    local c m master port replicaof
+    need_cmd redis-server redis-server
+    need_cmd redis-sentinel redis-sentinel
+    need_cmd redis-cli redis-tools
+    c=$(cluster_dir redis-sentinel)
+    rm -rf "$c"
+    for m in $REDIS_SENTINEL_MEMBERS; do
+        mkdir -p "$c/$m/data"
+        pick_port; echo "$REPLY" > "$c/$m/port"
+    done
+    master=$(cat "$c/master/port")
+    for m in master replica; do
+        port=$(cat "$c/$m/port")
+        replicaof=""
+        [ "$m" = replica ] && replicaof="--replicaof $HOST $master"
+        # After a failover the sentinels give whichever comes back its new
+        # role (a returning old master becomes a replica of the new one).
+        cat > "$c/$m/run.sh" <<EOF
+#!/bin/sh
+# Starts the redis $m in the foreground (test-services.sh start-member redis-sentinel $m).
+echo \$\$ > '$c/$m/pid'
+exec redis-server --port $port --bind $HOST --save '' --appendonly no \\
+    --dir '$c/$m/data' --daemonize no --logfile '' --protected-mode yes $replicaof
+EOF
+    done
+    for m in s1 s2 s3; do
+        port=$(cat "$c/$m/port")
+        # redis-sentinel rewrites its configuration file (replicas, other
+        # sentinels, epochs): it lives in the member's directory.
+        cat > "$c/$m/sentinel.conf" <<EOF
+port $port
+bind $HOST
+daemonize no
+logfile ""
+dir $c/$m/data
+sentinel monitor $SENTINEL_MASTER $HOST $master 2
+sentinel down-after-milliseconds $SENTINEL_MASTER 1000
+sentinel failover-timeout $SENTINEL_MASTER 5000
+sentinel parallel-syncs $SENTINEL_MASTER 1
+EOF
+        cat > "$c/$m/run.sh" <<EOF
+#!/bin/sh
+# Starts sentinel $m in the foreground (test-services.sh start-member redis-sentinel $m).
+echo \$\$ > '$c/$m/pid'
+exec redis-sentinel '$c/$m/sentinel.conf'
+EOF
+    done
+}
+
+cluster_members_redis_sentinel() { echo "$REDIS_SENTINEL_MEMBERS"; }
+
+cluster_pattern_redis_sentinel() { echo redis; }
+
+cluster_launch_redis_sentinel() {
+    local m c; c=$(cluster_dir redis-sentinel)
+    for m in $REDIS_SENTINEL_MEMBERS; do member_launch "$c/$m"; done
+}
+
+redis_at() { redis-cli -h $HOST -p "$1" "${@:2}" 2>/dev/null; }
+
+cluster_probe_member_redis_sentinel() {
+    local d; d="$(cluster_dir redis-sentinel)/$1"
+    [ "$(redis_at "$(cat "$d/port")" ping)" = PONG ] && return 0
+    [ -s "$d/pid" ] && ! alive "$(readpid "$d/pid")" && return 2
+    return 1
+}
+
+# Ready: every process answers, the replica is in sync, and every sentinel
+# knows the replica and the two other sentinels (else a failover could not
+# reach its quorum).
+cluster_probe_redis_sentinel() {
+    local c m rc info; c=$(cluster_dir redis-sentinel)
+    for m in $REDIS_SENTINEL_MEMBERS; do
+        rc=0; cluster_probe_member_redis_sentinel "$m" || rc=$?
+        [ "$rc" = 0 ] || return "$rc"
+    done
+    redis_at "$(cat "$c/replica/port")" info replication | grep -q 'master_link_status:up' || return 1
+    for m in s1 s2 s3; do
+        info=" $(redis_at "$(cat "$c/$m/port")" sentinel master $SENTINEL_MASTER | tr '\r\n' '  ') "
+        case "$info" in *" num-slaves 1 "*) ;; *) return 1 ;; esac
+        case "$info" in *" num-other-sentinels 2 "*) ;; *) return 1 ;; esac
+    done
+}
+
+cluster_stop_member_redis_sentinel() {
+    local d; d="$(cluster_dir redis-sentinel)/$1"
+    stop_pid "$(readpid "$d/pid")" redis "redis $1"
+    wait_port_free "$(cat "$d/port")"
+}
+
+cluster_stop_redis_sentinel() {
+    local m
+    # the sentinels first: they would otherwise start a failover
+    for m in s1 s2 s3 replica master; do cluster_stop_member_redis_sentinel "$m"; done
+}
+
+cluster_env_redis_sentinel() {
+    local m c list=""; c=$(cluster_dir redis-sentinel)
+    for m in s1 s2 s3; do list="$list${list:+,}$HOST:$(cat "$c/$m/port")"; done
+    echo "export TAMARCO_TEST_REDIS_SENTINELS=$list TAMARCO_TEST_REDIS_SENTINEL_MASTER=$SENTINEL_MASTER"
+}
+
+cluster_logs_redis_sentinel() {
+    local m c; c=$(cluster_dir redis-sentinel)
+    for m in $REDIS_SENTINEL_MEMBERS; do echo "$c/$m/member.log"; done
+}
+
+# ---- any kind
+
+cluster_fn() { echo "cluster_$1_${2//-/_}"; }
+
+known_cluster() {
+    declare -F "$(cluster_fn setup "$1")" >/dev/null 2>&1 || die "unknown cluster kind: $1"
+}
+
+started_clusters() { if [ -f "$DIR/clusters" ]; then cat "$DIR/clusters"; fi; }
+
+stop_clusters() {
+    local k
+    for k in $(started_clusters); do
+        if [ -d "$(cluster_dir "$k")" ]; then "$(cluster_fn stop "$k")"; fi
+    done
+    return 0
+}
+
+cmd_start_cluster() {
+    local kind=$1 t0=$SECONDS rc deadline
+    known_cluster "$kind"
+    DIR=$(abs_dir "$2"); DIR=${DIR%/}
+    check_dir_name "$DIR"
+    if [ ! -f "$DIR/$MARKER" ]; then
+        if [ -d "$DIR" ] && [ -n "$(ls -A "$DIR")" ]; then die "$DIR exists and is not empty"; fi
+        mkdir -p "$DIR"
+        chmod 755 "$DIR"
+        : > "$DIR/$MARKER"
+        : > "$DIR/services"
+    fi
+    case " $(started_clusters | tr '\n' ' ') " in
+        *" $kind "*) die "a $kind cluster was already started in $DIR (use '$0 stop $DIR' first)" ;;
+    esac
+    echo "$kind" >> "$DIR/clusters"
+    START_OK=0
+    trap 'if [ "$START_OK" = 0 ]; then log "start failed; stopping the $kind cluster"; "$(cluster_fn stop "$kind")"; log "logs kept in $(cluster_dir "$kind") (remove with: $0 stop $DIR)"; fi' EXIT
+    trap 'exit 130' INT TERM HUP
+    "$(cluster_fn setup "$kind")"
+    "$(cluster_fn launch "$kind")"
+    deadline=$((SECONDS + TIMEOUT))
+    while :; do
+        rc=0; "$(cluster_fn probe "$kind")" || rc=$?
+        [ "$rc" = 0 ] && break
+        if [ "$rc" = 2 ] || deadline_passed "$deadline"; then
+            if [ "$rc" = 2 ]; then log "error: a $kind member exited during startup"
+            else log "error: the $kind cluster was not ready within ${TIMEOUT}s"; fi
+            show_log $("$(cluster_fn logs "$kind")")
+            exit 1
+        fi
+        sleep 0.25
+    done
+    START_OK=1
+    trap - EXIT INT TERM HUP
+    write_env
+    log "$kind cluster started in $((SECONDS - t0))s: $("$(cluster_fn env "$kind")" | sed 's/^export //')"
+    cat "$DIR/env.sh"
+}
+
+need_member() {
+    local kind=$1 member=$2
+    known_cluster "$kind"
+    case " $(started_clusters | tr '\n' ' ') " in
+        *" $kind "*) ;;
+        *) die "no $kind cluster was started in $DIR" ;;
+    esac
+    case " $("$(cluster_fn members "$kind")") " in
+        *" $member "*) ;;
+        *) die "$kind has no member $member (members: $("$(cluster_fn members "$kind")"))" ;;
+    esac
+}
+
+# start-member KIND MEMBER DIR: starts a stopped or killed member again
+# (same ports, same data) and waits until it answers.
+cmd_start_member() {
+    local kind=$1 member=$2 d rc deadline
+    need_dir "$3"
+    need_member "$kind" "$member"
+    d="$(cluster_dir "$kind")/$member"
+    if is_ours "$(readpid "$d/pid")" "$("$(cluster_fn pattern "$kind")")"; then
+        log "$kind $member is already running"
+        return 0
+    fi
+    member_launch "$d"
+    deadline=$((SECONDS + TIMEOUT))
+    while :; do
+        rc=0; "$(cluster_fn probe_member "$kind")" "$member" || rc=$?
+        [ "$rc" = 0 ] && break
+        if [ "$rc" = 2 ] || deadline_passed "$deadline"; then
+            show_log "$d/member.log"
+            die "$kind $member did not come back"
+        fi
+        sleep 0.1
+    done
+    log "$kind $member started"
+}
+
+# stop-member (SIGTERM, waits) / kill-member (SIGKILL) KIND MEMBER DIR
+cmd_stop_member() {
+    local kind=$1 member=$2 signal=$3 d pid
+    need_dir "$4"
+    need_member "$kind" "$member"
+    d="$(cluster_dir "$kind")/$member"
+    if [ "$signal" = KILL ]; then
+        pid=$(readpid "$d/pid")
+        if is_ours "$pid" "$("$(cluster_fn pattern "$kind")")"; then
+            kill -KILL "$pid" 2>/dev/null || true
+            for _ in $(seq 100); do alive "$pid" || break; sleep 0.05; done
+        fi
+        log "$kind $member killed"
+    else
+        "$(cluster_fn stop_member "$kind")" "$member"
+        log "$kind $member stopped"
+    fi
+}
+
 # ---------------------------------------------------------------- generic
 
 port_of() { cat "$DIR/$1/port"; }
@@ -457,6 +798,7 @@ write_env() {
                 rabbitmq) echo "export TAMARCO_TEST_AMQP_HOST=$HOST TAMARCO_TEST_AMQP_PORT=$(port_of rabbitmq)" ;;
             esac
         done
+        for s in $(started_clusters); do "$(cluster_fn env "$s")"; done
     } > "$f.tmp"
     mv "$f.tmp" "$f"
     chmod 644 "$f"
@@ -464,6 +806,7 @@ write_env() {
 
 stop_all() {
     local s
+    stop_clusters
     # rabbitmq first: it is the slowest to stop.
     for s in rabbitmq etcd redis; do
         [ -d "$DIR/$s" ] && "stop_$s"
@@ -582,7 +925,7 @@ cmd_stop_one() {
 }
 
 cmd_status() {
-    local s rc=0
+    local s m rc=0
     need_dir "${1:-}"
     for s in $(cat "$DIR/services"); do
         if "running_$s" && "probe_$s"; then
@@ -591,6 +934,16 @@ cmd_status() {
             log "$s at $HOST:$(port_of "$s"): DOWN"
             rc=1
         fi
+    done
+    for s in $(started_clusters); do
+        for m in $("$(cluster_fn members "$s")"); do
+            if "$(cluster_fn probe_member "$s")" "$m"; then
+                log "$s cluster member $m at $HOST:$(cat "$(cluster_dir "$s")/$m/port"): up"
+            else
+                log "$s cluster member $m at $HOST:$(cat "$(cluster_dir "$s")/$m/port"): DOWN"
+                rc=1
+            fi
+        done
     done
     [ -f "$DIR/env.sh" ] && cat "$DIR/env.sh"
     return $rc
@@ -603,6 +956,10 @@ main() {
         start) [ $# -le 1 ] || usage; cmd_start "$@" ;;
         stop) [ $# -eq 1 ] || usage; cmd_stop "$1" ;;
         status) [ $# -eq 1 ] || usage; cmd_status "$1" ;;
+        start-cluster) [ $# -eq 2 ] || usage; cmd_start_cluster "$1" "$2" ;;
+        start-member) [ $# -eq 3 ] || usage; cmd_start_member "$1" "$2" "$3" ;;
+        stop-member) [ $# -eq 3 ] || usage; cmd_stop_member "$1" "$2" TERM "$3" ;;
+        kill-member) [ $# -eq 3 ] || usage; cmd_stop_member "$1" "$2" KILL "$3" ;;
         start-redis|start-etcd|start-rabbitmq)
             [ $# -eq 1 ] || usage; cmd_start_one "${cmd#start-}" "$1" ;;
         stop-redis|stop-etcd|stop-rabbitmq)

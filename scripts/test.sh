@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds tamarco-host and runs the whole test suite on a fresh Debian 12
 # machine (as root): installs missing packages, builds, starts redis-server,
-# etcd and rabbitmq-server on loopback in a temporary directory, runs the C
+# etcd and rabbitmq-server on loopback in a temporary directory (and an etcd
+# cluster and Redis with sentinels for the failover specs), runs the C
 # tests (ctest) and the busted specs inside the host, then does the same with
 # an AddressSanitizer + UndefinedBehaviorSanitizer build, runs every fuzz
 # target for a fixed number of inputs (scripts/fuzz.sh --ci), and stops the
@@ -23,6 +24,10 @@ services_dir=$(mktemp -d /tmp/tamarco-services.XXXXXX)
 cleanup() { scripts/test-services.sh stop "$services_dir" || true; }
 trap cleanup EXIT INT TERM
 scripts/test-services.sh start "$services_dir" >/dev/null
+# The clusters the failover specs need, once for the whole run (about 15 s):
+# a 3-member etcd, and Redis master + replica + 3 sentinels.
+scripts/test-services.sh start-cluster etcd "$services_dir" >/dev/null
+scripts/test-services.sh start-cluster redis-sentinel "$services_dir" >/dev/null
 . "$services_dir/env.sh"
 
 echo "== C tests"

@@ -90,6 +90,16 @@ describe("tamarco-host new service", function()
             assert.are.equal("/status", container[probe].httpGet.path, probe)
             assert.are.equal(5747, container[probe].httpGet.port, probe)
         end
+        -- etcd's members from the namespace's ConfigMap; the pod's IP registered
+        local configmap = yaml.parse(read(base .. "/k8s/deploy/etcd.yml"))
+        assert.are.equal("ConfigMap", configmap.kind)
+        assert.is_string(configmap.data.endpoints)
+        local env = {}
+        for _, e in ipairs(container.env) do env[e.name] = e end
+        assert.are.equal(configmap.metadata.name, env.TAMARCO_ETCD_ENDPOINTS.valueFrom.configMapKeyRef.name)
+        assert.are.equal("endpoints", env.TAMARCO_ETCD_ENDPOINTS.valueFrom.configMapKeyRef.key)
+        assert.are.equal("status.podIP", env.POD_IP.valueFrom.fieldRef.fieldPath)
+        assert.are.equal("$(POD_IP)", env.TAMARCO__SYSTEM__RESOURCES__REGISTRY__HOST.value)
         local unit = read(base .. "/k8s/deploy/k8s_demo.service")
         assert.matches("\nType=notify\n", unit)
         assert.matches("ExecStart=/usr/bin/tamarco%-host run /srv/k8s_demo/service.lua", unit)

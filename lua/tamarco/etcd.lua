@@ -46,6 +46,7 @@
 -- { floats = true }, which boxes every number written as a float.
 local c = require "tamarco.c.http_client"
 local json = require "tamarco.json"
+local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 local yaml = require "tamarco.c.yaml"
@@ -112,46 +113,152 @@ local Client = {}
 Client.__index = Client
 etcd.Client = Client
 
---- etcd.new{ host, port, user, password, timeout_ms, connect_timeout_ms, url }
+local function base_url(host, port)
+    return ("http://%s:%d"):format(host:find(":", 1, true) and "[" .. host .. "]" or host, port)
+end
+
+--- etcd.parse_endpoints(value) -> list of base URLs | nil, err. value: a
+-- list or a comma-separated string of "host:port", "host" (port 2379),
+-- "[v6]:port" or "http(s)://host:port".
+function etcd.parse_endpoints(value)
+    local items = {}
+    if type(value) == "string" then
+        for item in value:gmatch("[^,%s]+") do items[#items + 1] = item end
+    elseif type(value) == "table" then
+        for i, item in ipairs(value) do items[i] = tostring(item) end
+    else
+        return nil, "etcd endpoints: a list or a comma-separated string expected"
+    end
+    if #items == 0 then return nil, "etcd endpoints: the list is empty" end
+    local urls = {}
+    for i, item in ipairs(items) do
+        local url
+        if item:find("^https?://") then
+            url = (item:gsub("/+$", ""))
+        else
+            local host, port = item:match("^%[([^%]]+)%]:?(%d*)$")
+            if not host then host, port = item:match("^([^:]+):?(%d*)$") end
+            if not host then
+                return nil, ("etcd endpoints: '%s' is not host:port"):format(item)
+            end
+            port = tonumber(port) or etcd.DEFAULT_PORT
+            if port < 1 or port > 65535 then
+                return nil, ("etcd endpoints: bad port in '%s'"):format(item)
+            end
+            url = base_url(host, port)
+        end
+        urls[i] = url
+    end
+    return urls
+end
+
+--- etcd.new{ endpoints | host, port | url, user, password, timeout_ms,
+-- connect_timeout_ms }. With several endpoints (members of one cluster)
+-- every request fails over to the next member (see call); a client starts
+-- on a random member so that a fleet spreads over the cluster.
 function etcd.new(opts)
     opts = opts or {}
-    local host = opts.host or "127.0.0.1"
-    local port = tonumber(opts.port) or etcd.DEFAULT_PORT
-    local url = opts.url or ("http://%s:%d"):format(host:find(":", 1, true) and "[" .. host .. "]" or host, port)
+    local endpoints
+    if opts.endpoints ~= nil then
+        endpoints = assert(etcd.parse_endpoints(opts.endpoints))
+    else
+        local host = opts.host or "127.0.0.1"
+        local port = tonumber(opts.port) or etcd.DEFAULT_PORT
+        endpoints = { ((opts.url or base_url(host, port)):gsub("/+$", "")) }
+    end
+    -- math.random is not seeded per process: a UUID's random bits are
+    local current = 1
+    if #endpoints > 1 then current = tonumber(process.uuid4():sub(1, 8), 16) % #endpoints + 1 end
+    local host, port = endpoints[current]:match("^%a+://%[?([^%]/]-)%]?:(%d+)")
     return setmetatable({
         host = host,
-        port = port,
-        url = url:gsub("/+$", ""),
+        port = tonumber(port),
+        endpoints = endpoints,
+        current = current,
+        url = endpoints[current],
         user = opts.user,
         password = opts.password,
         timeout_ms = opts.timeout_ms or 5000,
         connect_timeout_ms = opts.connect_timeout_ms or 2000,
         token = nil,
+        failovers = 0,
     }, Client)
 end
 
---- etcd.from_env([overrides]): TAMARCO_ETCD_HOST, TAMARCO_ETCD_PORT (2379),
--- TAMARCO_ETCD_USER, TAMARCO_ETCD_PASSWORD; returns nil when no host is set.
+local function env(name)
+    local v = os.getenv(name)
+    if v == "" then return nil end
+    return v
+end
+
+--- etcd.locate([store]) -> options for etcd.new ({endpoints =} or {host =,
+-- port =}) | nil when etcd is not configured | nil, err for a bad list.
+-- Looks at, in order: TAMARCO_ETCD_ENDPOINTS, the setting
+-- system.etcd.endpoints (when a settings store is given), and
+-- TAMARCO_ETCD_HOST / TAMARCO_ETCD_PORT.
+function etcd.locate(store)
+    local list = env("TAMARCO_ETCD_ENDPOINTS")
+    local origin = "TAMARCO_ETCD_ENDPOINTS"
+    if not list and store then
+        list = store:get("system.etcd.endpoints", nil)
+        origin = "system.etcd.endpoints"
+    end
+    if list ~= nil then
+        local urls, err = etcd.parse_endpoints(list)
+        if not urls then return nil, origin .. ": " .. err end
+        return { endpoints = urls }
+    end
+    local host = env("TAMARCO_ETCD_HOST")
+    if host then return { host = host, port = env("TAMARCO_ETCD_PORT") } end
+    return nil
+end
+
+--- etcd.from_env([overrides]): where etcd.locate() says (TAMARCO_ETCD_ENDPOINTS,
+-- else TAMARCO_ETCD_HOST and TAMARCO_ETCD_PORT (2379)), with
+-- TAMARCO_ETCD_USER and TAMARCO_ETCD_PASSWORD; `overrides` wins (host,
+-- port, endpoints, store, ...). Returns nil when no address is known, and
+-- nil, err when the endpoints list is malformed.
 function etcd.from_env(overrides)
     overrides = overrides or {}
-    local function env(name)
-        local v = os.getenv(name)
-        if v == "" then return nil end
-        return v
+    local opts = {}
+    if overrides.endpoints or overrides.host then
+        opts.endpoints, opts.host, opts.port = overrides.endpoints, overrides.host, overrides.port
+    else
+        local located, err = etcd.locate(overrides.store)
+        if not located then return nil, err end
+        for k, v in pairs(located) do opts[k] = v end
+        opts.port = overrides.port or opts.port
     end
-    local opts = {
-        host = overrides.host or env("TAMARCO_ETCD_HOST"),
-        port = overrides.port or env("TAMARCO_ETCD_PORT"),
-        user = overrides.user or env("TAMARCO_ETCD_USER"),
-        password = overrides.password or env("TAMARCO_ETCD_PASSWORD"),
-    }
-    if not opts.host then return nil end
-    for k, v in pairs(overrides) do if opts[k] == nil then opts[k] = v end end
+    opts.user = overrides.user or env("TAMARCO_ETCD_USER")
+    opts.password = overrides.password or env("TAMARCO_ETCD_PASSWORD")
+    for k, v in pairs(overrides) do
+        if opts[k] == nil and k ~= "store" then opts[k] = v end
+    end
     return etcd.new(opts)
 end
 
+--- client:address() -> the member in use ("http://h:p"); with several,
+-- followed by the others in brackets.
 function Client:address()
-    return self.url
+    if #self.endpoints == 1 then return self.url end
+    local others = {}
+    for _, url in ipairs(self.endpoints) do
+        if url ~= self.url then others[#others + 1] = url end
+    end
+    return ("%s (cluster: also %s)"):format(self.url, table.concat(others, ", "))
+end
+
+-- The request failed on `url` in a way another member may not share: move
+-- on to the next member (unless another task did already). A token from
+-- one member's simple-token auth is not valid on the others.
+function Client:_failover(url)
+    if #self.endpoints < 2 or self.url ~= url then return end
+    self.current = self.current % #self.endpoints + 1
+    self.url = self.endpoints[self.current]
+    self.host, self.port = self.url:match("^%a+://%[?([^%]/]-)%]?:(%d+)")
+    self.port = tonumber(self.port)
+    self.failovers = self.failovers + 1
+    if self.user then self.token = nil end
 end
 
 local function gateway_error(status, body)
@@ -176,6 +283,28 @@ local function is_auth_failure(status, code, message)
     return false
 end
 
+-- Failures another member may not have: transport errors, and a member
+-- that lost its leader (no quorum) or could not commit in time.
+local MEMBER_FAILURES = { connect = true, timeout = true, resolve = true, error = true,
+    protocol = true, unavailable = true }
+local NO_QUORUM_MESSAGES = { "no leader", "request timed out", "leader changed",
+    "not capable", "stopped", "timed out", "deadline exceeded" }
+local function is_member_unavailable(status, code, message)
+    -- gRPC Unavailable (14) / DeadlineExceeded (4); HTTP 503 from the gateway
+    if status == 503 or code == 14 or code == 4 then return true end
+    for _, text in ipairs(NO_QUORUM_MESSAGES) do
+        if message and message:find(text, 1, true) then return true end
+    end
+    return false
+end
+etcd.MEMBER_FAILURES = MEMBER_FAILURES
+
+-- Every request asks etcd to refuse it when the member has no leader (the
+-- gateway turns this header into gRPC metadata "hasleader"): a member cut
+-- off from its quorum answers "no leader" at once instead of hanging, and
+-- cancels its watches, so the client moves on to another member.
+local REQUIRE_LEADER = "Grpc-Metadata-hasleader"
+
 function Client:authenticate()
     local status, body, kind = c.request {
         method = "POST",
@@ -199,13 +328,29 @@ function Client:authenticate()
 end
 
 function Client:_headers()
-    local headers = { ["Content-Type"] = "application/json" }
+    local headers = { ["Content-Type"] = "application/json", [REQUIRE_LEADER] = "true" }
     if self.token then headers.Authorization = self.token end
     return headers
 end
 
 --- client:call(path, request_table) -> decoded answer | nil, err, kind.
-function Client:call(path, request, retried)
+-- Tries each member at most once (each try bounded by timeout_ms), starting
+-- with the one in use, moving on when a member is unreachable, too slow or
+-- without quorum (kind "unavailable"). etcd's operations here are
+-- idempotent (put of the same value, delete, keep-alive) except grant,
+-- where a retry after a lost answer leaves an unused lease to expire.
+function Client:call(path, request)
+    local answer, err, kind
+    for _ = 1, #self.endpoints do
+        local url = self.url
+        answer, err, kind = self:_call_member(path, request)
+        if answer or not MEMBER_FAILURES[kind] then return answer, err, kind end
+        self:_failover(url)
+    end
+    return nil, err, kind
+end
+
+function Client:_call_member(path, request, retried)
     if self.user and not self.token then
         local ok, err, kind = self:authenticate()
         if not ok then return nil, err, kind end
@@ -225,13 +370,22 @@ function Client:call(path, request, retried)
         local message, code = gateway_error(status, body)
         if self.user and not retried and is_auth_failure(status, code, message) then
             self.token = nil
-            return self:call(path, request, true)
+            return self:_call_member(path, request, true)
         end
+        if is_member_unavailable(status, code, message) then return nil, message, "unavailable" end
         return nil, message, is_auth_failure(status, code, message) and "auth" or "etcd"
     end
     local decoded = json.decode(body)
     if type(decoded) ~= "table" then
         return nil, "etcd: invalid JSON answer: " .. tostring(body):sub(1, 200), "etcd"
+    end
+    -- stream endpoints (lease keep-alive) answer 200 and put errors in the body
+    local e = decoded.error
+    if type(e) == "table" then
+        local message = tostring(e.message or e.error)
+        local code = tonumber(e.code)
+        if is_member_unavailable(0, code, message) then return nil, "etcd: " .. message, "unavailable" end
+        return nil, "etcd: " .. message, is_auth_failure(0, code, message) and "auth" or "etcd"
     end
     return decoded
 end
@@ -413,6 +567,7 @@ function Watcher:_message(msg)
     if result.created then
         self.connected = true
         self.backoff = BACKOFF_MIN
+        self.members_tried = 0
         if not self.next_revision then
             self.next_revision = header_revision(result) + 1
         end
@@ -512,9 +667,22 @@ function Watcher:_connect()
 end
 
 function Watcher:_run()
+    local client = self.client
     while not self.closed do
+        local url = client.url
         local reason = self:_connect()
         if self.closed then break end
+        -- A member that is alive and has its quorum does not end a watch:
+        -- resume on the next member (from next_revision: revisions are the
+        -- cluster's, so nothing is missed or repeated), at once while some
+        -- member has not been tried since the last good stream.
+        local try_next = false
+        if #client.endpoints > 1 then
+            client:_failover(url)
+            self.members_tried = (self.members_tried or 0) + 1
+            try_next = self.members_tried < #client.endpoints
+            if not try_next then self.members_tried = 0 end
+        end
         if self.connected then
             self.connected = false
             self:_report("on_state", "disconnected", reason)
@@ -540,11 +708,13 @@ function Watcher:_run()
                 self.next_revision = compact
             end
         else
-            self:_report("on_error", reason)
-            self.sleeping = true
-            timer.sleep(self.backoff)
-            self.sleeping = false
-            self.backoff = math.min(self.backoff * 2, BACKOFF_MAX)
+            self:_report("on_error", ("%s (%s)"):format(tostring(reason), url))
+            if not try_next then
+                self.sleeping = true
+                timer.sleep(self.backoff)
+                self.sleeping = false
+                self.backoff = math.min(self.backoff * 2, BACKOFF_MAX)
+            end
         end
     end
 end
@@ -583,7 +753,6 @@ end
 -- loop until it ends; its error is raised again.
 function etcd.run_sync(fn, ...)
     if scheduler.current() then return fn(...) end
-    local process = require "tamarco.c.process"
     local done, results = false, nil
     local co = scheduler.spawn(fn, ...)
     scheduler.on_exit(co, function(success, ...)

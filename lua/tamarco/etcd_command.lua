@@ -33,6 +33,9 @@ usage: tamarco-host etcd <write-yml FILE | read KEY | delete KEY> [options]
 
 options:
   --recursive      read/delete: every key below KEY too (read prints a mapping)
+  --endpoints H:P,H:P,...
+                   the members of an etcd cluster (default: TAMARCO_ETCD_ENDPOINTS);
+                   a member that does not answer is skipped
   --host HOST      etcd's host (default: TAMARCO_ETCD_HOST, else 127.0.0.1)
   --port PORT      etcd's client port (default: TAMARCO_ETCD_PORT, else 2379)
   --user USER, --password PASSWORD
@@ -206,7 +209,7 @@ local function parse(args)
         if a == "--recursive" or a == "-r" then
             o.recursive = true
             i = i + 1
-        elseif a == "--host" or a == "--port" or a == "--user" or a == "--password" then
+        elseif a == "--host" or a == "--port" or a == "--user" or a == "--password" or a == "--endpoints" then
             local v = args[i + 1]
             if v == nil then return nil, "option " .. a .. " needs a value" end
             o[a:sub(3)] = v
@@ -219,6 +222,10 @@ local function parse(args)
         end
     end
     if o.port and not tonumber(o.port) then return nil, "--port needs a number (got '" .. o.port .. "')" end
+    if o.endpoints then
+        local _, err = etcd.parse_endpoints(o.endpoints)
+        if err then return nil, "--endpoints: " .. err end
+    end
     return o
 end
 
@@ -228,11 +235,16 @@ local function client_of(o)
         if v == "" then return nil end
         return v
     end
+    local user, password = o.user or env("TAMARCO_ETCD_USER"), o.password or env("TAMARCO_ETCD_PASSWORD")
+    if o.endpoints then return etcd.new { endpoints = o.endpoints, user = user, password = password } end
+    if not o.host and not o.port and env("TAMARCO_ETCD_ENDPOINTS") then
+        return etcd.new { endpoints = env("TAMARCO_ETCD_ENDPOINTS"), user = user, password = password }
+    end
     return etcd.new {
         host = o.host or env("TAMARCO_ETCD_HOST") or "127.0.0.1",
         port = o.port or env("TAMARCO_ETCD_PORT") or etcd.DEFAULT_PORT,
-        user = o.user or env("TAMARCO_ETCD_USER"),
-        password = o.password or env("TAMARCO_ETCD_PASSWORD"),
+        user = user,
+        password = password,
     }
 end
 

@@ -120,7 +120,10 @@ function run_command.main(args)
         environ = true,
     }
     if not store then return fail(boot_logger, settings_error) end
-    if (os.getenv("TAMARCO_ETCD_HOST") or "") ~= "" then   -- etcd: above the file, below the environment
+    local etcd_configured = (os.getenv("TAMARCO_ETCD_HOST") or "") ~= ""
+        or (os.getenv("TAMARCO_ETCD_ENDPOINTS") or "") ~= ""
+        or store:get("system.etcd.endpoints", nil) ~= nil
+    if etcd_configured then   -- etcd: above the file, below the environment
         local attached, etcd_error, stop_signal = attach_etcd(store, boot_logger)
         if stop_signal then
             boot_logger:info("received " .. stop_signal .. " while waiting for etcd; nothing was started")

@@ -10,8 +10,12 @@
 -- within milliseconds, once per real change. etcd sits above the YAML file
 -- and the defaults and below the environment (`TAMARCO__...` variables).
 --
--- `tamarco-host run` uses it when TAMARCO_ETCD_HOST is set:
---   TAMARCO_ETCD_HOST       etcd's address (a host name or IP)
+-- `tamarco-host run` uses it when etcd's address is known:
+--   TAMARCO_ETCD_ENDPOINTS  the members of an etcd cluster, h1:p1,h2:p2,h3:p3
+--                           (or the setting system.etcd.endpoints, a list in
+--                           the YAML file); requests and the watch fail over
+--                           from member to member (see tamarco.etcd)
+--   TAMARCO_ETCD_HOST       a single etcd's address (a host name or IP)
 --   TAMARCO_ETCD_PORT       default 2379
 --   TAMARCO_ETCD_USER, TAMARCO_ETCD_PASSWORD
 --                           authentication (a token from /v3/auth/authenticate)
@@ -174,7 +178,7 @@ end
 
 local run_in_task = etcd.run_sync
 
-local UNREACHABLE = { connect = true, resolve = true, timeout = true, error = true }
+local UNREACHABLE = { connect = true, resolve = true, timeout = true, error = true, unavailable = true }
 
 local function path_prefix(dotted)
     return "/" .. tostring(dotted):gsub("^/+", ""):gsub("/+$", ""):gsub("%.", "/") .. "/"
@@ -188,9 +192,15 @@ end
 -- Works inside a task or outside the loop (it turns the loop then).
 function settings_etcd.attach(store, opts)
     opts = opts or {}
-    local client = opts.client or etcd.from_env(opts)
+    local client, where_err = opts.client, nil
     if not client then
-        return nil, errors.new("settings", "etcd settings: TAMARCO_ETCD_HOST is not set")
+        local located = { store = store }
+        for k, v in pairs(opts) do located[k] = v end
+        client, where_err = etcd.from_env(located)
+    end
+    if not client then
+        return nil, errors.new("settings", "etcd settings: " .. (where_err
+            or "no etcd address (TAMARCO_ETCD_ENDPOINTS, system.etcd.endpoints or TAMARCO_ETCD_HOST)"))
     end
     local log = opts.log or store.log
     local retry = opts.retry
@@ -208,7 +218,7 @@ function settings_etcd.attach(store, opts)
     }
 
     local function unreachable(err)
-        return errors.new("settings", ("etcd at %s is unreachable (%s). Check TAMARCO_ETCD_HOST/TAMARCO_ETCD_PORT, "
+        return errors.new("settings", ("etcd at %s is unreachable (%s). Check TAMARCO_ETCD_ENDPOINTS or TAMARCO_ETCD_HOST/TAMARCO_ETCD_PORT, "
             .. "or set TAMARCO_ETCD_RETRY=1 to wait for it"):format(client:address(), tostring(err)))
     end
 

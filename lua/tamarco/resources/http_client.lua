@@ -23,12 +23,43 @@
 --   max_body_bytes      response body limit, default 64 MiB
 --   base_url            prefixed to relative URLs ("/x")
 --   headers             headers sent with every request
+--   breaker_failures    calling by name: failures in a row that open an
+--                       instance's circuit (default 3; a refused connection
+--                       opens it at once)
+--   breaker_open_ms     how long an open instance is skipped before one
+--                       probe call (default 5000)
+--   discovery_path      where the registry keeps instances, without a
+--                       registry resource in the service (default
+--                       "system.discovery")
+--
+-- CALLING OTHER SERVICES BY NAME. `request{ service = "orders", path =
+-- "/items/1", ... }`, or a URL `tamarco://orders/items/1` with any method,
+-- calls an instance of the service "orders" as the registry resource
+-- (tamarco.resources.registry) records it in etcd: `http://host:port` of its
+-- registered value (or `endpoints[endpoint]` with `endpoint = "<http
+-- server resource>"`). The instances come from the registry's etcd (or
+-- TAMARCO_ETCD_ENDPOINTS / system.etcd.endpoints / TAMARCO_ETCD_HOST
+-- without one): read once per service, then kept current by a watch, so a
+-- call costs no etcd round trip and a new instance gets calls as soon as it
+-- registers. Calls go round-robin over the instances whose circuit is not
+-- open (see tamarco.discovery). When the connection to an instance fails
+-- (refused, reset, no answer: not a timeout) an idempotent request (GET,
+-- HEAD, PUT, DELETE, OPTIONS, or any with `retry = true`; `retry = false`
+-- turns it off) is tried once more on another instance. Errors name the
+-- service: `nil, "service 'orders': no instance registered (...)",
+-- "no_instance"`. Meters: `http_client_service_calls_total{target,
+-- instance, outcome}` (outcome "response" or the failure kind) and
+-- `http_client_service_call_seconds{target}`. `client:close()` ends the
+-- watches (the resource's stop does it).
 --
 -- It also works without a service: `require("tamarco.resources.http_client").new()`
 -- used inside any task.
 local base = require "tamarco.resources.base"
 local c = require "tamarco.c.http_client"
 local json = require "tamarco.json"
+local discovery = require "tamarco.discovery"
+local metrics = require "tamarco.metrics"
+local ctimer = require "tamarco.c.timer"
 
 local HttpClient = base.class("http_client")
 
@@ -38,6 +69,9 @@ local DEFAULTS = {
     verify_tls = true,
     follow_redirects = true,
     max_body_bytes = 64 * 1024 * 1024,
+    breaker_failures = discovery.DEFAULTS.failures_to_open,
+    breaker_open_ms = discovery.DEFAULTS.open_ms,
+    discovery_path = "system.discovery",
 }
 HttpClient.defaults = DEFAULTS
 
@@ -94,6 +128,9 @@ end
 -- keys of the settings list above may be given per request too.
 function HttpClient:request(opts)
     if type(opts) ~= "table" then error("http_client:request: options table expected", 2) end
+    if opts.service ~= nil or (type(opts.url) == "string" and opts.url:find("^tamarco://")) then
+        return self:_request_service(opts)
+    end
     local url = opts.url
     if type(url) ~= "string" or url == "" then error("http_client:request: 'url' is required", 2) end
     local base_url = self:setting("base_url")
@@ -154,6 +191,139 @@ local function sugar(method)
         o.method, o.url = method, url
         return self:request(o)
     end
+end
+
+---------------------------------------------------------------------------
+-- calling services by name
+---------------------------------------------------------------------------
+
+local IDEMPOTENT = { GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true }
+-- the connection failed before a response: another instance may do better
+local CONNECTION_FAILURES = { connect = true, resolve = true, protocol = true, error = true }
+
+-- The directory of instances: the service's registry resource's etcd, or
+-- etcd's address from the environment and settings.
+function HttpClient:_directory()
+    if self._discovery then return self._discovery end
+    local client, root
+    local svc = self.service
+    for _, name in ipairs(svc and svc.resource_names or {}) do
+        local resource = svc.resources[name]
+        if resource.type_name == "registry" then
+            client, root = resource:client(), resource:root()
+            break
+        end
+    end
+    if not client then
+        local etcd = require "tamarco.etcd"
+        local err
+        client, err = etcd.from_env { store = type(self.settings) == "table" and self.settings.store or nil }
+        if not client then
+            return nil, "calling a service by name needs etcd (TAMARCO_ETCD_ENDPOINTS, system.etcd.endpoints "
+                .. "or TAMARCO_ETCD_HOST, or a registry resource): " .. tostring(err or "none is set")
+        end
+        root = "/" .. tostring(self:setting("discovery_path")):gsub("%.", "/"):gsub("^/+", ""):gsub("/+$", "") .. "/"
+    end
+    self._discovery = discovery.directory(client, root, {
+        failures_to_open = self:setting("breaker_failures"),
+        open_ms = self:setting("breaker_open_ms"),
+    })
+    return self._discovery
+end
+
+local call_counter = metrics.counter("http_client_service_calls_total", {
+    help = "Calls to other services by name, per target service, instance and outcome" })
+local call_seconds = metrics.histogram("http_client_service_call_seconds", {
+    help = "Time of calls to other services by name (retries included), per target service" })
+
+-- one series per target, instance and outcome; the label tables are made
+-- once per instance, not per call
+local function count_call(name, instance, outcome)
+    local meters = instance.meters
+    if not meters then
+        meters = {}
+        instance.meters = meters
+    end
+    local meter = meters[outcome]
+    if not meter then
+        meter = call_counter:labels({ target = name, instance = instance.id, outcome = outcome })
+        meters[outcome] = meter
+    end
+    meter:inc()
+end
+
+local function instance_url(instance, endpoint)
+    if endpoint then
+        local endpoints = instance.info.endpoints
+        return type(endpoints) == "table" and endpoints[endpoint] or nil
+    end
+    return instance.url
+end
+
+function HttpClient:_request_service(opts)
+    local name, path = opts.service, opts.path
+    if name == nil then
+        name, path = opts.url:match("^tamarco://([^/?#]+)(.*)$")
+        if not name then error("http_client:request: bad service URL '" .. opts.url .. "'", 3) end
+    end
+    if type(name) ~= "string" or name == "" then error("http_client:request: 'service' must be a name", 3) end
+    path = path or ""
+    if path ~= "" and not path:find("^[/?]") then path = "/" .. path end
+    local directory, err = self:_directory()
+    if not directory then return nil, err, "no_instance" end
+    local pool
+    pool, err = directory:service(name)
+    if not pool then return nil, err, "no_instance" end
+    local method = (opts.method or "GET"):upper()
+    local retry = opts.retry
+    if retry == nil then retry = IDEMPOTENT[method] or false end
+    local started = ctimer.hrtime()
+    local tried, status, body, headers
+    for attempt = 1, retry and 2 or 1 do
+        local instance, why = pool:pick(tried)
+        if not instance then
+            if attempt == 1 then return nil, why, "no_instance" end
+            break   -- no other instance: the first failure stands
+        end
+        local base_url = instance_url(instance, opts.endpoint)
+        if not base_url then
+            return nil, ("service '%s': instance %s has no endpoint '%s'"):format(name, instance.id,
+                tostring(opts.endpoint)), "no_instance"
+        end
+        local o = {}
+        for k, v in pairs(opts) do o[k] = v end
+        o.service, o.path, o.retry, o.endpoint = nil, nil, nil, nil
+        o.url = base_url .. path
+        status, body, headers = self:request(o)
+        if status then
+            pool:succeeded(instance)
+            count_call(name, instance, "response")
+            break
+        end
+        count_call(name, instance, headers or "error")
+        if pool:failed(instance, headers) and self.logger then
+            self.logger:warning(("service '%s': instance %s at %s failing (%s); skipping it for %d ms")
+                :format(name, instance.id, base_url, tostring(body), pool.directory.open_ms))
+        end
+        body = ("service '%s': instance %s at %s: %s"):format(name, instance.id, base_url, tostring(body))
+        if not CONNECTION_FAILURES[headers] then break end
+        tried = instance.id
+    end
+    if not pool.seconds then pool.seconds = call_seconds:labels({ target = name }) end
+    pool.seconds:observe((ctimer.hrtime() - started) / 1e9)
+    return status, body, headers
+end
+
+--- client:close(): ends the watches that follow the called services.
+function HttpClient:close()
+    if self._discovery then
+        self._discovery:close()
+        self._discovery = nil
+    end
+end
+
+function HttpClient:stop()
+    self:close()
 end
 
 HttpClient.get = sugar("GET")

@@ -41,6 +41,11 @@
 --                    for a subscription's confirmation)
 --   reconnect_min    ms, first reconnect delay (default 100); doubled after
 --   reconnect_max    each failed attempt up to this (default 5000)
+--   sentinels        Redis behind Sentinel: a list of "host:port" (or one
+--   master_name      comma-separated string) and the master's name; host
+--                    and port are then ignored and the master is found and
+--                    followed through failovers (see redis_sentinel.lua).
+--                    Redis Cluster is not supported.
 --   fail_on_start    default false: when Redis is unreachable at start the
 --                    service starts anyway with the resource CONNECTING and
 --                    a background reconnect (what production frameworks do:
@@ -66,6 +71,7 @@ local c = require "tamarco.c.redis"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 local tasks = require "tamarco.tasks"
+local sentinel = require "tamarco.resources.redis_sentinel"
 
 local STATUS = base.STATUS
 
@@ -89,7 +95,7 @@ local DEFAULTS = {
 Redis.defaults = DEFAULTS
 
 local SETTING_KEYS = { "host", "port", "username", "password", "db", "connect_timeout",
-    "reconnect_min", "reconnect_max", "fail_on_start" }
+    "reconnect_min", "reconnect_max", "fail_on_start", "sentinels", "master_name" }
 
 local null_logger = setmetatable({}, { __index = function() return function() end end })
 
@@ -109,6 +115,7 @@ function Redis:init(options)
     -- Fields read before they are set are false, not nil: a nil field
     -- would be looked up in __index and turn into a command method.
     self.link, self.pubsub, self.stopping = false, false, false
+    self.sentinel_watch = false
     self.logger, self.settings, self.name, self.service = false, false, false, false
 end
 
@@ -143,12 +150,22 @@ function Link:open()
     local owner = self.owner
     local timeout = tonumber(owner:setting("connect_timeout"))
     local conn_ref = {}
-    local conn, err = c.connect(owner:setting("host"), tonumber(owner:setting("port")), {
+    local host, port = owner:setting("host"), tonumber(owner:setting("port"))
+    if owner.sentinel_watch then
+        host, port = sentinel.master_address(owner)
+        if not host then return nil, port end
+    end
+    self.next_address = host .. ":" .. tostring(port)
+    local conn, err = c.connect(host, port, {
         connect_timeout_ms = timeout,
         on_disconnect = function(message) self:lost(conn_ref.conn, message) end,
     })
     tasks.checkpoint()
-    if not conn then return nil, lower_first(err) end
+    if not conn then
+        -- behind sentinels, say which master the sentinels named
+        if owner.sentinel_watch then return nil, "master at " .. self.next_address .. ": " .. lower_first(err) end
+        return nil, lower_first(err)
+    end
     conn_ref.conn = conn
     local password = owner:setting("password")
     if password ~= nil and password ~= "" then
@@ -174,6 +191,13 @@ function Link:open()
             return nil, "SELECT " .. db .. " failed: " .. tostring(select_err)
         end
     end
+    if owner.sentinel_watch then
+        local ok, role_err = sentinel.check_master(conn)
+        if not ok then
+            conn:close()
+            return nil, self.next_address .. ": " .. role_err
+        end
+    end
     if self.kind == "pubsub" then
         conn:on_message(function(kind, a, b, d) owner:dispatch(kind, a, b, d) end)
         local channels, patterns = {}, {}
@@ -189,6 +213,7 @@ end
 
 function Link:up(conn)
     self.conn = conn
+    self.address = self.next_address
     self.state = "up"
     self.last_error = nil
     self.delay = nil
@@ -305,12 +330,30 @@ function Redis:open_links(fail_on_start)
 end
 
 function Redis:address()
+    if self.sentinel_watch then
+        return ("master '%s' (via sentinels %s)"):format(tostring(self:setting("master_name")),
+            table.concat(type(self:setting("sentinels")) == "table" and self:setting("sentinels")
+                or { tostring(self:setting("sentinels")) }, ","))
+    end
     return tostring(self:setting("host")) .. ":" .. tostring(self:setting("port"))
+end
+
+-- With sentinels: check the settings and follow +switch-master.
+function Redis:start_sentinel_watch()
+    if not sentinel.enabled(self) then return end
+    local _, err = sentinel.parse(self:setting("sentinels"))
+    if err then self:settings_error("sentinels", err) end
+    local name = self:setting("master_name")
+    if type(name) ~= "string" or name == "" then
+        self:settings_error("master_name", "is required with sentinels (the name the sentinels monitor)")
+    end
+    self.sentinel_watch = sentinel.watch(self)
 end
 
 function Redis:start()
     self:check_settings { port = base.PORT, db = base.COUNT, connect_timeout = base.DURATION,
         reconnect_min = base.DURATION, reconnect_max = base.DURATION }
+    self:start_sentinel_watch()
     local ok, err = self:open_links(self:setting("fail_on_start"))
     if not ok and self:setting("fail_on_start") then error(err, 0) end
 end
@@ -323,6 +366,7 @@ end
 -- -> self | nil, err.
 function Redis:connect_to(options)
     for k, v in pairs(options or {}) do self.options[k] = v end
+    self:start_sentinel_watch()
     local ok, err = self:open_links(false)
     if not ok then
         self:close()
@@ -334,6 +378,10 @@ end
 --- Closes the connections and cancels the reconnect tasks.
 function Redis:close()
     self.stopping = true
+    if self.sentinel_watch then
+        self.sentinel_watch.close()
+        self.sentinel_watch = false
+    end
     if self.link then self.link:close() end
     if self.pubsub then self.pubsub:close() end
     self:fail_confirm_waiters("closed")
@@ -351,6 +399,11 @@ function Redis:status()
         reconnects = self.counters.reconnects,
         connections_lost = self.counters.lost,
     }
+    if self.sentinel_watch then
+        out.master_name = self:setting("master_name")
+        out.master = link and link.conn and link.address or nil
+        out.master_switches = self.counters.switches or 0
+    end
     if link and link.last_error then out.last_error = link.last_error end
     if self.pubsub then
         local n = 0
@@ -391,6 +444,7 @@ function Redis:call(...)
     if err and kind == "connection" then
         return nil, self:label() .. ": " .. err
     end
+    if err and self.sentinel_watch and err:find("^READONLY") then sentinel.on_readonly(self, conn) end
     return reply, err
 end
 

@@ -30,14 +30,20 @@
 --   enabled     false
 --   path        "system.discovery" (dots or slashes)
 --   ttl         5 (seconds)
---   etcd_host   else TAMARCO_ETCD_HOST, else 127.0.0.1
+--   etcd_endpoints  a list of cluster members ("h:p"), else etcd_host, else
+--               TAMARCO_ETCD_ENDPOINTS, system.etcd.endpoints, TAMARCO_ETCD_HOST
+--   etcd_host   (one etcd) else 127.0.0.1
 --   etcd_port   else TAMARCO_ETCD_PORT, else 2379
+-- With several members the lease keep-alive fails over to the next member
+-- when one dies (each try bounded by ttl/3), so the key stays while the
+-- cluster has a quorum.
 --   host        the address others should use (default: the first HTTP
 --               server's bound host, else the host name)
 --   port        default: the first HTTP server's port
 --   address     a table of extra fields for the registered value
 -- etcd user/password come from TAMARCO_ETCD_USER / TAMARCO_ETCD_PASSWORD.
 local base = require "tamarco.resources.base"
+local errors = require "tamarco.errors"
 local etcd = require "tamarco.etcd"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
@@ -64,12 +70,28 @@ end
 --- The etcd client (created on first use from the settings).
 function Registry:client()
     if not self._client then
-        self._client = etcd.new {
-            host = self:setting("etcd_host") or env("TAMARCO_ETCD_HOST") or "127.0.0.1",
-            port = self:setting("etcd_port") or env("TAMARCO_ETCD_PORT") or etcd.DEFAULT_PORT,
+        -- a try must end well within the lease's TTL, leaving time for the
+        -- next member
+        local ttl_ms = (tonumber(self:setting("ttl")) or DEFAULTS.ttl) * 1000
+        local opts = {
             user = env("TAMARCO_ETCD_USER"),
             password = env("TAMARCO_ETCD_PASSWORD"),
+            timeout_ms = math.max(500, math.min(5000, math.floor(ttl_ms / 3))),
+            connect_timeout_ms = math.max(200, math.min(2000, math.floor(ttl_ms / 6))),
         }
+        local endpoints, host = self:setting("etcd_endpoints"), self:setting("etcd_host")
+        if endpoints then
+            local _, err = etcd.parse_endpoints(endpoints)
+            if err then self:settings_error("etcd_endpoints", err) end
+            opts.endpoints = endpoints
+        elseif host then
+            opts.host, opts.port = host, self:setting("etcd_port") or env("TAMARCO_ETCD_PORT")
+        else
+            local located, err = etcd.locate(type(self.settings) == "table" and self.settings.store or nil)
+            if err then errors.raise("settings", "registry: " .. err) end
+            if located then for k, v in pairs(located) do opts[k] = v end end
+        end
+        self._client = etcd.new(opts)
     end
     return self._client
 end
@@ -78,6 +100,12 @@ end
 function Registry:prefix(service_name)
     local path = tostring(self:setting("path")):gsub("%.", "/"):gsub("^/+", ""):gsub("/+$", "")
     return "/" .. path .. "/" .. service_name .. "/"
+end
+
+--- "/system/discovery/": where every service's instances are.
+function Registry:root()
+    local path = tostring(self:setting("path")):gsub("%.", "/"):gsub("^/+", ""):gsub("/+$", "")
+    return "/" .. path .. "/"
 end
 
 --- The key this instance registers under.
