@@ -270,6 +270,70 @@ describe("amqp resource", function()
         end)
     end)
 
+    describe("declarations", function()
+        it("declares every pattern with exactly tamarco-amqp's arguments", function()
+            run(function()
+                local cl = client()
+                cl:pull("decl_jobs", function() end)
+                cl:subscribe("decl_events", function() end)
+                cl:respond("decl_prices", function() return 1 end)
+                cl:start()
+                assert.are.equal(STATUS.STARTED, cl:status().status)
+                -- a second declaration with tamarco-amqp's arguments is accepted
+                -- only when they are equivalent (406 otherwise)
+                local conn = cl.conn
+                assert.truthy(conn:declare_exchange(cl:queue_name("publish_subscribe", "decl_events"), "fanout",
+                    { durable = false, auto_delete = false }))
+                local ok, err = conn:declare_exchange(cl:queue_name("publish_subscribe", "decl_events"), "fanout",
+                    { durable = true })
+                assert.is_nil(ok)
+                assert.matches("406", err)
+                assert.truthy(conn:declare_queue(cl:queue_name("push_pull", "decl_jobs"),
+                    { durable = true, exclusive = false, auto_delete = false }))
+                assert.truthy(conn:declare_queue(cl:queue_name("request_response", "decl_prices"),
+                    { durable = false, exclusive = false, auto_delete = false }))
+                cl:stop()
+            end)
+        end)
+
+        it("is FAILED with the broker's reason while a declaration is refused, and retries", function()
+            run(function()
+                local logging = require "tamarco.logging"
+                local records = {}
+                local sink = { name = "amqp-decl-spec", emit = function(_, r) records[#records + 1] = r end }
+                logging.add_sink(sink)
+                local admin = client()
+                admin:start()
+                local queue = admin:queue_name("push_pull", "decl_conflict")
+                admin:delete_queue("push_pull", "decl_conflict")
+                -- someone declared it not durable: a consumer cannot use it as its own
+                assert.truthy(admin.conn:declare_queue(queue, { durable = false }))
+                local got = {}
+                local cl = client { reconnect_backoff_ms = 50, reconnect_backoff_max_ms = 200 }
+                cl:pull("decl_conflict", function(msg) got[#got + 1] = msg.n end)
+                cl:start()
+                assert.truthy(eventually(function() return cl:status().status == STATUS.FAILED end))
+                local status = cl:status()
+                assert.matches("PRECONDITION_FAILED", status.error)
+                assert.matches(queue, status.error, 1, true)
+                local logged
+                for _, r in ipairs(records) do
+                    if r.level == "ERROR" and r.message:find(queue, 1, true) and r.message:find("PRECONDITION_FAILED", 1, true) then
+                        logged = r
+                    end
+                end
+                assert.truthy(logged, "no ERROR line naming the queue and the reason")
+                -- the conflict goes away: the retry declares it and consumes
+                admin:delete_queue("push_pull", "decl_conflict")
+                assert.truthy(eventually(function() return cl:status().status == STATUS.STARTED end))
+                assert.is_true(admin:push("decl_conflict", { n = 7 }))
+                assert.truthy(eventually(function() return got[1] == 7 end))
+                logging.remove_sink(sink)
+                cl:stop(); admin:stop()
+            end)
+        end)
+    end)
+
     describe("as a service resource", function()
         it("sets up consumers declared in the service file, from settings", function()
             run(function()
@@ -346,10 +410,10 @@ describe("amqp resource", function()
             local cl = client()
             cl:start()
             for _, name in ipairs({ "jobs", "yaml_jobs", "raw_jobs", "strict", "strict.dead_letter", "flaky",
-                "poison", "poison.dead_letter", "slow", "svc_jobs" }) do
+                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict" }) do
                 cl:delete_queue("push_pull", name)
             end
-            for _, name in ipairs({ "prices", "nobody_answers" }) do cl:delete_queue("request_response", name) end
+            for _, name in ipairs({ "prices", "nobody_answers", "decl_prices" }) do cl:delete_queue("request_response", name) end
             cl:stop()
         end)
     end)

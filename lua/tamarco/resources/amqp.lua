@@ -13,8 +13,8 @@
 -- NAMES (`<queues_prefix>.` is left out when the prefix is empty):
 --   push/pull          durable queue `<queues_prefix>.push_pull.<name>`, persistent
 --                      messages; every pull()er of a name competes for its messages.
---   publish/subscribe  durable fanout exchange `<queues_prefix>.publish_subscribe.<name>`;
---                      each subscriber gets its own exclusive, auto-delete queue bound to it.
+--   publish/subscribe  fanout exchange `<queues_prefix>.publish_subscribe.<name>` (not
+--                      durable); each subscriber gets its own exclusive queue bound to it.
 --   request/response   queue `<queues_prefix>.request_response.<name>` (not durable); the
 --                      requester waits on RabbitMQ's direct reply-to (amq.rabbitmq.reply-to)
 --                      and matches replies by correlation_id. A request carries its
@@ -40,8 +40,20 @@
 -- dead_letter = true (push/pull: declares `<queue>.dead_letter` and routes
 -- rejected messages there), dead_letter_exchange = "x" (push/pull: the
 -- queue's x-dead-letter-exchange), queue_arguments = { ... } (x-arguments).
--- A queue that already exists with other arguments is used as it is (a
--- warning is logged).
+-- Every declaration uses exactly tamarco-amqp's arguments (see DECLARE), so
+-- Python Tamarco services share the same names in any start order. A
+-- consumer's declaration the broker refuses (406 PRECONDITION_FAILED: the
+-- name exists with other arguments; 403: no permission) makes the resource
+-- FAILED with one ERROR line naming the queue or exchange and the broker's
+-- reason, and is retried with back-off (reconnect_backoff_ms doubling to
+-- reconnect_backoff_max_ms) until it succeeds. A publisher only needs the
+-- name to exist: push/publish to a queue or exchange that exists with other
+-- arguments goes on with one warning.
+--
+-- CONTENT TYPE: messages are sent with the codec's content type
+-- (application/json for json). Consumers decode with their codec whatever
+-- the content type says, so tamarco-amqp's text/plain JSON is read as JSON,
+-- and tamarco-amqp (which ignores the content type) reads ours.
 --
 -- PUBLISHING: `push(name, value[, opts])` publishes a persistent message and
 -- returns when the broker has confirmed it (publisher confirms): true, or
@@ -61,7 +73,9 @@
 --   publish_wait_ms (0: while disconnected publishes fail at once with
 --   "not connected ..."; > 0: they wait that long for the connection),
 --   request_timeout_ms (5000), drain_timeout_ms (10000: how long stop waits
---   for running handlers).
+--   for running handlers), queue_type ("classic" | "quorum": push/pull
+--   queues, and their dead-letter queues, are declared with
+--   x-queue-type=quorum; classic, tamarco-amqp's, is the default).
 --
 -- STATUS: CONNECTING until the first connection is set up (queues declared,
 -- consumers started), then STARTED. When the broker goes away: FAILED, then
@@ -101,6 +115,7 @@ local DEFAULTS = {
     publish_wait_ms = 0,
     request_timeout_ms = 5000,
     drain_timeout_ms = 10000,
+    queue_type = "classic",
 }
 Client.defaults = DEFAULTS
 
@@ -242,23 +257,55 @@ local function is_precondition(err)
     return type(err) == "string" and err:find("406", 1, true) ~= nil
 end
 
--- Declares `queue` with flags/arguments; an existing queue with other
--- arguments is used as it is.
-function Client:declare(queue, flags)
+-- What every pattern declares, argument for argument as tamarco-amqp
+-- (aioamqp's defaults fill what it leaves out), so that both can declare the
+-- same names on one broker in any order:
+--   push/pull queue          durable, not exclusive, not auto-delete
+--   publish/subscribe        fanout exchange, NOT durable, not auto-delete;
+--                            each subscriber: a server-named exclusive queue
+--                            (not durable, not auto-delete) bound with key ""
+--   request/response queue   not durable, not exclusive, not auto-delete
+local DECLARE = {
+    push_pull = { durable = true, exclusive = false, auto_delete = false },
+    exchange = { durable = false, auto_delete = false },
+    subscriber = { durable = false, exclusive = true, auto_delete = false },
+    request_response = { durable = false, exclusive = false, auto_delete = false },
+}
+amqp.DECLARE = DECLARE
+
+local function with(flags, extra)
+    local out = {}
+    for k, v in pairs(flags) do out[k] = v end
+    for k, v in pairs(extra or {}) do out[k] = v end
+    return out
+end
+
+-- Declares `queue` with `flags`. A consumer needs its queue exactly so: a
+-- refusal is an error. A publisher (`publisher` true) only needs the queue to
+-- exist: when it exists with other arguments (406, declared by someone else)
+-- it is used as it is, with one warning.
+function Client:declare(queue, flags, publisher)
     local conn = self.conn
     local name, err = conn:declare_queue(queue, flags)
     if name then return name end
-    if is_precondition(err) then
-        self:log():warning("queue '" .. queue .. "' exists with other settings; using it as it is ("
+    if publisher and is_precondition(err) then
+        self:warn_once("queue:" .. queue, "queue '" .. queue .. "' exists with other arguments; publishing to it as it is ("
             .. err .. ")", { queue = queue })
         name, err = conn:declare_queue(queue, { passive = true })
         if name then return name end
     end
-    return nil, err
+    return nil, "cannot declare queue '" .. queue .. "': " .. tostring(err)
+end
+
+function Client:warn_once(key, text, fields)
+    self.warned = self.warned or {}
+    if self.warned[key] then return end
+    self.warned[key] = true
+    self:log():warning(text, fields)
 end
 
 -- The x-arguments of a push/pull queue from a consumer's options.
-local function queue_arguments(queue, options)
+local function queue_arguments(queue, options, quorum)
     local args
     if options.queue_arguments then
         args = {}
@@ -272,16 +319,24 @@ local function queue_arguments(queue, options)
         args = args or {}
         args["x-dead-letter-exchange"] = options.dead_letter_exchange
     end
+    if quorum then
+        args = args or {}
+        if args["x-queue-type"] == nil then args["x-queue-type"] = "quorum" end
+    end
     return args
 end
+amqp.queue_arguments = queue_arguments
 
-function Client:declare_push_pull(queue, options)
+function Client:declare_push_pull(queue, options, publisher)
     options = options or {}
+    local quorum = self:setting("queue_type") == "quorum"
     if options.dead_letter then
-        local ok, err = self:declare(queue .. ".dead_letter", { durable = true })
+        local ok, err = self:declare(queue .. ".dead_letter",
+            with(DECLARE.push_pull, { arguments = quorum and { ["x-queue-type"] = "quorum" } or nil }), publisher)
         if not ok then return nil, err end
     end
-    return self:declare(queue, { durable = true, arguments = queue_arguments(queue, options) })
+    return self:declare(queue, with(DECLARE.push_pull, { arguments = queue_arguments(queue, options, quorum) }),
+        publisher)
 end
 
 -- The options a local consumer of `queue` declared it with (so that a push
@@ -295,13 +350,24 @@ end
 
 function Client:ensure_queue(queue)
     return self:once("queue:" .. queue, function()
-        return self:declare_push_pull(queue, self:local_options(queue))
+        local options = self:local_options(queue)
+        return self:declare_push_pull(queue, options, options == nil)
     end)
 end
 
-function Client:ensure_exchange(exchange)
-    return self:once("exchange:" .. exchange, function()
-        return self.conn:declare_exchange(exchange, "fanout", { durable = true })
+-- publisher: see Client:declare (an exchange that exists with other
+-- arguments is still an exchange to publish to).
+function Client:ensure_exchange(exchange, publisher)
+    return self:once("exchange:" .. exchange .. (publisher and ":p" or ""), function()
+        local ok, err = self.conn:declare_exchange(exchange, "fanout", DECLARE.exchange)
+        if ok then return true end
+        if publisher and is_precondition(err) then
+            self:warn_once("exchange:" .. exchange, "exchange '" .. exchange
+                .. "' exists with other arguments; publishing to it as it is (" .. err .. ")", { exchange = exchange })
+            ok, err = self.conn:declare_exchange(exchange, "fanout", { passive = true })
+            if ok then return true end
+        end
+        return nil, "cannot declare exchange '" .. exchange .. "' (fanout, durable=false): " .. tostring(err)
     end)
 end
 
@@ -310,6 +376,13 @@ end
 -- ---------------------------------------------------------------------
 
 function Client:setup_consumer(cons, epoch)
+    cons.setting_up = true
+    local ok, err = self:setup_consumer_now(cons, epoch)
+    cons.setting_up = nil
+    return ok, err
+end
+
+function Client:setup_consumer_now(cons, epoch)
     local conn = self.conn
     if not conn or epoch ~= self.epoch then return nil, "stale connection" end
     -- names and codec from the settings in force now (a service's resources
@@ -324,14 +397,18 @@ function Client:setup_consumer(cons, epoch)
         local ok
         ok, err = self:ensure_exchange(cons.exchange)
         if ok then
-            queue, err = conn:declare_queue("", { exclusive = true, auto_delete = true })
-            if queue then
+            queue, err = conn:declare_queue("", DECLARE.subscriber)
+            if not queue then
+                err = "cannot declare the subscriber queue of '" .. cons.exchange .. "': " .. tostring(err)
+            else
                 ok, err = conn:bind_queue(queue, cons.exchange, "")
-                if not ok then queue = nil end
+                if not ok then
+                    queue, err = nil, "cannot bind a queue to exchange '" .. cons.exchange .. "': " .. tostring(err)
+                end
             end
         end
     else
-        queue, err = self:declare(cons.queue, { durable = false })
+        queue, err = self:declare(cons.queue, DECLARE.request_response)
     end
     if not queue then return nil, err end
     if epoch ~= self.epoch then return nil, "stale connection" end
@@ -344,14 +421,78 @@ function Client:setup_consumer(cons, epoch)
     return true
 end
 
-function Client:setup_all(epoch)
+-- Sets up every consumer not set up on this connection yet; -> the list of
+-- those that failed, each with cons.setup_error.
+function Client:setup_pending(epoch)
+    local failed = {}
     for _, cons in ipairs(self.consumers) do
-        if epoch ~= self.epoch then return end
-        local ok, err = self:setup_consumer(cons, epoch)
-        if not ok and epoch == self.epoch then
-            self:log():error("cannot consume from '" .. tostring(cons.queue) .. "': " .. tostring(err),
-                { queue = cons.queue, pattern = cons.kind })
+        if epoch ~= self.epoch then return failed end
+        if not (cons.tag and cons.epoch == epoch) and not cons.setting_up then
+            local ok, err = self:setup_consumer(cons, epoch)
+            if not ok and epoch == self.epoch then
+                cons.setup_error = tostring(err)
+                failed[#failed + 1] = cons
+            else
+                cons.setup_error = nil
+            end
         end
+    end
+    return failed
+end
+
+-- Sets up the consumers of connection `epoch`; a declaration the broker
+-- refuses makes the resource FAILED (one log line naming the queue or
+-- exchange and the broker's reason) and is retried with back-off until it
+-- succeeds or the connection goes. -> true once all consume.
+function Client:setup_all(epoch)
+    if self.setup_epoch == epoch then
+        self.setup_again = true   -- the loop already running takes it
+        return false
+    end
+    self.setup_epoch = epoch
+    local ok = self:setup_loop(epoch)
+    if self.setup_epoch == epoch then self.setup_epoch = nil end
+    return ok
+end
+
+function Client:setup_loop(epoch)
+    local backoff = self:setting("reconnect_backoff_ms")
+    local attempt = 0
+    while true do
+        self.setup_again = false
+        local failed = self:setup_pending(epoch)
+        if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return false end
+        while #failed == 0 and self.setup_again and epoch == self.epoch do
+            self.setup_again = false
+            failed = self:setup_pending(epoch)
+        end
+        if #failed == 0 then
+            if attempt > 0 then
+                self:log():info("the AMQP declarations succeeded after " .. attempt .. " failed attempts")
+            end
+            self.setup_error = nil
+            return true
+        end
+        attempt = attempt + 1
+        local first = failed[1]
+        self.setup_error = first.setup_error
+        self.last_error = first.setup_error
+        self:set_status(STATUS.FAILED)
+        local text = ("%s (%s '%s'); the amqp resource is FAILED, retrying in %d ms"):format(first.setup_error,
+            first.kind, first.name, backoff)
+        if attempt == 1 or first.setup_error ~= self.logged_setup_error then
+            self:log():error(text, { queue = first.queue, exchange = first.exchange, pattern = first.kind,
+                failed_consumers = #failed })
+        else
+            self:log():debug(text)
+        end
+        self.logged_setup_error = first.setup_error
+        wake_all(self.ready_waiters, nil, first.setup_error)
+        suspend_for(backoff, self.ready_waiters)   -- stop ends the wait
+        backoff = math.min(backoff * 2, self:setting("reconnect_backoff_max_ms"))
+        if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return false end
+        -- declarations are made afresh (a refused one may have been fixed)
+        self.declared = {}
     end
 end
 
@@ -379,8 +520,14 @@ function Client:add_consumer(kind, name, handler, options, what)
         local function setup()
             local ok, err = self:setup_consumer(cons, self.epoch)
             if not ok then
-                self:log():error("cannot consume from '" .. tostring(cons.queue) .. "': " .. tostring(err),
-                    { queue = cons.queue })
+                cons.setup_error = tostring(err)
+                -- FAILED and retried with back-off like at connection time
+                local epoch = self.epoch
+                scheduler.spawn(function()
+                    if self:setup_all(epoch) and epoch == self.epoch and not self.stopping then
+                        self:set_status(STATUS.STARTED)
+                    end
+                end)
             end
             return ok, err
         end
@@ -529,7 +676,7 @@ function Client:on_state(state, epoch, err)
         self.declared = {}
         self.by_tag = {}
         self.reply_tag = nil
-        self:setup_all(epoch)
+        if not self:setup_all(epoch) then return end
         if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return end
         self.last_error = nil
         self.warned_failure = false
@@ -549,8 +696,9 @@ function Client:on_state(state, epoch, err)
         tasks.sleep(1000)
         if epoch == self.epoch and self.conn_state == "connected" and not self.stopping then
             self.declared = {}
-            local ok, serr = self:setup_consumer(cons, epoch)
-            if not ok then self:log():error("cannot consume from '" .. cons.queue .. "': " .. tostring(serr)) end
+            if self:setup_all(epoch) and epoch == self.epoch and not self.stopping then
+                self:set_status(STATUS.STARTED)
+            end
         end
     end
 end
@@ -564,6 +712,10 @@ function Client:start()
     self:check_settings { port = base.PORT, connection_timeout = base.DURATION, heartbeat = base.COUNT,
         prefetch = base.COUNT, reconnect_backoff_ms = base.DURATION, reconnect_backoff_max_ms = base.DURATION,
         publish_wait_ms = base.DURATION, request_timeout_ms = base.DURATION, drain_timeout_ms = base.DURATION }
+    local queue_type = self:setting("queue_type")
+    if queue_type ~= "classic" and queue_type ~= "quorum" then
+        self:settings_error("queue_type", "must be \"classic\" or \"quorum\", not " .. tostring(queue_type))
+    end
     self.stopping = false
     local timeout_s = self:setting("connection_timeout")
     local svc_name = self.service and self.service.name or "tamarco"
@@ -638,7 +790,8 @@ end
 
 --- status(): Tamarco's status dict plus the connection (no password).
 function Client:status()
-    local out = { status = self.status_code, consumers = #self.consumers, in_flight = self.in_flight }
+    local out = { status = self.status_code, consumers = #self.consumers, in_flight = self.in_flight,
+        error = self.setup_error }
     for k, v in pairs(self.counters) do out[k] = v end
     if self.conn then
         local info = self.conn:info()
@@ -683,7 +836,7 @@ function Client:push(name, value, opts)
     if not ok then return nil, err end
     local queue = self:queue_name("push_pull", name)
     ok, err = self:ensure_queue(queue)
-    if not ok then return nil, "cannot declare queue '" .. queue .. "': " .. tostring(err) end
+    if not ok then return nil, err end
     ok, err = self.conn:publish("", queue, body, props_for(codec, opts, true), true)
     tasks.checkpoint()
     if not ok then return nil, err end
@@ -699,8 +852,8 @@ function Client:publish(name, value, opts)
     local ok, err = self:wait_connected(opts.wait_ms)
     if not ok then return nil, err end
     local exchange = self:queue_name("publish_subscribe", name)
-    ok, err = self:ensure_exchange(exchange)
-    if not ok then return nil, "cannot declare exchange '" .. exchange .. "': " .. tostring(err) end
+    ok, err = self:ensure_exchange(exchange, true)
+    if not ok then return nil, err end
     ok, err = self.conn:publish(exchange, "", body, props_for(codec, opts, opts.persistent or false),
         opts.confirm or false)
     if opts.confirm then tasks.checkpoint() end
