@@ -176,6 +176,53 @@ describe("amqp resource", function()
             end)
         end)
 
+        it("bounds the redeliveries of a poison message, with back-off, one log line and metrics", function()
+            run(function()
+                local logging = require "tamarco.logging"
+                local metrics = require "tamarco.metrics"
+                local records = {}
+                local sink = { name = "amqp-poison-spec", emit = function(_, r) records[#records + 1] = r end }
+                logging.add_sink(sink)
+                local cl = client { max_redeliveries = 3, redelivery_backoff_ms = 20, repeated_error_log_ms = 60000 }
+                local calls, failures_seen, dead = 0, {}, {}
+                cl:pull("poison_bounded", function(_, meta)
+                    calls = calls + 1
+                    failures_seen[#failures_seen + 1] = meta.failures
+                    error("always fails")
+                end, { dead_letter = true })
+                cl:pull("poison_bounded.dead_letter", function(msg) dead[#dead + 1] = msg end)
+                cl:start()
+                assert.is_true(cl:push("poison_bounded", { n = 1 }))
+                assert.truthy(eventually(function() return #dead == 1 end, 10000))
+                tasks.sleep(300)   -- no further delivery
+                assert.are.equal(4, calls)                 -- the first try and 3 redeliveries
+                assert.are.same({ 0, 1, 2, 3 }, failures_seen)
+                assert.are.equal(1, dead[1].n)
+                local tracebacks, gave_up = 0, 0
+                for _, r in ipairs(records) do
+                    if r.message:find("handler for '", 1, true) and r.message:find("poison_bounded", 1, true) then
+                        tracebacks = tracebacks + 1
+                    end
+                    if r.message:find("failed 4 times", 1, true) then
+                        gave_up = gave_up + 1
+                        assert.matches("dead%-lettered", r.message)
+                        assert.matches("always fails", r.message)
+                    end
+                end
+                assert.are.equal(1, tracebacks)   -- the identical ones are counted, not logged
+                assert.are.equal(1, gave_up)
+                local queue = cl:queue_name("push_pull", "poison_bounded")
+                assert.are.equal(4, metrics.counter("amqp_handler_errors_total", { labels = { queue = queue } }):get())
+                assert.are.equal(2, metrics.counter("amqp_handler_error_logs_suppressed_total",
+                    { labels = { queue = queue } }):get())
+                assert.are.equal(1, metrics.counter("amqp_messages_given_up_total", { labels = { queue = queue } }):get())
+                local info = assert(cl:queue_info("push_pull", "poison_bounded"))
+                assert.are.equal(0, info.messages)
+                logging.remove_sink(sink)
+                cl:stop()
+            end)
+        end)
+
         it("dead-letters a failing message when configured", function()
             run(function()
                 local cl = client()
@@ -410,7 +457,7 @@ describe("amqp resource", function()
             local cl = client()
             cl:start()
             for _, name in ipairs({ "jobs", "yaml_jobs", "raw_jobs", "strict", "strict.dead_letter", "flaky",
-                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict" }) do
+                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict", "poison_bounded", "poison_bounded.dead_letter" }) do
                 cl:delete_queue("push_pull", name)
             end
             for _, name in ipairs({ "prices", "nobody_answers", "decl_prices" }) do cl:delete_queue("request_response", name) end

@@ -24,10 +24,24 @@
 -- DELIVERY: every message runs its handler `handler(value, meta)` in its own
 -- task (meta: properties, delivery_tag, redelivered, exchange, routing_key,
 -- body, queue). It is acked only after the handler returns. A handler error
--- is logged with its traceback and the message is nacked: requeued (option
--- `on_error = "requeue"`, the default) or dead-lettered (`on_error =
+-- is logged with its traceback and the message is retried (option
+-- `on_error = "requeue"`, the default) or dead-lettered at once (`on_error =
 -- "dead_letter"`: rejected without requeue, so the queue's dead-letter
--- exchange gets it, or the broker drops it when the queue has none). A
+-- exchange gets it, or the broker drops it when the queue has none).
+-- Retries are bounded: a failed message waits redelivery_backoff_ms x
+-- 2^(failures-1) (at most redelivery_backoff_max_ms, holding its prefetch
+-- slot), then goes back to its queue; after max_redeliveries retries (the
+-- max_redeliveries + 1-th failure) it is rejected - dead-lettered when the
+-- queue has a dead-letter exchange, else dropped - with one ERROR line. The
+-- count is the broker's x-delivery-count header on quorum queues; on
+-- classic queues (which have none, and whose redelivered flag a connection
+-- loss sets too) the message goes back as a copy with the header
+-- x-tamarco-retries and the original is acked once the copy is confirmed.
+-- meta.failures is that count, meta.redelivered is true when it is > 0.
+-- Identical tracebacks (same queue, error and traceback) are logged once
+-- per repeated_error_log_ms; the others are counted. Metrics, labelled
+-- queue: amqp_handler_errors_total, amqp_handler_error_logs_suppressed_total,
+-- amqp_messages_given_up_total. A
 -- payload the codec cannot decode is logged and rejected without requeue
 -- (dead-lettered when configured); the consumer goes on. A responder's error
 -- is sent back to the requester (`nil, "remote error: ..."`). Delivery is
@@ -75,7 +89,10 @@
 --   request_timeout_ms (5000), drain_timeout_ms (10000: how long stop waits
 --   for running handlers), queue_type ("classic" | "quorum": push/pull
 --   queues, and their dead-letter queues, are declared with
---   x-queue-type=quorum; classic, tamarco-amqp's, is the default).
+--   x-queue-type=quorum; classic, tamarco-amqp's, is the default),
+--   max_redeliveries (5), redelivery_backoff_ms (200),
+--   redelivery_backoff_max_ms (10000), repeated_error_log_ms (10000); the
+--   first three may also be given per consumer in pull/subscribe options.
 --
 -- STATUS: CONNECTING until the first connection is set up (queues declared,
 -- consumers started), then STARTED. When the broker goes away: FAILED, then
@@ -116,6 +133,10 @@ local DEFAULTS = {
     request_timeout_ms = 5000,
     drain_timeout_ms = 10000,
     queue_type = "classic",
+    max_redeliveries = 5,
+    redelivery_backoff_ms = 200,
+    redelivery_backoff_max_ms = 10000,
+    repeated_error_log_ms = 10000,
 }
 Client.defaults = DEFAULTS
 
@@ -147,7 +168,9 @@ function Client:init(options)
     self.in_flight = 0
     self.drain_waiters = {}
     self.next_id = 0
-    self.counters = { handled = 0, handler_errors = 0, rejected = 0, requests = 0, timeouts = 0 }
+    self.counters = { handled = 0, handler_errors = 0, rejected = 0, requests = 0, timeouts = 0, redelivered = 0,
+        gave_up = 0 }
+    self.backoff_waiters = {}
 end
 
 function Client:log()
@@ -579,6 +602,30 @@ function Client:reply(cons, props, body, is_error)
     end
 end
 
+local RETRIES_HEADER = "x-tamarco-retries"
+
+local function meter(self, id, help, queue)
+    self.meters = self.meters or {}
+    local key = id .. "\0" .. queue
+    local m = self.meters[key]
+    if not m then
+        m = require("tamarco.metrics").counter(id, { help = help, labels = { queue = queue } })
+        self.meters[key] = m
+    end
+    return m
+end
+
+-- How many times this message failed before: the broker's count on quorum
+-- queues (x-delivery-count), else the count carried by our own retries.
+-- The redelivered flag is no count (a connection loss sets it too).
+local function previous_failures(props)
+    local headers = props.headers
+    if not headers then return 0, nil end
+    local n = tonumber(headers["x-delivery-count"])
+    if n then return n, "x-delivery-count" end
+    return tonumber(headers[RETRIES_HEADER]) or 0, RETRIES_HEADER
+end
+
 function Client:on_delivery(tag, body, props, dtag, redelivered, epoch, exchange, routing_key)
     local conn = self.conn
     if not conn then return end
@@ -609,9 +656,10 @@ function Client:on_delivery(tag, body, props, dtag, redelivered, epoch, exchange
         self:handler_done()
         return
     end
+    local failures = previous_failures(props)
     local meta = {
-        properties = props, delivery_tag = dtag, redelivered = redelivered, exchange = exchange,
-        routing_key = routing_key, body = body, queue = cons.queue,
+        properties = props, delivery_tag = dtag, redelivered = redelivered or failures > 0, exchange = exchange,
+        routing_key = routing_key, body = body, queue = cons.queue, failures = failures,
     }
     local ok, result = xpcall(cons.handler, capture, value, meta)
     if ok then
@@ -628,15 +676,110 @@ function Client:on_delivery(tag, body, props, dtag, redelivered, epoch, exchange
     elseif result.error == tasks.CANCELLED then
         conn:nack(epoch, dtag, true)
     else
-        self.counters.handler_errors = self.counters.handler_errors + 1
-        local requeue = cons.on_error == "requeue" and cons.kind ~= "request_response"
-        self:log():exception(("handler for '%s' failed: %s (message %s)"):format(cons.queue,
-            tostring(result.error), requeue and "requeued" or "rejected"), result.error, result.traceback,
-            { queue = cons.queue, delivery_tag = dtag, redelivered = redelivered })
-        if cons.kind == "request_response" then self:reply(cons, props, tostring(result.error), true) end
-        conn:nack(epoch, dtag, requeue)
+        self:handler_failed(cons, result, body, props, dtag, redelivered, epoch)
     end
     self:handler_done()
+end
+
+-- ---------------------------------------------------------------------
+-- failed handlers: bounded redelivery
+-- ---------------------------------------------------------------------
+
+function Client:option(cons, key)
+    local v = cons.options[key]
+    if v == nil then v = self:setting(key) end
+    return v
+end
+
+-- Logs a handler's failure with its traceback, at most once per
+-- repeated_error_log_ms for the same queue, error and traceback; the others
+-- are counted (amqp_handler_error_logs_suppressed_total) and the next line
+-- says how many were left out.
+function Client:log_failure(cons, result, text, fields)
+    local key = cons.queue .. "\0" .. tostring(result.error) .. "\0" .. tostring(result.traceback)
+    self.error_logs = self.error_logs or { n = 0, by_key = {} }
+    local logs = self.error_logs
+    local entry = logs.by_key[key]
+    local now = timer.hrtime() / 1e6
+    if entry and now - entry.at < self:setting("repeated_error_log_ms") then
+        entry.suppressed = entry.suppressed + 1
+        meter(self, "amqp_handler_error_logs_suppressed_total",
+            "Handler failures whose identical traceback was not logged again", cons.queue):inc()
+        return
+    end
+    if not entry then
+        if logs.n >= 1000 then logs.by_key, logs.n = {}, 0 end   -- bounded
+        entry = { suppressed = 0 }
+        logs.by_key[key] = entry
+        logs.n = logs.n + 1
+    end
+    if entry.suppressed > 0 then
+        text = text .. (" (%d identical failures not logged since the last line)"):format(entry.suppressed)
+        fields.suppressed = entry.suppressed
+    end
+    entry.at, entry.suppressed = now, 0
+    self:log():exception(text, result.error, result.traceback, fields)
+end
+
+function Client:handler_failed(cons, result, body, props, dtag, redelivered, epoch)
+    local conn = self.conn
+    self.counters.handler_errors = self.counters.handler_errors + 1
+    meter(self, "amqp_handler_errors_total", "Message handlers that raised an error", cons.queue):inc()
+    local fields = { queue = cons.queue, delivery_tag = dtag, redelivered = redelivered }
+    local what = ("handler for '%s' failed: %s"):format(cons.queue, tostring(result.error))
+    if cons.kind == "request_response" or cons.on_error == "dead_letter" then
+        self:log_failure(cons, result, what .. " (message rejected)", fields)
+        if cons.kind == "request_response" then self:reply(cons, props, tostring(result.error), true) end
+        conn:nack(epoch, dtag, false)
+        return
+    end
+    -- on_error = "requeue": again after a back-off, at most max_redeliveries times
+    local before, source = previous_failures(props)
+    local failures = before + 1
+    local max = self:option(cons, "max_redeliveries")
+    fields.failures = failures
+    if failures > max then
+        self.counters.gave_up = self.counters.gave_up + 1
+        meter(self, "amqp_messages_given_up_total", "Messages rejected after failing max_redeliveries + 1 times",
+            cons.queue):inc()
+        local dead = cons.options.dead_letter and (cons.queue .. ".dead_letter") or cons.options.dead_letter_exchange
+        local fate = dead and ("dead-lettered to '" .. dead .. "'")
+            or "rejected (dropped unless a broker policy dead-letters it)"
+        self:log():error(("a message from '%s' failed %d times (max_redeliveries %d); %s. Last error: %s")
+            :format(cons.queue, failures, max, fate, tostring(result.error)), fields)
+        conn:nack(epoch, dtag, false)
+        return
+    end
+    local delay = math.min(self:option(cons, "redelivery_backoff_ms") * 2 ^ (failures - 1),
+        self:option(cons, "redelivery_backoff_max_ms"))
+    self:log_failure(cons, result, ("%s (attempt %d of %d; retried in %d ms)"):format(what, failures, max + 1,
+        delay), fields)
+    -- the message stays unacknowledged meanwhile: it holds one prefetch slot,
+    -- so a poison message slows its consumer down instead of spinning
+    if not self.stopping then suspend_for(delay, self.backoff_waiters) end
+    if epoch ~= self.epoch or not self.conn then return end   -- the broker redelivers it
+    self.counters.redelivered = self.counters.redelivered + 1
+    if source == "x-delivery-count" then
+        conn:nack(epoch, dtag, true)   -- the broker counts
+        return
+    end
+    -- a classic queue has no count: the message goes back to the queue as a
+    -- copy carrying ours, then the original is acked (nacked to the queue
+    -- if the copy was not confirmed)
+    local copy = {}
+    for k, v in pairs(props) do copy[k] = v end
+    copy.user_id = nil   -- the broker refuses one that is not our own user
+    copy.persistent = props.delivery_mode == 2
+    copy.delivery_mode = nil
+    copy.headers = {}
+    for k, v in pairs(props.headers or {}) do copy.headers[k] = v end
+    copy.headers[RETRIES_HEADER] = failures
+    local ok = conn:publish("", cons.bound_queue or cons.queue, body, copy, true)
+    if ok and epoch == self.epoch then
+        conn:ack(epoch, dtag)
+    else
+        conn:nack(epoch, dtag, true)
+    end
 end
 
 -- ---------------------------------------------------------------------
@@ -711,7 +854,9 @@ function Client:start()
     if self.conn then return end
     self:check_settings { port = base.PORT, connection_timeout = base.DURATION, heartbeat = base.COUNT,
         prefetch = base.COUNT, reconnect_backoff_ms = base.DURATION, reconnect_backoff_max_ms = base.DURATION,
-        publish_wait_ms = base.DURATION, request_timeout_ms = base.DURATION, drain_timeout_ms = base.DURATION }
+        publish_wait_ms = base.DURATION, request_timeout_ms = base.DURATION, drain_timeout_ms = base.DURATION,
+        max_redeliveries = base.COUNT, redelivery_backoff_ms = base.DURATION, redelivery_backoff_max_ms = base.DURATION,
+        repeated_error_log_ms = base.DURATION }
     local queue_type = self:setting("queue_type")
     if queue_type ~= "classic" and queue_type ~= "quorum" then
         self:settings_error("queue_type", "must be \"classic\" or \"quorum\", not " .. tostring(queue_type))
@@ -773,6 +918,7 @@ function Client:stop()
             if cons.tag and cons.epoch == self.epoch then conn:cancel(cons.epoch, cons.tag) end
         end
     end
+    wake_all(self.backoff_waiters)   -- failed messages waiting for their retry go back now
     if self.in_flight > 0 then
         local ok = suspend_for(self:setting("drain_timeout_ms"), self.drain_waiters)
         if not ok then
