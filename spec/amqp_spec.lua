@@ -430,6 +430,67 @@ describe("amqp resource", function()
             end)
         end)
 
+        it("reports a refused login as such at once: FAILED, user and vhost named", function()
+            run(function()
+                local logging = require "tamarco.logging"
+                local records = {}
+                local sink = { name = "amqp-login-spec", emit = function(_, r) records[#records + 1] = r end }
+                logging.add_sink(sink)
+                -- a connection timeout longer than the spec's: start must not wait for it
+                testing.timeout_ms = 20000
+                local cl = client { user = "nobody-here", password = "wrong", connection_timeout = 60,
+                    reconnect_backoff_ms = 50, reconnect_backoff_max_ms = 100 }
+                cl:start()
+                assert.are.equal(STATUS.FAILED, cl:status().status)
+                local line
+                for _, r in ipairs(records) do
+                    if r.level == "ERROR" and r.message:find("refused user 'nobody-here' on vhost '/'", 1, true) then
+                        line = r
+                    end
+                end
+                assert.truthy(line, "no ERROR line naming the user and the vhost")
+                assert.matches("403 ACCESS_REFUSED", line.message)
+                tasks.sleep(400)   -- retried meanwhile, but said once
+                local count = 0
+                for _, r in ipairs(records) do
+                    if r.message:find("refused user 'nobody-here'", 1, true) then count = count + 1 end
+                end
+                assert.are.equal(1, count)
+                logging.remove_sink(sink)
+                cl:stop()
+                testing.timeout_ms = 30000
+            end)
+        end)
+
+        it("says 'Connection refused' when nothing listens", function()
+            run(function()
+                local cl = amqp.client { host = "127.0.0.1", port = 1, connection_timeout = 1,
+                    reconnect_backoff_ms = 50, reconnect_backoff_max_ms = 100 }
+                cl:start()
+                assert.matches("cannot connect to 127.0.0.1:1: Connection refused", cl:status().connection.last_error)
+                cl:stop()
+            end)
+        end)
+
+        it("takes a list of nodes and connects to one that answers", function()
+            run(function()
+                local cl = client { hosts = { "127.0.0.1:1", HOST .. ":" .. PORT, { host = "127.0.0.1", port = 1 } },
+                    reconnect_backoff_ms = 20, reconnect_backoff_max_ms = 50 }
+                local got = {}
+                cl:pull("nodes_jobs", function(msg) got[#got + 1] = msg.n end)
+                cl:start()
+                assert.truthy(eventually(function() return cl:status().status == STATUS.STARTED end))
+                assert.are.equal(PORT, cl:status().connection.port)
+                assert.is_true(cl:push("nodes_jobs", { n = 1 }))
+                assert.truthy(eventually(function() return got[1] == 1 end))
+                cl:stop()
+                local bad = client { hosts = { "127.0.0.1:notaport" } }
+                local ok, err = pcall(bad.start, bad)
+                assert.is_false(ok)
+                assert.matches("hosts", tostring(err))
+            end)
+        end)
+
         it("fails fast when nothing listens, and waits publish_wait_ms when asked", function()
             run(function()
                 local cl = amqp.client { host = "127.0.0.1", port = 1, connection_timeout = 1,
@@ -457,7 +518,7 @@ describe("amqp resource", function()
             local cl = client()
             cl:start()
             for _, name in ipairs({ "jobs", "yaml_jobs", "raw_jobs", "strict", "strict.dead_letter", "flaky",
-                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict", "poison_bounded", "poison_bounded.dead_letter" }) do
+                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict", "poison_bounded", "poison_bounded.dead_letter", "nodes_jobs" }) do
                 cl:delete_queue("push_pull", name)
             end
             for _, name in ipairs({ "prices", "nobody_answers", "decl_prices" }) do cl:delete_queue("request_response", name) end

@@ -79,7 +79,7 @@
 --
 -- SETTINGS under system.resources.<name> (later wins: default, the options
 -- given to amqp.client{...}, settings):
---   host (127.0.0.1), port (5672), vhost ("/"), user ("guest"), password
+--   hosts (see CLUSTER), host (127.0.0.1), port (5672), vhost ("/"), user ("guest"), password
 --   ("guest"), connection_timeout (seconds, 10: TCP connect, login and each
 --   broker round trip), heartbeat (seconds, 30; 0 disables), queues_prefix
 --   (""), prefetch (10), codec ("json"), reconnect_backoff_ms (200, doubled
@@ -98,8 +98,23 @@
 -- consumers started), then STARTED. When the broker goes away: FAILED, then
 -- CONNECTING at the next attempt, STARTED again once everything is declared
 -- and consuming again. A broker that cannot be reached at start does not
--- stop the service: the resource keeps trying in the background and reports
--- FAILED/CONNECTING meanwhile. status() never shows the password.
+-- stop the service: start waits up to connection_timeout per node (the
+-- resource stays CONNECTING, /status 503), then the service starts and the
+-- resource keeps trying in the background, FAILED/CONNECTING meanwhile. A
+-- stop requested during that wait ends it at once (cancel_start), and a stop
+-- while the broker accepts the TCP connection but never answers the
+-- handshake interrupts it. A refused login (403 ACCESS_REFUSED, 530
+-- NOT_ALLOWED for the vhost) is FAILED at once with one ERROR line naming
+-- the user and vhost; it is retried every reconnect_backoff_max_ms, in case
+-- the broker's users are being set up. status() never shows the password.
+--
+-- CLUSTER: `hosts` lists the nodes ("h:p", "h" with `port`, or {host, port};
+-- a comma-separated string from the environment works too). The first
+-- attempt goes to a node picked at random (so a fleet spreads over the
+-- cluster), then each failed attempt or lost connection moves to the next
+-- node in turn, with the usual back-off; the resource re-declares and
+-- resumes consuming on whichever node answers. `host`/`port` are used when
+-- `hosts` is not set.
 --
 -- The connection runs on its own I/O thread (see bindings/amqp.c for why).
 local base = require "tamarco.resources.base"
@@ -803,7 +818,27 @@ function Client:on_state(state, epoch, err)
         local was = self.conn_state
         self.conn_state = "failed"
         self.last_error = err
-        self:set_status(STATUS.FAILED)
+        local refusal = amqp.login_refusal(err)
+        -- while start-up waits for the first connection the resource is
+        -- still connecting (/status 503); a refused login is a failure
+        self:set_status((self.starting and not refusal) and STATUS.CONNECTING or STATUS.FAILED)
+        if refusal then
+            -- wrong credentials or vhost: said loudly (once per distinct
+            -- reason), start-up does not wait for it; retried at the slowest
+            -- back-off in case the broker's users are being set up
+            if self.logged_refusal ~= err then
+                local info = self.conn:info()
+                self:log():error(("the AMQP broker %s:%s refused user '%s' on vhost '%s': %s; check the user, "
+                    .. "password and vhost permissions (retrying every %d ms)"):format(info.host, info.port,
+                    info.user, info.vhost, refusal, self:setting("reconnect_backoff_max_ms")),
+                    { user = info.user, vhost = info.vhost, error = err })
+                self.logged_refusal = err
+            end
+            self.warned_failure = true
+            wake_all(self.ready_waiters, nil, err)
+            self:fail_requests("connection lost: " .. tostring(err))
+            return
+        end
         if was == "connected" then
             self:log():warning("AMQP connection lost: " .. tostring(err) .. "; reconnecting", { error = err })
         elseif not self.warned_failure then
@@ -823,8 +858,11 @@ function Client:on_state(state, epoch, err)
         if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return end
         self.last_error = nil
         self.warned_failure = false
+        self.logged_refusal = nil
         self:set_status(STATUS.STARTED)
-        self:log():info(epoch == 1 and "connected to the AMQP broker" or "reconnected to the AMQP broker",
+        local info = self.conn:info()
+        self:log():info((epoch == 1 and "connected to the AMQP broker %s:%s" or "reconnected to the AMQP broker %s:%s")
+            :format(info.host, info.port),
             { epoch = epoch, consumers = #self.consumers })
         wake_all(self.ready_waiters, true)
     elseif state == "cancelled" then
@@ -862,11 +900,12 @@ function Client:start()
         self:settings_error("queue_type", "must be \"classic\" or \"quorum\", not " .. tostring(queue_type))
     end
     self.stopping = false
+    self.start_cancelled = false
     local timeout_s = self:setting("connection_timeout")
     local svc_name = self.service and self.service.name or "tamarco"
+    local hosts = self:hosts()
     self.conn = c().connect {
-        host = tostring(self:setting("host")),
-        port = tonumber(self:setting("port")),
+        hosts = hosts,
         vhost = tostring(self:setting("vhost")),
         user = tostring(self:setting("user")),
         password = tostring(self:setting("password")),
@@ -879,14 +918,77 @@ function Client:start()
         on_delivery = function(...) return self:on_delivery(...) end,
     }
     self:set_status(STATUS.CONNECTING)
-    -- wait for the first connection (and its consumers), bounded
-    if self.status_code ~= STATUS.STARTED then
-        suspend_for(math.floor(tonumber(timeout_s) * 1000) + 1000, self.ready_waiters)
+    -- wait for the first connection (and its consumers), bounded; a stop
+    -- requested meanwhile (cancel_start) or a refused login end the wait
+    if self.status_code ~= STATUS.STARTED and not self.start_cancelled then
+        self.starting = true
+        suspend_for(math.floor(tonumber(timeout_s) * 1000) * #hosts + 1000, self.ready_waiters)
+        self.starting = false
+        if self.conn_state == "failed" then self:set_status(STATUS.FAILED) end
     end
-    if self.status_code ~= STATUS.STARTED then
+    if self.start_cancelled then return end
+    if self.status_code ~= STATUS.STARTED and not amqp.login_refusal(self.last_error) and not self.setup_error then
         self:log():warning("the AMQP broker is not reachable yet (" .. tostring(self.last_error)
             .. "); the service starts and the connection is retried in the background")
     end
+end
+
+--- A stop was requested while the service starts: stop waiting for the broker.
+function Client:cancel_start()
+    self.start_cancelled = true
+    wake_all(self.ready_waiters, nil, "start-up cancelled")
+end
+
+--- The broker's reason when it refused the login (wrong user or password:
+-- 403 ACCESS_REFUSED; a vhost that does not exist or is not permitted: 530
+-- NOT_ALLOWED), else nil.
+function amqp.login_refusal(err)
+    if type(err) ~= "string" or not err:find("^login to ") then return nil end
+    return err:match("(403 ACCESS_REFUSED.*)$") or err:match("(530 NOT_ALLOWED.*)$")
+end
+
+-- "h", "h:p" or {host = h, port = p} -> { host = h, port = p }
+local function parse_node(self, node, default_port)
+    local host, port
+    if type(node) == "table" then
+        host, port = node.host, node.port or default_port
+    elseif type(node) == "string" then
+        host, port = node:match("^%[(.+)%]:(%d+)$")
+        if not host then host, port = node:match("^([^:]+):(%d+)$") end
+        local _, colons = node:gsub(":", "")
+        if not host and colons ~= 1 then host, port = node, default_port end   -- a name, or a bare IPv6
+    end
+    port = tonumber(port)
+    if type(host) ~= "string" or host == "" or not port or port < 1 or port > 65535 or port % 1 ~= 0 then
+        self:settings_error("hosts", "each node must be \"host\", \"host:port\" or {host = ..., port = ...}, not "
+            .. tostring(node))
+    end
+    return { host = host, port = port }
+end
+
+--- The broker nodes to connect to, from `hosts` (a list, or a comma-separated
+-- string) or else `host`/`port`; a list starts at a random node so that the
+-- instances of a service spread over the cluster.
+function Client:hosts()
+    local default_port = tonumber(self:setting("port"))
+    local list = self:setting("hosts")
+    if list == nil or list == "" then
+        return { { host = tostring(self:setting("host")), port = default_port } }
+    end
+    if type(list) == "string" then
+        local parts = {}
+        for part in list:gmatch("[^,%s]+") do parts[#parts + 1] = part end
+        list = parts
+    end
+    if type(list) ~= "table" or #list == 0 then
+        self:settings_error("hosts", "must be a non-empty list of nodes (\"host:port\")")
+    end
+    local nodes = {}
+    for i, node in ipairs(list) do nodes[i] = parse_node(self, node, default_port) end
+    local start = math.floor(timer.hrtime() / 1000) % #nodes
+    local shuffled = {}
+    for i = 1, #nodes do shuffled[i] = nodes[(start + i - 1) % #nodes + 1] end
+    return shuffled
 end
 
 --- Hot reload: keeps the connection and the consumers; takes the new
