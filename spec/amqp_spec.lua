@@ -223,6 +223,34 @@ describe("amqp resource", function()
             end)
         end)
 
+        it("declares quorum queues when asked, and counts their redeliveries with x-delivery-count", function()
+            run(function()
+                local cl = client { queue_type = "quorum", max_redeliveries = 2, redelivery_backoff_ms = 10 }
+                local failures_seen, dead = {}, {}
+                cl:pull("quorum_jobs", function(_, meta)
+                    failures_seen[#failures_seen + 1] = meta.failures
+                    error("always fails")
+                end, { dead_letter = true })
+                cl:pull("quorum_jobs.dead_letter", function(msg) dead[#dead + 1] = msg end)
+                cl:start()
+                assert.are.equal(STATUS.STARTED, cl:status().status)
+                local queue = cl:queue_name("push_pull", "quorum_jobs")
+                -- the broker has it as a quorum queue: a classic declaration is refused
+                local classic = amqp.queue_arguments(queue, { dead_letter = true }, false)
+                local ok, err = cl.conn:declare_queue(queue, { durable = true, arguments = classic })
+                assert.is_nil(ok)
+                assert.matches("x%-queue%-type", err)
+                assert.truthy(cl.conn:declare_queue(queue, { durable = true,
+                    arguments = amqp.queue_arguments(queue, { dead_letter = true }, true) }))
+                assert.is_true(cl:push("quorum_jobs", { n = 1 }))
+                assert.truthy(eventually(function() return #dead == 1 end, 10000))
+                assert.are.same({ 0, 1, 2 }, failures_seen)
+                local bad = client { queue_type = "fast" }
+                assert.has_error(function() bad:start() end)
+                cl:stop()
+            end)
+        end)
+
         it("dead-letters a failing message when configured", function()
             run(function()
                 local cl = client()
@@ -518,7 +546,7 @@ describe("amqp resource", function()
             local cl = client()
             cl:start()
             for _, name in ipairs({ "jobs", "yaml_jobs", "raw_jobs", "strict", "strict.dead_letter", "flaky",
-                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict", "poison_bounded", "poison_bounded.dead_letter", "nodes_jobs" }) do
+                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict", "poison_bounded", "poison_bounded.dead_letter", "nodes_jobs", "quorum_jobs", "quorum_jobs.dead_letter" }) do
                 cl:delete_queue("push_pull", name)
             end
             for _, name in ipairs({ "prices", "nobody_answers", "decl_prices" }) do cl:delete_queue("request_response", name) end
