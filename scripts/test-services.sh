@@ -15,6 +15,9 @@
 #       Stops/starts one server, keeping its port and data directory.
 #   scripts/test-services.sh status DIR
 #       Shows which servers of DIR are running; exits 1 if one is down.
+#   scripts/test-services.sh start-cluster rabbitmq DIR
+#       A 3-node RabbitMQ cluster in DIR/rabbitmq-cluster (DIR new, or made
+#       by start); prints DIR/rabbitmq-cluster/env.sh. Stopped by stop DIR.
 #
 # Environment:
 #   TAMARCO_SERVICES         servers to start (default "redis etcd rabbitmq")
@@ -53,7 +56,7 @@ log() { echo "$PROG: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '5,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,25p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -280,19 +283,23 @@ rmq_server_bin() {
     fi
 }
 
-setup_rabbitmq() {
-    local d="$DIR/rabbitmq" port dist epmd bin su_cmd
+rmq_check_cmds() {
     need_cmd rabbitmq-server rabbitmq-server
     need_cmd epmd erlang-base
-    bin=$(rmq_server_bin)
     if as_root; then
         id "$RMQ_USER" >/dev/null 2>&1 || die "user $RMQ_USER does not exist (install rabbitmq-server)"
     fi
-    rm -rf "$d"
+}
+
+# rmq_node_files D PORT DIST EPMD_PORT: writes the environment, scripts and
+# directories of one broker node into D (DIR/rabbitmq, or a cluster node).
+rmq_node_files() {
+    local d=$1 port=$2 dist=$3 epmd=$4 bin su_cmd
+    bin=$(rmq_server_bin)
     mkdir -p "$d/mnesia" "$d/log" "$d/home"
-    pick_port; port=$REPLY; echo "$port" > "$d/port"
-    pick_port; dist=$REPLY; echo "$dist" > "$d/dist_port"
-    pick_port; epmd=$REPLY; echo "$epmd" > "$d/epmd_port"
+    echo "$port" > "$d/port"
+    echo "$dist" > "$d/dist_port"
+    echo "$epmd" > "$d/epmd_port"
 
     # Everything is inside $d; nothing from /etc/rabbitmq or /var/lib/rabbitmq is used.
     printf '[].\n' > "$d/enabled_plugins"
@@ -348,17 +355,33 @@ EOF
 echo \$\$ > '$d/launcher.pid'
 $su_cmd
 EOF
-    chmod 755 "$DIR" "$d" "$d/log" "$d/mnesia"
+    chmod 755 "$d" "$d/log" "$d/mnesia"
     chmod 700 "$d/home"
     chmod 644 "$d"/*.sh "$d/rabbitmq.env" "$d/rabbitmq.conf" "$d/rabbitmq-env.conf" "$d/enabled_plugins"
-    if as_root; then
-        chown -R "$RMQ_USER:$RMQ_USER" "$d"
-        # The broker runs as rabbitmq: every directory above $d must be
-        # traversable by it (mktemp -d makes 700 dirs, /root is 700, ...).
-        if ! su "$RMQ_USER" -s /bin/sh -c "test -w '$d/mnesia' && test -r '$d/server.sh'" 2>/dev/null; then
-            die "user $RMQ_USER cannot reach $d (a parent directory is not world-searchable?)"
-        fi
+}
+
+# rmq_own D: the broker runs as rabbitmq: D must belong to it, and every
+# directory above D must be searchable by it (mktemp -d makes 700 dirs,
+# /root is 700, ...).
+rmq_own() {
+    local d=$1
+    as_root || return 0
+    chown -R "$RMQ_USER:$RMQ_USER" "$d"
+    if ! su "$RMQ_USER" -s /bin/sh -c "test -w '$d/mnesia' && test -r '$d/server.sh'" 2>/dev/null; then
+        die "user $RMQ_USER cannot reach $d (a parent directory is not world-searchable?)"
     fi
+}
+
+setup_rabbitmq() {
+    local d="$DIR/rabbitmq" port dist epmd
+    rmq_check_cmds
+    rm -rf "$d"
+    pick_port; port=$REPLY
+    pick_port; dist=$REPLY
+    pick_port; epmd=$REPLY
+    chmod 755 "$DIR"
+    rmq_node_files "$d" "$port" "$dist" "$epmd"
+    rmq_own "$d"
 }
 
 rmq_epmd_running() { is_ours "$(readpid "$DIR/rabbitmq/epmd.pid")" epmd; }
@@ -423,6 +446,126 @@ logs_rabbitmq() {
     echo "$DIR/rabbitmq/epmd.log"
 }
 
+# ---------------------------------------------------------------- rabbitmq cluster
+#
+# DIR/rabbitmq-cluster: three nodes (n1 n2 n3) with their own ports and node
+# names, one private epmd they share (nodes find each other through it), the
+# same Erlang cookie in each node's HOME, joined to n1 with rabbitmqctl.
+# DIR/rabbitmq-cluster/env.sh exports TAMARCO_TEST_AMQP_CLUSTER (h:p,h:p,h:p)
+# and TAMARCO_TEST_AMQP_CLUSTER_DIR; node N's broker pid is in
+# DIR/rabbitmq-cluster/nN/rabbitmq.pid and its AMQP port in .../nN/port.
+
+RMQ_CLUSTER_NODES="n1 n2 n3"
+
+rmq_ctl() {   # rmq_ctl NODE_DIR ARGS...: rabbitmqctl against that node
+    local nd=$1
+    shift
+    (. "$nd/rabbitmq.env"; /usr/lib/rabbitmq/bin/rabbitmqctl -q -n "$RABBITMQ_NODENAME" "$@")
+}
+
+setup_rabbitmq_cluster() {
+    local c="$DIR/rabbitmq-cluster" n port dist epmd cookie
+    rmq_check_cmds
+    rm -rf "$c"
+    mkdir -p "$c"
+    pick_port; epmd=$REPLY; echo "$epmd" > "$c/epmd_port"
+    cookie=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    for n in $RMQ_CLUSTER_NODES; do
+        pick_port; port=$REPLY
+        pick_port; dist=$REPLY
+        rmq_node_files "$c/$n" "$port" "$dist" "$epmd"
+        printf '%s' "$cookie" > "$c/$n/home/.erlang.cookie"
+        chmod 400 "$c/$n/home/.erlang.cookie"
+    done
+    cat > "$c/epmd.sh" <<EOF
+#!/bin/sh
+echo \$\$ > '$c/epmd.pid'
+export ERL_EPMD_ADDRESS=$HOST
+exec epmd -address $HOST -port $epmd
+EOF
+    chmod 755 "$DIR" "$c"
+    chmod 644 "$c/epmd.sh"
+    for n in $RMQ_CLUSTER_NODES; do rmq_own "$c/$n"; done
+}
+
+launch_rabbitmq_cluster() {
+    local c="$DIR/rabbitmq-cluster" n epmd
+    epmd=$(cat "$c/epmd_port")
+    setsid /bin/sh "$c/epmd.sh" < /dev/null >> "$c/epmd.log" 2>&1 &
+    for _ in $(seq 100); do
+        ERL_EPMD_PORT=$epmd epmd -names >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    ERL_EPMD_PORT=$epmd epmd -names >/dev/null 2>&1 || { show_log "$c/epmd.log"; die "epmd did not start on $HOST:$epmd"; }
+    for n in $RMQ_CLUSTER_NODES; do
+        setsid /bin/sh "$c/$n/run.sh" < /dev/null >> "$c/$n/rabbitmq.log" 2>&1 &
+    done
+}
+
+# wait_rabbitmq_node NODE_DIR: until its AMQP port works (or die).
+wait_rabbitmq_node() {
+    local nd=$1 deadline pid
+    deadline=$((SECONDS + TIMEOUT))
+    until port_listening "$(cat "$nd/port")" && rmq_check_amqp "$(cat "$nd/port")"; do
+        pid=$(readpid "$nd/launcher.pid")
+        if [ -n "$pid" ] && ! alive "$pid"; then show_log "$nd/rabbitmq.log" "$nd/log/rabbit.log"; die "$nd exited during startup"; fi
+        if deadline_passed "$deadline"; then show_log "$nd/log/rabbit.log"; die "$nd did not answer within ${TIMEOUT}s"; fi
+        sleep 0.25
+    done
+}
+
+stop_rabbitmq_cluster() {
+    local c="$DIR/rabbitmq-cluster" n
+    [ -d "$c" ] || return 0
+    for n in $RMQ_CLUSTER_NODES; do
+        [ -d "$c/$n" ] || continue
+        stop_pid "$(readpid "$c/$n/rabbitmq.pid")" beam "rabbitmq $n"
+        stop_pid "$(readpid "$c/$n/launcher.pid")" rabbitmq "rabbitmq-launcher $n"
+    done
+    stop_pid "$(readpid "$c/epmd.pid")" epmd epmd
+    for n in $RMQ_CLUSTER_NODES; do
+        [ -f "$c/$n/port" ] && wait_port_free "$(cat "$c/$n/port")"
+        [ -f "$c/$n/dist_port" ] && wait_port_free "$(cat "$c/$n/dist_port")"
+    done
+    return 0
+}
+
+cmd_start_cluster_rabbitmq() {
+    local c n first hosts="" t0=$SECONDS
+    [ -n "${1:-}" ] || usage
+    DIR=$(abs_dir "$1"); DIR=${DIR%/}
+    check_dir_name "$DIR"
+    if [ ! -f "$DIR/$MARKER" ]; then
+        [ -d "$DIR" ] && [ -n "$(ls -A "$DIR")" ] && die "$DIR exists and is not empty"
+        mkdir -p "$DIR"
+        : > "$DIR/$MARKER"
+        : > "$DIR/services"
+    fi
+    c="$DIR/rabbitmq-cluster"
+    [ -d "$c" ] && die "a RabbitMQ cluster was already started in $DIR (use '$0 stop $DIR' first)"
+    START_OK=0
+    trap 'if [ "$START_OK" = 0 ]; then log "cluster start failed; stopping it"; stop_rabbitmq_cluster; fi' EXIT
+    trap 'exit 130' INT TERM HUP
+    setup_rabbitmq_cluster
+    launch_rabbitmq_cluster
+    for n in $RMQ_CLUSTER_NODES; do wait_rabbitmq_node "$c/$n"; done
+    first=$(. "$c/n1/rabbitmq.env"; echo "$RABBITMQ_NODENAME")
+    for n in $RMQ_CLUSTER_NODES; do
+        [ "$n" = n1 ] && continue
+        rmq_ctl "$c/$n" stop_app >/dev/null
+        rmq_ctl "$c/$n" join_cluster "$first" >/dev/null || { show_log "$c/$n/log/rabbit.log"; die "$n could not join $first"; }
+        rmq_ctl "$c/$n" start_app >/dev/null
+        wait_rabbitmq_node "$c/$n"
+    done
+    for n in $RMQ_CLUSTER_NODES; do hosts="$hosts${hosts:+,}$HOST:$(cat "$c/$n/port")"; done
+    echo "export TAMARCO_TEST_AMQP_CLUSTER=$hosts TAMARCO_TEST_AMQP_CLUSTER_DIR=$c" > "$c/env.sh"
+    chmod 644 "$c/env.sh"
+    START_OK=1
+    trap - EXIT INT TERM HUP
+    log "rabbitmq cluster at $hosts (started in $((SECONDS - t0))s); stop with: $0 stop $DIR"
+    cat "$c/env.sh"
+}
+
 # ---------------------------------------------------------------- generic
 
 port_of() { cat "$DIR/$1/port"; }
@@ -465,6 +608,7 @@ write_env() {
 stop_all() {
     local s
     # rabbitmq first: it is the slowest to stop.
+    stop_rabbitmq_cluster
     for s in rabbitmq etcd redis; do
         [ -d "$DIR/$s" ] && "stop_$s"
     done
@@ -611,6 +755,12 @@ main() {
             [ $# -eq 1 ] || usage
             cmd_stop_one "${cmd#restart-}" "$1"
             cmd_start_one "${cmd#restart-}" "$1" ;;
+        start-cluster)
+            [ $# -eq 2 ] || usage
+            case "$1" in
+                rabbitmq) cmd_start_cluster_rabbitmq "$2" ;;
+                *) usage ;;
+            esac ;;
         -h|--help|help) usage ;;
         *) usage ;;
     esac
