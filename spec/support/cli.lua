@@ -80,7 +80,9 @@ end
 
 --- Writes `text` to a new temporary file with the given suffix; returns its path.
 function cli.write_temp(text, suffix)
-    local path = os.tmpname() .. (suffix or ".lua")
+    local base = os.tmpname()   -- creates `base` itself: only its name is used
+    os.remove(base)
+    local path = base .. (suffix or ".lua")
     local f = assert(io.open(path, "w"))
     f:write(text)
     f:close()
