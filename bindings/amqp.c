@@ -59,7 +59,9 @@
  * unknown tag is ignored instead of closing the channel.
  *
  * Lua API (the loop side):
- *   connect{host, port, vhost, user, password, heartbeat (s),
+ *   connect{host, port | hosts = {{host = h, port = p}, ...} (tried in turn, the
+ *           next one after each failed attempt or lost connection),
+ *           vhost, user, password, heartbeat (s),
  *           timeout_ms, backoff_ms, backoff_max_ms, name,
  *           on_state = fn(state, epoch, err),            state: "connecting",
  *                                                        "connected", "failed",
@@ -83,7 +85,9 @@
  *   conn:cancel(epoch, tag) -> true | nil, err
  *   conn:ack(epoch, delivery_tag), conn:nack(epoch, delivery_tag, requeue)
  *       -> true, or false when the epoch is stale (nothing sent)
- *   conn:close() -> true (yields until the thread has closed the connection)
+ *   conn:close() -> true (yields until the thread has closed the connection;
+ *       a login waiting for a silent broker is cut short by shutting its
+ *       socket down)
  *   conn:info() -> {state, epoch, last_error, pending, stats...}
  * Every yielding call raises outside a task.
  */
@@ -92,12 +96,14 @@
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
 #include <errno.h>
+#include <netdb.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 int luaopen_tamarco_c_amqp(lua_State *L);
@@ -233,11 +239,15 @@ typedef struct aconn {
     int efd;
 
     /* immutable after connect() */
-    char *hostname, *vhost, *user, *password, *name;
-    int port, heartbeat, timeout_ms, backoff_ms, backoff_max_ms;
+    char **hostnames;               /* the cluster's nodes, tried in turn */
+    int *ports, nhosts;
+    char *vhost, *user, *password, *name;
+    int heartbeat, timeout_ms, backoff_ms, backoff_max_ms;
+    int login_fd;                   /* under mu: the socket while logging in, else -1 */
 
     /* I/O thread only */
     amqp_connection_state_t conn;
+    int cur;                        /* index of the node tried or connected to */
     uint32_t epoch;
     event *out_head, *out_tail;     /* events not yet handed to the loop */
     pending_delivery pd;
@@ -259,6 +269,7 @@ typedef struct aconn {
     uv_thread_t tid;
     int thread_running;
     int state;
+    int loop_cur;                   /* the node of the last state event */
     uint32_t loop_epoch;
     char last_error[512];
     int pending_waits;
@@ -329,6 +340,7 @@ static void post_state(aconn *c, int state, const char *err)
         return;
     e->state = state;
     e->epoch = c->epoch;
+    e->n1 = c->cur;
     e->text = event_str(e, err, n);
     post(c, e);
     flush_events(c);
@@ -653,8 +665,74 @@ static int open_admin_channel(aconn *c, char *err, size_t size)
     return -1;
 }
 
+/* Why a TCP connect failed: rabbitmq-c says only "a socket error
+ * occurred", so one non-blocking connect of our own (bounded by the
+ * connection timeout, and ended by a stop) tells "Connection refused",
+ * "No route to host", ... */
+static void describe_connect_failure(aconn *c, const char *host, int port, char *out, size_t size)
+{
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    char service[16];
+    snprintf(service, sizeof service, "%d", port);
+    int gai = getaddrinfo(host, service, &hints, &res);
+    if (gai != 0) {
+        snprintf(out, size, "%s", gai_strerror(gai));
+        return;
+    }
+    int why = 0;
+    for (struct addrinfo *a = res; a && why != ECONNREFUSED; a = a->ai_next) {
+        int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) {
+            why = errno;
+            continue;
+        }
+        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+            why = 0;
+        } else if (errno != EINPROGRESS) {
+            why = errno;
+        } else {
+            struct pollfd pfd[2] = {{fd, POLLOUT, 0}, {c->efd, POLLIN, 0}};
+            int n = poll(pfd, 2, c->timeout_ms);
+            socklen_t len = sizeof why;
+            if (n <= 0 || !(pfd[0].revents & (POLLOUT | POLLERR | POLLHUP)))
+                why = ETIMEDOUT;
+            else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &why, &len) != 0)
+                why = errno;
+        }
+        close(fd);
+    }
+    freeaddrinfo(res);
+    if (why)
+        snprintf(out, size, "%s", strerror(why));
+    else
+        snprintf(out, size, "a socket error occurred (the port accepts connections now)");
+}
+
+static void set_login_fd(aconn *c, int fd)
+{
+    uv_mutex_lock(&c->mu);
+    c->login_fd = fd;
+    uv_mutex_unlock(&c->mu);
+}
+
+/* A stop while the thread waits for the broker's handshake (a broker that
+ * accepts and never answers) ends that wait now instead of after the
+ * connection timeout. Loop side. */
+static void interrupt_login(aconn *c)
+{
+    uv_mutex_lock(&c->mu);
+    if (c->login_fd >= 0)
+        shutdown(c->login_fd, SHUT_RDWR);
+    uv_mutex_unlock(&c->mu);
+}
+
 static int io_connect(aconn *c, char *err, size_t size)
 {
+    const char *host = c->hostnames[c->cur];
+    int port = c->ports[c->cur];
     amqp_connection_state_t conn = amqp_new_connection();
     if (!conn) {
         snprintf(err, size, "out of memory");
@@ -668,12 +746,20 @@ static int io_connect(aconn *c, char *err, size_t size)
     }
     struct timeval tv;
     ms_to_tv(c->timeout_ms, &tv);
-    int rc = amqp_socket_open_noblock(sock, c->hostname, c->port, &tv);
+    int rc = amqp_socket_open_noblock(sock, host, port, &tv);
     if (rc != AMQP_STATUS_OK) {
-        snprintf(err, size, "cannot connect to %s:%d: %s", c->hostname, c->port, amqp_error_string2(rc));
+        char why[256];
+        if (rc == AMQP_STATUS_SOCKET_ERROR)
+            describe_connect_failure(c, host, port, why, sizeof why);
+        else
+            snprintf(why, sizeof why, "%s", amqp_error_string2(rc));
+        snprintf(err, size, "cannot connect to %s:%d: %s", host, port, why);
         amqp_destroy_connection(conn);
         return -1;
     }
+    set_login_fd(c, amqp_get_sockfd(conn));
+    if (thread_stopping(c))
+        interrupt_login(c);   /* the stop came before the fd was known */
     amqp_set_handshake_timeout(conn, &tv);
     amqp_set_rpc_timeout(conn, &tv);
 
@@ -703,7 +789,7 @@ static int io_connect(aconn *c, char *err, size_t size)
     int dead = 0, closed = 0;
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
         char what[300];
-        snprintf(what, sizeof what, "login to %s:%d vhost '%s' as '%s'", c->hostname, c->port, c->vhost, c->user);
+        snprintf(what, sizeof what, "login to %s:%d vhost '%s' as '%s'", host, port, c->vhost, c->user);
         rpc_error(c, r, 0, what, err, size, &dead, &closed);
         goto fail;
     }
@@ -721,9 +807,12 @@ static int io_connect(aconn *c, char *err, size_t size)
     }
     if (open_admin_channel(c, err, size) != 0)
         goto fail;
+    set_login_fd(c, -1);
     return 0;
 fail:
-    amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
+    if (!thread_stopping(c))
+        amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
+    set_login_fd(c, -1);
     amqp_destroy_connection(conn);
     c->conn = NULL;
     return -1;
@@ -1226,7 +1315,10 @@ static void io_main(void *arg)
             break;
         post_state(c, ST_CONNECTING, NULL);
         if (io_connect(c, err, sizeof err) != 0) {
+            if (thread_stopping(c))
+                break;
             post_state(c, ST_FAILED, err);
+            c->cur = (c->cur + 1) % c->nhosts;
             snprintf(why, sizeof why, "not connected to the AMQP broker (%s)", err);
             if (io_backoff(c, backoff, why))
                 break;
@@ -1244,6 +1336,7 @@ static void io_main(void *arg)
         }
         io_disconnect(c, c->lost, 0);
         post_state(c, ST_FAILED, c->lost);
+        c->cur = (c->cur + 1) % c->nhosts;
         snprintf(why, sizeof why, "not connected to the AMQP broker (%s)", c->lost);
         if (io_backoff(c, backoff, why))
             break;
@@ -1427,7 +1520,10 @@ static void free_conn(aconn *c)
     noack_clear(c);
     free(c->noack_tags);
     free(c->pd.ev);
-    free(c->hostname);
+    for (int i = 0; i < c->nhosts; i++)
+        free(c->hostnames[i]);
+    free(c->hostnames);
+    free(c->ports);
     free(c->vhost);
     free(c->user);
     if (c->password)
@@ -1493,6 +1589,7 @@ static void on_async(uv_async_t *a)
         case E_STATE:
             c->state = e->state;
             c->loop_epoch = e->epoch;
+            c->loop_cur = (int)e->n1;
             if (e->state == ST_FAILED && e->text.bytes)
                 snprintf(c->last_error, sizeof c->last_error, "%.*s", (int)e->text.len, (char *)e->text.bytes);
             if (e->state == ST_CONNECTED && e->epoch > 1)
@@ -1726,9 +1823,10 @@ static int not_connected(lua_State *L, aconn *c)
 {
     lua_pushnil(L);
     if (c->last_error[0])
-        lua_pushfstring(L, "not connected to the AMQP broker %s:%d (%s)", c->hostname, c->port, c->last_error);
+        lua_pushfstring(L, "not connected to the AMQP broker %s:%d (%s)", c->hostnames[c->loop_cur],
+                        c->ports[c->loop_cur], c->last_error);
     else
-        lua_pushfstring(L, "not connected to the AMQP broker %s:%d", c->hostname, c->port);
+        lua_pushfstring(L, "not connected to the AMQP broker %s:%d", c->hostnames[c->loop_cur], c->ports[c->loop_cur]);
     return 2;
 }
 
@@ -1992,6 +2090,10 @@ static int l_close(lua_State *L)
         cbuf b;
         cmd *k = cmd_alloc(L, C_CLOSE, 0, 0, &b);
         submit(c, k);
+        uv_mutex_lock(&c->mu);
+        c->stop = 1;
+        uv_mutex_unlock(&c->mu);
+        interrupt_login(c);
     }
     if (!can_wait) {
         lua_pushboolean(L, 1);
@@ -2019,9 +2121,9 @@ static int l_info(lua_State *L)
         lua_pushstring(L, c->last_error);
         lua_setfield(L, -2, "last_error");
     }
-    lua_pushstring(L, c->hostname);
+    lua_pushstring(L, c->hostnames[c->loop_cur]);
     lua_setfield(L, -2, "host");
-    lua_pushinteger(L, c->port);
+    lua_pushinteger(L, c->ports[c->loop_cur]);
     lua_setfield(L, -2, "port");
     lua_pushstring(L, c->vhost);
     lua_setfield(L, -2, "vhost");
@@ -2053,6 +2155,7 @@ static int l_gc(lua_State *L)
     uv_mutex_lock(&c->mu);
     c->stop = 1;
     uv_mutex_unlock(&c->mu);
+    interrupt_login(c);
     uint64_t one = 1;
     ssize_t w = write(c->efd, &one, sizeof one);
     (void)w;
@@ -2069,7 +2172,8 @@ static int l_tostring(lua_State *L)
 {
     conn_ud *ud = check_ud(L);
     if (ud->c)
-        lua_pushfstring(L, "amqp connection %s:%d (%s)", ud->c->hostname, ud->c->port, state_name(ud->c->state));
+        lua_pushfstring(L, "amqp connection %s:%d (%s)", ud->c->hostnames[ud->c->loop_cur],
+                        ud->c->ports[ud->c->loop_cur], state_name(ud->c->state));
     else
         lua_pushliteral(L, "amqp connection (closed)");
     return 1;
@@ -2118,6 +2222,24 @@ static int l_connect(lua_State *L)
         if (!lua_isnil(L, i) && lua_type(L, i) != LUA_TSTRING)
             return luaL_error(L, "amqp.connect: host, vhost, user, password and name must be strings");
     lua_settop(L, 3);
+    /* hosts = {{host = h, port = p}, ...}: the nodes, tried in this order */
+    lua_getfield(L, 1, "hosts");
+    int nhosts = 1;
+    if (!lua_isnil(L, 4)) {
+        luaL_argcheck(L, lua_istable(L, 4) && lua_objlen(L, 4) > 0, 1, "'hosts' must be a non-empty list");
+        nhosts = (int)lua_objlen(L, 4);
+        for (int i = 1; i <= nhosts; i++) {
+            lua_rawgeti(L, 4, i);
+            if (!lua_istable(L, -1))
+                return luaL_error(L, "amqp.connect: hosts[%d] must be {host = ..., port = ...}", i);
+            lua_getfield(L, -1, "host");
+            lua_getfield(L, -2, "port");
+            if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) < 1 ||
+                lua_tonumber(L, -1) > 65535)
+                return luaL_error(L, "amqp.connect: hosts[%d] needs a string host and a port in 1..65535", i);
+            lua_pop(L, 3);
+        }
+    }
 
     aconn *c = calloc(1, sizeof *c);
     if (!c)
@@ -2125,22 +2247,47 @@ static int l_connect(lua_State *L)
     c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     uv_mutex_init(&c->mu);
     c->on_state_ref = c->on_delivery_ref = c->ud_ref = LUA_NOREF;
-    const char *keys[5] = {"host", "vhost", "user", "password", "name"};
-    const char *defaults[5] = {"127.0.0.1", "/", "guest", "guest", "tamarco-host"};
-    char **slots[5] = {&c->hostname, &c->vhost, &c->user, &c->password, &c->name};
+    c->login_fd = -1;
+    const char *keys[4] = {"vhost", "user", "password", "name"};
+    const char *defaults[4] = {"/", "guest", "guest", "tamarco-host"};
+    char **slots[4] = {&c->vhost, &c->user, &c->password, &c->name};
     int failed = c->efd < 0;
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 4; i++) {
         lua_getfield(L, 1, keys[i]);
         *slots[i] = strdup(lua_isstring(L, -1) ? lua_tostring(L, -1) : defaults[i]);
         lua_pop(L, 1);
         if (!*slots[i])
             failed = 1;
     }
+    c->hostnames = calloc((size_t)nhosts, sizeof *c->hostnames);
+    c->ports = calloc((size_t)nhosts, sizeof *c->ports);
+    if (c->hostnames && c->ports) {
+        c->nhosts = nhosts;
+        for (int i = 0; i < nhosts; i++) {
+            if (lua_isnil(L, 4)) {
+                lua_getfield(L, 1, "host");
+                c->hostnames[i] = strdup(lua_isstring(L, -1) ? lua_tostring(L, -1) : "127.0.0.1");
+                c->ports[i] = port;
+                lua_pop(L, 1);
+            } else {
+                lua_rawgeti(L, 4, i + 1);
+                lua_getfield(L, -1, "host");
+                lua_getfield(L, -2, "port");
+                c->hostnames[i] = strdup(lua_tostring(L, -2));
+                c->ports[i] = (int)lua_tonumber(L, -1);
+                lua_pop(L, 3);
+            }
+            if (!c->hostnames[i])
+                failed = 1;
+        }
+    } else {
+        failed = 1;
+    }
+    lua_settop(L, 3);
     if (failed) {
         free_conn(c);
         return luaL_error(L, "amqp.connect: out of memory or file descriptors");
     }
-    c->port = port;
     c->heartbeat = heartbeat;
     c->timeout_ms = timeout_ms;
     c->backoff_ms = backoff_ms;

@@ -11,6 +11,7 @@ librabbitmq-dev libhiredis-dev libhttp-parser-dev lua-cjson lua-busted
 redis-server redis-sentinel redis-tools etcd-server etcd-client rabbitmq-server amqp-tools
 curl openssl python3 procps prometheus
 clang libclang-rt-14-dev
+python3-pika
 "
 
 missing=""

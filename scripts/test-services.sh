@@ -15,10 +15,11 @@
 #       Stops/starts one server, keeping its port and data directory.
 #   scripts/test-services.sh status DIR
 #       Shows which servers of DIR are running; exits 1 if one is down.
-#   scripts/test-services.sh start-cluster etcd|redis-sentinel DIR
+#   scripts/test-services.sh start-cluster etcd|redis-sentinel|rabbitmq DIR
 #       Adds a cluster to DIR (made by `start`, or a new one): a 3-member
-#       etcd (members m1 m2 m3), or a Redis master + replica + 3 sentinels
-#       (members master replica s1 s2 s3; master name "tamarco").
+#       etcd (members m1 m2 m3), a Redis master + replica + 3 sentinels
+#       (members master replica s1 s2 s3; master name "tamarco"), or a
+#       3-node RabbitMQ (n1 n2 n3, joined to n1, an Erlang cookie of its own).
 #       `stop DIR` stops it with the rest.
 #   scripts/test-services.sh start-member|stop-member|kill-member KIND MEMBER DIR
 #       Starts again (same ports, same data) / stops / SIGKILLs one member.
@@ -29,7 +30,8 @@
 #
 # DIR/env.sh exports TAMARCO_SERVICES_DIR and TAMARCO_TEST_{REDIS,ETCD,AMQP}_{HOST,PORT};
 # with clusters also TAMARCO_TEST_ETCD_CLUSTER (h:p,h:p,h:p),
-# TAMARCO_TEST_REDIS_SENTINELS (h:p,h:p,h:p), TAMARCO_TEST_REDIS_SENTINEL_MASTER.
+# TAMARCO_TEST_REDIS_SENTINELS (h:p,h:p,h:p), TAMARCO_TEST_REDIS_SENTINEL_MASTER,
+# TAMARCO_TEST_AMQP_CLUSTER (h:p,h:p,h:p) and TAMARCO_TEST_AMQP_CLUSTER_DIR.
 # RabbitMQ: user guest/guest, vhost /.
 #
 # Layout of DIR: one sub-directory per server holding its port(s), a run.sh
@@ -289,19 +291,23 @@ rmq_server_bin() {
     fi
 }
 
-setup_rabbitmq() {
-    local d="$DIR/rabbitmq" port dist epmd bin su_cmd
+rmq_check_cmds() {
     need_cmd rabbitmq-server rabbitmq-server
     need_cmd epmd erlang-base
-    bin=$(rmq_server_bin)
     if as_root; then
         id "$RMQ_USER" >/dev/null 2>&1 || die "user $RMQ_USER does not exist (install rabbitmq-server)"
     fi
-    rm -rf "$d"
+}
+
+# rmq_node_files D PORT DIST EPMD_PORT: writes the environment, scripts and
+# directories of one broker node into D (DIR/rabbitmq, or a cluster node).
+rmq_node_files() {
+    local d=$1 port=$2 dist=$3 epmd=$4 bin su_cmd
+    bin=$(rmq_server_bin)
     mkdir -p "$d/mnesia" "$d/log" "$d/home"
-    pick_port; port=$REPLY; echo "$port" > "$d/port"
-    pick_port; dist=$REPLY; echo "$dist" > "$d/dist_port"
-    pick_port; epmd=$REPLY; echo "$epmd" > "$d/epmd_port"
+    echo "$port" > "$d/port"
+    echo "$dist" > "$d/dist_port"
+    echo "$epmd" > "$d/epmd_port"
 
     # Everything is inside $d; nothing from /etc/rabbitmq or /var/lib/rabbitmq is used.
     printf '[].\n' > "$d/enabled_plugins"
@@ -357,17 +363,33 @@ EOF
 echo \$\$ > '$d/launcher.pid'
 $su_cmd
 EOF
-    chmod 755 "$DIR" "$d" "$d/log" "$d/mnesia"
+    chmod 755 "$d" "$d/log" "$d/mnesia"
     chmod 700 "$d/home"
     chmod 644 "$d"/*.sh "$d/rabbitmq.env" "$d/rabbitmq.conf" "$d/rabbitmq-env.conf" "$d/enabled_plugins"
-    if as_root; then
-        chown -R "$RMQ_USER:$RMQ_USER" "$d"
-        # The broker runs as rabbitmq: every directory above $d must be
-        # traversable by it (mktemp -d makes 700 dirs, /root is 700, ...).
-        if ! su "$RMQ_USER" -s /bin/sh -c "test -w '$d/mnesia' && test -r '$d/server.sh'" 2>/dev/null; then
-            die "user $RMQ_USER cannot reach $d (a parent directory is not world-searchable?)"
-        fi
+}
+
+# rmq_own D: the broker runs as rabbitmq: D must belong to it, and every
+# directory above D must be searchable by it (mktemp -d makes 700 dirs,
+# /root is 700, ...).
+rmq_own() {
+    local d=$1
+    as_root || return 0
+    chown -R "$RMQ_USER:$RMQ_USER" "$d"
+    if ! su "$RMQ_USER" -s /bin/sh -c "test -w '$d/mnesia' && test -r '$d/server.sh'" 2>/dev/null; then
+        die "user $RMQ_USER cannot reach $d (a parent directory is not world-searchable?)"
     fi
+}
+
+setup_rabbitmq() {
+    local d="$DIR/rabbitmq" port dist epmd
+    rmq_check_cmds
+    rm -rf "$d"
+    pick_port; port=$REPLY
+    pick_port; dist=$REPLY
+    pick_port; epmd=$REPLY
+    chmod 755 "$DIR"
+    rmq_node_files "$d" "$port" "$dist" "$epmd"
+    rmq_own "$d"
 }
 
 rmq_epmd_running() { is_ours "$(readpid "$DIR/rabbitmq/epmd.pid")" epmd; }
@@ -665,6 +687,130 @@ stop_clusters() {
         if [ -d "$(cluster_dir "$k")" ]; then "$(cluster_fn stop "$k")"; fi
     done
     return 0
+}
+
+# ---------------------------------------------------------------- rabbitmq cluster
+#
+# DIR/rabbitmq-cluster: three nodes (n1 n2 n3) with their own ports and node
+# names, one private epmd they share (nodes find each other through it), the
+# same Erlang cookie in each node's HOME, joined to n1 with rabbitmqctl.
+# DIR/rabbitmq-cluster/env.sh exports TAMARCO_TEST_AMQP_CLUSTER (h:p,h:p,h:p)
+# and TAMARCO_TEST_AMQP_CLUSTER_DIR; node N's broker pid is in
+# DIR/rabbitmq-cluster/nN/rabbitmq.pid and its AMQP port in .../nN/port.
+
+RMQ_CLUSTER_NODES="n1 n2 n3"
+
+rmq_ctl() {   # rmq_ctl NODE_DIR ARGS...: rabbitmqctl against that node
+    local nd=$1
+    shift
+    (. "$nd/rabbitmq.env"; /usr/lib/rabbitmq/bin/rabbitmqctl -q -n "$RABBITMQ_NODENAME" "$@")
+}
+
+setup_rabbitmq_cluster() {
+    local c="$DIR/rabbitmq-cluster" n port dist epmd cookie
+    rmq_check_cmds
+    rm -rf "$c"
+    mkdir -p "$c"
+    pick_port; epmd=$REPLY; echo "$epmd" > "$c/epmd_port"
+    cookie=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    for n in $RMQ_CLUSTER_NODES; do
+        pick_port; port=$REPLY
+        pick_port; dist=$REPLY
+        rmq_node_files "$c/$n" "$port" "$dist" "$epmd"
+        printf '%s' "$cookie" > "$c/$n/home/.erlang.cookie"
+        chmod 400 "$c/$n/home/.erlang.cookie"
+    done
+    cat > "$c/epmd.sh" <<EOF
+#!/bin/sh
+echo \$\$ > '$c/epmd.pid'
+export ERL_EPMD_ADDRESS=$HOST
+exec epmd -address $HOST -port $epmd
+EOF
+    chmod 755 "$DIR" "$c"
+    chmod 644 "$c/epmd.sh"
+    for n in $RMQ_CLUSTER_NODES; do rmq_own "$c/$n"; done
+}
+
+launch_rabbitmq_cluster() {
+    local c="$DIR/rabbitmq-cluster" n epmd
+    epmd=$(cat "$c/epmd_port")
+    setsid /bin/sh "$c/epmd.sh" < /dev/null >> "$c/epmd.log" 2>&1 &
+    for _ in $(seq 100); do
+        ERL_EPMD_PORT=$epmd epmd -names >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    ERL_EPMD_PORT=$epmd epmd -names >/dev/null 2>&1 || { show_log "$c/epmd.log"; die "epmd did not start on $HOST:$epmd"; }
+    for n in $RMQ_CLUSTER_NODES; do
+        setsid /bin/sh "$c/$n/run.sh" < /dev/null >> "$c/$n/rabbitmq.log" 2>&1 &
+    done
+}
+
+stop_rabbitmq_cluster() {
+    local c="$DIR/rabbitmq-cluster" n
+    [ -d "$c" ] || return 0
+    for n in $RMQ_CLUSTER_NODES; do
+        [ -d "$c/$n" ] || continue
+        stop_pid "$(readpid "$c/$n/rabbitmq.pid")" beam "rabbitmq $n"
+        stop_pid "$(readpid "$c/$n/launcher.pid")" rabbitmq "rabbitmq-launcher $n"
+    done
+    stop_pid "$(readpid "$c/epmd.pid")" epmd epmd
+    for n in $RMQ_CLUSTER_NODES; do
+        [ -f "$c/$n/port" ] && wait_port_free "$(cat "$c/$n/port")"
+        [ -f "$c/$n/dist_port" ] && wait_port_free "$(cat "$c/$n/dist_port")"
+    done
+    return 0
+}
+
+# The kind "rabbitmq" (start-cluster rabbitmq): nodes n1 n2 n3 joined to n1.
+# A node's broker pid is in nN/rabbitmq.pid; kill-member/start-member are
+# not offered for it (a fault spec kills the broker by that pid).
+cluster_setup_rabbitmq() { setup_rabbitmq_cluster; }
+cluster_launch_rabbitmq() { launch_rabbitmq_cluster; }
+cluster_members_rabbitmq() { echo "$RMQ_CLUSTER_NODES"; }
+cluster_pattern_rabbitmq() { echo beam; }
+cluster_stop_rabbitmq() { stop_rabbitmq_cluster; }
+
+# 0 once every node answers and n2, n3 joined n1; 1 not yet; 2 a node died.
+cluster_probe_rabbitmq() {
+    local c n first pid
+    c=$(cluster_dir rabbitmq)
+    for n in $RMQ_CLUSTER_NODES; do
+        pid=$(readpid "$c/$n/launcher.pid")
+        if [ -n "$pid" ] && ! alive "$pid"; then return 2; fi
+        port_listening "$(cat "$c/$n/port")" && rmq_check_amqp "$(cat "$c/$n/port")" || return 1
+    done
+    [ -f "$c/joined" ] && return 0
+    first=$(. "$c/n1/rabbitmq.env"; echo "$RABBITMQ_NODENAME")
+    for n in $RMQ_CLUSTER_NODES; do
+        [ "$n" = n1 ] && continue
+        rmq_ctl "$c/$n" stop_app >/dev/null
+        rmq_ctl "$c/$n" join_cluster "$first" >/dev/null || { show_log "$c/$n/log/rabbit.log"; die "$n could not join $first"; }
+        rmq_ctl "$c/$n" start_app >/dev/null
+    done
+    : > "$c/joined"
+    return 1
+}
+
+cluster_probe_member_rabbitmq() {
+    local c; c=$(cluster_dir rabbitmq)
+    port_listening "$(cat "$c/$1/port")" && rmq_check_amqp "$(cat "$c/$1/port")"
+}
+
+cluster_stop_member_rabbitmq() {
+    local c; c=$(cluster_dir rabbitmq)
+    stop_pid "$(readpid "$c/$1/rabbitmq.pid")" beam "rabbitmq $1"
+    stop_pid "$(readpid "$c/$1/launcher.pid")" rabbitmq "rabbitmq-launcher $1"
+}
+
+cluster_env_rabbitmq() {
+    local c n hosts=""; c=$(cluster_dir rabbitmq)
+    for n in $RMQ_CLUSTER_NODES; do hosts="$hosts${hosts:+,}$HOST:$(cat "$c/$n/port")"; done
+    echo "export TAMARCO_TEST_AMQP_CLUSTER=$hosts TAMARCO_TEST_AMQP_CLUSTER_DIR=$c"
+}
+
+cluster_logs_rabbitmq() {
+    local c n; c=$(cluster_dir rabbitmq)
+    for n in $RMQ_CLUSTER_NODES; do echo "$c/$n/rabbitmq.log"; echo "$c/$n/log/rabbit.log"; done
 }
 
 cmd_start_cluster() {

@@ -24,10 +24,11 @@ services_dir=$(mktemp -d /tmp/tamarco-services.XXXXXX)
 cleanup() { scripts/test-services.sh stop "$services_dir" || true; }
 trap cleanup EXIT INT TERM
 scripts/test-services.sh start "$services_dir" >/dev/null
-# The clusters the failover specs need, once for the whole run (about 15 s):
-# a 3-member etcd, and Redis master + replica + 3 sentinels.
+# The clusters the failover specs need, once for the whole run: a 3-member
+# etcd, Redis master + replica + 3 sentinels, and a 3-node RabbitMQ.
 scripts/test-services.sh start-cluster etcd "$services_dir" >/dev/null
 scripts/test-services.sh start-cluster redis-sentinel "$services_dir" >/dev/null
+scripts/test-services.sh start-cluster rabbitmq "$services_dir" >/dev/null
 . "$services_dir/env.sh"
 
 echo "== C tests"

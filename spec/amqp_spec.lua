@@ -176,6 +176,81 @@ describe("amqp resource", function()
             end)
         end)
 
+        it("bounds the redeliveries of a poison message, with back-off, one log line and metrics", function()
+            run(function()
+                local logging = require "tamarco.logging"
+                local metrics = require "tamarco.metrics"
+                local records = {}
+                local sink = { name = "amqp-poison-spec", emit = function(_, r) records[#records + 1] = r end }
+                logging.add_sink(sink)
+                local cl = client { max_redeliveries = 3, redelivery_backoff_ms = 20, repeated_error_log_ms = 60000 }
+                local calls, failures_seen, dead = 0, {}, {}
+                cl:pull("poison_bounded", function(_, meta)
+                    calls = calls + 1
+                    failures_seen[#failures_seen + 1] = meta.failures
+                    error("always fails")
+                end, { dead_letter = true })
+                cl:pull("poison_bounded.dead_letter", function(msg) dead[#dead + 1] = msg end)
+                cl:start()
+                assert.is_true(cl:push("poison_bounded", { n = 1 }))
+                assert.truthy(eventually(function() return #dead == 1 end, 10000))
+                tasks.sleep(300)   -- no further delivery
+                assert.are.equal(4, calls)                 -- the first try and 3 redeliveries
+                assert.are.same({ 0, 1, 2, 3 }, failures_seen)
+                assert.are.equal(1, dead[1].n)
+                local tracebacks, gave_up = 0, 0
+                for _, r in ipairs(records) do
+                    if r.message:find("handler for '", 1, true) and r.message:find("poison_bounded", 1, true) then
+                        tracebacks = tracebacks + 1
+                    end
+                    if r.message:find("failed 4 times", 1, true) then
+                        gave_up = gave_up + 1
+                        assert.matches("dead%-lettered", r.message)
+                        assert.matches("always fails", r.message)
+                    end
+                end
+                assert.are.equal(1, tracebacks)   -- the identical ones are counted, not logged
+                assert.are.equal(1, gave_up)
+                local queue = cl:queue_name("push_pull", "poison_bounded")
+                assert.are.equal(4, metrics.counter("amqp_handler_errors_total", { labels = { queue = queue } }):get())
+                assert.are.equal(2, metrics.counter("amqp_handler_error_logs_suppressed_total",
+                    { labels = { queue = queue } }):get())
+                assert.are.equal(1, metrics.counter("amqp_messages_given_up_total", { labels = { queue = queue } }):get())
+                local info = assert(cl:queue_info("push_pull", "poison_bounded"))
+                assert.are.equal(0, info.messages)
+                logging.remove_sink(sink)
+                cl:stop()
+            end)
+        end)
+
+        it("declares quorum queues when asked, and counts their redeliveries with x-delivery-count", function()
+            run(function()
+                local cl = client { queue_type = "quorum", max_redeliveries = 2, redelivery_backoff_ms = 10 }
+                local failures_seen, dead = {}, {}
+                cl:pull("quorum_jobs", function(_, meta)
+                    failures_seen[#failures_seen + 1] = meta.failures
+                    error("always fails")
+                end, { dead_letter = true })
+                cl:pull("quorum_jobs.dead_letter", function(msg) dead[#dead + 1] = msg end)
+                cl:start()
+                assert.are.equal(STATUS.STARTED, cl:status().status)
+                local queue = cl:queue_name("push_pull", "quorum_jobs")
+                -- the broker has it as a quorum queue: a classic declaration is refused
+                local classic = amqp.queue_arguments(queue, { dead_letter = true }, false)
+                local ok, err = cl.conn:declare_queue(queue, { durable = true, arguments = classic })
+                assert.is_nil(ok)
+                assert.matches("x%-queue%-type", err)
+                assert.truthy(cl.conn:declare_queue(queue, { durable = true,
+                    arguments = amqp.queue_arguments(queue, { dead_letter = true }, true) }))
+                assert.is_true(cl:push("quorum_jobs", { n = 1 }))
+                assert.truthy(eventually(function() return #dead == 1 end, 10000))
+                assert.are.same({ 0, 1, 2 }, failures_seen)
+                local bad = client { queue_type = "fast" }
+                assert.has_error(function() bad:start() end)
+                cl:stop()
+            end)
+        end)
+
         it("dead-letters a failing message when configured", function()
             run(function()
                 local cl = client()
@@ -270,6 +345,70 @@ describe("amqp resource", function()
         end)
     end)
 
+    describe("declarations", function()
+        it("declares every pattern with exactly tamarco-amqp's arguments", function()
+            run(function()
+                local cl = client()
+                cl:pull("decl_jobs", function() end)
+                cl:subscribe("decl_events", function() end)
+                cl:respond("decl_prices", function() return 1 end)
+                cl:start()
+                assert.are.equal(STATUS.STARTED, cl:status().status)
+                -- a second declaration with tamarco-amqp's arguments is accepted
+                -- only when they are equivalent (406 otherwise)
+                local conn = cl.conn
+                assert.truthy(conn:declare_exchange(cl:queue_name("publish_subscribe", "decl_events"), "fanout",
+                    { durable = false, auto_delete = false }))
+                local ok, err = conn:declare_exchange(cl:queue_name("publish_subscribe", "decl_events"), "fanout",
+                    { durable = true })
+                assert.is_nil(ok)
+                assert.matches("406", err)
+                assert.truthy(conn:declare_queue(cl:queue_name("push_pull", "decl_jobs"),
+                    { durable = true, exclusive = false, auto_delete = false }))
+                assert.truthy(conn:declare_queue(cl:queue_name("request_response", "decl_prices"),
+                    { durable = false, exclusive = false, auto_delete = false }))
+                cl:stop()
+            end)
+        end)
+
+        it("is FAILED with the broker's reason while a declaration is refused, and retries", function()
+            run(function()
+                local logging = require "tamarco.logging"
+                local records = {}
+                local sink = { name = "amqp-decl-spec", emit = function(_, r) records[#records + 1] = r end }
+                logging.add_sink(sink)
+                local admin = client()
+                admin:start()
+                local queue = admin:queue_name("push_pull", "decl_conflict")
+                admin:delete_queue("push_pull", "decl_conflict")
+                -- someone declared it not durable: a consumer cannot use it as its own
+                assert.truthy(admin.conn:declare_queue(queue, { durable = false }))
+                local got = {}
+                local cl = client { reconnect_backoff_ms = 50, reconnect_backoff_max_ms = 200 }
+                cl:pull("decl_conflict", function(msg) got[#got + 1] = msg.n end)
+                cl:start()
+                assert.truthy(eventually(function() return cl:status().status == STATUS.FAILED end))
+                local status = cl:status()
+                assert.matches("PRECONDITION_FAILED", status.error)
+                assert.matches(queue, status.error, 1, true)
+                local logged
+                for _, r in ipairs(records) do
+                    if r.level == "ERROR" and r.message:find(queue, 1, true) and r.message:find("PRECONDITION_FAILED", 1, true) then
+                        logged = r
+                    end
+                end
+                assert.truthy(logged, "no ERROR line naming the queue and the reason")
+                -- the conflict goes away: the retry declares it and consumes
+                admin:delete_queue("push_pull", "decl_conflict")
+                assert.truthy(eventually(function() return cl:status().status == STATUS.STARTED end))
+                assert.is_true(admin:push("decl_conflict", { n = 7 }))
+                assert.truthy(eventually(function() return got[1] == 7 end))
+                logging.remove_sink(sink)
+                cl:stop(); admin:stop()
+            end)
+        end)
+    end)
+
     describe("as a service resource", function()
         it("sets up consumers declared in the service file, from settings", function()
             run(function()
@@ -319,6 +458,67 @@ describe("amqp resource", function()
             end)
         end)
 
+        it("reports a refused login as such at once: FAILED, user and vhost named", function()
+            run(function()
+                local logging = require "tamarco.logging"
+                local records = {}
+                local sink = { name = "amqp-login-spec", emit = function(_, r) records[#records + 1] = r end }
+                logging.add_sink(sink)
+                -- a connection timeout longer than the spec's: start must not wait for it
+                testing.timeout_ms = 20000
+                local cl = client { user = "nobody-here", password = "wrong", connection_timeout = 60,
+                    reconnect_backoff_ms = 50, reconnect_backoff_max_ms = 100 }
+                cl:start()
+                assert.are.equal(STATUS.FAILED, cl:status().status)
+                local line
+                for _, r in ipairs(records) do
+                    if r.level == "ERROR" and r.message:find("refused user 'nobody-here' on vhost '/'", 1, true) then
+                        line = r
+                    end
+                end
+                assert.truthy(line, "no ERROR line naming the user and the vhost")
+                assert.matches("403 ACCESS_REFUSED", line.message)
+                tasks.sleep(400)   -- retried meanwhile, but said once
+                local count = 0
+                for _, r in ipairs(records) do
+                    if r.message:find("refused user 'nobody-here'", 1, true) then count = count + 1 end
+                end
+                assert.are.equal(1, count)
+                logging.remove_sink(sink)
+                cl:stop()
+                testing.timeout_ms = 30000
+            end)
+        end)
+
+        it("says 'Connection refused' when nothing listens", function()
+            run(function()
+                local cl = amqp.client { host = "127.0.0.1", port = 1, connection_timeout = 1,
+                    reconnect_backoff_ms = 50, reconnect_backoff_max_ms = 100 }
+                cl:start()
+                assert.matches("cannot connect to 127.0.0.1:1: Connection refused", cl:status().connection.last_error)
+                cl:stop()
+            end)
+        end)
+
+        it("takes a list of nodes and connects to one that answers", function()
+            run(function()
+                local cl = client { hosts = { "127.0.0.1:1", HOST .. ":" .. PORT, { host = "127.0.0.1", port = 1 } },
+                    reconnect_backoff_ms = 20, reconnect_backoff_max_ms = 50 }
+                local got = {}
+                cl:pull("nodes_jobs", function(msg) got[#got + 1] = msg.n end)
+                cl:start()
+                assert.truthy(eventually(function() return cl:status().status == STATUS.STARTED end))
+                assert.are.equal(PORT, cl:status().connection.port)
+                assert.is_true(cl:push("nodes_jobs", { n = 1 }))
+                assert.truthy(eventually(function() return got[1] == 1 end))
+                cl:stop()
+                local bad = client { hosts = { "127.0.0.1:notaport" } }
+                local ok, err = pcall(bad.start, bad)
+                assert.is_false(ok)
+                assert.matches("hosts", tostring(err))
+            end)
+        end)
+
         it("fails fast when nothing listens, and waits publish_wait_ms when asked", function()
             run(function()
                 local cl = amqp.client { host = "127.0.0.1", port = 1, connection_timeout = 1,
@@ -346,10 +546,10 @@ describe("amqp resource", function()
             local cl = client()
             cl:start()
             for _, name in ipairs({ "jobs", "yaml_jobs", "raw_jobs", "strict", "strict.dead_letter", "flaky",
-                "poison", "poison.dead_letter", "slow", "svc_jobs" }) do
+                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict", "poison_bounded", "poison_bounded.dead_letter", "nodes_jobs", "quorum_jobs", "quorum_jobs.dead_letter" }) do
                 cl:delete_queue("push_pull", name)
             end
-            for _, name in ipairs({ "prices", "nobody_answers" }) do cl:delete_queue("request_response", name) end
+            for _, name in ipairs({ "prices", "nobody_answers", "decl_prices" }) do cl:delete_queue("request_response", name) end
             cl:stop()
         end)
     end)

@@ -27,7 +27,8 @@ Lifecycle.__index = Lifecycle
 
 --- Orders the service's resources so that each comes after the ones it
 -- depends on. Raises a "dependencies" error (exit 12) on an unknown name or
--- a cycle. Ties keep alphabetical order, so the order is reproducible.
+-- a cycle. Ties keep alphabetical order, so the order is reproducible;
+-- the report server comes first.
 function lifecycle.order_resources(svc)
     local order, state = {}, {}
     local function visit(name, path)
@@ -55,6 +56,8 @@ function lifecycle.order_resources(svc)
         state[name] = "done"
         order[#order + 1] = name
     end
+    -- the report server first: /status answers (503) while the others connect
+    if svc.resources.tamarco_http_report_server then visit("tamarco_http_report_server", {}) end
     for _, name in ipairs(svc.resource_names) do visit(name, {}) end
     return order
 end
@@ -294,6 +297,13 @@ function Lifecycle:request_stop(reason)
     end
     self.stop_reason = reason or "requested"
     if self.context.on_stop_requested then self.context.on_stop_requested(self.stop_reason) end
+    -- a resource still waiting for its peer at start-up stops waiting
+    if self.state == "starting" then
+        for _, name in ipairs(self.order) do
+            local resource = self.service.resources[name]
+            if resource.cancel_start then resource:cancel_start(self.stop_reason) end
+        end
+    end
     if self.waiter then scheduler.wake(self.waiter) end
 end
 

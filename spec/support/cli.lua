@@ -80,8 +80,7 @@ end
 
 --- Writes `text` to a new temporary file with the given suffix; returns its path.
 function cli.write_temp(text, suffix)
-    -- os.tmpname creates its file: remove it, only the suffixed one is used
-    local base = os.tmpname()
+    local base = os.tmpname()   -- creates `base` itself: only its name is used
     os.remove(base)
     local path = base .. (suffix or ".lua")
     local f = assert(io.open(path, "w"))

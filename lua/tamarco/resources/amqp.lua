@@ -13,8 +13,8 @@
 -- NAMES (`<queues_prefix>.` is left out when the prefix is empty):
 --   push/pull          durable queue `<queues_prefix>.push_pull.<name>`, persistent
 --                      messages; every pull()er of a name competes for its messages.
---   publish/subscribe  durable fanout exchange `<queues_prefix>.publish_subscribe.<name>`;
---                      each subscriber gets its own exclusive, auto-delete queue bound to it.
+--   publish/subscribe  fanout exchange `<queues_prefix>.publish_subscribe.<name>` (not
+--                      durable); each subscriber gets its own exclusive queue bound to it.
 --   request/response   queue `<queues_prefix>.request_response.<name>` (not durable); the
 --                      requester waits on RabbitMQ's direct reply-to (amq.rabbitmq.reply-to)
 --                      and matches replies by correlation_id. A request carries its
@@ -24,10 +24,24 @@
 -- DELIVERY: every message runs its handler `handler(value, meta)` in its own
 -- task (meta: properties, delivery_tag, redelivered, exchange, routing_key,
 -- body, queue). It is acked only after the handler returns. A handler error
--- is logged with its traceback and the message is nacked: requeued (option
--- `on_error = "requeue"`, the default) or dead-lettered (`on_error =
+-- is logged with its traceback and the message is retried (option
+-- `on_error = "requeue"`, the default) or dead-lettered at once (`on_error =
 -- "dead_letter"`: rejected without requeue, so the queue's dead-letter
--- exchange gets it, or the broker drops it when the queue has none). A
+-- exchange gets it, or the broker drops it when the queue has none).
+-- Retries are bounded: a failed message waits redelivery_backoff_ms x
+-- 2^(failures-1) (at most redelivery_backoff_max_ms, holding its prefetch
+-- slot), then goes back to its queue; after max_redeliveries retries (the
+-- max_redeliveries + 1-th failure) it is rejected - dead-lettered when the
+-- queue has a dead-letter exchange, else dropped - with one ERROR line. The
+-- count is the broker's x-delivery-count header on quorum queues; on
+-- classic queues (which have none, and whose redelivered flag a connection
+-- loss sets too) the message goes back as a copy with the header
+-- x-tamarco-retries and the original is acked once the copy is confirmed.
+-- meta.failures is that count, meta.redelivered is true when it is > 0.
+-- Identical tracebacks (same queue, error and traceback) are logged once
+-- per repeated_error_log_ms; the others are counted. Metrics, labelled
+-- queue: amqp_handler_errors_total, amqp_handler_error_logs_suppressed_total,
+-- amqp_messages_given_up_total. A
 -- payload the codec cannot decode is logged and rejected without requeue
 -- (dead-lettered when configured); the consumer goes on. A responder's error
 -- is sent back to the requester (`nil, "remote error: ..."`). Delivery is
@@ -40,8 +54,20 @@
 -- dead_letter = true (push/pull: declares `<queue>.dead_letter` and routes
 -- rejected messages there), dead_letter_exchange = "x" (push/pull: the
 -- queue's x-dead-letter-exchange), queue_arguments = { ... } (x-arguments).
--- A queue that already exists with other arguments is used as it is (a
--- warning is logged).
+-- Every declaration uses exactly tamarco-amqp's arguments (see DECLARE), so
+-- Python Tamarco services share the same names in any start order. A
+-- consumer's declaration the broker refuses (406 PRECONDITION_FAILED: the
+-- name exists with other arguments; 403: no permission) makes the resource
+-- FAILED with one ERROR line naming the queue or exchange and the broker's
+-- reason, and is retried with back-off (reconnect_backoff_ms doubling to
+-- reconnect_backoff_max_ms) until it succeeds. A publisher only needs the
+-- name to exist: push/publish to a queue or exchange that exists with other
+-- arguments goes on with one warning.
+--
+-- CONTENT TYPE: messages are sent with the codec's content type
+-- (application/json for json). Consumers decode with their codec whatever
+-- the content type says, so tamarco-amqp's text/plain JSON is read as JSON,
+-- and tamarco-amqp (which ignores the content type) reads ours.
 --
 -- PUBLISHING: `push(name, value[, opts])` publishes a persistent message and
 -- returns when the broker has confirmed it (publisher confirms): true, or
@@ -53,7 +79,7 @@
 --
 -- SETTINGS under system.resources.<name> (later wins: default, the options
 -- given to amqp.client{...}, settings):
---   host (127.0.0.1), port (5672), vhost ("/"), user ("guest"), password
+--   hosts (see CLUSTER), host (127.0.0.1), port (5672), vhost ("/"), user ("guest"), password
 --   ("guest"), connection_timeout (seconds, 10: TCP connect, login and each
 --   broker round trip), heartbeat (seconds, 30; 0 disables), queues_prefix
 --   (""), prefetch (10), codec ("json"), reconnect_backoff_ms (200, doubled
@@ -61,14 +87,34 @@
 --   publish_wait_ms (0: while disconnected publishes fail at once with
 --   "not connected ..."; > 0: they wait that long for the connection),
 --   request_timeout_ms (5000), drain_timeout_ms (10000: how long stop waits
---   for running handlers).
+--   for running handlers), queue_type ("classic" | "quorum": push/pull
+--   queues, and their dead-letter queues, are declared with
+--   x-queue-type=quorum; classic, tamarco-amqp's, is the default),
+--   max_redeliveries (5), redelivery_backoff_ms (200),
+--   redelivery_backoff_max_ms (10000), repeated_error_log_ms (10000); the
+--   first three may also be given per consumer in pull/subscribe options.
 --
 -- STATUS: CONNECTING until the first connection is set up (queues declared,
 -- consumers started), then STARTED. When the broker goes away: FAILED, then
 -- CONNECTING at the next attempt, STARTED again once everything is declared
 -- and consuming again. A broker that cannot be reached at start does not
--- stop the service: the resource keeps trying in the background and reports
--- FAILED/CONNECTING meanwhile. status() never shows the password.
+-- stop the service: start waits up to connection_timeout per node (the
+-- resource stays CONNECTING, /status 503), then the service starts and the
+-- resource keeps trying in the background, FAILED/CONNECTING meanwhile. A
+-- stop requested during that wait ends it at once (cancel_start), and a stop
+-- while the broker accepts the TCP connection but never answers the
+-- handshake interrupts it. A refused login (403 ACCESS_REFUSED, 530
+-- NOT_ALLOWED for the vhost) is FAILED at once with one ERROR line naming
+-- the user and vhost; it is retried every reconnect_backoff_max_ms, in case
+-- the broker's users are being set up. status() never shows the password.
+--
+-- CLUSTER: `hosts` lists the nodes ("h:p", "h" with `port`, or {host, port};
+-- a comma-separated string from the environment works too). The first
+-- attempt goes to a node picked at random (so a fleet spreads over the
+-- cluster), then each failed attempt or lost connection moves to the next
+-- node in turn, with the usual back-off; the resource re-declares and
+-- resumes consuming on whichever node answers. `host`/`port` are used when
+-- `hosts` is not set.
 --
 -- The connection runs on its own I/O thread (see bindings/amqp.c for why).
 local base = require "tamarco.resources.base"
@@ -101,6 +147,11 @@ local DEFAULTS = {
     publish_wait_ms = 0,
     request_timeout_ms = 5000,
     drain_timeout_ms = 10000,
+    queue_type = "classic",
+    max_redeliveries = 5,
+    redelivery_backoff_ms = 200,
+    redelivery_backoff_max_ms = 10000,
+    repeated_error_log_ms = 10000,
 }
 Client.defaults = DEFAULTS
 
@@ -132,7 +183,9 @@ function Client:init(options)
     self.in_flight = 0
     self.drain_waiters = {}
     self.next_id = 0
-    self.counters = { handled = 0, handler_errors = 0, rejected = 0, requests = 0, timeouts = 0 }
+    self.counters = { handled = 0, handler_errors = 0, rejected = 0, requests = 0, timeouts = 0, redelivered = 0,
+        gave_up = 0 }
+    self.backoff_waiters = {}
 end
 
 function Client:log()
@@ -242,23 +295,55 @@ local function is_precondition(err)
     return type(err) == "string" and err:find("406", 1, true) ~= nil
 end
 
--- Declares `queue` with flags/arguments; an existing queue with other
--- arguments is used as it is.
-function Client:declare(queue, flags)
+-- What every pattern declares, argument for argument as tamarco-amqp
+-- (aioamqp's defaults fill what it leaves out), so that both can declare the
+-- same names on one broker in any order:
+--   push/pull queue          durable, not exclusive, not auto-delete
+--   publish/subscribe        fanout exchange, NOT durable, not auto-delete;
+--                            each subscriber: a server-named exclusive queue
+--                            (not durable, not auto-delete) bound with key ""
+--   request/response queue   not durable, not exclusive, not auto-delete
+local DECLARE = {
+    push_pull = { durable = true, exclusive = false, auto_delete = false },
+    exchange = { durable = false, auto_delete = false },
+    subscriber = { durable = false, exclusive = true, auto_delete = false },
+    request_response = { durable = false, exclusive = false, auto_delete = false },
+}
+amqp.DECLARE = DECLARE
+
+local function with(flags, extra)
+    local out = {}
+    for k, v in pairs(flags) do out[k] = v end
+    for k, v in pairs(extra or {}) do out[k] = v end
+    return out
+end
+
+-- Declares `queue` with `flags`. A consumer needs its queue exactly so: a
+-- refusal is an error. A publisher (`publisher` true) only needs the queue to
+-- exist: when it exists with other arguments (406, declared by someone else)
+-- it is used as it is, with one warning.
+function Client:declare(queue, flags, publisher)
     local conn = self.conn
     local name, err = conn:declare_queue(queue, flags)
     if name then return name end
-    if is_precondition(err) then
-        self:log():warning("queue '" .. queue .. "' exists with other settings; using it as it is ("
+    if publisher and is_precondition(err) then
+        self:warn_once("queue:" .. queue, "queue '" .. queue .. "' exists with other arguments; publishing to it as it is ("
             .. err .. ")", { queue = queue })
         name, err = conn:declare_queue(queue, { passive = true })
         if name then return name end
     end
-    return nil, err
+    return nil, "cannot declare queue '" .. queue .. "': " .. tostring(err)
+end
+
+function Client:warn_once(key, text, fields)
+    self.warned = self.warned or {}
+    if self.warned[key] then return end
+    self.warned[key] = true
+    self:log():warning(text, fields)
 end
 
 -- The x-arguments of a push/pull queue from a consumer's options.
-local function queue_arguments(queue, options)
+local function queue_arguments(queue, options, quorum)
     local args
     if options.queue_arguments then
         args = {}
@@ -272,16 +357,24 @@ local function queue_arguments(queue, options)
         args = args or {}
         args["x-dead-letter-exchange"] = options.dead_letter_exchange
     end
+    if quorum then
+        args = args or {}
+        if args["x-queue-type"] == nil then args["x-queue-type"] = "quorum" end
+    end
     return args
 end
+amqp.queue_arguments = queue_arguments
 
-function Client:declare_push_pull(queue, options)
+function Client:declare_push_pull(queue, options, publisher)
     options = options or {}
+    local quorum = self:setting("queue_type") == "quorum"
     if options.dead_letter then
-        local ok, err = self:declare(queue .. ".dead_letter", { durable = true })
+        local ok, err = self:declare(queue .. ".dead_letter",
+            with(DECLARE.push_pull, { arguments = quorum and { ["x-queue-type"] = "quorum" } or nil }), publisher)
         if not ok then return nil, err end
     end
-    return self:declare(queue, { durable = true, arguments = queue_arguments(queue, options) })
+    return self:declare(queue, with(DECLARE.push_pull, { arguments = queue_arguments(queue, options, quorum) }),
+        publisher)
 end
 
 -- The options a local consumer of `queue` declared it with (so that a push
@@ -295,13 +388,24 @@ end
 
 function Client:ensure_queue(queue)
     return self:once("queue:" .. queue, function()
-        return self:declare_push_pull(queue, self:local_options(queue))
+        local options = self:local_options(queue)
+        return self:declare_push_pull(queue, options, options == nil)
     end)
 end
 
-function Client:ensure_exchange(exchange)
-    return self:once("exchange:" .. exchange, function()
-        return self.conn:declare_exchange(exchange, "fanout", { durable = true })
+-- publisher: see Client:declare (an exchange that exists with other
+-- arguments is still an exchange to publish to).
+function Client:ensure_exchange(exchange, publisher)
+    return self:once("exchange:" .. exchange .. (publisher and ":p" or ""), function()
+        local ok, err = self.conn:declare_exchange(exchange, "fanout", DECLARE.exchange)
+        if ok then return true end
+        if publisher and is_precondition(err) then
+            self:warn_once("exchange:" .. exchange, "exchange '" .. exchange
+                .. "' exists with other arguments; publishing to it as it is (" .. err .. ")", { exchange = exchange })
+            ok, err = self.conn:declare_exchange(exchange, "fanout", { passive = true })
+            if ok then return true end
+        end
+        return nil, "cannot declare exchange '" .. exchange .. "' (fanout, durable=false): " .. tostring(err)
     end)
 end
 
@@ -310,6 +414,13 @@ end
 -- ---------------------------------------------------------------------
 
 function Client:setup_consumer(cons, epoch)
+    cons.setting_up = true
+    local ok, err = self:setup_consumer_now(cons, epoch)
+    cons.setting_up = nil
+    return ok, err
+end
+
+function Client:setup_consumer_now(cons, epoch)
     local conn = self.conn
     if not conn or epoch ~= self.epoch then return nil, "stale connection" end
     -- names and codec from the settings in force now (a service's resources
@@ -324,14 +435,18 @@ function Client:setup_consumer(cons, epoch)
         local ok
         ok, err = self:ensure_exchange(cons.exchange)
         if ok then
-            queue, err = conn:declare_queue("", { exclusive = true, auto_delete = true })
-            if queue then
+            queue, err = conn:declare_queue("", DECLARE.subscriber)
+            if not queue then
+                err = "cannot declare the subscriber queue of '" .. cons.exchange .. "': " .. tostring(err)
+            else
                 ok, err = conn:bind_queue(queue, cons.exchange, "")
-                if not ok then queue = nil end
+                if not ok then
+                    queue, err = nil, "cannot bind a queue to exchange '" .. cons.exchange .. "': " .. tostring(err)
+                end
             end
         end
     else
-        queue, err = self:declare(cons.queue, { durable = false })
+        queue, err = self:declare(cons.queue, DECLARE.request_response)
     end
     if not queue then return nil, err end
     if epoch ~= self.epoch then return nil, "stale connection" end
@@ -344,14 +459,78 @@ function Client:setup_consumer(cons, epoch)
     return true
 end
 
-function Client:setup_all(epoch)
+-- Sets up every consumer not set up on this connection yet; -> the list of
+-- those that failed, each with cons.setup_error.
+function Client:setup_pending(epoch)
+    local failed = {}
     for _, cons in ipairs(self.consumers) do
-        if epoch ~= self.epoch then return end
-        local ok, err = self:setup_consumer(cons, epoch)
-        if not ok and epoch == self.epoch then
-            self:log():error("cannot consume from '" .. tostring(cons.queue) .. "': " .. tostring(err),
-                { queue = cons.queue, pattern = cons.kind })
+        if epoch ~= self.epoch then return failed end
+        if not (cons.tag and cons.epoch == epoch) and not cons.setting_up then
+            local ok, err = self:setup_consumer(cons, epoch)
+            if not ok and epoch == self.epoch then
+                cons.setup_error = tostring(err)
+                failed[#failed + 1] = cons
+            else
+                cons.setup_error = nil
+            end
         end
+    end
+    return failed
+end
+
+-- Sets up the consumers of connection `epoch`; a declaration the broker
+-- refuses makes the resource FAILED (one log line naming the queue or
+-- exchange and the broker's reason) and is retried with back-off until it
+-- succeeds or the connection goes. -> true once all consume.
+function Client:setup_all(epoch)
+    if self.setup_epoch == epoch then
+        self.setup_again = true   -- the loop already running takes it
+        return false
+    end
+    self.setup_epoch = epoch
+    local ok = self:setup_loop(epoch)
+    if self.setup_epoch == epoch then self.setup_epoch = nil end
+    return ok
+end
+
+function Client:setup_loop(epoch)
+    local backoff = self:setting("reconnect_backoff_ms")
+    local attempt = 0
+    while true do
+        self.setup_again = false
+        local failed = self:setup_pending(epoch)
+        if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return false end
+        while #failed == 0 and self.setup_again and epoch == self.epoch do
+            self.setup_again = false
+            failed = self:setup_pending(epoch)
+        end
+        if #failed == 0 then
+            if attempt > 0 then
+                self:log():info("the AMQP declarations succeeded after " .. attempt .. " failed attempts")
+            end
+            self.setup_error = nil
+            return true
+        end
+        attempt = attempt + 1
+        local first = failed[1]
+        self.setup_error = first.setup_error
+        self.last_error = first.setup_error
+        self:set_status(STATUS.FAILED)
+        local text = ("%s (%s '%s'); the amqp resource is FAILED, retrying in %d ms"):format(first.setup_error,
+            first.kind, first.name, backoff)
+        if attempt == 1 or first.setup_error ~= self.logged_setup_error then
+            self:log():error(text, { queue = first.queue, exchange = first.exchange, pattern = first.kind,
+                failed_consumers = #failed })
+        else
+            self:log():debug(text)
+        end
+        self.logged_setup_error = first.setup_error
+        wake_all(self.ready_waiters, nil, first.setup_error)
+        suspend_for(backoff, self.ready_waiters)   -- stop ends the wait
+        backoff = math.min(backoff * 2, self:setting("reconnect_backoff_max_ms"))
+        if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return false end
+        -- declarations are made afresh (a refused one may have been fixed)
+        self.declared = {}
     end
 end
 
@@ -379,8 +558,14 @@ function Client:add_consumer(kind, name, handler, options, what)
         local function setup()
             local ok, err = self:setup_consumer(cons, self.epoch)
             if not ok then
-                self:log():error("cannot consume from '" .. tostring(cons.queue) .. "': " .. tostring(err),
-                    { queue = cons.queue })
+                cons.setup_error = tostring(err)
+                -- FAILED and retried with back-off like at connection time
+                local epoch = self.epoch
+                scheduler.spawn(function()
+                    if self:setup_all(epoch) and epoch == self.epoch and not self.stopping then
+                        self:set_status(STATUS.STARTED)
+                    end
+                end)
             end
             return ok, err
         end
@@ -432,6 +617,30 @@ function Client:reply(cons, props, body, is_error)
     end
 end
 
+local RETRIES_HEADER = "x-tamarco-retries"
+
+local function meter(self, id, help, queue)
+    self.meters = self.meters or {}
+    local key = id .. "\0" .. queue
+    local m = self.meters[key]
+    if not m then
+        m = require("tamarco.metrics").counter(id, { help = help, labels = { queue = queue } })
+        self.meters[key] = m
+    end
+    return m
+end
+
+-- How many times this message failed before: the broker's count on quorum
+-- queues (x-delivery-count), else the count carried by our own retries.
+-- The redelivered flag is no count (a connection loss sets it too).
+local function previous_failures(props)
+    local headers = props.headers
+    if not headers then return 0, nil end
+    local n = tonumber(headers["x-delivery-count"])
+    if n then return n, "x-delivery-count" end
+    return tonumber(headers[RETRIES_HEADER]) or 0, RETRIES_HEADER
+end
+
 function Client:on_delivery(tag, body, props, dtag, redelivered, epoch, exchange, routing_key)
     local conn = self.conn
     if not conn then return end
@@ -462,9 +671,10 @@ function Client:on_delivery(tag, body, props, dtag, redelivered, epoch, exchange
         self:handler_done()
         return
     end
+    local failures = previous_failures(props)
     local meta = {
-        properties = props, delivery_tag = dtag, redelivered = redelivered, exchange = exchange,
-        routing_key = routing_key, body = body, queue = cons.queue,
+        properties = props, delivery_tag = dtag, redelivered = redelivered or failures > 0, exchange = exchange,
+        routing_key = routing_key, body = body, queue = cons.queue, failures = failures,
     }
     local ok, result = xpcall(cons.handler, capture, value, meta)
     if ok then
@@ -481,15 +691,110 @@ function Client:on_delivery(tag, body, props, dtag, redelivered, epoch, exchange
     elseif result.error == tasks.CANCELLED then
         conn:nack(epoch, dtag, true)
     else
-        self.counters.handler_errors = self.counters.handler_errors + 1
-        local requeue = cons.on_error == "requeue" and cons.kind ~= "request_response"
-        self:log():exception(("handler for '%s' failed: %s (message %s)"):format(cons.queue,
-            tostring(result.error), requeue and "requeued" or "rejected"), result.error, result.traceback,
-            { queue = cons.queue, delivery_tag = dtag, redelivered = redelivered })
-        if cons.kind == "request_response" then self:reply(cons, props, tostring(result.error), true) end
-        conn:nack(epoch, dtag, requeue)
+        self:handler_failed(cons, result, body, props, dtag, redelivered, epoch)
     end
     self:handler_done()
+end
+
+-- ---------------------------------------------------------------------
+-- failed handlers: bounded redelivery
+-- ---------------------------------------------------------------------
+
+function Client:option(cons, key)
+    local v = cons.options[key]
+    if v == nil then v = self:setting(key) end
+    return v
+end
+
+-- Logs a handler's failure with its traceback, at most once per
+-- repeated_error_log_ms for the same queue, error and traceback; the others
+-- are counted (amqp_handler_error_logs_suppressed_total) and the next line
+-- says how many were left out.
+function Client:log_failure(cons, result, text, fields)
+    local key = cons.queue .. "\0" .. tostring(result.error) .. "\0" .. tostring(result.traceback)
+    self.error_logs = self.error_logs or { n = 0, by_key = {} }
+    local logs = self.error_logs
+    local entry = logs.by_key[key]
+    local now = timer.hrtime() / 1e6
+    if entry and now - entry.at < self:setting("repeated_error_log_ms") then
+        entry.suppressed = entry.suppressed + 1
+        meter(self, "amqp_handler_error_logs_suppressed_total",
+            "Handler failures whose identical traceback was not logged again", cons.queue):inc()
+        return
+    end
+    if not entry then
+        if logs.n >= 1000 then logs.by_key, logs.n = {}, 0 end   -- bounded
+        entry = { suppressed = 0 }
+        logs.by_key[key] = entry
+        logs.n = logs.n + 1
+    end
+    if entry.suppressed > 0 then
+        text = text .. (" (%d identical failures not logged since the last line)"):format(entry.suppressed)
+        fields.suppressed = entry.suppressed
+    end
+    entry.at, entry.suppressed = now, 0
+    self:log():exception(text, result.error, result.traceback, fields)
+end
+
+function Client:handler_failed(cons, result, body, props, dtag, redelivered, epoch)
+    local conn = self.conn
+    self.counters.handler_errors = self.counters.handler_errors + 1
+    meter(self, "amqp_handler_errors_total", "Message handlers that raised an error", cons.queue):inc()
+    local fields = { queue = cons.queue, delivery_tag = dtag, redelivered = redelivered }
+    local what = ("handler for '%s' failed: %s"):format(cons.queue, tostring(result.error))
+    if cons.kind == "request_response" or cons.on_error == "dead_letter" then
+        self:log_failure(cons, result, what .. " (message rejected)", fields)
+        if cons.kind == "request_response" then self:reply(cons, props, tostring(result.error), true) end
+        conn:nack(epoch, dtag, false)
+        return
+    end
+    -- on_error = "requeue": again after a back-off, at most max_redeliveries times
+    local before, source = previous_failures(props)
+    local failures = before + 1
+    local max = self:option(cons, "max_redeliveries")
+    fields.failures = failures
+    if failures > max then
+        self.counters.gave_up = self.counters.gave_up + 1
+        meter(self, "amqp_messages_given_up_total", "Messages rejected after failing max_redeliveries + 1 times",
+            cons.queue):inc()
+        local dead = cons.options.dead_letter and (cons.queue .. ".dead_letter") or cons.options.dead_letter_exchange
+        local fate = dead and ("dead-lettered to '" .. dead .. "'")
+            or "rejected (dropped unless a broker policy dead-letters it)"
+        self:log():error(("a message from '%s' failed %d times (max_redeliveries %d); %s. Last error: %s")
+            :format(cons.queue, failures, max, fate, tostring(result.error)), fields)
+        conn:nack(epoch, dtag, false)
+        return
+    end
+    local delay = math.min(self:option(cons, "redelivery_backoff_ms") * 2 ^ (failures - 1),
+        self:option(cons, "redelivery_backoff_max_ms"))
+    self:log_failure(cons, result, ("%s (attempt %d of %d; retried in %d ms)"):format(what, failures, max + 1,
+        delay), fields)
+    -- the message stays unacknowledged meanwhile: it holds one prefetch slot,
+    -- so a poison message slows its consumer down instead of spinning
+    if not self.stopping then suspend_for(delay, self.backoff_waiters) end
+    if epoch ~= self.epoch or not self.conn then return end   -- the broker redelivers it
+    self.counters.redelivered = self.counters.redelivered + 1
+    if source == "x-delivery-count" then
+        conn:nack(epoch, dtag, true)   -- the broker counts
+        return
+    end
+    -- a classic queue has no count: the message goes back to the queue as a
+    -- copy carrying ours, then the original is acked (nacked to the queue
+    -- if the copy was not confirmed)
+    local copy = {}
+    for k, v in pairs(props) do copy[k] = v end
+    copy.user_id = nil   -- the broker refuses one that is not our own user
+    copy.persistent = props.delivery_mode == 2
+    copy.delivery_mode = nil
+    copy.headers = {}
+    for k, v in pairs(props.headers or {}) do copy.headers[k] = v end
+    copy.headers[RETRIES_HEADER] = failures
+    local ok = conn:publish("", cons.bound_queue or cons.queue, body, copy, true)
+    if ok and epoch == self.epoch then
+        conn:ack(epoch, dtag)
+    else
+        conn:nack(epoch, dtag, true)
+    end
 end
 
 -- ---------------------------------------------------------------------
@@ -513,7 +818,27 @@ function Client:on_state(state, epoch, err)
         local was = self.conn_state
         self.conn_state = "failed"
         self.last_error = err
-        self:set_status(STATUS.FAILED)
+        local refusal = amqp.login_refusal(err)
+        -- while start-up waits for the first connection the resource is
+        -- still connecting (/status 503); a refused login is a failure
+        self:set_status((self.starting and not refusal) and STATUS.CONNECTING or STATUS.FAILED)
+        if refusal then
+            -- wrong credentials or vhost: said loudly (once per distinct
+            -- reason), start-up does not wait for it; retried at the slowest
+            -- back-off in case the broker's users are being set up
+            if self.logged_refusal ~= err then
+                local info = self.conn:info()
+                self:log():error(("the AMQP broker %s:%s refused user '%s' on vhost '%s': %s; check the user, "
+                    .. "password and vhost permissions (retrying every %d ms)"):format(info.host, info.port,
+                    info.user, info.vhost, refusal, self:setting("reconnect_backoff_max_ms")),
+                    { user = info.user, vhost = info.vhost, error = err })
+                self.logged_refusal = err
+            end
+            self.warned_failure = true
+            wake_all(self.ready_waiters, nil, err)
+            self:fail_requests("connection lost: " .. tostring(err))
+            return
+        end
         if was == "connected" then
             self:log():warning("AMQP connection lost: " .. tostring(err) .. "; reconnecting", { error = err })
         elseif not self.warned_failure then
@@ -529,12 +854,15 @@ function Client:on_state(state, epoch, err)
         self.declared = {}
         self.by_tag = {}
         self.reply_tag = nil
-        self:setup_all(epoch)
+        if not self:setup_all(epoch) then return end
         if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return end
         self.last_error = nil
         self.warned_failure = false
+        self.logged_refusal = nil
         self:set_status(STATUS.STARTED)
-        self:log():info(epoch == 1 and "connected to the AMQP broker" or "reconnected to the AMQP broker",
+        local info = self.conn:info()
+        self:log():info((epoch == 1 and "connected to the AMQP broker %s:%s" or "reconnected to the AMQP broker %s:%s")
+            :format(info.host, info.port),
             { epoch = epoch, consumers = #self.consumers })
         wake_all(self.ready_waiters, true)
     elseif state == "cancelled" then
@@ -549,8 +877,9 @@ function Client:on_state(state, epoch, err)
         tasks.sleep(1000)
         if epoch == self.epoch and self.conn_state == "connected" and not self.stopping then
             self.declared = {}
-            local ok, serr = self:setup_consumer(cons, epoch)
-            if not ok then self:log():error("cannot consume from '" .. cons.queue .. "': " .. tostring(serr)) end
+            if self:setup_all(epoch) and epoch == self.epoch and not self.stopping then
+                self:set_status(STATUS.STARTED)
+            end
         end
     end
 end
@@ -563,13 +892,20 @@ function Client:start()
     if self.conn then return end
     self:check_settings { port = base.PORT, connection_timeout = base.DURATION, heartbeat = base.COUNT,
         prefetch = base.COUNT, reconnect_backoff_ms = base.DURATION, reconnect_backoff_max_ms = base.DURATION,
-        publish_wait_ms = base.DURATION, request_timeout_ms = base.DURATION, drain_timeout_ms = base.DURATION }
+        publish_wait_ms = base.DURATION, request_timeout_ms = base.DURATION, drain_timeout_ms = base.DURATION,
+        max_redeliveries = base.COUNT, redelivery_backoff_ms = base.DURATION, redelivery_backoff_max_ms = base.DURATION,
+        repeated_error_log_ms = base.DURATION }
+    local queue_type = self:setting("queue_type")
+    if queue_type ~= "classic" and queue_type ~= "quorum" then
+        self:settings_error("queue_type", "must be \"classic\" or \"quorum\", not " .. tostring(queue_type))
+    end
     self.stopping = false
+    self.start_cancelled = false
     local timeout_s = self:setting("connection_timeout")
     local svc_name = self.service and self.service.name or "tamarco"
+    local hosts = self:hosts()
     self.conn = c().connect {
-        host = tostring(self:setting("host")),
-        port = tonumber(self:setting("port")),
+        hosts = hosts,
         vhost = tostring(self:setting("vhost")),
         user = tostring(self:setting("user")),
         password = tostring(self:setting("password")),
@@ -582,14 +918,77 @@ function Client:start()
         on_delivery = function(...) return self:on_delivery(...) end,
     }
     self:set_status(STATUS.CONNECTING)
-    -- wait for the first connection (and its consumers), bounded
-    if self.status_code ~= STATUS.STARTED then
-        suspend_for(math.floor(tonumber(timeout_s) * 1000) + 1000, self.ready_waiters)
+    -- wait for the first connection (and its consumers), bounded; a stop
+    -- requested meanwhile (cancel_start) or a refused login end the wait
+    if self.status_code ~= STATUS.STARTED and not self.start_cancelled then
+        self.starting = true
+        suspend_for(math.floor(tonumber(timeout_s) * 1000) * #hosts + 1000, self.ready_waiters)
+        self.starting = false
+        if self.conn_state == "failed" then self:set_status(STATUS.FAILED) end
     end
-    if self.status_code ~= STATUS.STARTED then
+    if self.start_cancelled then return end
+    if self.status_code ~= STATUS.STARTED and not amqp.login_refusal(self.last_error) and not self.setup_error then
         self:log():warning("the AMQP broker is not reachable yet (" .. tostring(self.last_error)
             .. "); the service starts and the connection is retried in the background")
     end
+end
+
+--- A stop was requested while the service starts: stop waiting for the broker.
+function Client:cancel_start()
+    self.start_cancelled = true
+    wake_all(self.ready_waiters, nil, "start-up cancelled")
+end
+
+--- The broker's reason when it refused the login (wrong user or password:
+-- 403 ACCESS_REFUSED; a vhost that does not exist or is not permitted: 530
+-- NOT_ALLOWED), else nil.
+function amqp.login_refusal(err)
+    if type(err) ~= "string" or not err:find("^login to ") then return nil end
+    return err:match("(403 ACCESS_REFUSED.*)$") or err:match("(530 NOT_ALLOWED.*)$")
+end
+
+-- "h", "h:p" or {host = h, port = p} -> { host = h, port = p }
+local function parse_node(self, node, default_port)
+    local host, port
+    if type(node) == "table" then
+        host, port = node.host, node.port or default_port
+    elseif type(node) == "string" then
+        host, port = node:match("^%[(.+)%]:(%d+)$")
+        if not host then host, port = node:match("^([^:]+):(%d+)$") end
+        local _, colons = node:gsub(":", "")
+        if not host and colons ~= 1 then host, port = node, default_port end   -- a name, or a bare IPv6
+    end
+    port = tonumber(port)
+    if type(host) ~= "string" or host == "" or not port or port < 1 or port > 65535 or port % 1 ~= 0 then
+        self:settings_error("hosts", "each node must be \"host\", \"host:port\" or {host = ..., port = ...}, not "
+            .. tostring(node))
+    end
+    return { host = host, port = port }
+end
+
+--- The broker nodes to connect to, from `hosts` (a list, or a comma-separated
+-- string) or else `host`/`port`; a list starts at a random node so that the
+-- instances of a service spread over the cluster.
+function Client:hosts()
+    local default_port = tonumber(self:setting("port"))
+    local list = self:setting("hosts")
+    if list == nil or list == "" then
+        return { { host = tostring(self:setting("host")), port = default_port } }
+    end
+    if type(list) == "string" then
+        local parts = {}
+        for part in list:gmatch("[^,%s]+") do parts[#parts + 1] = part end
+        list = parts
+    end
+    if type(list) ~= "table" or #list == 0 then
+        self:settings_error("hosts", "must be a non-empty list of nodes (\"host:port\")")
+    end
+    local nodes = {}
+    for i, node in ipairs(list) do nodes[i] = parse_node(self, node, default_port) end
+    local start = math.floor(timer.hrtime() / 1000) % #nodes
+    local shuffled = {}
+    for i = 1, #nodes do shuffled[i] = nodes[(start + i - 1) % #nodes + 1] end
+    return shuffled
 end
 
 --- Hot reload: keeps the connection and the consumers; takes the new
@@ -621,6 +1020,7 @@ function Client:stop()
             if cons.tag and cons.epoch == self.epoch then conn:cancel(cons.epoch, cons.tag) end
         end
     end
+    wake_all(self.backoff_waiters)   -- failed messages waiting for their retry go back now
     if self.in_flight > 0 then
         local ok = suspend_for(self:setting("drain_timeout_ms"), self.drain_waiters)
         if not ok then
@@ -638,7 +1038,8 @@ end
 
 --- status(): Tamarco's status dict plus the connection (no password).
 function Client:status()
-    local out = { status = self.status_code, consumers = #self.consumers, in_flight = self.in_flight }
+    local out = { status = self.status_code, consumers = #self.consumers, in_flight = self.in_flight,
+        error = self.setup_error }
     for k, v in pairs(self.counters) do out[k] = v end
     if self.conn then
         local info = self.conn:info()
@@ -683,7 +1084,7 @@ function Client:push(name, value, opts)
     if not ok then return nil, err end
     local queue = self:queue_name("push_pull", name)
     ok, err = self:ensure_queue(queue)
-    if not ok then return nil, "cannot declare queue '" .. queue .. "': " .. tostring(err) end
+    if not ok then return nil, err end
     ok, err = self.conn:publish("", queue, body, props_for(codec, opts, true), true)
     tasks.checkpoint()
     if not ok then return nil, err end
@@ -699,8 +1100,8 @@ function Client:publish(name, value, opts)
     local ok, err = self:wait_connected(opts.wait_ms)
     if not ok then return nil, err end
     local exchange = self:queue_name("publish_subscribe", name)
-    ok, err = self:ensure_exchange(exchange)
-    if not ok then return nil, "cannot declare exchange '" .. exchange .. "': " .. tostring(err) end
+    ok, err = self:ensure_exchange(exchange, true)
+    if not ok then return nil, err end
     ok, err = self.conn:publish(exchange, "", body, props_for(codec, opts, opts.persistent or false),
         opts.confirm or false)
     if opts.confirm then tasks.checkpoint() end
