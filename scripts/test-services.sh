@@ -769,6 +769,8 @@ cluster_launch_rabbitmq() { launch_rabbitmq_cluster; }
 cluster_members_rabbitmq() { echo "$RMQ_CLUSTER_NODES"; }
 cluster_pattern_rabbitmq() { echo beam; }
 cluster_stop_rabbitmq() { stop_rabbitmq_cluster; }
+# three brokers start, then two of them restart to join the first
+cluster_timeout_rabbitmq() { echo $((TIMEOUT * 3)); }
 
 # 0 once every node answers and n2, n3 joined n1; 1 not yet; 2 a node died.
 cluster_probe_rabbitmq() {
@@ -814,7 +816,7 @@ cluster_logs_rabbitmq() {
 }
 
 cmd_start_cluster() {
-    local kind=$1 t0=$SECONDS rc deadline
+    local kind=$1 t0=$SECONDS rc deadline limit
     known_cluster "$kind"
     DIR=$(abs_dir "$2"); DIR=${DIR%/}
     check_dir_name "$DIR"
@@ -834,13 +836,15 @@ cmd_start_cluster() {
     trap 'exit 130' INT TERM HUP
     "$(cluster_fn setup "$kind")"
     "$(cluster_fn launch "$kind")"
-    deadline=$((SECONDS + TIMEOUT))
+    limit=$TIMEOUT
+    if declare -F "$(cluster_fn timeout "$kind")" >/dev/null; then limit=$("$(cluster_fn timeout "$kind")"); fi
+    deadline=$((SECONDS + limit))
     while :; do
         rc=0; "$(cluster_fn probe "$kind")" || rc=$?
         [ "$rc" = 0 ] && break
         if [ "$rc" = 2 ] || deadline_passed "$deadline"; then
             if [ "$rc" = 2 ]; then log "error: a $kind member exited during startup"
-            else log "error: the $kind cluster was not ready within ${TIMEOUT}s"; fi
+            else log "error: the $kind cluster was not ready within ${limit}s"; fi
             show_log $("$(cluster_fn logs "$kind")")
             exit 1
         fi
