@@ -258,6 +258,12 @@ describe("etcd cluster faults", function()
         testing.timeout_ms = 60000
         local lone, result = "m1", {}
         local ok, err = pcall(testing.run, function()
+            -- a watch on m1: ended by m1 itself once it has no leader
+            local watch_errors = {}
+            local watched = etcd.new { endpoints = { "127.0.0.1:" .. cluster.port("etcd", lone) } }
+            local w = watched:watch("/" .. unique("noquorum-watch"), {
+                on_error = function(message) watch_errors[#watch_errors + 1] = message end })
+            tamarco.sleep(200)
             cluster.member("stop", "etcd", "m2")
             cluster.member("stop", "etcd", "m3")
             -- m1 alone has no leader. Until it notices, a write waits for a
@@ -273,6 +279,13 @@ describe("etcd cluster faults", function()
                 return e and e:find("no leader", 1, true)
             end, 30000)
             result.kinds = kinds
+            wait_until(function()
+                for _, message in ipairs(watch_errors) do
+                    if message:find("no leader", 1, true) then return true end
+                end
+            end, 15000)
+            result.watch_errors = table.concat(watch_errors, " | ")
+            w:close()
             cluster.member("start", "etcd", "m2")
             cluster.member("start", "etcd", "m3")
         end)
@@ -281,6 +294,7 @@ describe("etcd cluster faults", function()
         assert.equal("unavailable", result.kind)
         assert.matches("no leader", result.err, 1, true)
         for _, kind in ipairs(result.kinds) do assert.equal("unavailable", kind) end
+        assert.matches("etcd watch: etcdserver: no leader", result.watch_errors, 1, true)
     end)
 end)
 

@@ -52,6 +52,7 @@ describe("redis sentinels", function()
             local where = assert(ask_sentinels(list, "SENTINEL", "get-master-addr-by-name", name))
             assert.equal(where[1] .. ":" .. where[2], cache:status().master)
             assert.equal(name, cache:status().master_name)
+            assert.is_nil(cache:status().port)   -- the ignored host/port are not shown
             cache:del("sentinel-spec")
             cache:close()
         end)

@@ -18,6 +18,17 @@
 -- values are Lua strings (any bytes; base64 on the wire). Revisions are Lua
 -- numbers; lease IDs are strings (they are 64-bit integers).
 --
+-- CLUSTER: `etcd.new { endpoints = "h1:2379,h2:2379,h3:2379" }` (or a list)
+-- talks to one member at a time, starting on a random one. A request moves
+-- on to the next member (each tried at most once per request, each try
+-- bounded by timeout_ms) when the member refuses or resets the connection,
+-- times out, or answers that it has no leader / could not commit (kind
+-- "unavailable"); requests carry etcd's require-leader flag, so a member
+-- cut off from its quorum says so at once. `client.failovers` counts the
+-- moves. etcd.locate / etcd.from_env find the members in
+-- TAMARCO_ETCD_ENDPOINTS, the setting system.etcd.endpoints, or
+-- TAMARCO_ETCD_HOST/_PORT.
+--
 -- AUTH: with `user` and `password`, the client asks /v3/auth/authenticate
 -- for a token on first use, sends it in the Authorization header, and asks
 -- for a new one once when etcd says the token is invalid or expired.
@@ -26,9 +37,11 @@
 -- object per line). Events are handed to `on_events(events, revision)` in
 -- order, one watch response at a time, each event as
 --   { type = "PUT" | "DELETE", key =, value =, mod_revision =, create_revision =, version = }
--- When the stream breaks (etcd restarted, connection lost) the watch is
--- created again from the last seen revision + 1 (backoff 100 ms doubling to
--- 1 s), so no change is missed and none is delivered twice. When that
+-- When the stream breaks (etcd restarted, connection lost, member without
+-- leader) the watch is created again from the last seen revision + 1 — on
+-- the next member of a cluster at once, and with a backoff of 100 ms
+-- doubling to 1 s once every member failed — so no change is missed and
+-- none is delivered twice (revisions are the cluster's, not a member's). When that
 -- revision was compacted meanwhile, `on_compacted(compact_revision)` is
 -- called (do a full reload there, e.g. client:range, and return the
 -- revision of that read + 1 to watch from; return nil when the reload
@@ -166,7 +179,7 @@ function etcd.new(opts)
         local port = tonumber(opts.port) or etcd.DEFAULT_PORT
         endpoints = { ((opts.url or base_url(host, port)):gsub("/+$", "")) }
     end
-    -- math.random is not seeded per process: a UUID's random bits are
+    -- a random start member (from a UUID: math.random is not seeded per process)
     local current = 1
     if #endpoints > 1 then current = tonumber(process.uuid4():sub(1, 8), 16) % #endpoints + 1 end
     local host, port = endpoints[current]:match("^%a+://%[?([^%]/]-)%]?:(%d+)")
@@ -238,7 +251,7 @@ function etcd.from_env(overrides)
 end
 
 --- client:address() -> the member in use ("http://h:p"); with several,
--- followed by the others in brackets.
+-- followed by the others: "http://a:1 (cluster: also http://b:2, ...)".
 function Client:address()
     if #self.endpoints == 1 then return self.url end
     local others = {}
@@ -642,6 +655,15 @@ function Watcher:_connect()
         local chunk, read_err = stream:read()
         if not chunk then
             reason = read_err or "etcd closed the watch stream"
+            -- the gateway ends a stream with its last message unterminated
+            -- (e.g. the error of a member that lost its leader)
+            if not read_err and buffer:find("%S") then
+                local ok, msg = pcall(cjson.decode, buffer)
+                if ok and type(msg) == "table" then
+                    local action, why = self:_message(msg)
+                    if action == "break" and why then reason = why end
+                end
+            end
             break
         end
         buffer = buffer .. chunk

@@ -400,6 +400,7 @@ function Redis:status()
         connections_lost = self.counters.lost,
     }
     if self.sentinel_watch then
+        out.host, out.port = nil, nil   -- not used: the sentinels name the master
         out.master_name = self:setting("master_name")
         out.master = link and link.conn and link.address or nil
         out.master_switches = self.counters.switches or 0
