@@ -233,6 +233,60 @@ static int decode_string(decoder *d)
     return fail(d, s - 1, "unterminated string");
 }
 
+/* The value of the valid JSON number [s, end) when it is exact in double
+ * arithmetic (Clinger's fast path): at most 15 significant digits, so the
+ * digits are an exact integer, and a power of ten up to 1e22, itself exact;
+ * one correctly rounded multiplication or division then gives the same
+ * double strtod would. 0 when strtod is needed. */
+static int fast_number(const char *s, const char *end, double *out)
+{
+    static const double powers[] = {
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+        1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+    };
+    const char *p = s;
+    int negative = *p == '-';
+    p += negative;
+    uint64_t mantissa = 0;
+    int digits = 0, scale = 0;
+    for (; p < end && is_digit(*p); p++) {
+        if (mantissa || *p != '0')
+            digits++;
+        mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+        if (digits > 15)
+            return 0;
+    }
+    if (p < end && *p == '.') {
+        for (p++; p < end && is_digit(*p); p++) {
+            if (mantissa || *p != '0')
+                digits++;
+            mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+            scale--;
+            if (digits > 15)
+                return 0;
+        }
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        int exp_negative = *p == '-';
+        if (*p == '-' || *p == '+')
+            p++;
+        int exponent = 0;
+        for (; p < end && is_digit(*p); p++) {
+            if (exponent > 1000)
+                return 0;
+            exponent = exponent * 10 + (*p - '0');
+        }
+        scale += exp_negative ? -exponent : exponent;
+    }
+    if (scale < -22 || scale > 22)
+        return 0;
+    double v = (double)mantissa;
+    v = scale < 0 ? v / powers[-scale] : v * powers[scale];
+    *out = negative ? -v : v;
+    return 1;
+}
+
 /* Pushes the number at d->p; *is_float tells whether it was written with a
  * fraction or an exponent. */
 static int decode_number(decoder *d, int *is_float)
@@ -271,13 +325,8 @@ static int decode_number(decoder *d, int *is_float)
     }
     size_t len = (size_t)(p - s);
     double v;
-    if (!*is_float && len <= 16) {
-        /* an integer below 2^53: exact by hand, no strtod */
-        const char *q = s + (*s == '-');
-        int64_t n = 0;
-        for (; q < p; q++)
-            n = n * 10 + (*q - '0');
-        v = *s == '-' ? -(double)n : (double)n;
+    if (fast_number(s, p, &v)) {
+        /* exact without strtod */
     } else {
         if (len > JSON_MAX_NUMBER_LEN)
             return fail(d, s, "number too long");

@@ -107,6 +107,12 @@ describe("tamarco.json", function()
         assert.are.equal(-0.5, json.decode("-5e-1"))
         assert.are.equal(0, json.decode("1e-400"))   -- underflow is a number, overflow is not
         assert.are.equal(2 ^ 53, json.decode("9007199254740992"))
+        -- short numbers take an exact shortcut, long ones strtod: both read as Lua reads them
+        for _, text in ipairs({ "0.1", "0.30000000000000004", "1e22", "1e23", "123.456e-7", "5e-324",
+                "2.2250738585072014e-308", "1.7976931348623157e308", "-1234567890.12345e-10",
+                "100000000000000000000000e-22", "9007199254740993", "12345678901234567890" }) do
+            assert.are.equal(tonumber(text), json.decode(text), text)
+        end
         assert.are.same({ 1, { 2 } }, { json.decode(" [1, [2]] ")[1], { json.decode("[1, [2]]")[2][1] } })
     end)
 
@@ -144,6 +150,15 @@ describe("tamarco.json", function()
         assert.is_true(json.is_float(v.c[1]))
         assert.are.equal("[1.0]", json.encode(json.array({ json.float(1) })))
         assert.are.equal(etcd.float, json.float)
+    end)
+
+    it("lets the yaml codec keep the [] and {} of decoded JSON", function()
+        local v = assert(json.decode('{"a": [], "b": {}, "c": [1, {}, []]}'))
+        local text = assert(codecs.yaml.encode(v))
+        local back = assert(codecs.yaml.decode(text))
+        assert.is_true(json.is_array(back.a), text)
+        assert.are.equal("{}", json.encode(back.b))
+        assert.are.equal("[1,{},[]]", json.encode(back.c))
     end)
 
     it("is the codec of tamarco.codecs", function()

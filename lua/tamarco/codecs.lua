@@ -77,11 +77,16 @@ local function yaml_scalar(v)
     error("cannot encode a " .. t .. " as YAML", 0)
 end
 
+-- As tamarco.json decides: the array and object markers first, then a plain
+-- table with keys exactly 1..n is a sequence (an empty one a mapping).
 local function is_array(t)
+    local mt = getmetatable(t)
+    if mt == json.array_mt then return true, #t end
+    if mt == json.object_mt then return false, #t end
     local n = #t
     local count = 0
     for _ in pairs(t) do count = count + 1 end
-    return count == n, n
+    return n > 0 and count == n, n
 end
 
 local function emit(out, v, indent, seen)
@@ -102,7 +107,7 @@ local function emit(out, v, indent, seen)
             if type(item) == "table" and next(item) ~= nil then
                 emit(out, item, indent + 1, seen)
             elseif type(item) == "table" then
-                out[#out + 1] = "[]"
+                out[#out + 1] = is_array(item) and "[]" or "{}"
             else
                 out[#out + 1] = yaml_scalar(item)
             end
@@ -123,7 +128,8 @@ local function emit(out, v, indent, seen)
             if type(item) == "table" and next(item) ~= nil then
                 emit(out, item, indent + 1, seen)
             else
-                out[#out + 1] = " " .. (type(item) == "table" and "{}" or yaml_scalar(item))
+                out[#out + 1] = " " .. (type(item) == "table" and (is_array(item) and "[]" or "{}")
+                    or yaml_scalar(item))
             end
         end
     end
