@@ -8,6 +8,8 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <stdint.h>
+#include <sys/random.h>
 
 static const char HOST_KEY[] = "tamarco.host";
 
@@ -116,12 +118,28 @@ static void preload(lua_State *L, const char *name, lua_CFunction open)
     lua_pop(L, 2);
 }
 
+/* math.random starts from the same seed in every process: instances of a
+ * fleet would draw the same reconnect jitter and the same first etcd member.
+ * Each state gets its own seed from the kernel. */
+static void seed_math_random(lua_State *L)
+{
+    uint32_t seed = 0;
+    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) != (ssize_t)sizeof seed)
+        seed = (uint32_t)getpid() ^ (uint32_t)uv_hrtime();
+    lua_getglobal(L, "math");
+    lua_getfield(L, -1, "randomseed");
+    lua_pushnumber(L, (lua_Number)seed);
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+}
+
 lua_State *tamarco_state_new(const char *lua_dir)
 {
     lua_State *L = luaL_newstate();
     if (!L)
         return NULL;
     luaL_openlibs(L);
+    seed_math_random(L);
     set_paths(L, lua_dir);
     for (const luaL_Reg *b = preloaded_bindings; b->name; b++)
         preload(L, b->name, b->func);
