@@ -58,6 +58,7 @@ etcd.null = cjson.null
 -- base64 (etcd's JSON gateway carries keys and values in base64)
 local codec = require "tamarco.c.codec"
 etcd.b64encode = codec.base64_encode
+--- etcd.b64decode(s) -> the bytes of base64 text s; raises on invalid base64.
 function etcd.b64decode(s) return (assert(codec.base64_decode(s))) end
 
 --- The range_end that selects every key starting with `prefix`.
@@ -112,6 +113,7 @@ end
 local Float = {}
 --- etcd.float(n) -> n boxed as a float (encoded as 1.0, not 1).
 function etcd.float(n) return setmetatable({ value = n }, Float) end
+--- etcd.is_float(v) -> true when v was boxed by etcd.float.
 function etcd.is_float(v) return getmetatable(v) == Float end
 
 local function encode(v, out)

@@ -44,6 +44,7 @@ HttpClient.defaults = DEFAULTS
 local SETTING_KEYS = { "timeout_ms", "connect_timeout_ms", "verify_tls", "ca_file",
     "follow_redirects", "max_body_bytes", "base_url", "headers" }
 
+--- HttpClient:init(options): a client resource with its request counters at zero.
 function HttpClient:init(options)
     base.Resource.init(self, options)
     self.counters = { requests = 0, errors = 0, in_flight = 0 }
@@ -197,6 +198,7 @@ function HttpClient:request_json(opts)
     return HttpClient.resp_json(self:request(opts))
 end
 
+--- HttpClient:status() -> the base status dict plus `requests`, `errors` and `in_flight`.
 function HttpClient:status()
     local s = base.Resource.status(self)
     s.requests = self.counters.requests
