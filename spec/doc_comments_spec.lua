@@ -4,7 +4,7 @@
 -- private), and the functions
 -- declared in include/tamarco.h. The API reference (scripts/api-docs.sh)
 -- is generated from these comments, so a function without one is missing
--- from it.
+-- from it; the reference itself must build without LDoc warnings.
 
 local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "spec"
 local root = here .. "/.."
@@ -105,6 +105,21 @@ describe("doc comments", function()
         assert.is_true(total >= 10, "found only " .. total .. " declarations: is the pattern right?")
         assert.are.same({}, missing, "declarations without a comment above them:\n"
             .. table.concat(missing, "\n"))
+    end)
+
+    it("the API reference builds (scripts/api-docs.sh) without warnings", function()
+        local out = assert(io.popen("mktemp -d"):read("*l"))
+        local pipe = assert(io.popen("'" .. root .. "/scripts/api-docs.sh' '" .. out .. "/api' 2>&1 >/dev/null; echo \"exit $?\""))
+        local output = pipe:read("*a")
+        pipe:close()
+        local index = io.open(out .. "/api/index.html")
+        local service_page = io.open(out .. "/api/modules/tamarco.service.html")
+        if index then index:close() end
+        if service_page then service_page:close() end
+        os.execute("rm -rf '" .. out .. "'")
+        assert.are.equal("exit 0\n", output)
+        assert.is_truthy(index, "no index.html")
+        assert.is_truthy(service_page, "no page for tamarco.service")
     end)
 
     it("finds a missing doc comment (the check itself)", function()
