@@ -1,10 +1,10 @@
 -- Every public function has a doc comment directly above it: the functions
 -- of the table a module under lua/tamarco returns (`function M.name`,
 -- `function M:name`; local functions and names starting with `_` are
--- private), and the functions
--- declared in include/tamarco.h. The API reference (scripts/api-docs.sh)
--- is generated from these comments, so a function without one is missing
--- from it; the reference itself must build without LDoc warnings.
+-- private), and the functions declared in include/tamarco.h. The API
+-- reference (scripts/api-docs.sh) is generated from these comments, so a
+-- function without one is missing from it; the reference itself must build
+-- without LDoc warnings.
 
 local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "spec"
 local root = here .. "/.."
