@@ -1,9 +1,33 @@
 /*
- * tamarco.c.http_server: the HTTP/1.x server on the host's loop. Bytes and
- * syscalls live here; routing, JSON, CORS and caching live in
- * lua/tamarco/resources/http_server.lua. Requests are parsed into offsets
- * (Lua strings only on demand) and answered strictly in order. The Lua
- * API, per-connection state and pipelining: docs/internals/http-server.md.
+ * tamarco.c.http_server: the HTTP/1.x server on the host's loop.
+ *
+ * Bytes and syscalls live here; routing, JSON, CORS and caching live in
+ * lua/tamarco/resources/http_server.lua. Per connection: a uv_tcp_t, one
+ * uv_timer_t (header, body, keep-alive and send deadlines, re-armed lazily),
+ * an http_parser, a queue of requests in arrival order and an output buffer.
+ *
+ *   local hs = require "tamarco.c.http_server"
+ *   local server, err, code = hs.listen({ host = "127.0.0.1", port = 8080 }, dispatch)
+ *   -- dispatch(req) runs in a new task for every complete request
+ *   function dispatch(req)
+ *       local method, path = req:info()
+ *       req:respond(200, { ["x-a"] = "b" }, "body", "text/plain")
+ *   end
+ *   server:shutdown(5000)   -- yields: stop accepting, drain, close
+ *
+ * Requests are parsed into a per-request buffer (URL and header bytes) plus
+ * an array of offsets; Lua strings are only made when an accessor asks.
+ * Request structs are pooled process-wide and never freed, so a request
+ * handle (a small userdata holding the struct and its generation) is always
+ * safe to use: after respond() the generation moves on and the handle
+ * reports "request already answered".
+ *
+ * Responses are written strictly in request order (pipelining): a response
+ * for the request at the head of the queue goes straight into the output
+ * buffer, a later one waits in its request until the earlier ones are done.
+ * Responses produced while a read is being parsed are flushed together at
+ * the end of the read; the flush tries uv_try_write first and falls back to
+ * uv_write for what the kernel did not take.
  */
 #include "host.h"
 
