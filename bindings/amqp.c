@@ -1,95 +1,13 @@
 /*
- * tamarco.c.amqp: AMQP 0-9-1 connections (librabbitmq / rabbitmq-c) for the
- * AMQP resource. Thin: it moves frames; queue naming, codecs, consumers,
- * re-declaration after reconnects and acking policy live in
- * lua/tamarco/resources/amqp.lua.
+ * tamarco.c.amqp: AMQP 0-9-1 connections (librabbitmq) for the AMQP
+ * resource. Thin: it moves frames; naming, codecs, consumers, re-declaring
+ * and acking policy live in lua/tamarco/resources/amqp.lua.
  *
- * WHY AN I/O THREAD (and not uv_poll on amqp_get_sockfd)
- *
- * rabbitmq-c 0.11 can read without blocking (amqp_simple_wait_frame_noblock
- * with a zero timeout), but everything else it does is blocking on the
- * calling thread: the TCP connect and DNS lookup, the login handshake, every
- * synchronous method (queue/exchange declare, bind, qos, consume, cancel:
- * amqp_simple_rpc waits for the reply), and writes: amqp_basic_publish and
- * amqp_basic_ack loop in send()+poll() until the frame is written, with no
- * timeout, so a broker that stops reading (memory/disk alarm, a frozen node,
- * a full socket buffer) stalls the caller. Driving the socket from the loop
- * would mean re-implementing the connection handshake and the RPCs on top of
- * the non-blocking read, and still a publish may block the loop. Measured
- * with rabbitmq-c 0.11 against rabbitmq 3.10 on loopback (a throwaway C
- * program, 2-core machine): connect + login + channel.open
- * 4.9 ms and a queue.declare round trip 0.08 ms - cheap, but with the broker
- * frozen (SIGSTOP of beam.smp) amqp_queue_declare returned only when its RPC
- * timeout (2 s in that test; connection_timeout here) expired, and a loop of
- * amqp_basic_publish stopped after 15 468 messages of 200 bytes (3.1 MB of
- * socket buffers) inside one call that lasted 3.06 s, i.e. until the broker
- * was resumed. On the loop that is a frozen service (no HTTP, timers, status).
- * With this thread, the same freeze under a service that pushes and
- * publishes left its loop's 10 ms timer at most 1.8 ms late over 3 s; the
- * waiting push completed once the broker came back.
- * The cost of the thread is one hand-off per batch, not per message: the
- * loop appends commands to a mutex-protected list and wakes the thread with
- * an eventfd only when the list was empty; the thread appends events and
- * calls uv_async_send, which libuv coalesces; commands submitted while the
- * loop handles a batch of events (woken pushers publishing again, handlers
- * acking) wake the thread once, at the end of the batch. Under load both
- * sides drain whole batches per wake-up: in bench/amqp.sh (20 000 messages)
- * the host made ~1 900 eventfd writes and ~950 epoll waits, and fewer
- * send() calls than the C limit program thanks to the batched acks; its
- * overall rate was 0.9x the C limit (the broker's fsyncs dominate both).
- * So: one OS thread per connection, owning the amqp_connection_state_t
- * exclusively; the loop never calls into rabbitmq-c.
- *
- * CHANNELS: channel 1 carries publishes (in confirm mode), consumers and
- * acks; channel 2 carries declarations (queue/exchange declare, bind, purge,
- * delete) so that a refused declaration (406 PRECONDITION_FAILED closes the
- * channel) only costs re-opening channel 2. A channel error on channel 1 (or
- * any connection error) drops the connection: the thread reconnects with
- * backoff and the Lua side re-declares and re-consumes.
- *
- * EPOCHS: every successful connection has a new epoch number. Deliveries
- * carry it, and ack/nack/consume take it: an ack for a delivery of an older
- * connection is dropped (its delivery tag means nothing on the new channel;
- * the broker redelivers the message - at-least-once).
- *
- * ACKS are batched: the acks that arrive in one batch and are contiguous
- * from the lowest unsettled delivery tag go out as one basic.ack with
- * multiple=1; acks beyond a gap (a handler still running) go out one by
- * one at once, so a slow handler never delays the others. A duplicate or
- * unknown tag is ignored instead of closing the channel.
- *
- * Lua API (the loop side):
- *   connect{host, port | hosts = {{host = h, port = p}, ...} (tried in turn, the
- *           next one after each failed attempt or lost connection),
- *           vhost, user, password, heartbeat (s),
- *           timeout_ms, backoff_ms, backoff_max_ms, name,
- *           on_state = fn(state, epoch, err),            state: "connecting",
- *                                                        "connected", "failed",
- *                                                        "cancelled" (err = consumer tag)
- *           on_delivery = fn(consumer_tag, body, props, delivery_tag,
- *                            redelivered, epoch, exchange, routing_key)}
- *       -> conn. The callbacks run in new tasks.
- *   conn:publish(exchange, routing_key, body, props|nil, wait)
- *       props: content_type, content_encoding, correlation_id, reply_to,
- *       expiration, message_id, type, app_id, user_id, persistent (bool),
- *       priority, timestamp, headers = {k = string|number|boolean}
- *       wait=true yields until the broker confirms: true | nil, err.
- *       wait=false returns true once queued. Not connected: nil, err.
- *   conn:declare_queue(name, {durable, exclusive, auto_delete, passive,
- *                             arguments = {k = v}}) -> name, messages, consumers | nil, err
- *   conn:declare_exchange(name, type, {durable, auto_delete, passive}) -> true | nil, err
- *   conn:bind_queue(queue, exchange, routing_key) -> true | nil, err
- *   conn:delete_queue(name) -> messages | nil, err
- *   conn:purge_queue(name) -> messages | nil, err
- *   conn:consume(epoch, queue, tag, prefetch, no_ack, exclusive) -> tag | nil, err
- *   conn:cancel(epoch, tag) -> true | nil, err
- *   conn:ack(epoch, delivery_tag), conn:nack(epoch, delivery_tag, requeue)
- *       -> true, or false when the epoch is stale (nothing sent)
- *   conn:close() -> true (yields until the thread has closed the connection;
- *       a login waiting for a silent broker is cut short by shutting its
- *       socket down)
- *   conn:info() -> {state, epoch, last_error, pending, stats...}
- * Every yielding call raises outside a task.
+ * Why an I/O thread per connection: rabbitmq-c blocks (connect, login,
+ * every RPC, and publishes to a broker that stops reading), so one OS
+ * thread owns the connection and the loop never calls into rabbitmq-c.
+ * Design, channels, epochs, batched acks and the Lua API:
+ * docs/internals/amqp.md.
  */
 #include "host.h"
 

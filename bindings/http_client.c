@@ -1,30 +1,8 @@
 /*
- * tamarco.c.http_client: HTTP(S) requests through libcurl's multi interface,
- * driven by the host's libuv loop.
- *
- * One multi handle per host (created on first use) so that connections, DNS
- * and TLS sessions are reused by every request of the process. curl tells us
- * which sockets to watch (CURLMOPT_SOCKETFUNCTION -> one uv_poll_t each) and
- * when to call it back (CURLMOPT_TIMERFUNCTION -> one uv_timer_t); libuv
- * events are fed back with curl_multi_socket_action, and finished transfers
- * are collected with curl_multi_info_read, which wakes the waiting task.
- * Nothing here blocks. When no request is in flight every handle of ours is
- * unreferenced, so an idle client never keeps the loop alive.
- *
- *   request{method, url, headers = {k = v | {v1, v2}}, body, timeout_ms,
- *           connect_timeout_ms, follow_redirects = bool | max, verify_tls,
- *           ca_file, max_body_bytes}
- *     -> status, body, headers     (header names lowercased, repeats joined ", ")
- *     -> nil, message, kind        (kind: "timeout", "connect", "resolve", "tls",
- *                                   "too_large", "protocol", "error")
- *   stream{...} -> handle   a response read chunk by chunk (see "stream" below)
- *   stats() -> {in_flight, sockets, pooled, timer_active, multi}
- *   shutdown() -> true | nil, message   closes the multi (idle only)
- *
- * The module is dlopen'ed by `require` and pins itself (RTLD_NODELETE): the
- * loop's handles point at its callbacks. When the main state closes, a
- * finalizer cancels what is still in flight and closes the multi, its
- * handles and libcurl's global state.
+ * tamarco.c.http_client: HTTP(S) requests through libcurl's multi
+ * interface driven by the host's loop, so that nothing blocks and every
+ * request of the process shares one connection pool. The Lua API, the
+ * curl <-> libuv wiring and the shutdown: docs/internals/http-client.md.
  */
 #include "host.h"
 

@@ -1,61 +1,10 @@
 /*
- * tamarco.c.redis: Redis connections through hiredis's async API, driven by
- * the host's libuv loop. Thin: connect, send a command, yield the task, map
- * the reply; reconnect, AUTH/SELECT and pub/sub policy live in
- * lua/tamarco/resources/redis.lua.
- *
- *   connect(host, port[, {connect_timeout_ms = 5000, on_disconnect = fn}])
- *       -> conn | nil, message          (yields until connected or failed)
- *       host may be a name: it is resolved with uv_getaddrinfo, off the loop.
- *       on_disconnect(message) runs in a new task when the connection is lost
- *       (not when closed by conn:close() or collected).
- *   conn:command(name, arg...) | conn:command({name, arg...})
- *       -> reply | nil, message[, "connection"]     (yields until the reply)
- *       Arguments are strings (binary safe) or numbers. Replies:
- *         status  -> string ("OK", "PONG")
- *         error   -> nil, "ERR ..."  (two values; a nil reply is one value)
- *         integer -> number (a double: exact up to 2^53)
- *         bulk    -> string (binary safe)
- *         nil     -> nil
- *         array   -> table 1..n; a nil element is `null` (the module field,
- *                    a NULL lightuserdata, equal to cjson.null); an error
- *                    element is {err = "ERR ..."}; nested arrays are tables.
- *       Connection failures return nil, message, "connection": "not
- *       connected", "connection lost (...)", "connection closed".
- *       Commands sent by many tasks in the same loop turn go out in one write
- *       (hiredis queues them); replies wake their tasks in order.
- *   conn:on_message(fn)      fn(kind, a, b[, c]) in a new task for every
- *                            pub/sub push: ("message", channel, payload),
- *                            ("pmessage", pattern, channel, payload),
- *                            ("subscribe"|"psubscribe"|"unsubscribe"|
- *                             "punsubscribe", channel, count)
- *   conn:send_pubsub(name, arg...) -> true | nil, message
- *       sends SUBSCRIBE/PSUBSCRIBE/UNSUBSCRIBE/PUNSUBSCRIBE without waiting;
- *       confirmations arrive through on_message. Once subscribed, a
- *       connection only takes these commands (Redis' RESP2 rule).
- *   conn:close()             fails pending commands with "connection closed"
- *   conn:is_connected() -> bool;  conn:pending() -> commands awaiting replies
- *   null                     the nil-element sentinel
- *
- * Never raised from the loop side: every failure reaches the waiting task as
- * `nil, message`. A task cancelled while it waits is not resumed by the late
- * reply (tamarco_wake ignores stale ids); the reply is freed either way.
- *
- * Life cycle of the C state (struct rconn): the userdata points at it; it
- * is freed once the userdata is closed or collected AND hiredis has released
- * its context (disconnect callback, or a synchronous free). Tasks are never
- * resumed from inside a Lua call of ours (close, __gc, cancel): failures
- * found there are delivered on the next loop turn (an idle handle), and the
- * connect result is delivered from the connect timer, never from hiredis's
- * connect callback (hiredis 0.14 keeps using the context after it).
- *
- * hiredis 0.14's libuv adapter drops libuv's error status (a poll that
- * reports POLLERR arrives as status UV_EBADF with no events, and the adapter
- * ignores it), so a refused connect or a reset connection would never be
- * noticed. We keep the adapter (its attach, state and cleanup) but install
- * read/write hooks whose poll callback treats an error as "readable and
- * writable", which makes hiredis look at the socket and see the error (what
- * hiredis 1.x's adapter does).
+ * tamarco.c.redis: Redis connections through hiredis's async API on the
+ * host's loop. Thin: connect, send a command, yield the task, map the
+ * reply; reconnect, AUTH/SELECT and pub/sub policy live in
+ * lua/tamarco/resources/redis.lua. The Lua API, reply mapping, the C
+ * state's life cycle and the hiredis 0.14 adapter fix:
+ * docs/internals/redis.md.
  */
 #include "host.h"
 

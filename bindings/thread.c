@@ -1,37 +1,8 @@
 /*
  * tamarco.c.thread: a Lua function on its own OS thread in its own LuaJIT
- * state, talking to the loop by copied messages.
- *
- * One `tthread` per thread, shared by three owners (refcounted under its
- * mutex): the OS thread, the loop side (its uv_async_t; released in the
- * async's close callback) and the Lua userdata (released in __gc).
- *
- *   inbox   service -> thread   pushed by h:send, popped by ctx:receive
- *   outbox  thread -> service   pushed by ctx:send, then uv_async_send
- *   lq      loop-side queue: the outbox moved onto the loop thread, read by
- *           h:receive or handed to the handler registered by set_handler
- *   lg      loop-side log records: ctx:log sends through the outbox too (in
- *           order with the thread's messages), flagged, and they are handed
- *           to the handler set by set_log_handler whatever reads messages
- *
- * The thread signals the async after every push and once when its function
- * has ended (`finished`); the async callback drains the outbox, wakes the
- * tasks blocked in receive/join and, once the thread ended, joins it and
- * closes the async, so that nothing keeps the loop alive afterwards. While
- * the loop side is open the userdata is kept alive by a registry ref.
- *
- * A join that times out with `detach` (the stop policy of tamarco.thread)
- * detaches the OS thread: the loop stops listening, the thread keeps running
- * until it ends by itself (its Lua state is then closed on its own thread) or
- * forever (its state is leaked deliberately: there is no safe way to kill a
- * thread that runs Lua code).
- *
- * Messages: nil, booleans, numbers, strings (binary-safe) and tables of
- * those (keys: strings, numbers, booleans) are serialised into one malloc'd
- * buffer on the sender's side and rebuilt on the receiver's side. Metatables
- * are not copied. A table that contains itself raises "message has a cycle";
- * a subtable referenced twice is copied twice (sharing is not preserved).
- * Functions, userdata and coroutines raise an error naming the field path.
+ * state, talking to the loop by copied messages (a state is never shared
+ * between threads). Ownership, queues, wake-ups, the detach-on-timeout stop
+ * and the message format: docs/internals/threads.md.
  */
 #include "host.h"
 

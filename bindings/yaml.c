@@ -1,52 +1,8 @@
 /*
- * tamarco.c.yaml: YAML text to Lua values, with libyaml's event API.
- *
- *   parse(text[, source_name[, options]]) -> value | nil, message, line, column
- *   load_file(path[, options])           -> value | nil, message[, line, column]
- *   resolve(text)              -> the value a plain (unquoted) scalar `text` means
- *   is_sequence(value)         -> true when value is a table made from a YAML sequence
- *   sequence_mt                   metatable of every table made from a sequence
- *   max_depth, max_nodes          the limits (read only: informational)
- *
- * Typing follows PyYAML's safe_load (YAML 1.1) for plain scalars, plus the
- * YAML 1.2 forms `0o17` and `1e3`: null (~, null, Null, NULL, empty), booleans
- * (true/false/yes/no/on/off in lower, Capitalised and UPPER case), integers
- * (decimal, 0x hex, 0o and leading-0 octal, 0b binary, `_` separators), floats
- * (1.5, 1e3, .5, .inf, -.inf, .nan). Sexagesimal (1:30) and timestamps stay
- * strings. Quoted and block scalars are strings. The explicit tags !!str,
- * !!int, !!float, !!bool, !!null, !!map, !!seq and the non-specific `!` are
- * honoured; any other tag is an error (as in safe_load).
- *
- * Mappings become tables, sequences become arrays with `sequence_mt` as
- * metatable (empty ones too, so that an encoder can tell `[]` from `{}`).
- * A null value leaves its key out of a mapping and a hole in a sequence.
- *
- * options (for tools that must keep every YAML type, like etcd write-yml):
- *   null   a value that stands for null values (mappings keep the key,
- *          sequences have no hole); keys are never null
- *   float  function(number) -> value, called for each value (not key)
- *          typed float, so that 1.0 can be told from 1
- *   lines  true: a second result maps the dotted path of every mapping key
- *          ("system.resources.api.port"; sequence items by index, "a.1.b")
- *          to its 1-based line, for messages that name where a value is
- * Mapping keys are typed like values (`8080:` is the number 8080); null,
- * NaN and collection keys are errors. Duplicate keys: the last one wins.
- * Merge keys (`<<: *base`, `<<: [*a, *b]`) follow YAML 1.1: explicit keys win,
- * then the earlier merged mappings.
- *
- * Each alias produces a deep COPY of its anchor's value: the result is always
- * a tree, so callers may modify it freely. Anchors must be defined before
- * use (a recursive alias is an "undefined alias" error).
- *
- * Limits against hostile input: nesting deeper than max_depth (512) levels
- * and more than max_nodes (1e6) nodes, counting the expansion of aliases,
- * are errors reported before anything is copied.
- *
- * Only the first document of a stream is read. An empty stream or empty
- * document gives nil (one value, no error).
- *
- * Error convention: argument mistakes raise; bad YAML and unreadable files
- * return nil, "name:line:column: problem", line, column (1-based).
+ * tamarco.c.yaml: YAML text to Lua values with libyaml's event API, typed
+ * like PyYAML's safe_load (YAML 1.1) and bounded against hostile input.
+ * The Lua API, typing rules, options, aliases, limits and error
+ * convention: docs/internals/yaml.md.
  */
 #include "host.h"
 

@@ -1,22 +1,8 @@
 /*
- * A bytecode cache for the framework's own Lua modules.
- *
- * Parsing the ~20 modules a service needs takes a few milliseconds; loading
- * their LuaJIT bytecode takes a tenth of that, and start-up time is one of
- * the host's promises. A searcher placed before Lua's own finds the module's
- * source as usual and loads `<cache>/<source path>.ljbc` instead when that file is
- * at least as new as the source; otherwise it loads the source and writes the
- * bytecode (temp file + rename, so concurrent workers never read half a
- * file). Only modules under the host's Lua directory are cached (never a
- * service's own code, which hot reload re-reads). Any failure falls back to
- * the source.
- *
- * Two kinds of directory:
- *  - writable: <build>/lua_cache next to an uninstalled host (made by
- *    CMake), filled as modules load, keyed by the source's absolute path;
- *  - read-only: <datadir>/tamarco-host/lua_bytecode of an installed host,
- *    precompiled at build time (cmake/compile_lua.c), keyed by the path
- *    relative to the Lua directory, so the package may be installed anywhere.
+ * A bytecode cache for the framework's own Lua modules: loading LuaJIT
+ * bytecode takes a tenth of parsing the source, and start-up time is one
+ * of the host's promises. Any failure falls back to the source. How it is
+ * keyed and where it lives: docs/internals/bytecode-cache.md.
  */
 #include "host.h"
 

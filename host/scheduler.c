@@ -1,23 +1,9 @@
 /*
  * The scheduler: every task, timer tick and handler runs in a coroutine of
- * the main state, and this file is the only place that resumes one.
- *
- * Book-keeping lives in registry tables so that the GC sees it:
- *   tasks    weak-keyed set of coroutines started here
- *   waits    wait id -> coroutine suspended in an operation
- *   wait_of  weak-keyed coroutine -> its pending wait id
- *   cancels  wait id -> userdata (struct pending_cancel), collected by the GC
- *   exits    weak-keyed coroutine -> function(ok, ...) called when it ends
- *   ready    array of {co, n, ...}: resumes deferred to the next loop turn
- *   pool     array of finished coroutines that tamarco_start_task reuses
- *   unseen   weak-keyed set of start_task coroutines whose identity Lua never
- *            got (scheduler.current, coroutine.running)
- *
- * Reuse: a coroutine per HTTP request, Redis message or AMQP delivery costs
- * ~10% of a hello-world handler's throughput to create. One that returned
- * normally and that no Lua code could have kept (and so wake later, in its
- * next life) goes back to the pool; asking for the running coroutine takes
- * it out of that set for good.
+ * the main state, and this file is the only place that resumes one, so
+ * that errors, tracebacks, exit callbacks and coroutine reuse are handled
+ * once. The wait-id protocol, the registry book-keeping and the reuse
+ * pool: docs/internals/scheduler.md.
  */
 #include "host.h"
 

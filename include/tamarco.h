@@ -120,6 +120,9 @@ TAMARCO_API int tamarco_in_task(lua_State *L);
  * host shuts down): it must stop the operation or make its completion
  * tolerate a stale id (tamarco_wake then returns 0). */
 TAMARCO_API int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void *ud);
+/* Yields the running task until tamarco_wake completes its wait; returns
+ * (to Lua) the values pushed by the wake's `push`. Use only as the `return`
+ * of the C function that called tamarco_wait_begin. */
 TAMARCO_API int tamarco_wait_yield(lua_State *L);
 
 /* Completes wait `wait_id` on the loop's thread: `push` (may be NULL) pushes

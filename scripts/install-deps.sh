@@ -6,6 +6,7 @@ set -eu
 
 PACKAGES="
 build-essential cmake pkg-config git
+lua-ldoc
 libluajit2-5.1-dev libuv1-dev lua-luv-dev libyaml-dev libcurl4-openssl-dev
 librabbitmq-dev libhiredis-dev libhttp-parser-dev lua-cjson lua-busted
 redis-server redis-sentinel redis-tools etcd-server etcd-client rabbitmq-server amqp-tools

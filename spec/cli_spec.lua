@@ -73,7 +73,7 @@ return svc
         os.remove(path)
         os.remove(yml)
         assert.are.equal(2, code)
-        assert.matches(yml .. ":%d+:%d+", out)
+        assert.matches((yml:gsub("%p", "%%%0")) .. ":%d+:%d+", out)   -- the path as plain text
     end)
 
     it("names the file, line and key of a setting with a bad value (exit 2)", function()

@@ -99,12 +99,15 @@ cannot be ordered.
     end,
 }
 
+--- cli.usage_of(command) -> the usage text of a command table (its `usage`, called when a function).
 function cli.usage_of(command)
     local usage = command.usage
     if type(usage) == "function" then usage = usage() end
     return usage
 end
 
+--- cli.main(argv) -> exit code. Runs the command named by argv[1] (run, test, etcd, new, version) with the
+-- rest of argv; prints the usage on --help, an unknown command or a usage error (exit 2).
 function cli.main(argv)
     local command_name = argv[1]
     if command_name == nil or command_name == "--help" or command_name == "-h" or command_name == "help" then

@@ -72,6 +72,7 @@ etcd.null = json.null
 -- base64 (etcd's JSON gateway carries keys and values in base64)
 local codec = require "tamarco.c.codec"
 etcd.b64encode = codec.base64_encode
+--- etcd.b64decode(s) -> the bytes of base64 text s; raises on invalid base64.
 function etcd.b64decode(s) return (assert(codec.base64_decode(s))) end
 
 --- The range_end that selects every key starting with `prefix`.

@@ -98,6 +98,8 @@ end
 local secret_cache, secret_cache_size = {}, 0
 local SECRET_CACHE_MAX = 4096
 
+--- logging.is_secret_key(key) -> true when a value under key must be masked
+-- (the key names a password, token, secret, authorization, ...).
 function logging.is_secret_key(key)
     if type(key) ~= "string" then return false end
     local secret = secret_cache[key]

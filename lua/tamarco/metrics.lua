@@ -587,13 +587,22 @@ metrics.set_namespace = naming.set_namespace
 metrics.namespace = naming.namespace
 metrics.exposed_name = naming.exposed_name
 
+--- metrics.counter(id[, {help, labels, unit}]) -> the counter `id` of the default registry
+-- (the same object for the same id and labels).
 function metrics.counter(id, options) return default:counter(id, options) end
+--- metrics.gauge(id[, options]) -> the gauge `id` of the default registry.
 function metrics.gauge(id, options) return default:gauge(id, options) end
+--- metrics.summary(id[, options]) -> the summary `id` of the default registry.
 function metrics.summary(id, options) return default:summary(id, options) end
+--- metrics.histogram(id[, {help, labels, buckets}]) -> the histogram `id` of the default registry.
 function metrics.histogram(id, options) return default:histogram(id, options) end
+--- metrics.timer(id[, options]) -> the timer `id` of the default registry.
 function metrics.timer(id, options) return default:timer(id, options) end
+--- metrics.reset(): forgets every meter of the default registry and its naming mode (for tests).
 function metrics.reset() default:reset() end
 
+--- metrics.observe_http(route, method, status, seconds): counts one answered HTTP request
+-- and its duration in the default registry's HTTP meters.
 function metrics.observe_http(route, method, status, seconds)
     return default:observe_http(route, method, status, seconds)
 end

@@ -52,6 +52,8 @@ function new_command.validate_name(name)
     return true
 end
 
+--- new_command.templates_dir() -> the directory of the templates: TAMARCO_TEMPLATES_DIR, else
+-- `templates/` next to the host's Lua directory.
 function new_command.templates_dir()
     local env = os.getenv("TAMARCO_TEMPLATES_DIR")
     if env and env ~= "" then return env end
@@ -219,6 +221,8 @@ function new_command.generate(options)
     return created, target
 end
 
+--- new_command.main(args) -> exit code | nil, usage error. `tamarco-host new service NAME ...`:
+-- generates the project and lists what it created.
 function new_command.main(args)
     local options, usage_error = parse_args(args)
     if not options then return nil, usage_error end

@@ -91,6 +91,9 @@ local function attach_etcd(store, boot_logger)
     return attached, err
 end
 
+--- run_command.main(args) -> exit code | nil, usage error. `tamarco-host run FILE ...`: loads
+-- the service, its settings and logging, runs it until a stop signal (or supervises
+-- `--workers N` processes).
 function run_command.main(args)
     local options, usage_error = parse_args(args)
     if not options then return nil, usage_error end

@@ -112,6 +112,7 @@ function service.add_report_resources(self)
     end
 end
 
+--- service.is_service(value) -> true when value is a service table made by service.new.
 function service.is_service(value)
     return getmetatable(value) == Service
 end

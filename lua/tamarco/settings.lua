@@ -209,6 +209,7 @@ end
 local STATIC_ORIGINS = { builtin = "the built-in defaults", defaults = "the defaults",
     dict = "the service's own settings" }
 
+--- settings.static_source(name, tree) -> a settings source that always holds `tree`.
 function settings.static_source(name, tree)
     assert(type(tree) == "table", "static_source: tree must be a table")
     return { name = name, tree = tree, load = function(self) return self.tree end,

@@ -72,6 +72,7 @@ function tasks.cancel(co)
     scheduler.interrupt(co, nil, "cancelled")
 end
 
+--- tasks.is_cancelled(co) -> true once tasks.cancel(co) was called.
 function tasks.is_cancelled(co)
     return cancelled[co] == true
 end

@@ -76,6 +76,8 @@ local function private_tmpdir()
     end
 end
 
+--- test_command.main(args) -> exit code. `tamarco-host test`: builds the project's C extension
+-- (unless --no-build), then runs busted with args; 0 when every spec passed.
 function test_command.main(args)
     local busted_args = { [0] = "busted" }
     local build = true

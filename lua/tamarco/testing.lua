@@ -13,6 +13,8 @@ local testing = {}
 -- error (with the task's traceback). `testing.timeout_ms` bounds the wait.
 testing.timeout_ms = 20000
 
+--- testing.run(fn, ...) -> fn's results. Runs fn(...) as a task and turns the loop until it
+-- returns; raises its error (with the task's traceback), or after `testing.timeout_ms`.
 function testing.run(fn, ...)
     local done, ok, results = false, nil, nil
     local co = scheduler.spawn(fn, ...)

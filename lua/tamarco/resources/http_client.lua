@@ -78,6 +78,7 @@ HttpClient.defaults = DEFAULTS
 local SETTING_KEYS = { "timeout_ms", "connect_timeout_ms", "verify_tls", "ca_file",
     "follow_redirects", "max_body_bytes", "base_url", "headers" }
 
+--- HttpClient:init(options): a client resource with its request counters at zero.
 function HttpClient:init(options)
     base.Resource.init(self, options)
     self.counters = { requests = 0, errors = 0, in_flight = 0 }
@@ -322,6 +323,7 @@ function HttpClient:close()
     end
 end
 
+--- HttpClient:stop(): client:close() (ends the discovery watches) at the resource's stop.
 function HttpClient:stop()
     self:close()
 end
@@ -367,6 +369,7 @@ function HttpClient:request_json(opts)
     return HttpClient.resp_json(self:request(opts))
 end
 
+--- HttpClient:status() -> the base status dict plus `requests`, `errors` and `in_flight`.
 function HttpClient:status()
     local s = base.Resource.status(self)
     s.requests = self.counters.requests

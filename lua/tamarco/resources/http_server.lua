@@ -69,6 +69,7 @@ function HttpServer.error(status, message, body)
     error(HttpServer.new_error(status, message, body), 2)
 end
 
+--- http_server.is_error(value) -> true when value was made by http_server.new_error.
 function HttpServer.is_error(value)
     return getmetatable(value) == HttpError
 end
@@ -357,6 +358,7 @@ end
 -- construction and settings
 ---------------------------------------------------------------------------
 
+--- HttpServer:init(options): an empty route tree, response cache and request counters.
 function HttpServer:init(options)
     base.Resource.init(self, options)
     self._root = new_node()
@@ -394,8 +396,8 @@ local SETTINGS = {
     { "server_name", "tamarco", "server_name" },
 }
 
--- A setting: the settings view, else the options given to http.server{},
--- else the default.
+--- HttpServer:setting(key, default) -> the settings view's value, else the options given
+-- to http.server{}, else the default.
 function HttpServer:setting(key, default)
     local fallback = self.options[key]
     if fallback == nil then
@@ -765,6 +767,8 @@ end
 -- phases
 ---------------------------------------------------------------------------
 
+--- HttpServer:start(): listens on the configured address (a failure raises a "bind" error:
+-- exit 11) and records the bound host and port.
 function HttpServer:start()
     local c_options = self:_configure()
     local server, err, code = chttp.listen(c_options, function(h) return self:_dispatch(h) end)
@@ -824,6 +828,7 @@ function HttpServer:server_stats()
     return self._server and self._server:stats() or nil
 end
 
+--- HttpServer:status() -> the base status dict plus the bound `host` and `port`.
 function HttpServer:status()
     local s = base.Resource.status(self)
     s.host, s.port = self.host, self.port

@@ -20,6 +20,7 @@ local Profiler = require "tamarco.resources.profiler"
 
 local Memory = base.class("memory")
 
+--- Memory:enabled() -> true when the service is listed in `microservices_with_memory`.
 function Memory:enabled()
     return Profiler.listed(self:setting("microservices_with_memory", {}), self.service.name)
 end
@@ -30,6 +31,7 @@ function Memory.sample()
     return { lua_kb = collectgarbage("count"), rss_kb = rss and rss / 1024 or 0 }
 end
 
+--- Memory:start(): when enabled, writes a baseline line and then one every `interval_seconds`.
 function Memory:start()
     if not self:enabled() then return end
     self.file = self:setting("file", "/tmp/" .. self.service.name .. "_memory.jsonl")
@@ -71,6 +73,7 @@ function Memory:write(sample)
     end
 end
 
+--- Memory:stop(): stops the sampling task and writes a last line.
 function Memory:stop()
     if not self.group then return end
     self.group:cancel_all()
@@ -82,6 +85,7 @@ end
 -- Hot reload: nothing of its own to take over; it keeps running.
 Memory.adopt = base.keep_on_reload
 
+--- Memory:status() -> { status, enabled, file }.
 function Memory:status()
     return { status = self.status_code, enabled = self.file ~= nil, file = self.file }
 end

@@ -44,6 +44,7 @@ local Metrics = base.class("metrics")
 
 Metrics.CONTENT_TYPE = prometheus.CONTENT_TYPE
 
+--- Metrics:init(options): options.registry (default: the default registry), options.namespace.
 function Metrics:init(options)
     base.Resource.init(self, options)
     self.registry = options.registry or metrics.default_registry
@@ -52,6 +53,8 @@ function Metrics:init(options)
     self.group = tasks.group()
 end
 
+--- Metrics:bind(service, name, settings_view, logger): also sets the name prefix (the
+-- service's name unless options.namespace).
 function Metrics:bind(service, name, settings_view, logger)
     base.Resource.bind(self, service, name, settings_view, logger)
     self.namespace = metrics.sanitize_name(self.options.namespace or service.name)
@@ -117,6 +120,7 @@ function Metrics:_configure()
     self.reporters = list
 end
 
+--- Metrics:pre_start(): reads the settings (naming, handlers, collect frequency).
 function Metrics:pre_start()
     self:_configure()
 end
@@ -144,6 +148,7 @@ function Metrics:collect()
     end
 end
 
+--- Metrics:start(): opens the reporters and reports every `collect_frequency` seconds.
 function Metrics:start()
     if not self.collect_frequency then self:_configure() end
     if #self.reporters == 0 then return end
@@ -157,6 +162,7 @@ function Metrics:start()
     end)
 end
 
+--- Metrics:stop(): stops the reporting task and closes the reporters.
 function Metrics:stop()
     self.group:cancel_all()
     self.group:wait(2000)
@@ -170,6 +176,7 @@ function Metrics:exposition()
     return prometheus.exposition(self.registry, self.namespace)
 end
 
+--- Metrics:status() -> { status, collects, reporters = { name = status } }.
 function Metrics:status()
     local dict = { status = self.status_code, collects = self.collects }
     if #self.reporters > 0 then

@@ -31,10 +31,13 @@ function Profiler.listed(list, name)
     return false
 end
 
+--- Profiler:enabled() -> true when the service is listed in `microservices_with_profiler`.
 function Profiler:enabled()
     return Profiler.listed(self:setting("microservices_with_profiler", {}), self.service.name)
 end
 
+--- Profiler:start(): when enabled, starts LuaJIT's sampling profiler and writes the top
+-- functions (or lines) every `interval_seconds`.
 function Profiler:start()
     if not self:enabled() then return end
     local profile = require "jit.profile"
@@ -102,6 +105,7 @@ function Profiler:write()
     os.rename(tmp, self.file)
 end
 
+--- Profiler:stop(): stops the profiler and writes the last report.
 function Profiler:stop()
     if not self.profile then return end
     self.profile.stop()
@@ -114,6 +118,7 @@ end
 -- Hot reload: nothing of its own to take over; it keeps running.
 Profiler.adopt = base.keep_on_reload
 
+--- Profiler:status() -> { status, enabled, file }.
 function Profiler:status()
     return { status = self.status_code, enabled = self.file ~= nil, file = self.file }
 end

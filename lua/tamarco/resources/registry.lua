@@ -56,6 +56,7 @@ local Registry = base.class("registry")
 local DEFAULTS = { enabled = false, path = "system.discovery", ttl = 5 }
 Registry.defaults = DEFAULTS
 
+--- Registry:init(options): a registry resource with no watches.
 function Registry:init(options)
     base.Resource.init(self, options)
     self.watchers = {}
@@ -193,6 +194,8 @@ function Registry:_keepalive_loop()
     end
 end
 
+--- Registry:post_start(): when enabled, registers the instance under a lease of `ttl` seconds
+-- and keeps the lease alive (re-registering after etcd comes back).
 function Registry:post_start()
     if not self:setting("enabled") then return end
     self.ttl = tonumber(self:setting("ttl")) or 5
@@ -210,6 +213,7 @@ function Registry:post_start()
     self.task = scheduler.spawn(function() self:_keepalive_loop() end)
 end
 
+--- Registry:stop(): stops the keep-alive and the watches and revokes the lease (the key goes away).
 function Registry:stop()
     self.stopping = true
     if self.task then
@@ -284,6 +288,7 @@ function Registry:watch(service_name, fn)
     return handle
 end
 
+--- Registry:status() -> the base status dict plus `enabled` and `registered`.
 function Registry:status()
     local s = base.Resource.status(self)
     s.enabled = self:setting("enabled") and true or false

@@ -23,6 +23,7 @@ local STATUS = base.STATUS
 
 local Status = base.class("status")
 
+--- Status:init(options): depends on the report server.
 function Status:init(options)
     base.Resource.init(self, options)
     self.depends_on = { "tamarco_http_report_server" }
@@ -68,6 +69,8 @@ local function listed(policy, name)
     return false
 end
 
+--- Status:check_policies(): applies the restart policies to the FAILED resources (stop the
+-- service with exit 1, or restart the resource in place).
 function Status:check_policies()
     local svc = self.service
     local restart_service = self.settings:get("restart_policy.resources.restart_microservice_on_failure", {})
@@ -89,6 +92,7 @@ function Status:check_policies()
     end
 end
 
+--- Status:post_start(): checks the restart policies every `check_interval_ms`.
 function Status:post_start()
     local interval = self.settings:get("check_interval_ms", 1000)
     self.checker = require("tamarco.c.scheduler").spawn(function()
@@ -99,6 +103,7 @@ function Status:post_start()
     end)
 end
 
+--- Status:stop(): stops checking the restart policies.
 function Status:stop()
     if self.checker then tasks.cancel(self.checker) end
     self.checker = nil
