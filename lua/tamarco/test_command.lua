@@ -49,7 +49,7 @@ function test_command.build_extension(dir)
     if ok ~= 0 and ok ~= true then
         return nil, "building the C extension failed:\n" .. configure .. "\n" .. build .. "\n" .. output
     end
-    package.cpath = dir .. "/build/?.so;" .. package.cpath
+    require("tamarco.module_path").add_dir(dir)
     return true
 end
 
@@ -70,6 +70,9 @@ function test_command.main(args)
             return 1
         end
     end
+    -- the project's own modules (spec helpers, build/*.so), behind what the
+    -- host and the system install
+    require("tamarco.module_path").add_dir(require("luv").cwd())
     _G.arg = busted_args
     -- busted returns when everything passed; on failures it ends with a bare
     -- error() (its Lua 5.1 way of exiting non-zero), after printing them.
