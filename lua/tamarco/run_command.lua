@@ -7,6 +7,7 @@ local reload = require "tamarco.reload"
 local logging = require "tamarco.logging"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
+local secrets = require "tamarco.secrets"
 local service_file = require "tamarco.service_file"
 local settings = require "tamarco.settings"
 local systemd = require "tamarco.systemd"
@@ -56,7 +57,7 @@ end
 -- Reports a fatal error before the service runs, as one plain line on
 -- stderr; returns its exit code.
 local function fail(_, err)
-    local message = errors.is(err) and err.message or tostring(err)
+    local message = errors.is(err) and err.message or secrets.mask_urls(tostring(err))
     logging.flush()
     io.stderr:write("tamarco-host: ", message, "\n")
     return errors.exit_code_of(err)
