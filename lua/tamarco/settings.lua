@@ -329,6 +329,8 @@ local function new_store()
         tree = {},           -- the merged tree (never handed out)
         yaml_file = nil,
         log = default_log,   -- store.log = function(level, message) end
+        validate = nil,      -- store.validate = function(candidate_store) -> true | nil, err:
+                             -- a changed source is applied only when it says true
         _watches = {},
         _listeners = {},
         _watching = false,
@@ -543,12 +545,36 @@ local function load_source(source)
     return tree or {}
 end
 
+-- A store holding what the settings would be with `trees[entry]` in place of
+-- those entries' trees: for store.validate, before anything is applied.
+function Store:_candidate(trees)
+    local entries, merged = {}, {}
+    for i, entry in ipairs(self.entries) do
+        local tree = trees[entry] or entry.tree
+        entries[i] = { source = entry.source, tree = tree }
+        if tree then merge(merged, tree) end
+    end
+    return setmetatable({ entries = entries, tree = merged, yaml_file = self.yaml_file,
+        _watches = {}, _listeners = {} }, Store)
+end
+
+-- nil when store.validate refuses the settings with `trees` applied (after
+-- logging why), else true.
+function Store:_acceptable(trees)
+    if not self.validate then return true end
+    local ok, err = self.validate(self:_candidate(trees))
+    if ok then return true end
+    self.log("error", ("%s; keeping the last good settings"):format(tostring(err)))
+    return nil, err
+end
+
 function Store:_source_changed(entry, tree, err)
     if not self._watching or entry.removed then return end
     if tree == nil and err ~= nil then
         self.log("warning", ("%s; keeping the previous settings"):format(tostring(as_error(err, entry.source.name))))
         return
     end
+    if not self:_acceptable({ [entry] = tree or {} }) then return end
     entry.tree = tree or {}
     self:_recompute()
 end
@@ -604,15 +630,19 @@ end
 -- for what changed. A failing source keeps its previous values (and is logged).
 function Store:reload()
     local first_err
+    local trees = {}
     for _, entry in ipairs(self.entries) do
         local tree, err = load_source(entry.source)
         if tree then
-            entry.tree = tree
+            trees[entry] = tree
         else
             first_err = first_err or err
             self.log("warning", ("%s; keeping the previous settings"):format(tostring(err)))
         end
     end
+    local acceptable, refused = self:_acceptable(trees)
+    if not acceptable then return nil, refused end
+    for entry, tree in pairs(trees) do entry.tree = tree end
     self:_recompute()
     if first_err then return nil, first_err end
     return true
