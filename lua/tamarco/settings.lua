@@ -442,22 +442,42 @@ end
 local View = {}
 View.__index = View
 
--- The candidate full paths of `key`, most specific first.
-function View:_candidates(key)
+-- Absolute keys: Tamarco's paths from the root (`/system/...`), or any key
+-- with opts.raw (Tamarco's `raw=True`), are read from the root of the
+-- settings. (Another slash key, `/logging/profile`, is relative to the view
+-- like its dotted form: everything the framework reads is under /system.)
+local function is_absolute(key, opts)
+    return (opts and opts.raw)
+        or (type(key) == "string" and (key == "/system" or key:sub(1, 8) == "/system/"))
+end
+
+-- The candidate full paths of `key`, most specific first, and the absolute
+-- path to fall back on when none of them exists (a dotted key whose first
+-- segment is `system`: `system.foo.cow` means what it says when the view
+-- has no `system` of its own).
+function View:_candidates(key, opts)
     local path = settings.split_key(key)
+    if is_absolute(key, opts) then return { path } end
     local candidates = {}
     for i, prefix in ipairs(self._prefixes) do candidates[i] = concat(prefix, path) end
+    if path[1] == "system" then return candidates, path end
     return candidates
 end
 
--- resolve(key) -> found, value (not copied), candidate keys. When the most
--- specific value is a mapping, the more general mappings below it are
+-- resolve(key[, opts]) -> found, value (not copied), candidate keys. When the
+-- most specific value is a mapping, the more general mappings below it are
 -- merged under it (a service overrides single keys of a shared section).
-function View:_resolve(key)
-    local candidates, found = self:_candidates(key), {}
+function View:_resolve(key, opts)
+    local candidates, absolute = self:_candidates(key, opts)
+    local found = {}
     for _, path in ipairs(candidates) do
         local ok, value = lookup(self.store.tree, path)
         if ok then found[#found + 1] = value end
+    end
+    if #found == 0 and absolute then
+        candidates[#candidates + 1] = absolute
+        local ok, value = lookup(self.store.tree, absolute)
+        if ok then return true, value, candidates end
     end
     if #found == 0 then return false, nil, candidates end
     if not is_map(found[1]) then return true, found[1], candidates end
@@ -468,9 +488,11 @@ function View:_resolve(key)
     return true, merged, candidates
 end
 
---- view:get(key[, default]) -> value
+--- view:get(key[, default[, opts]]) -> value. opts.raw = true reads `key`
+-- from the root (as does a key starting with "/").
 function View:get(key, ...)
-    local found, value, candidates = self:_resolve(key)
+    local opts = select(2, ...)
+    local found, value, candidates = self:_resolve(key, opts)
     if found then return copy(value) end
     if select("#", ...) > 0 then return (...) end
     local keys = {}
@@ -480,11 +502,12 @@ end
 
 --- view:key_of(key) -> the full dotted key get would read (the most specific
 -- one when none exists).
-function View:key_of(key)
-    local candidates = self:_candidates(key)
+function View:key_of(key, opts)
+    local candidates, absolute = self:_candidates(key, opts)
     for _, path in ipairs(candidates) do
         if lookup(self.store.tree, path) then return join(path) end
     end
+    if absolute and lookup(self.store.tree, absolute) then return join(absolute) end
     return join(candidates[1])
 end
 
@@ -505,9 +528,24 @@ function View:error(key, problem)
     return errors.new("settings", (where and where .. ": " or "") .. full .. ": " .. problem, e)
 end
 
---- view:watch(key, fn) -> handle: fn(value, key) when what get(key) returns changes.
-function View:watch(key, fn)
-    return self.store:_add_watch(key, function() return self:_resolve(key) end, fn)
+--- view:watch(key, fn[, opts]) -> handle: fn(value, key) when what
+-- get(key, nil, opts) returns changes.
+function View:watch(key, fn, opts)
+    return self.store:_add_watch(key, function() return self:_resolve(key, opts) end, fn)
+end
+
+--- view:set(key, value[, opts]) -> true | nil, err: writes the setting
+-- where get(key) reads it (the existing key, else the most specific one;
+-- opts.raw or a leading "/": `key` from the root) through to the store's
+-- writable source (etcd). Runs inside a task.
+function View:set(key, value, opts)
+    return self.store:set(self:key_of(key, opts), value)
+end
+
+--- view:delete(key[, opts]) -> true | nil, err: removes it (and what is
+-- below it) from the writable source (etcd).
+function View:delete(key, opts)
+    return self.store:delete(self:key_of(key, opts))
 end
 
 local function new_view(store, prefixes)
@@ -617,6 +655,56 @@ function Store:add_source(source, position)
     self:_recompute()
     if self._watching then return self:_watch_entry(entry) end
     return true
+end
+
+-- The writable source with the highest precedence (one with a `write`
+-- method: etcd), and its entry.
+function Store:_writable()
+    for i = #self.entries, 1, -1 do
+        local entry = self.entries[i]
+        if entry.source.write then return entry end
+    end
+    return nil
+end
+
+-- Writes (value) or removes (value nil) dotted `key` in the writable source,
+-- after the same checks as any change; applied to the store at once (the
+-- source's own watch then sees no difference).
+function Store:_write(key, value)
+    local entry = self:_writable()
+    if not entry then
+        return nil, errors.new("settings", ("cannot write setting '%s': no writable settings source "
+            .. "(settings are written to etcd: set TAMARCO_ETCD_HOST)"):format(key), { key = key })
+    end
+    local path = settings.split_key(key)
+    if #path == 0 then return nil, errors.new("settings", "cannot write the whole settings tree") end
+    local tree = copy(entry.tree or {})
+    if value == nil then
+        local parent = #path > 1 and select(2, lookup(tree, { unpack(path, 1, #path - 1) })) or tree
+        if type(parent) == "table" then parent[path[#path]] = nil end
+    else
+        set_path(tree, path, copy(value))
+    end
+    local acceptable, refused = self:_acceptable({ [entry] = tree })
+    if not acceptable then return nil, refused end
+    local ok, err = entry.source:write(join(path), value)
+    if not ok then return nil, as_error(err, entry.source.name) end
+    entry.tree = tree
+    self:_recompute()
+    return true
+end
+
+--- store:set(key, value) -> true | nil, err: writes through to the writable
+-- source (etcd) and applies it. A source above it (the environment) still
+-- wins for that key. Runs inside a task.
+function Store:set(key, value)
+    if value == nil then return self:_write(key, nil) end
+    return self:_write(key, value)
+end
+
+--- store:delete(key) -> true | nil, err: removes key and what is below it.
+function Store:delete(key)
+    return self:_write(key, nil)
 end
 
 --- store:sources() -> the names of the sources, lowest precedence first.
