@@ -153,3 +153,26 @@ describe("misspelled framework settings", function()
         assert.matches("system.logging.profle: unknown setting", out, 1, true)
     end)
 end)
+
+describe("testing.start_service", function()
+    local testing = require "tamarco.testing"
+    local tamarco = require "tamarco"
+
+    it("fails an assert with the reason and the exit code", function()
+        local svc = tamarco.service { name = "needs_setting" }
+        function svc:start() self.settings:get("api_url") end
+        local ok, message = pcall(testing.run, function()
+            return assert(testing.start_service(svc))
+        end)
+        assert.is_false(ok)
+        assert.matches("missing setting 'system.microservices.needs_setting.api_url'", message, 1, true)
+        assert.matches("(exit code 2)", message, 1, true)
+        -- the failure keeps what it is made of
+        local running, failure, code = testing.run(function() return testing.start_service(svc) end)
+        assert.is_nil(running)
+        assert.are.equal(2, code)
+        assert.are.equal(2, failure.exit_code)
+        assert.are.equal("settings", failure.kind)
+        assert.are.equal("system.microservices.needs_setting.api_url", failure.key)
+    end)
+end)
