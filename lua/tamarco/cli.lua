@@ -9,13 +9,15 @@ local USAGE = [[
 usage: tamarco-host <command> [options]
 
 commands:
-  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch]
-                        run the service that FILE returns
+  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--workers N]
+           [--strict-settings]
+                        run the service that FILE returns (--workers N: N
+                        worker processes sharing its ports)
   test [busted options] [SPEC...]
                         run busted specs inside the host
   new service NAME [--dir DIR] [--with-c-extension]
                         generate a service project from the templates
-  etcd write-yml FILE | read KEY | delete KEY [--recursive]
+  etcd write-yml FILE | read KEY [--recursive] | delete KEY [--recursive]
                         Tamarco's settings in etcd
   version               print the host's version
 
