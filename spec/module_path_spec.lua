@@ -44,8 +44,8 @@ function svc:start()
     io.stdout:write("probe ", helper.name, " ", cjson.encode({ 1 }), " ", type(memory.new),
         " cwd-module-found=", tostring(cwd_only), "\n")
     io.stdout:flush()
-    os.exit(0)
 end
+function svc:post_start() self.lifecycle:request_stop("probe done") end
 return svc
 ]])
     end)
