@@ -4,7 +4,18 @@
 -- Tamarco's slash paths (`/system/microservices/my_admin/default_user`); both
 -- are accepted everywhere. A segment that is a number also finds an integer
 -- key (`system.ports.1` reads the first element of a list, `codes.404` a YAML
--- key `404:`). Keys handed to callbacks are dotted.
+-- key `404:`). Keys handed to callbacks are dotted. In a view, `/system/...`
+-- paths and (when the view has no match) dotted `system.` keys are absolute;
+-- opts.raw makes any key absolute (Tamarco's raw form).
+--
+-- WRITING: store:set / store:delete (and a view's set / delete) write through
+-- to the writable source with the highest precedence (etcd: a source with a
+-- `write(self, key, value)` method) and apply the change at once.
+--
+-- CHECKS: store.validate(candidate_store) -> true | nil, err, when set, is
+-- asked before any change (a source that changed, set, delete) is applied;
+-- a refused change is logged through store.log and the last good settings
+-- stay (tamarco-host run sets it to tamarco.settings_schema's checks).
 --
 -- SOURCES, later wins, deep-merged (mappings merge key by key; lists and
 -- scalars replace what is below them as a whole):
