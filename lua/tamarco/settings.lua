@@ -709,7 +709,6 @@ end
 -- source (etcd) and applies it. A source above it (the environment) still
 -- wins for that key. Runs inside a task.
 function Store:set(key, value)
-    if value == nil then return self:_write(key, nil) end
     return self:_write(key, value)
 end
 
