@@ -82,7 +82,10 @@ end
 
 --- Writes `text` to a new temporary file with the given suffix; returns its path.
 function cli.write_temp(text, suffix)
-    local path = os.tmpname() .. (suffix or ".lua")
+    -- os.tmpname creates the file it names: only the suffixed one is used
+    local base = os.tmpname()
+    os.remove(base)
+    local path = base .. (suffix or ".lua")
     local f = assert(io.open(path, "w"))
     f:write(text)
     f:close()
