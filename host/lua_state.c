@@ -94,16 +94,22 @@ static void find_cmod_dir(char *out, size_t size)
     snprintf(out, size, "%s", TAMARCO_INSTALL_CMODDIR);
 }
 
+/* The host's own module paths: its Lua directory and bindings, then the
+ * system's. Never the current directory: a file there must not run as a
+ * module (tamarco.module_path adds a service's directory, behind these). */
 static void set_paths(lua_State *L, const char *lua_dir)
 {
     char cmod_dir[4200];
     find_cmod_dir(cmod_dir, sizeof cmod_dir);
     lua_getglobal(L, "package");
-    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s;%s", lua_dir, lua_dir,
-                    TAMARCO_SYSTEM_LUA_PATH, "./?.lua");
-    lua_setfield(L, -2, "path");
-    lua_pushfstring(L, "%s/?.so;%s;./?.so", cmod_dir, TAMARCO_SYSTEM_LUA_CPATH);
-    lua_setfield(L, -2, "cpath");
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", lua_dir, lua_dir, TAMARCO_SYSTEM_LUA_PATH);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "path");
+    lua_setfield(L, -2, "tamarco_path");
+    lua_pushfstring(L, "%s/?.so;%s", cmod_dir, TAMARCO_SYSTEM_LUA_CPATH);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "cpath");
+    lua_setfield(L, -2, "tamarco_cpath");
     lua_pushstring(L, lua_dir);
     lua_setfield(L, -2, "tamarco_lua_dir");
     lua_pop(L, 1);

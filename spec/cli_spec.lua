@@ -20,6 +20,21 @@ describe("tamarco-host CLI", function()
         end
     end)
 
+    it("lists every option of run in the top-level help", function()
+        local code, out = cli.run({ "--help" })
+        assert.are.equal(0, code)
+        for _, option in ipairs({ "--settings", "--watchdog", "--watch", "--workers", "--strict-settings" }) do
+            assert.matches(option, out, 1, true)
+        end
+    end)
+
+    it("says a usage mistake of test with exit 2", function()
+        local code, out = cli.run({ "test", "--bogus" })
+        assert.are.equal(2, code, out)
+        assert.matches("tamarco-host test: unknown/bad flag: --bogus", out, 1, true)
+        assert.matches("usage: tamarco-host test", out, 1, true)
+    end)
+
     it("rejects an unknown command and an unknown option with exit 2", function()
         local code, out = cli.run({ "frobnicate" })
         assert.are.equal(2, code)

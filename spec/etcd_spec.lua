@@ -664,9 +664,28 @@ codes:
         code, out = etcd_cli("read", "/system/microservices/" .. svc_name .. "/a")
         assert.equal(1, code)
         assert.matches("no key", out, 1, true)
+        -- a directory without --recursive: told how, nothing deleted, exit 1
+        code, out = etcd_cli("delete", "/system/microservices/" .. svc_name .. "/b")
+        assert.equal(1, code, out)
+        assert.matches("/system/microservices/" .. svc_name .. "/b is not a key but holds 2 keys below it: "
+            .. "pass --recursive", out, 1, true)
+        code, out = etcd_cli("read", "/system/microservices/" .. svc_name .. "/b/c")
+        assert.equal(0, code, out)
         code, out = etcd_cli("delete", "system.microservices." .. svc_name, "--recursive")
         assert.equal(0, code, out)
         assert.matches("deleted 2 keys", out, 1, true)
+    end)
+
+    it("accepts Tamarco's spelling write_yml", function()
+        local yml = cli.write_temp(("system:\n  microservices:\n    %s:\n      spelled: tamarco\n"):format(svc_name),
+            ".yml")
+        local code, out = etcd_cli("write_yml", yml)
+        os.remove(yml)
+        assert.equal(0, code, out)
+        assert.matches("wrote 1 keys", out, 1, true)
+        code, out = etcd_cli("read", "/system/microservices/" .. svc_name .. "/spelled")
+        assert.equal(0, code, out)
+        assert.matches("tamarco", out, 1, true)
     end)
 
     it("explains usage mistakes and an unreachable etcd", function()

@@ -324,7 +324,7 @@ describe("http_client", function()
     it("is a service resource configured under system.resources.<name>", function()
         local r = testing.run(function()
             local svc = tamarco.service { name = "caller", resources = { web = http.client() } }
-            local running, code, err = testing.start_service(svc, { settings = { system = {
+            local running, err, code = testing.start_service(svc, { settings = { system = {
                 resources = { web = { timeout_ms = 100, base_url = srv.url } },
                 microservices = { caller = { resources = { web = { connect_timeout_ms = 500 } } } },
             } } })

@@ -94,7 +94,7 @@ end
 
 local function start(svc, resource_settings)
     local settings = { system = { resources = { api = resource_settings } } }
-    local running, code, err = testing.start_service(svc, { settings = settings })
+    local running, err, code = testing.start_service(svc, { settings = settings })
     assert(running, "service did not start: " .. tostring(code) .. " " .. tostring(err))
     return running
 end
@@ -629,7 +629,7 @@ describe("http_server limits and timeouts", function()
             assert(blocker:listen(16, function() end))
             local port = blocker:getsockname().port
             local svc = make_service("bindtest")
-            local running, code, err = testing.start_service(svc,
+            local running, err, code = testing.start_service(svc,
                 { settings = { system = { resources = { api = { port = port } } } } })
             blocker:close()
             assert.is_nil(running)
@@ -713,7 +713,7 @@ describe("http_server settings", function()
             running:stop()
 
             local bad = tamarco.service { name = "badcors", report_server = false, resources = { api = http.server() } }
-            local started, code, err = testing.start_service(bad, { settings = { system = { resources = {
+            local started, err, code = testing.start_service(bad, { settings = { system = { resources = {
                 api = { port = 0, cors = "sometimes" } } } } })
             assert.is_nil(started)
             assert.are.equal(2, code)

@@ -753,7 +753,7 @@ describe("the metrics resource", function()
             running:stop()
             local bad = MetricsResource.new { registry = metrics.new_registry() }
             local svc2 = tamarco.service { name = "bad", report_server = false, resources = { metrics = bad } }
-            local ok, code = testing.start_service(svc2, { settings = { system = { resources = { metrics = {
+            local ok, _, code = testing.start_service(svc2, { settings = { system = { resources = { metrics = {
                 collect_frequency = 0 } } } } })
             assert.is_nil(ok)
             assert.is_number(code)

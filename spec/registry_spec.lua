@@ -73,6 +73,35 @@ describe("registry resource", function()
         end)
     end)
 
+    it("registers a service that did not add the resource when the settings enable it", function()
+        local name = unique("regauto")
+        local svc = tamarco.service { name = name }
+        assert.is_nil(svc.resources.registry)
+        testing.run(function()
+            local running = assert(testing.start_service(svc, { settings = registry_settings({ port = 8081 }) }))
+            assert.is_table(svc.registry)
+            local key = "/system/discovery/" .. name .. "/" .. svc.instance_id
+            local info = assert(etcd.decode_json(assert((client:get(key)))))
+            assert.equal(name, info.service)
+            assert.equal(8081, info.port)
+            running:stop()
+            assert.is_nil((client:get(key)))
+        end)
+        -- the service's own section says so too; without the setting nothing is added
+        local own = tamarco.service { name = unique("regown") }
+        local plain = tamarco.service { name = unique("regplain") }
+        testing.run(function()
+            local running = assert(testing.start_service(own, { settings = { system = {
+                resources = { registry = { etcd_host = HOST, etcd_port = tonumber(PORT) } },
+                microservices = { [own.name] = { resources = { registry = { enabled = true } } } } } } }))
+            assert.is_string((client:get("/system/discovery/" .. own.name .. "/" .. own.instance_id)))
+            running:stop()
+            running = assert(testing.start_service(plain))
+            assert.is_nil(plain.resources.registry)
+            running:stop()
+        end)
+    end)
+
     it("does nothing unless enabled", function()
         local name = unique("regoff")
         local svc = tamarco.service { name = name, resources = { registry = registry.new() } }

@@ -9,13 +9,15 @@ local USAGE = [[
 usage: tamarco-host <command> [options]
 
 commands:
-  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch]
-                        run the service that FILE returns
+  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--workers N]
+           [--strict-settings]
+                        run the service that FILE returns (--workers N: N
+                        worker processes sharing its ports)
   test [busted options] [SPEC...]
                         run busted specs inside the host
   new service NAME [--dir DIR] [--with-c-extension]
                         generate a service project from the templates
-  etcd write-yml FILE | read KEY | delete KEY [--recursive]
+  etcd write-yml FILE | read KEY [--recursive] | delete KEY [--recursive]
                         Tamarco's settings in etcd
   version               print the host's version
 
@@ -78,6 +80,7 @@ commands.etcd = {
 commands.run = {
     usage = [[
 usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--workers N]
+                          [--strict-settings]
 
 Runs the service that the Lua file FILE returns until SIGINT or SIGTERM.
 SIGHUP reloads the service's code in place (hot reload).
@@ -90,6 +93,10 @@ SIGHUP reloads the service's code in place (hot reload).
   --watchdog SECONDS    how long a stop may take before the process is
                         ended with exit code 1 (default: the setting
                         system.stop_timeout_seconds, else 30)
+  --strict-settings     an unknown key under a section the framework owns
+                        (system.logging, system.resources.<resource>) is
+                        an error (exit 2), not a warning (also the setting
+                        system.strict_settings: true)
 Exit codes: 0 clean stop, 1 runtime failure or watchdog, 2 usage, settings or
 service-file error, 11 a resource failed to bind, 12 resource dependencies
 cannot be ordered.

@@ -4,6 +4,8 @@
 -- end the process (bad settings, bad service file, a resource that cannot
 -- bind, ...) are raised as error objects made here: they carry a `kind`, a
 -- message that names what is wrong, and the process exit code.
+local mask_urls = require("tamarco.secrets").mask_urls
+
 local errors = {}
 
 errors.exit_codes = {
@@ -19,11 +21,12 @@ local Error = {}
 Error.__index = Error
 Error.__tostring = function(e) return e.message end
 
---- errors.new(kind, message[, fields]) -> error object (not raised).
+--- errors.new(kind, message[, fields]) -> error object (not raised). The
+-- message is shown to people: credentials inside URLs are masked in it.
 function errors.new(kind, message, fields)
     local code = errors.exit_codes[kind]
     assert(code, "unknown error kind: " .. tostring(kind))
-    local e = { kind = kind, message = message, exit_code = code }
+    local e = { kind = kind, message = mask_urls(message), exit_code = code }
     for k, v in pairs(fields or {}) do e[k] = v end
     return setmetatable(e, Error)
 end

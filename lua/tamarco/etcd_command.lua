@@ -27,9 +27,11 @@ usage: tamarco-host etcd <write-yml FILE | read KEY | delete KEY> [options]
   write-yml FILE   stores every leaf of the YAML file FILE in etcd, one key
                    per leaf (/a/b/c for a: {b: {c: ...}}), its value as JSON
                    with its YAML type kept (1000 a number, 1.0 a float,
-                   "Yes" a string, ~ a JSON null)
+                   "Yes" a string, ~ a JSON null); `write_yml` (Tamarco's
+                   spelling) is the same
   read KEY         prints KEY's value as YAML
-  delete KEY       deletes KEY
+  delete KEY       deletes KEY (a KEY that only has keys below it needs
+                   --recursive; without it nothing is deleted, exit 1)
 
 options:
   --recursive      read/delete: every key below KEY too (read prints a mapping)
@@ -311,6 +313,21 @@ local function read(client, key, recursive)
 end
 
 local function delete(client, key, recursive)
+    if not recursive then
+        -- a directory of keys is only deleted when asked for: say so, as read does
+        local value, err = client:get(key)
+        if value == nil and type(err) == "string" then return failure(err) end
+        if value == nil then
+            local below
+            below, err = client:range(key == "/" and "/" or key .. "/", { prefix = true })
+            if not below then return failure(err) end
+            if #below > 0 then
+                return failure(("%s is not a key but holds %d key%s below it: pass --recursive to delete them")
+                    :format(key, #below, #below == 1 and "" or "s"))
+            end
+            return failure("no key " .. key)
+        end
+    end
     local count, err = client:delete(key)
     if not count then return failure(err) end
     if recursive then
@@ -329,6 +346,7 @@ function etcd_command.main(args)
     if not o then return nil, err end
     local sub, target = o.positional[1], o.positional[2]
     if sub == nil then return nil, "missing the sub-command (write-yml, read or delete)" end
+    if sub == "write_yml" then sub = "write-yml" end        -- Tamarco's spelling
     if sub ~= "write-yml" and sub ~= "read" and sub ~= "delete" then
         return nil, "unknown sub-command '" .. sub .. "'"
     end

@@ -62,6 +62,19 @@ function lifecycle.order_resources(svc)
     return order
 end
 
+--- lifecycle.add_configured_resources(svc, store): adds what the settings
+-- ask for and the service did not define: the service registry when
+-- `system.resources.registry.enabled` (or the service's own
+-- `system.microservices.<svc>.resources.registry.enabled`) is true.
+function lifecycle.add_configured_resources(svc, store)
+    if svc.resources.registry then return end
+    local enabled = store:get("system.microservices." .. svc.name .. ".resources.registry.enabled", nil)
+    if enabled == nil then enabled = store:get("system.resources.registry.enabled", false) end
+    if enabled == true then
+        require("tamarco.service").add_resource(svc, "registry", require("tamarco.resources.registry").new())
+    end
+end
+
 --- lifecycle.new(svc, context) -> lifecycle. context fields:
 --   settings  the settings store (tamarco.settings)
 --   logging   the logging module (tamarco.logging)
@@ -69,6 +82,7 @@ end
 --   on_stop_requested  function(reason) called once when a stop is asked for
 -- Binds the service to its settings, logger and resources.
 function lifecycle.new(svc, context)
+    lifecycle.add_configured_resources(svc, context.settings)
     local self = setmetatable({
         service = svc,
         context = context,

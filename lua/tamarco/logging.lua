@@ -21,6 +21,7 @@
 local clog = require "tamarco.c.log"
 local timer = require "tamarco.c.timer"
 local errors = require "tamarco.errors"
+local mask_urls = require("tamarco.secrets").mask_urls
 
 local logging = {}
 
@@ -119,7 +120,7 @@ local is_secret_key = logging.is_secret_key
 -- table is never changed). Cycles and deep tables are left to the encoder's
 -- own limits, but never recursed into forever here.
 local function masked(value, depth, seen)
-    if type(value) ~= "table" then return value end
+    if type(value) ~= "table" then return mask_urls(value) end
     if depth > MAX_MASK_DEPTH or seen[value] then return value end
     seen[value] = true
     local copy = {}
@@ -134,7 +135,8 @@ local function masked(value, depth, seen)
     return copy
 end
 
---- logging.mask(table) -> a copy with secret-keyed values replaced by "***".
+--- logging.mask(table) -> a copy with secret-keyed values replaced by "***"
+-- and the credentials inside URLs masked (tamarco.secrets).
 function logging.mask(value)
     return masked(value, 1, {})
 end
@@ -195,7 +197,7 @@ function logging.make_record(name, level_name, message, extra, traceback)
         ["@timestamp"] = timestamp(),
         level = level_name,
         logger = name,
-        message = type(message) == "string" and message or tostring(message),
+        message = mask_urls(type(message) == "string" and message or tostring(message)),
         service_name = state.service_name,
         deploy_name = state.deploy_name,
         service_instance_id = state.instance_id,
@@ -210,14 +212,16 @@ function logging.make_record(name, level_name, message, extra, traceback)
                     v = MASK
                 elseif type(v) == "table" then
                     v = masked(v, 1, {})
+                else
+                    v = mask_urls(v)
                 end
                 record[STANDARD[key] and "extra_" .. key or key] = v
             end
         end
     elseif extra ~= nil then
-        record.extra = tostring(extra)
+        record.extra = mask_urls(tostring(extra))
     end
-    if traceback ~= nil then record.traceback = tostring(traceback) end
+    if traceback ~= nil then record.traceback = mask_urls(tostring(traceback)) end
     return record
 end
 local make_record = logging.make_record

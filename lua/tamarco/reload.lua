@@ -91,6 +91,7 @@ function reload.reload(cycle, path)
             ok, new_svc = false, errors.new("service_file", "the reloaded file defines service '" .. new_svc.name
                 .. "', not '" .. old_svc.name .. "'")
         else
+            lifecycle.add_configured_resources(new_svc, cycle.context.settings)
             ok, order = pcall(lifecycle.order_resources, new_svc)
             if not ok then new_svc = order end
         end

@@ -7,8 +7,10 @@ local reload = require "tamarco.reload"
 local logging = require "tamarco.logging"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
+local secrets = require "tamarco.secrets"
 local service_file = require "tamarco.service_file"
 local settings = require "tamarco.settings"
+local settings_schema = require "tamarco.settings_schema"
 local systemd = require "tamarco.systemd"
 
 local run_command = {}
@@ -25,6 +27,9 @@ local function parse_args(args)
             i = i + 2
         elseif a == "--watch" then
             options.watch = true
+            i = i + 1
+        elseif a == "--strict-settings" then
+            options.strict = true
             i = i + 1
         elseif a:sub(1, 1) == "-" then
             return nil, "unknown option '" .. a .. "'"
@@ -56,7 +61,7 @@ end
 -- Reports a fatal error before the service runs, as one plain line on
 -- stderr; returns its exit code.
 local function fail(_, err)
-    local message = errors.is(err) and err.message or tostring(err)
+    local message = errors.is(err) and err.message or secrets.mask_urls(tostring(err))
     logging.flush()
     io.stderr:write("tamarco-host: ", message, "\n")
     return errors.exit_code_of(err)
@@ -136,6 +141,16 @@ function run_command.main(args)
         if not attached then return fail(boot_logger, etcd_error) end   -- unreachable: exit 2
     end
 
+    -- the framework's own settings: types, ranges, misspelled keys
+    local checked, warnings = pcall(settings_schema.check, store, svc)
+    if not checked then return fail(boot_logger, warnings) end
+    if #warnings > 0 and settings_schema.strict(store, options) then
+        logging.flush()
+        for _, warning in ipairs(warnings) do io.stderr:write("tamarco-host: ", warning.message, "\n") end
+        return fail(boot_logger, errors.new("settings", ("%d unknown setting%s: an error with --strict-settings "
+            .. "or system.strict_settings"):format(#warnings, #warnings > 1 and "s" or "")))
+    end
+
     local configured, logging_error = pcall(logging.configure_from_settings, store:view(svc.name), {
         service_name = svc.name,
         deploy_name = store:get("system.deploy_name", "tamarco"),
@@ -150,6 +165,13 @@ function run_command.main(args)
         return fail(boot_logger, errors.is(remote_sinks) and remote_sinks
             or errors.new("settings", "remote log sinks: " .. tostring(remote_sinks)))
     end
+
+    local settings_logger = logging.get_logger(svc.name .. ".settings")
+    for _, warning in ipairs(warnings) do settings_logger:warning(warning.message, { key = warning.key }) end
+    -- from now on a settings change is checked the same way before it is
+    -- applied, and what is refused is said through the service's logger
+    store.validate = settings_schema.validator(svc)
+    store.log = function(level, message) settings_logger[level](settings_logger, message) end
 
     local stop_seconds = options.watchdog or store:get("system.stop_timeout_seconds", 30)
     local watchdog_armed = false

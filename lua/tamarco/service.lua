@@ -112,6 +112,17 @@ function service.add_report_resources(self)
     end
 end
 
+--- service.add_resource(svc, name, resource): adds a resource to a defined
+-- service (as if its definition had listed it), e.g. one its settings ask
+-- for. Before the service starts.
+function service.add_resource(self, name, resource)
+    assert(not self.resources[name], "service.add_resource: the service already has a resource '" .. name .. "'")
+    self.resources[name] = resource
+    self.resource_names[#self.resource_names + 1] = name
+    table.sort(self.resource_names)
+    if self[name] == nil then self[name] = resource end
+end
+
 --- service.is_service(value) -> true when value is a service table made by service.new.
 function service.is_service(value)
     return getmetatable(value) == Service

@@ -1,8 +1,10 @@
 --- tamarco.service_file: loads the Lua file that defines a service.
 --
--- The file's directory is put first on package.path and package.cpath, so a
--- service can `require` its own Lua modules and C extensions next to it.
+-- The file's directory goes on the module paths (tamarco.module_path), so a
+-- service can `require` its own Lua modules and C extensions next to it;
+-- what the host and the system install is always found first.
 local errors = require "tamarco.errors"
+local module_path = require "tamarco.module_path"
 local service = require "tamarco.service"
 
 local service_file = {}
@@ -11,15 +13,8 @@ local function directory_of(path)
     return path:match("^(.*)/[^/]*$") or "."
 end
 
-local added_dirs = {}
-
---- Adds `dir` to the front of the module search paths (once).
-function service_file.add_module_dir(dir)
-    if added_dirs[dir] then return end
-    added_dirs[dir] = true
-    package.path = dir .. "/?.lua;" .. dir .. "/?/init.lua;" .. package.path
-    package.cpath = dir .. "/?.so;" .. dir .. "/build/?.so;" .. package.cpath
-end
+--- Adds `dir` to the module search paths (see tamarco.module_path).
+service_file.add_module_dir = module_path.add_dir
 
 --- service_file.load(path) -> service. Raises a "service_file" error (exit 2)
 -- naming the file when it is missing, does not compile, fails while running

@@ -4,7 +4,18 @@
 -- Tamarco's slash paths (`/system/microservices/my_admin/default_user`); both
 -- are accepted everywhere. A segment that is a number also finds an integer
 -- key (`system.ports.1` reads the first element of a list, `codes.404` a YAML
--- key `404:`). Keys handed to callbacks are dotted.
+-- key `404:`). Keys handed to callbacks are dotted. In a view, `/system/...`
+-- paths and (when the view has no match) dotted `system.` keys are absolute;
+-- opts.raw makes any key absolute (Tamarco's raw form).
+--
+-- WRITING: store:set / store:delete (and a view's set / delete) write through
+-- to the writable source with the highest precedence (etcd: a source with a
+-- `write(self, key, value)` method) and apply the change at once.
+--
+-- CHECKS: store.validate(candidate_store) -> true | nil, err, when set, is
+-- asked before any change (a source that changed, set, delete) is applied;
+-- a refused change is logged through store.log and the last good settings
+-- stay (tamarco-host run sets it to tamarco.settings_schema's checks).
 --
 -- SOURCES, later wins, deep-merged (mappings merge key by key; lists and
 -- scalars replace what is below them as a whole):
@@ -330,6 +341,8 @@ local function new_store()
         tree = {},           -- the merged tree (never handed out)
         yaml_file = nil,
         log = default_log,   -- store.log = function(level, message) end
+        validate = nil,      -- store.validate = function(candidate_store) -> true | nil, err:
+                             -- a changed source is applied only when it says true
         _watches = {},
         _listeners = {},
         _watching = false,
@@ -441,22 +454,42 @@ end
 local View = {}
 View.__index = View
 
--- The candidate full paths of `key`, most specific first.
-function View:_candidates(key)
+-- Absolute keys: Tamarco's paths from the root (`/system/...`), or any key
+-- with opts.raw (Tamarco's `raw=True`), are read from the root of the
+-- settings. (Another slash key, `/logging/profile`, is relative to the view
+-- like its dotted form: everything the framework reads is under /system.)
+local function is_absolute(key, opts)
+    return (opts and opts.raw)
+        or (type(key) == "string" and (key == "/system" or key:sub(1, 8) == "/system/"))
+end
+
+-- The candidate full paths of `key`, most specific first, and the absolute
+-- path to fall back on when none of them exists (a dotted key whose first
+-- segment is `system`: `system.foo.cow` means what it says when the view
+-- has no `system` of its own).
+function View:_candidates(key, opts)
     local path = settings.split_key(key)
+    if is_absolute(key, opts) then return { path } end
     local candidates = {}
     for i, prefix in ipairs(self._prefixes) do candidates[i] = concat(prefix, path) end
+    if path[1] == "system" then return candidates, path end
     return candidates
 end
 
--- resolve(key) -> found, value (not copied), candidate keys. When the most
--- specific value is a mapping, the more general mappings below it are
+-- resolve(key[, opts]) -> found, value (not copied), candidate keys. When the
+-- most specific value is a mapping, the more general mappings below it are
 -- merged under it (a service overrides single keys of a shared section).
-function View:_resolve(key)
-    local candidates, found = self:_candidates(key), {}
+function View:_resolve(key, opts)
+    local candidates, absolute = self:_candidates(key, opts)
+    local found = {}
     for _, path in ipairs(candidates) do
         local ok, value = lookup(self.store.tree, path)
         if ok then found[#found + 1] = value end
+    end
+    if #found == 0 and absolute then
+        candidates[#candidates + 1] = absolute
+        local ok, value = lookup(self.store.tree, absolute)
+        if ok then return true, value, candidates end
     end
     if #found == 0 then return false, nil, candidates end
     if not is_map(found[1]) then return true, found[1], candidates end
@@ -467,9 +500,11 @@ function View:_resolve(key)
     return true, merged, candidates
 end
 
---- view:get(key[, default]) -> value
+--- view:get(key[, default[, opts]]) -> value. opts.raw = true reads `key`
+-- from the root (as does a key starting with "/").
 function View:get(key, ...)
-    local found, value, candidates = self:_resolve(key)
+    local opts = select(2, ...)
+    local found, value, candidates = self:_resolve(key, opts)
     if found then return copy(value) end
     if select("#", ...) > 0 then return (...) end
     local keys = {}
@@ -479,11 +514,12 @@ end
 
 --- view:key_of(key) -> the full dotted key get would read (the most specific
 -- one when none exists).
-function View:key_of(key)
-    local candidates = self:_candidates(key)
+function View:key_of(key, opts)
+    local candidates, absolute = self:_candidates(key, opts)
     for _, path in ipairs(candidates) do
         if lookup(self.store.tree, path) then return join(path) end
     end
+    if absolute and lookup(self.store.tree, absolute) then return join(absolute) end
     return join(candidates[1])
 end
 
@@ -504,9 +540,24 @@ function View:error(key, problem)
     return errors.new("settings", (where and where .. ": " or "") .. full .. ": " .. problem, e)
 end
 
---- view:watch(key, fn) -> handle: fn(value, key) when what get(key) returns changes.
-function View:watch(key, fn)
-    return self.store:_add_watch(key, function() return self:_resolve(key) end, fn)
+--- view:watch(key, fn[, opts]) -> handle: fn(value, key) when what
+-- get(key, nil, opts) returns changes.
+function View:watch(key, fn, opts)
+    return self.store:_add_watch(key, function() return self:_resolve(key, opts) end, fn)
+end
+
+--- view:set(key, value[, opts]) -> true | nil, err: writes the setting
+-- where get(key) reads it (the existing key, else the most specific one;
+-- opts.raw or a leading "/": `key` from the root) through to the store's
+-- writable source (etcd). Runs inside a task.
+function View:set(key, value, opts)
+    return self.store:set(self:key_of(key, opts), value)
+end
+
+--- view:delete(key[, opts]) -> true | nil, err: removes it (and what is
+-- below it) from the writable source (etcd).
+function View:delete(key, opts)
+    return self.store:delete(self:key_of(key, opts))
 end
 
 local function new_view(store, prefixes)
@@ -544,12 +595,36 @@ local function load_source(source)
     return tree or {}
 end
 
+-- A store holding what the settings would be with `trees[entry]` in place of
+-- those entries' trees: for store.validate, before anything is applied.
+function Store:_candidate(trees)
+    local entries, merged = {}, {}
+    for i, entry in ipairs(self.entries) do
+        local tree = trees[entry] or entry.tree
+        entries[i] = { source = entry.source, tree = tree }
+        if tree then merge(merged, tree) end
+    end
+    return setmetatable({ entries = entries, tree = merged, yaml_file = self.yaml_file,
+        _watches = {}, _listeners = {} }, Store)
+end
+
+-- nil when store.validate refuses the settings with `trees` applied (after
+-- logging why), else true.
+function Store:_acceptable(trees)
+    if not self.validate then return true end
+    local ok, err = self.validate(self:_candidate(trees))
+    if ok then return true end
+    self.log("error", ("%s; keeping the last good settings"):format(tostring(err)))
+    return nil, err
+end
+
 function Store:_source_changed(entry, tree, err)
     if not self._watching or entry.removed then return end
     if tree == nil and err ~= nil then
         self.log("warning", ("%s; keeping the previous settings"):format(tostring(as_error(err, entry.source.name))))
         return
     end
+    if not self:_acceptable({ [entry] = tree or {} }) then return end
     entry.tree = tree or {}
     self:_recompute()
 end
@@ -594,6 +669,55 @@ function Store:add_source(source, position)
     return true
 end
 
+-- The writable source with the highest precedence (one with a `write`
+-- method: etcd), and its entry.
+function Store:_writable()
+    for i = #self.entries, 1, -1 do
+        local entry = self.entries[i]
+        if entry.source.write then return entry end
+    end
+    return nil
+end
+
+-- Writes (value) or removes (value nil) dotted `key` in the writable source,
+-- after the same checks as any change; applied to the store at once (the
+-- source's own watch then sees no difference).
+function Store:_write(key, value)
+    local entry = self:_writable()
+    if not entry then
+        return nil, errors.new("settings", ("cannot write setting '%s': no writable settings source "
+            .. "(settings are written to etcd: set TAMARCO_ETCD_HOST)"):format(key), { key = key })
+    end
+    local path = settings.split_key(key)
+    if #path == 0 then return nil, errors.new("settings", "cannot write the whole settings tree") end
+    local tree = copy(entry.tree or {})
+    if value == nil then
+        local parent = #path > 1 and select(2, lookup(tree, { unpack(path, 1, #path - 1) })) or tree
+        if type(parent) == "table" then parent[path[#path]] = nil end
+    else
+        set_path(tree, path, copy(value))
+    end
+    local acceptable, refused = self:_acceptable({ [entry] = tree })
+    if not acceptable then return nil, refused end
+    local ok, err = entry.source:write(join(path), value)
+    if not ok then return nil, as_error(err, entry.source.name) end
+    entry.tree = tree
+    self:_recompute()
+    return true
+end
+
+--- store:set(key, value) -> true | nil, err: writes through to the writable
+-- source (etcd) and applies it. A source above it (the environment) still
+-- wins for that key. Runs inside a task.
+function Store:set(key, value)
+    return self:_write(key, value)
+end
+
+--- store:delete(key) -> true | nil, err: removes key and what is below it.
+function Store:delete(key)
+    return self:_write(key, nil)
+end
+
 --- store:sources() -> the names of the sources, lowest precedence first.
 function Store:sources()
     local names = {}
@@ -605,15 +729,19 @@ end
 -- for what changed. A failing source keeps its previous values (and is logged).
 function Store:reload()
     local first_err
+    local trees = {}
     for _, entry in ipairs(self.entries) do
         local tree, err = load_source(entry.source)
         if tree then
-            entry.tree = tree
+            trees[entry] = tree
         else
             first_err = first_err or err
             self.log("warning", ("%s; keeping the previous settings"):format(tostring(err)))
         end
     end
+    local acceptable, refused = self:_acceptable(trees)
+    if not acceptable then return nil, refused end
+    for entry, tree in pairs(trees) do entry.tree = tree end
     self:_recompute()
     if first_err then return nil, first_err end
     return true

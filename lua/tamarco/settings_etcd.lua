@@ -99,6 +99,45 @@ function Source:_read()
     return revision
 end
 
+--- source:write(key, value) -> true | nil, err: replaces dotted `key` and
+-- everything below it with `value` (one etcd key per leaf, JSON values, as
+-- `tamarco-host etcd write-yml` writes them); value nil removes them. Used by
+-- settings:set / settings:delete. Runs inside a task.
+function Source:write(key, value)
+    local path = "/" .. tostring(key):gsub("^/+", ""):gsub("%.", "/")
+    if (path .. "/"):sub(1, #self.prefix) ~= self.prefix or path .. "/" == self.prefix then
+        return nil, ("only keys below %s are settings (got %s)"):format(self.prefix, path)
+    end
+    if self:_excluded(path .. "/") then
+        return nil, ("%s belongs to the service registry, not to the settings"):format(path)
+    end
+    local leaves = {}
+    if value ~= nil then
+        local ok, flat = pcall(require("tamarco.etcd_command").flatten, value, path)
+        if not ok then return nil, flat end
+        leaves = flat
+    end
+    -- remove only what the new value does not overwrite, so that watchers
+    -- never see the key missing in between
+    local has_children, replaced_by_leaf = false, #leaves == 1 and leaves[1].key == path
+    for k in pairs(self.kvs) do
+        if k:sub(1, #path + 1) == path .. "/" then has_children = true end
+    end
+    local deleted, err = true, nil
+    if self.kvs[path] ~= nil and not replaced_by_leaf then deleted, err = self.client:delete(path) end
+    if deleted and has_children then deleted, err = self.client:delete(path .. "/", { prefix = true }) end
+    if not deleted then return nil, err end
+    for k in pairs(self.kvs) do
+        if k == path or k:sub(1, #path + 1) == path .. "/" then self.kvs[k] = nil end
+    end
+    for _, leaf in ipairs(leaves) do
+        local revision, put_err = self.client:put(leaf.key, leaf.json)
+        if not revision then return nil, put_err end
+        self.kvs[leaf.key] = leaf.json
+    end
+    return true
+end
+
 function Source:load()
     local ok, err, kind = self:_read()
     if not ok then

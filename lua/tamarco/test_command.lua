@@ -49,7 +49,7 @@ function test_command.build_extension(dir)
     if ok ~= 0 and ok ~= true then
         return nil, "building the C extension failed:\n" .. configure .. "\n" .. build .. "\n" .. output
     end
-    package.cpath = dir .. "/build/?.so;" .. package.cpath
+    require("tamarco.module_path").add_dir(dir)
     return true
 end
 
@@ -88,6 +88,22 @@ function test_command.main(args)
             busted_args[#busted_args + 1] = (a == "--busted-help") and "--help" or a
         end
     end
+    -- a usage mistake (`--bogus`) is said here and is exit 2, like every
+    -- other command's; busted itself would only end with 1
+    local wants_help = false
+    for _, a in ipairs(busted_args) do
+        if a == "--help" or a == "-h" then wants_help = true end
+    end
+    local cli_ok, make_cli = pcall(require, "busted.modules.cli")
+    if cli_ok and not wants_help then
+        local cli = make_cli({ standalone = false })
+        cli:set_name("busted")
+        local parsed, usage_error = cli:parse(busted_args)
+        if not parsed then
+            return nil, (tostring(usage_error):gsub("^busted: error: ", ""):gsub("; re%-run with %-%-help for usage%.$",
+                " (busted's options: tamarco-host test --busted-help)"))
+        end
+    end
     if build and is_file("c/CMakeLists.txt") then
         local built, err = test_command.build_extension(".")
         if not built then
@@ -95,6 +111,9 @@ function test_command.main(args)
             return 1
         end
     end
+    -- the project's own modules (spec helpers, build/*.so), behind what the
+    -- host and the system install
+    require("tamarco.module_path").add_dir(require("luv").cwd())
     _G.arg = busted_args
     local remove_tmpdir = private_tmpdir()
     -- busted returns when everything passed; on failures it ends with a bare

@@ -52,7 +52,11 @@ end
 local Running = {}
 Running.__index = Running
 
---- testing.start_service(svc_or_path[, options]) -> running, or nil, exit_code, err.
+--- testing.start_service(svc_or_path[, options]) -> running, or nil, failure,
+-- exit_code. failure is a tamarco error whose message says why and with
+-- which exit code (`missing setting '...' (exit code 2)`), so that
+-- `assert(testing.start_service(svc))` fails with the reason; failure.kind,
+-- failure.exit_code and the original error's fields (key, file, line) are kept.
 -- Call inside testing.run. Runs the service's start-up phases with its own
 -- settings dict under `options.settings` (a nested table in Tamarco's
 -- layout) and an optional `options.yaml_file`. Log records are kept in
@@ -90,8 +94,33 @@ function testing.start_service(svc, options)
     local cycle = lifecycle.new(svc, { settings = store, logging = logging,
         stop_timeout_ms = options.stop_timeout_ms or 5000 })
     local ok, code, err = cycle:start()
-    if not ok then return nil, code, err end
+    if not ok then return nil, testing.start_failure(code, err), code end
     return setmetatable({ service = svc, lifecycle = cycle, settings = store, records = records }, Running)
+end
+
+--- testing.start_failure(code, err) -> the failure start_service returns.
+function testing.start_failure(code, err)
+    local errors = require "tamarco.errors"
+    local message
+    if errors.is(err) then
+        message = err.message
+    elseif type(err) == "table" and err.error ~= nil then   -- { error =, traceback = }
+        message = tostring(err.error) .. (err.traceback and ("\n" .. tostring(err.traceback)) or "")
+    elseif err == nil then
+        message = "the start-up was stopped"
+    else
+        message = tostring(err)
+    end
+    local failure = errors.new(errors.is(err) and err.kind or "runtime",
+        ("%s (exit code %s)"):format(message, tostring(code)))
+    if errors.is(err) then
+        for k, v in pairs(err) do
+            if failure[k] == nil then failure[k] = v end
+        end
+    end
+    failure.exit_code = code
+    failure.error = err
+    return failure
 end
 
 --- Stops the service: stop and post_stop phases, tasks drained.

@@ -30,9 +30,11 @@ local function read_all(path)
 end
 cli.read_all = read_all
 
---- cli.run({args...}, env) -> exit_code, output (stdout and stderr together).
-function cli.run(args, env)
+--- cli.run({args...}, env[, cwd]) -> exit_code, output (stdout and stderr
+-- together); the host runs in directory `cwd` when given.
+function cli.run(args, env, cwd)
     local parts = {}
+    if cwd then parts[1] = "cd " .. shell_quote(cwd) .. " &&" end
     for k, v in pairs(with_defaults(env)) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
     parts[#parts + 1] = shell_quote(cli.host)
     for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end

@@ -6,7 +6,9 @@
 --   local handle = svc.registry:watch("stock", function(event, instance_id, info) end)
 --   handle:cancel()
 --
--- When the setting `enabled` is true, the instance registers itself after
+-- When the setting `enabled` is true, the instance registers itself (a
+-- service that does not list this resource gets it added by the lifecycle,
+-- see lifecycle.add_configured_resources) after
 -- every resource has started (post_start) as the key
 -- `/<path>/<service>/<instance_id>` (path `system.discovery` by default, so
 -- `/system/discovery/shop/<uuid>`), whose value is the JSON

@@ -17,6 +17,7 @@
 --   restart_resource_on_failure      list or "all": a FAILED resource is
 --       stopped and started again in place.
 local base = require "tamarco.resources.base"
+local logging = require "tamarco.logging"
 local tasks = require "tamarco.tasks"
 
 local STATUS = base.STATUS
@@ -43,7 +44,7 @@ function Status:report()
     for _, name in ipairs(svc.resource_names) do
         local resource = svc.resources[name]
         local dict = resource:status()
-        body[name] = dict
+        body[name] = logging.mask(dict)   -- a URL with a password in it, a mistaken field
         local code = dict.status
         if code == STATUS.STOPPED or code == STATUS.FAILED then any_down = true end
         if code ~= STATUS.STARTED then all_started = false end

@@ -5,10 +5,12 @@ local tamarco = require "tamarco"
 
 local svc = tamarco.service { name = "my_admin" }
 
-function svc:start()
-    -- A view looks up system.microservices.my_admin.<key> before system.<key>.
-    self.default_user = self.settings:get("default_user")
-    self.default_password = self.settings:get("default_password")
+function svc:pre_start()
+    -- The talk's form: /system/... paths are read from the root of the settings.
+    self.default_user = self.settings:get("/system/microservices/my_admin/default_user")
+    self.default_password = self.settings:get("/system/microservices/my_admin/default_password")
+    -- A relative key: the view looks up system.microservices.my_admin.<key>
+    -- before system.<key>.
     self.session_expiration_days = self.settings:get("session_expiration_days", 1)
     self.logger:info("admin settings loaded", {
         default_user = self.default_user,

@@ -27,7 +27,7 @@ describe("settings example", function()
     end)
 
     it("fails to start with a settings error naming the missing key", function()
-        local ok, code, err = testing.run(function()
+        local ok, err, code = testing.run(function()
             return testing.start_service(SERVICE, {})
         end)
         assert.is_nil(ok)
