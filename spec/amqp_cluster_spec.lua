@@ -65,7 +65,9 @@ describe("amqp resource on a RabbitMQ cluster", function()
     end)
 
     teardown(function()
-        if services_dir then sh(ROOT .. "/scripts/test-services.sh stop " .. quote(services_dir) .. " >/dev/null 2>&1") end
+        if services_dir then
+            sh(ROOT .. "/scripts/test-services.sh stop " .. quote(services_dir) .. " >/dev/null 2>&1")
+        end
     end)
 
     -- the cluster node directory whose AMQP port is `port`
@@ -121,7 +123,13 @@ describe("amqp resource on a RabbitMQ cluster", function()
             assert(pid, "no pid for " .. node)
             local confirmed_at_kill = n_confirmed
             assert.is_true(sh("kill -KILL " .. pid))
-            assert.is_true(pushers:wait(180000), "the pushes did not finish after the node was killed")
+            local finished = pushers:wait(180000)
+            if not finished then
+                local st = pusher:status().connection
+                error(("the pushes did not finish after the node was killed: %d of %d confirmed, %d failed pushes; "
+                    .. "pusher %s on :%s, %d reconnects, last error %s"):format(n_confirmed, MESSAGES, failed_pushes,
+                    tostring(st.state), tostring(st.port), st.reconnects or 0, tostring(st.last_error)))
+            end
             local all = eventually(function()
                 for id = 1, MESSAGES do if not seen[id] then return false end end
                 return true

@@ -327,8 +327,8 @@ function Client:declare(queue, flags, publisher)
     local name, err = conn:declare_queue(queue, flags)
     if name then return name end
     if publisher and is_precondition(err) then
-        self:warn_once("queue:" .. queue, "queue '" .. queue .. "' exists with other arguments; publishing to it as it is ("
-            .. err .. ")", { queue = queue })
+        self:warn_once("queue:" .. queue, "queue '" .. queue
+            .. "' exists with other arguments; publishing to it as it is (" .. err .. ")", { queue = queue })
         name, err = conn:declare_queue(queue, { passive = true })
         if name then return name end
     end
@@ -771,7 +771,10 @@ function Client:handler_failed(cons, result, body, props, dtag, redelivered, epo
         delay), fields)
     -- the message stays unacknowledged meanwhile: it holds one prefetch slot,
     -- so a poison message slows its consumer down instead of spinning
-    if not self.stopping then suspend_for(delay, self.backoff_waiters) end
+    if not self.stopping and not pcall(suspend_for, delay, self.backoff_waiters) then
+        conn:nack(epoch, dtag, true)   -- the task was cancelled: back to the queue now
+        return
+    end
     if epoch ~= self.epoch or not self.conn then return end   -- the broker redelivers it
     self.counters.redelivered = self.counters.redelivered + 1
     if source == "x-delivery-count" then
