@@ -61,7 +61,8 @@
  * Lua API (the loop side):
  *   connect{host, port | hosts = {{host = h, port = p}, ...} (tried in turn, the
  *           next one after each failed attempt or lost connection),
- *           vhost, user, password, heartbeat (s),
+ *           vhost, user, password, heartbeat (s), confirm_timeout_ms (0: none;
+ *           else no confirm progress for that long drops the connection),
  *           timeout_ms, backoff_ms, backoff_max_ms, name,
  *           on_state = fn(state, epoch, err),            state: "connecting",
  *                                                        "connected", "failed",
@@ -243,6 +244,7 @@ typedef struct aconn {
     int *ports, nhosts;
     char *vhost, *user, *password, *name;
     int heartbeat, timeout_ms, backoff_ms, backoff_max_ms;
+    int confirm_timeout_ms;         /* 0: wait for confirms as long as the connection lives */
     int login_fd;                   /* under mu: the socket while logging in, else -1 */
 
     /* I/O thread only */
@@ -255,6 +257,7 @@ typedef struct aconn {
     size_t pw_cap, pw_head, pw_count;
     uint64_t pw_base;               /* seq of pw[pw_head] */
     uint64_t pub_seq;               /* last seq assigned */
+    uint64_t pw_progress_ns;        /* when the oldest unconfirmed publish became the oldest */
     unsigned char *aw;              /* ack window: state per delivery tag */
     size_t aw_cap, aw_head, aw_count;
     uint64_t aw_base;               /* tag of aw[aw_head] */
@@ -474,8 +477,10 @@ static int pw_push(aconn *c, int wait_id)
         c->pw_cap = cap;
         c->pw_head = 0;
     }
-    if (c->pw_count == 0)
+    if (c->pw_count == 0) {
         c->pw_base = c->pub_seq;   /* the seq being pushed */
+        c->pw_progress_ns = uv_hrtime();
+    }
     c->pw[(c->pw_head + c->pw_count) % c->pw_cap] = wait_id;
     c->pw_count++;
     return 0;
@@ -512,6 +517,7 @@ static void pw_confirm(aconn *c, uint64_t tag, int multiple, int ok)
         c->pw_head = (c->pw_head + 1) % c->pw_cap;
         c->pw_count--;
         c->pw_base++;
+        c->pw_progress_ns = uv_hrtime();
     }
 }
 
@@ -1258,6 +1264,16 @@ static int io_connected(aconn *c)
                 break;
         }
         amqp_maybe_release_buffers(c->conn);
+        /* a broker that keeps the connection (heartbeats flow) but stopped
+         * confirming would hold every waiting push forever: after
+         * confirm_timeout_ms without progress the connection is dropped,
+         * the pushes fail and may be retried on the next one */
+        if (c->confirm_timeout_ms > 0 && c->pw_count > 0 &&
+            uv_hrtime() - c->pw_progress_ns > (uint64_t)c->confirm_timeout_ms * 1000000) {
+            snprintf(c->lost, sizeof c->lost, "no publisher confirm from the broker for %d ms", c->confirm_timeout_ms);
+            flush_events(c);
+            return 1;
+        }
         flush_events(c);
         if (frames >= READ_BATCH || amqp_frames_enqueued(c->conn) || amqp_data_in_buffer(c->conn))
             continue;
@@ -2213,6 +2229,7 @@ static int l_connect(lua_State *L)
     int timeout_ms = opt_int(L, "timeout_ms", 10000, 1, 3600000);
     int backoff_ms = opt_int(L, "backoff_ms", 200, 1, 3600000);
     int backoff_max_ms = opt_int(L, "backoff_max_ms", 5000, 1, 3600000);
+    int confirm_timeout_ms = opt_int(L, "confirm_timeout_ms", 0, 0, 86400000);
     lua_getfield(L, 1, "host");
     lua_getfield(L, 1, "vhost");
     lua_getfield(L, 1, "user");
@@ -2289,6 +2306,7 @@ static int l_connect(lua_State *L)
         return luaL_error(L, "amqp.connect: out of memory or file descriptors");
     }
     c->heartbeat = heartbeat;
+    c->confirm_timeout_ms = confirm_timeout_ms;
     c->timeout_ms = timeout_ms;
     c->backoff_ms = backoff_ms;
     c->backoff_max_ms = backoff_max_ms < backoff_ms ? backoff_ms : backoff_max_ms;

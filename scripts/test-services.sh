@@ -552,9 +552,11 @@ cmd_start_cluster_rabbitmq() {
     first=$(. "$c/n1/rabbitmq.env"; echo "$RABBITMQ_NODENAME")
     for n in $RMQ_CLUSTER_NODES; do
         [ "$n" = n1 ] && continue
-        rmq_ctl "$c/$n" stop_app >/dev/null
-        rmq_ctl "$c/$n" join_cluster "$first" >/dev/null || { show_log "$c/$n/log/rabbit.log"; die "$n could not join $first"; }
-        rmq_ctl "$c/$n" start_app >/dev/null
+        # rabbitmqctl's chatter goes to the node's directory, not our stderr
+        rmq_ctl "$c/$n" stop_app >>"$c/$n/rabbitmqctl.log" 2>&1
+        rmq_ctl "$c/$n" join_cluster "$first" >>"$c/$n/rabbitmqctl.log" 2>&1 || {
+            show_log "$c/$n/rabbitmqctl.log" "$c/$n/log/rabbit.log"; die "$n could not join $first"; }
+        rmq_ctl "$c/$n" start_app >>"$c/$n/rabbitmqctl.log" 2>&1
         wait_rabbitmq_node "$c/$n"
     done
     for n in $RMQ_CLUSTER_NODES; do hosts="$hosts${hosts:+,}$HOST:$(cat "$c/$n/port")"; done

@@ -92,7 +92,11 @@
 --   x-queue-type=quorum; classic, tamarco-amqp's, is the default),
 --   max_redeliveries (5), redelivery_backoff_ms (200),
 --   redelivery_backoff_max_ms (10000), repeated_error_log_ms (10000); the
---   first three may also be given per consumer in pull/subscribe options.
+--   first three may also be given per consumer in pull/subscribe options;
+--   confirm_timeout_ms (30000; 0: none): when the broker confirms none of
+--   the outstanding publishes for that long (the connection alive, heartbeats
+--   flowing), the connection is dropped and re-made, so waiting pushes fail
+--   (and may be retried) instead of waiting forever.
 --
 -- STATUS: CONNECTING until the first connection is set up (queues declared,
 -- consumers started), then STARTED. When the broker goes away: FAILED, then
@@ -148,6 +152,7 @@ local DEFAULTS = {
     request_timeout_ms = 5000,
     drain_timeout_ms = 10000,
     queue_type = "classic",
+    confirm_timeout_ms = 30000,
     max_redeliveries = 5,
     redelivery_backoff_ms = 200,
     redelivery_backoff_max_ms = 10000,
@@ -897,7 +902,7 @@ function Client:start()
         prefetch = base.COUNT, reconnect_backoff_ms = base.DURATION, reconnect_backoff_max_ms = base.DURATION,
         publish_wait_ms = base.DURATION, request_timeout_ms = base.DURATION, drain_timeout_ms = base.DURATION,
         max_redeliveries = base.COUNT, redelivery_backoff_ms = base.DURATION, redelivery_backoff_max_ms = base.DURATION,
-        repeated_error_log_ms = base.DURATION }
+        repeated_error_log_ms = base.DURATION, confirm_timeout_ms = base.DURATION }
     local queue_type = self:setting("queue_type")
     if queue_type ~= "classic" and queue_type ~= "quorum" then
         self:settings_error("queue_type", "must be \"classic\" or \"quorum\", not " .. tostring(queue_type))
@@ -916,6 +921,7 @@ function Client:start()
         timeout_ms = math.floor(tonumber(timeout_s) * 1000),
         backoff_ms = tonumber(self:setting("reconnect_backoff_ms")),
         backoff_max_ms = tonumber(self:setting("reconnect_backoff_max_ms")),
+        confirm_timeout_ms = math.floor(tonumber(self:setting("confirm_timeout_ms"))),
         name = svc_name .. "." .. tostring(self.name or "amqp"),
         on_state = function(...) return self:on_state(...) end,
         on_delivery = function(...) return self:on_delivery(...) end,
