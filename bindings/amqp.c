@@ -62,7 +62,8 @@
  *   connect{host, port | hosts = {{host = h, port = p}, ...} (tried in turn, the
  *           next one after each failed attempt or lost connection),
  *           vhost, user, password, heartbeat (s), confirm_timeout_ms (0: none;
- *           else no confirm progress for that long drops the connection),
+ *           else no confirm progress, or nothing but nacks, for that long
+ *           drops the connection),
  *           timeout_ms, backoff_ms, backoff_max_ms, name,
  *           on_state = fn(state, epoch, err),            state: "connecting",
  *                                                        "connected", "failed",
@@ -258,6 +259,7 @@ typedef struct aconn {
     uint64_t pw_base;               /* seq of pw[pw_head] */
     uint64_t pub_seq;               /* last seq assigned */
     uint64_t pw_progress_ns;        /* when the oldest unconfirmed publish became the oldest */
+    uint64_t nack_since_ns;         /* first basic.nack since the last basic.ack, 0: none */
     unsigned char *aw;              /* ack window: state per delivery tag */
     size_t aw_cap, aw_head, aw_count;
     uint64_t aw_base;               /* tag of aw[aw_head] */
@@ -842,6 +844,7 @@ static void io_disconnect(aconn *c, const char *why, int graceful)
     snprintf(msg, sizeof msg, "connection lost before the broker confirmed the message (%s)", why);
     pw_fail_all(c, msg);
     c->pub_seq = 0;
+    c->nack_since_ns = 0;
     c->aw_count = c->aw_head = 0;
     c->aw_base = 0;
     c->acks_pending = 0;
@@ -1163,11 +1166,14 @@ static int handle_frame(aconn *c, amqp_frame_t *f)
             return 0;
         case AMQP_BASIC_ACK_METHOD: {
             amqp_basic_ack_t *a = m;
+            c->nack_since_ns = 0;
             pw_confirm(c, a->delivery_tag, a->multiple, 1);
             return 0;
         }
         case AMQP_BASIC_NACK_METHOD: {
             amqp_basic_nack_t *n = m;
+            if (!c->nack_since_ns)
+                c->nack_since_ns = uv_hrtime();
             pw_confirm(c, n->delivery_tag, n->multiple, 0);
             return 0;
         }
@@ -1271,6 +1277,17 @@ static int io_connected(aconn *c)
         if (c->confirm_timeout_ms > 0 && c->pw_count > 0 &&
             uv_hrtime() - c->pw_progress_ns > (uint64_t)c->confirm_timeout_ms * 1000000) {
             snprintf(c->lost, sizeof c->lost, "no publisher confirm from the broker for %d ms", c->confirm_timeout_ms);
+            flush_events(c);
+            return 1;
+        }
+        /* the same when it refuses everything: seen from RabbitMQ 3.10 on a
+         * channel opened while a quorum queue's leader was failing over - it
+         * nacked every publish to that queue for minutes, while a new
+         * channel was served at once */
+        if (c->confirm_timeout_ms > 0 && c->nack_since_ns &&
+            uv_hrtime() - c->nack_since_ns > (uint64_t)c->confirm_timeout_ms * 1000000) {
+            snprintf(c->lost, sizeof c->lost, "the broker refused every message (basic.nack) for %d ms",
+                     c->confirm_timeout_ms);
             flush_events(c);
             return 1;
         }
