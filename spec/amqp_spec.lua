@@ -192,6 +192,8 @@ describe("amqp resource", function()
                 end, { dead_letter = true })
                 cl:pull("poison_bounded.dead_letter", function(msg) dead[#dead + 1] = msg end)
                 cl:start()
+                assert.has_error(function() cl:pull("x", function() end, { max_redeliveries = "many" }) end,
+                    "amqp:pull: max_redeliveries must be a number >= 0")
                 assert.is_true(cl:push("poison_bounded", { n = 1 }))
                 assert.truthy(eventually(function() return #dead == 1 end, 10000))
                 tasks.sleep(300)   -- no further delivery

@@ -547,6 +547,12 @@ function Client:add_consumer(kind, name, handler, options, what)
         error("amqp:" .. what .. ": on_error must be 'requeue' or 'dead_letter'", 3)
     end
     if options.codec ~= nil then codecs.get(options.codec) end   -- raises on an unknown name now
+    for _, key in ipairs({ "max_redeliveries", "redelivery_backoff_ms", "redelivery_backoff_max_ms" }) do
+        local v = options[key]
+        if v ~= nil and (type(v) ~= "number" or v < 0 or v ~= v) then
+            error("amqp:" .. what .. ": " .. key .. " must be a number >= 0", 3)
+        end
+    end
     self.next_id = self.next_id + 1
     local cons = {
         id = self.next_id,
