@@ -161,6 +161,7 @@ typedef struct aconn {
     int *ports, nhosts;
     char *vhost, *user, *password, *name;
     int heartbeat, timeout_ms, backoff_ms, backoff_max_ms;
+    int confirm_timeout_ms;         /* 0: wait for confirms as long as the connection lives */
     int login_fd;                   /* under mu: the socket while logging in, else -1 */
 
     /* I/O thread only */
@@ -173,6 +174,8 @@ typedef struct aconn {
     size_t pw_cap, pw_head, pw_count;
     uint64_t pw_base;               /* seq of pw[pw_head] */
     uint64_t pub_seq;               /* last seq assigned */
+    uint64_t pw_progress_ns;        /* when the oldest unconfirmed publish became the oldest */
+    uint64_t nack_since_ns;         /* first basic.nack since the last basic.ack, 0: none */
     unsigned char *aw;              /* ack window: state per delivery tag */
     size_t aw_cap, aw_head, aw_count;
     uint64_t aw_base;               /* tag of aw[aw_head] */
@@ -392,8 +395,10 @@ static int pw_push(aconn *c, int wait_id)
         c->pw_cap = cap;
         c->pw_head = 0;
     }
-    if (c->pw_count == 0)
+    if (c->pw_count == 0) {
         c->pw_base = c->pub_seq;   /* the seq being pushed */
+        c->pw_progress_ns = uv_hrtime();
+    }
     c->pw[(c->pw_head + c->pw_count) % c->pw_cap] = wait_id;
     c->pw_count++;
     return 0;
@@ -430,6 +435,7 @@ static void pw_confirm(aconn *c, uint64_t tag, int multiple, int ok)
         c->pw_head = (c->pw_head + 1) % c->pw_cap;
         c->pw_count--;
         c->pw_base++;
+        c->pw_progress_ns = uv_hrtime();
     }
 }
 
@@ -754,6 +760,7 @@ static void io_disconnect(aconn *c, const char *why, int graceful)
     snprintf(msg, sizeof msg, "connection lost before the broker confirmed the message (%s)", why);
     pw_fail_all(c, msg);
     c->pub_seq = 0;
+    c->nack_since_ns = 0;
     c->aw_count = c->aw_head = 0;
     c->aw_base = 0;
     c->acks_pending = 0;
@@ -1075,11 +1082,14 @@ static int handle_frame(aconn *c, amqp_frame_t *f)
             return 0;
         case AMQP_BASIC_ACK_METHOD: {
             amqp_basic_ack_t *a = m;
+            c->nack_since_ns = 0;
             pw_confirm(c, a->delivery_tag, a->multiple, 1);
             return 0;
         }
         case AMQP_BASIC_NACK_METHOD: {
             amqp_basic_nack_t *n = m;
+            if (!c->nack_since_ns)
+                c->nack_since_ns = uv_hrtime();
             pw_confirm(c, n->delivery_tag, n->multiple, 0);
             return 0;
         }
@@ -1176,6 +1186,27 @@ static int io_connected(aconn *c)
                 break;
         }
         amqp_maybe_release_buffers(c->conn);
+        /* a broker that keeps the connection (heartbeats flow) but stopped
+         * confirming would hold every waiting push forever: after
+         * confirm_timeout_ms without progress the connection is dropped,
+         * the pushes fail and may be retried on the next one */
+        if (c->confirm_timeout_ms > 0 && c->pw_count > 0 &&
+            uv_hrtime() - c->pw_progress_ns > (uint64_t)c->confirm_timeout_ms * 1000000) {
+            snprintf(c->lost, sizeof c->lost, "no publisher confirm from the broker for %d ms", c->confirm_timeout_ms);
+            flush_events(c);
+            return 1;
+        }
+        /* the same when it refuses everything: seen from RabbitMQ 3.10 on a
+         * channel opened while a quorum queue's leader was failing over - it
+         * nacked every publish to that queue for minutes, while a new
+         * channel was served at once */
+        if (c->confirm_timeout_ms > 0 && c->nack_since_ns &&
+            uv_hrtime() - c->nack_since_ns > (uint64_t)c->confirm_timeout_ms * 1000000) {
+            snprintf(c->lost, sizeof c->lost, "the broker refused every message (basic.nack) for %d ms",
+                     c->confirm_timeout_ms);
+            flush_events(c);
+            return 1;
+        }
         flush_events(c);
         if (frames >= READ_BATCH || amqp_frames_enqueued(c->conn) || amqp_data_in_buffer(c->conn))
             continue;
@@ -2131,6 +2162,7 @@ static int l_connect(lua_State *L)
     int timeout_ms = opt_int(L, "timeout_ms", 10000, 1, 3600000);
     int backoff_ms = opt_int(L, "backoff_ms", 200, 1, 3600000);
     int backoff_max_ms = opt_int(L, "backoff_max_ms", 5000, 1, 3600000);
+    int confirm_timeout_ms = opt_int(L, "confirm_timeout_ms", 0, 0, 86400000);
     lua_getfield(L, 1, "host");
     lua_getfield(L, 1, "vhost");
     lua_getfield(L, 1, "user");
@@ -2207,6 +2239,7 @@ static int l_connect(lua_State *L)
         return luaL_error(L, "amqp.connect: out of memory or file descriptors");
     }
     c->heartbeat = heartbeat;
+    c->confirm_timeout_ms = confirm_timeout_ms;
     c->timeout_ms = timeout_ms;
     c->backoff_ms = backoff_ms;
     c->backoff_max_ms = backoff_max_ms < backoff_ms ? backoff_ms : backoff_max_ms;

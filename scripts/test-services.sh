@@ -785,9 +785,11 @@ cluster_probe_rabbitmq() {
     first=$(. "$c/n1/rabbitmq.env"; echo "$RABBITMQ_NODENAME")
     for n in $RMQ_CLUSTER_NODES; do
         [ "$n" = n1 ] && continue
-        rmq_ctl "$c/$n" stop_app >/dev/null
-        rmq_ctl "$c/$n" join_cluster "$first" >/dev/null || { show_log "$c/$n/log/rabbit.log"; die "$n could not join $first"; }
-        rmq_ctl "$c/$n" start_app >/dev/null
+        # rabbitmqctl's chatter goes to the node's directory, not our stderr
+        rmq_ctl "$c/$n" stop_app >>"$c/$n/rabbitmqctl.log" 2>&1
+        rmq_ctl "$c/$n" join_cluster "$first" >>"$c/$n/rabbitmqctl.log" 2>&1 || {
+            show_log "$c/$n/rabbitmqctl.log" "$c/$n/log/rabbit.log"; die "$n could not join $first"; }
+        rmq_ctl "$c/$n" start_app >>"$c/$n/rabbitmqctl.log" 2>&1
     done
     : > "$c/joined"
     return 1

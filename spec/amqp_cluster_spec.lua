@@ -2,8 +2,8 @@
 -- start-cluster rabbitmq; the spec starts one in a temporary directory unless
 -- TAMARCO_TEST_AMQP_CLUSTER names one already running): 5 000 confirmed
 -- pushes into a quorum queue, and the node the pusher is connected to is
--- killed with SIGKILL in the middle. The pusher and the consumer move to the
--- other nodes; every confirmed message is consumed (0 lost); duplicates
+-- killed with SIGKILL in the middle (the queue's leader is on it too). The
+-- pusher and the consumer move to the other nodes; every confirmed message is consumed (0 lost); duplicates
 -- (at-least-once) are counted and printed with the figures.
 -- TAMARCO_SKIP_AMQP_CLUSTER=1 skips it (three brokers take a while to start).
 local testing = require "tamarco.testing"
@@ -65,7 +65,9 @@ describe("amqp resource on a RabbitMQ cluster", function()
     end)
 
     teardown(function()
-        if services_dir then sh(ROOT .. "/scripts/test-services.sh stop " .. quote(services_dir) .. " >/dev/null 2>&1") end
+        if services_dir then
+            sh(ROOT .. "/scripts/test-services.sh stop " .. quote(services_dir) .. " >/dev/null 2>&1")
+        end
     end)
 
     -- the cluster node directory whose AMQP port is `port`
@@ -81,8 +83,18 @@ describe("amqp resource on a RabbitMQ cluster", function()
             local prefix = ("cluster%d%d"):format(os.time() % 100000, math.random(1000, 9999))
             local function client()
                 return amqp.client { hosts = cluster, queues_prefix = prefix, queue_type = "quorum", heartbeat = 5,
-                    connection_timeout = 5, reconnect_backoff_ms = 100, reconnect_backoff_max_ms = 1000 }
+                    connection_timeout = 5, reconnect_backoff_ms = 100, reconnect_backoff_max_ms = 1000,
+                    confirm_timeout_ms = 5000 }
             end
+            -- the pusher declares the queue, so its leader is on the pusher's
+            -- node: the kill below takes the connection and the leader at once
+            local pusher = client()
+            pusher:start()
+            assert.are.equal(STATUS.STARTED, pusher:status().status)
+            local confirmed, next_id, failed_pushes, push_errors = {}, 1, 0, {}
+            assert.is_true(pusher:push("cluster_jobs", { id = 1 }))
+            confirmed[1] = true
+            local n_confirmed = 1
             local seen, deliveries = {}, 0
             local consumer = client()
             consumer:pull("cluster_jobs", function(msg)
@@ -91,12 +103,7 @@ describe("amqp resource on a RabbitMQ cluster", function()
             end, { prefetch = 50 })
             consumer:start()
             assert.are.equal(STATUS.STARTED, consumer:status().status)
-            local pusher = client()
-            pusher:start()
-            assert.are.equal(STATUS.STARTED, pusher:status().status)
 
-            local confirmed, next_id, failed_pushes = {}, 0, 0
-            local n_confirmed = 0
             local pushers = tasks.group()
             for p = 1, 16 do
                 pushers:spawn("pusher" .. p, function()
@@ -105,7 +112,10 @@ describe("amqp resource on a RabbitMQ cluster", function()
                         local id = next_id
                         -- retried until confirmed: an unconfirmed push may still
                         -- have reached the queue (a duplicate, never a loss)
-                        while not pusher:push("cluster_jobs", { id = id }, { wait_ms = 60000 }) do
+                        while true do
+                            local ok, err = pusher:push("cluster_jobs", { id = id }, { wait_ms = 60000 })
+                            if ok then break end
+                            push_errors[err] = (push_errors[err] or 0) + 1
                             failed_pushes = failed_pushes + 1
                             tasks.sleep(50)
                         end
@@ -121,7 +131,16 @@ describe("amqp resource on a RabbitMQ cluster", function()
             assert(pid, "no pid for " .. node)
             local confirmed_at_kill = n_confirmed
             assert.is_true(sh("kill -KILL " .. pid))
-            assert.is_true(pushers:wait(180000), "the pushes did not finish after the node was killed")
+            local finished = pushers:wait(180000)
+            if not finished then
+                local st = pusher:status().connection
+                local errors = {}
+                for text, n in pairs(push_errors) do errors[#errors + 1] = n .. " x " .. text end
+                error(("the pushes did not finish after the node was killed: %d of %d confirmed, %d failed pushes; "
+                    .. "pusher %s on :%s, %d reconnects, last error %s; push errors: %s"):format(n_confirmed, MESSAGES,
+                    failed_pushes, tostring(st.state), tostring(st.port), st.reconnects or 0, tostring(st.last_error),
+                    table.concat(errors, "; ")))
+            end
             local all = eventually(function()
                 for id = 1, MESSAGES do if not seen[id] then return false end end
                 return true

@@ -233,4 +233,30 @@ system:
         end
         pids = {}
     end)
+
+    it("fails a push the broker does not confirm within confirm_timeout_ms, and works again after", function()
+        local prefix = ("confirm%d%d"):format(os.time() % 100000, math.random(1000, 9999))
+        local pid = tonumber((io.open(SERVICES_DIR .. "/rabbitmq/rabbitmq.pid") or error("no broker pid file")):read("*l"))
+        testing.run(function()
+            -- no heartbeats: only the confirm timeout can notice the frozen broker
+            local cl = amqp.client { host = HOST, port = PORT, queues_prefix = prefix, heartbeat = 0,
+                confirm_timeout_ms = 500, connection_timeout = 2, reconnect_backoff_ms = 100,
+                reconnect_backoff_max_ms = 500 }
+            cl:start()
+            assert.are.equal(STATUS.STARTED, cl.status_code)
+            assert.is_true(cl:push("confirm_probe", { n = 1 }))   -- the queue is declared
+            assert.is_true(sh("kill -STOP " .. pid))
+            local ok, pushed, err = pcall(cl.push, cl, "confirm_probe", { n = 2 })
+            sh("kill -CONT " .. pid)
+            assert.is_true(ok, tostring(pushed))
+            assert.is_nil(pushed)
+            assert.matches("no publisher confirm from the broker for 500 ms", err)
+            -- reconnected once the broker runs again
+            assert.truthy(eventually(function() return cl:push("confirm_probe", { n = 3 }, { wait_ms = 1000 }) end, 60000))
+            assert.are.equal(STATUS.STARTED, cl.status_code)
+            assert.is_true(cl.conn:info().reconnects >= 1)
+            cl:delete_queue("push_pull", "confirm_probe")
+            cl:stop()
+        end)
+    end)
 end)

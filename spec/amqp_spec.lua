@@ -192,6 +192,8 @@ describe("amqp resource", function()
                 end, { dead_letter = true })
                 cl:pull("poison_bounded.dead_letter", function(msg) dead[#dead + 1] = msg end)
                 cl:start()
+                assert.has_error(function() cl:pull("x", function() end, { max_redeliveries = "many" }) end,
+                    "amqp:pull: max_redeliveries must be a number >= 0")
                 assert.is_true(cl:push("poison_bounded", { n = 1 }))
                 assert.truthy(eventually(function() return #dead == 1 end, 10000))
                 tasks.sleep(300)   -- no further delivery
@@ -215,7 +217,8 @@ describe("amqp resource", function()
                 assert.are.equal(4, metrics.counter("amqp_handler_errors_total", { labels = { queue = queue } }):get())
                 assert.are.equal(2, metrics.counter("amqp_handler_error_logs_suppressed_total",
                     { labels = { queue = queue } }):get())
-                assert.are.equal(1, metrics.counter("amqp_messages_given_up_total", { labels = { queue = queue } }):get())
+                assert.are.equal(1, metrics.counter("amqp_messages_given_up_total",
+                    { labels = { queue = queue } }):get())
                 local info = assert(cl:queue_info("push_pull", "poison_bounded"))
                 assert.are.equal(0, info.messages)
                 logging.remove_sink(sink)
@@ -393,7 +396,8 @@ describe("amqp resource", function()
                 assert.matches(queue, status.error, 1, true)
                 local logged
                 for _, r in ipairs(records) do
-                    if r.level == "ERROR" and r.message:find(queue, 1, true) and r.message:find("PRECONDITION_FAILED", 1, true) then
+                    if r.level == "ERROR" and r.message:find(queue, 1, true)
+                        and r.message:find("PRECONDITION_FAILED", 1, true) then
                         logged = r
                     end
                 end
@@ -546,10 +550,13 @@ describe("amqp resource", function()
             local cl = client()
             cl:start()
             for _, name in ipairs({ "jobs", "yaml_jobs", "raw_jobs", "strict", "strict.dead_letter", "flaky",
-                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict", "poison_bounded", "poison_bounded.dead_letter", "nodes_jobs", "quorum_jobs", "quorum_jobs.dead_letter" }) do
+                "poison", "poison.dead_letter", "slow", "svc_jobs", "decl_jobs", "decl_conflict", "poison_bounded",
+                "poison_bounded.dead_letter", "nodes_jobs", "quorum_jobs", "quorum_jobs.dead_letter" }) do
                 cl:delete_queue("push_pull", name)
             end
-            for _, name in ipairs({ "prices", "nobody_answers", "decl_prices" }) do cl:delete_queue("request_response", name) end
+            for _, name in ipairs({ "prices", "nobody_answers", "decl_prices" }) do
+                cl:delete_queue("request_response", name)
+            end
             cl:stop()
         end)
     end)

@@ -92,7 +92,11 @@
 --   x-queue-type=quorum; classic, tamarco-amqp's, is the default),
 --   max_redeliveries (5), redelivery_backoff_ms (200),
 --   redelivery_backoff_max_ms (10000), repeated_error_log_ms (10000); the
---   first three may also be given per consumer in pull/subscribe options.
+--   first three may also be given per consumer in pull/subscribe options;
+--   confirm_timeout_ms (30000; 0: none): when the broker confirms none of
+--   the outstanding publishes for that long (the connection alive, heartbeats
+--   flowing), the connection is dropped and re-made, so waiting pushes fail
+--   (and may be retried) instead of waiting forever.
 --
 -- STATUS: CONNECTING until the first connection is set up (queues declared,
 -- consumers started), then STARTED. When the broker goes away: FAILED, then
@@ -148,6 +152,7 @@ local DEFAULTS = {
     request_timeout_ms = 5000,
     drain_timeout_ms = 10000,
     queue_type = "classic",
+    confirm_timeout_ms = 30000,
     max_redeliveries = 5,
     redelivery_backoff_ms = 200,
     redelivery_backoff_max_ms = 10000,
@@ -327,8 +332,8 @@ function Client:declare(queue, flags, publisher)
     local name, err = conn:declare_queue(queue, flags)
     if name then return name end
     if publisher and is_precondition(err) then
-        self:warn_once("queue:" .. queue, "queue '" .. queue .. "' exists with other arguments; publishing to it as it is ("
-            .. err .. ")", { queue = queue })
+        self:warn_once("queue:" .. queue, "queue '" .. queue
+            .. "' exists with other arguments; publishing to it as it is (" .. err .. ")", { queue = queue })
         name, err = conn:declare_queue(queue, { passive = true })
         if name then return name end
     end
@@ -542,6 +547,12 @@ function Client:add_consumer(kind, name, handler, options, what)
         error("amqp:" .. what .. ": on_error must be 'requeue' or 'dead_letter'", 3)
     end
     if options.codec ~= nil then codecs.get(options.codec) end   -- raises on an unknown name now
+    for _, key in ipairs({ "max_redeliveries", "redelivery_backoff_ms", "redelivery_backoff_max_ms" }) do
+        local v = options[key]
+        if v ~= nil and (type(v) ~= "number" or v < 0 or v ~= v) then
+            error("amqp:" .. what .. ": " .. key .. " must be a number >= 0", 3)
+        end
+    end
     self.next_id = self.next_id + 1
     local cons = {
         id = self.next_id,
@@ -771,7 +782,10 @@ function Client:handler_failed(cons, result, body, props, dtag, redelivered, epo
         delay), fields)
     -- the message stays unacknowledged meanwhile: it holds one prefetch slot,
     -- so a poison message slows its consumer down instead of spinning
-    if not self.stopping then suspend_for(delay, self.backoff_waiters) end
+    if not self.stopping and not pcall(suspend_for, delay, self.backoff_waiters) then
+        conn:nack(epoch, dtag, true)   -- the task was cancelled: back to the queue now
+        return
+    end
     if epoch ~= self.epoch or not self.conn then return end   -- the broker redelivers it
     self.counters.redelivered = self.counters.redelivered + 1
     if source == "x-delivery-count" then
@@ -894,7 +908,7 @@ function Client:start()
         prefetch = base.COUNT, reconnect_backoff_ms = base.DURATION, reconnect_backoff_max_ms = base.DURATION,
         publish_wait_ms = base.DURATION, request_timeout_ms = base.DURATION, drain_timeout_ms = base.DURATION,
         max_redeliveries = base.COUNT, redelivery_backoff_ms = base.DURATION, redelivery_backoff_max_ms = base.DURATION,
-        repeated_error_log_ms = base.DURATION }
+        repeated_error_log_ms = base.DURATION, confirm_timeout_ms = base.DURATION }
     local queue_type = self:setting("queue_type")
     if queue_type ~= "classic" and queue_type ~= "quorum" then
         self:settings_error("queue_type", "must be \"classic\" or \"quorum\", not " .. tostring(queue_type))
@@ -913,6 +927,7 @@ function Client:start()
         timeout_ms = math.floor(tonumber(timeout_s) * 1000),
         backoff_ms = tonumber(self:setting("reconnect_backoff_ms")),
         backoff_max_ms = tonumber(self:setting("reconnect_backoff_max_ms")),
+        confirm_timeout_ms = math.floor(tonumber(self:setting("confirm_timeout_ms"))),
         name = svc_name .. "." .. tostring(self.name or "amqp"),
         on_state = function(...) return self:on_state(...) end,
         on_delivery = function(...) return self:on_delivery(...) end,
