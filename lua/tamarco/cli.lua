@@ -9,7 +9,7 @@ local USAGE = [[
 usage: tamarco-host <command> [options]
 
 commands:
-  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch]
+  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--debug]
                         run the service that FILE returns
   test [busted options] [SPEC...]
                         run busted specs inside the host
@@ -78,6 +78,7 @@ commands.etcd = {
 commands.run = {
     usage = [[
 usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--workers N]
+                        [--debug]
 
 Runs the service that the Lua file FILE returns until SIGINT or SIGTERM.
 SIGHUP reloads the service's code in place (hot reload).
@@ -87,6 +88,8 @@ SIGHUP reloads the service's code in place (hot reload).
   --workers N           run N worker processes sharing the listening ports
                         (SO_REUSEPORT), supervised: a crashed worker is
                         restarted, SIGTERM stops and drains them all
+  --debug               the /debug pages on the report server (also the setting
+                        system.resources.tamarco_http_report_server.debug)
   --watchdog SECONDS    how long a stop may take before the process is
                         ended with exit code 1 (default: the setting
                         system.stop_timeout_seconds, else 30)

@@ -23,8 +23,8 @@ local function parse_args(args)
             if value == nil then return nil, "option " .. a .. " needs a value" end
             options[a:sub(3)] = value
             i = i + 2
-        elseif a == "--watch" then
-            options.watch = true
+        elseif a == "--watch" or a == "--debug" or a == "--console" then
+            options[a:sub(3)] = true
             i = i + 1
         elseif a:sub(1, 1) == "-" then
             return nil, "unknown option '" .. a .. "'"
@@ -120,6 +120,9 @@ function run_command.main(args)
         environ = true,
     }
     if not store then return fail(boot_logger, settings_error) end
+    if options.debug or options.console then   -- above every other source
+        assert(store:add_source(require("tamarco.debug.cli_flags").source(options)))
+    end
     if (os.getenv("TAMARCO_ETCD_HOST") or "") ~= "" then   -- etcd: above the file, below the environment
         local attached, etcd_error, stop_signal = attach_etcd(store, boot_logger)
         if stop_signal then

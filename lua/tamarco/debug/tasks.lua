@@ -30,22 +30,25 @@ end
 
 -- A handler's name from the framework frame that started it, or nil.
 local function handler_name(co)
+    -- in the running coroutine getlocal counts the frame of frame_locals too
+    local shift = co == coroutine.running() and 1 or 0
+    local function frame_locals_at(level) return frame_locals(co, level + shift) end
     for level = 0, 200 do
         local info = debug.getinfo(co, level, "S")
         if not info then return nil end
         local source = info.source
         if ends_with(source, "resources/http_server.lua") then
-            local l = frame_locals(co, level)
+            local l = frame_locals_at(level)
             if type(l.route) == "table" and l.route.pattern then
                 return "http", (l.method or l.route.method or "?") .. " " .. l.route.pattern
             end
         elseif ends_with(source, "resources/amqp.lua") then
-            local l = frame_locals(co, level)
+            local l = frame_locals_at(level)
             if type(l.cons) == "table" and l.cons.queue then
                 return "amqp", tostring(l.cons.kind or "consumer") .. " " .. tostring(l.cons.queue)
             end
         elseif ends_with(source, "resources/redis.lua") then
-            local l = frame_locals(co, level)
+            local l = frame_locals_at(level)
             if l.kind == "message" or l.kind == "pmessage" then
                 return "redis", "pubsub " .. tostring(l.a)
             end
