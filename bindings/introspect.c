@@ -5,6 +5,7 @@
  *   handles() -> { [type name] = count }   every handle on the host's loop
  *                                          (luv's walk only sees its own)
  *   peer_uid(fd) -> uid | nil, message     SO_PEERCRED of a Unix socket
+ *   uid() -> the process's real uid
  *   loop_idle_ms() -> ms                   time the loop spent waiting for I/O
  *                                          since idle-time metrics were enabled
  *                                          (enable_idle_time()); 0 before
@@ -15,6 +16,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 static void count_handle(uv_handle_t *handle, void *arg)
 {
@@ -53,6 +55,12 @@ static int l_peer_uid(lua_State *L)
     return 1;
 }
 
+static int l_uid(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)getuid());
+    return 1;
+}
+
 static int l_enable_idle_time(lua_State *L)
 {
     tamarco_host *host = tamarco_host_of(L);
@@ -82,6 +90,7 @@ int luaopen_tamarco_c_introspect(lua_State *L)
     static const luaL_Reg funcs[] = {
         {"handles", l_handles},
         {"peer_uid", l_peer_uid},
+        {"uid", l_uid},
         {"enable_idle_time", l_enable_idle_time},
         {"loop_idle_ms", l_loop_idle_ms},
         {NULL, NULL},

@@ -10,6 +10,7 @@ libluajit2-5.1-dev libuv1-dev lua-luv-dev libyaml-dev libcurl4-openssl-dev
 librabbitmq-dev libhiredis-dev libhttp-parser-dev lua-cjson lua-busted
 redis-server redis-tools etcd-server etcd-client rabbitmq-server amqp-tools
 curl openssl python3 procps prometheus
+libedit-dev chromium
 "
 
 missing=""

@@ -9,8 +9,10 @@ local USAGE = [[
 usage: tamarco-host <command> [options]
 
 commands:
-  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--debug]
+  run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--debug] [--console]
                         run the service that FILE returns
+  console TARGET [-e CODE]
+                        a Lua console inside a running service (pid, name or socket)
   test [busted options] [SPEC...]
                         run busted specs inside the host
   new service NAME [--dir DIR] [--with-c-extension]
@@ -78,7 +80,7 @@ commands.etcd = {
 commands.run = {
     usage = [[
 usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--workers N]
-                        [--debug]
+                        [--debug] [--console]
 
 Runs the service that the Lua file FILE returns until SIGINT or SIGTERM.
 SIGHUP reloads the service's code in place (hot reload).
@@ -90,6 +92,8 @@ SIGHUP reloads the service's code in place (hot reload).
                         restarted, SIGTERM stops and drains them all
   --debug               the /debug pages on the report server (also the setting
                         system.resources.tamarco_http_report_server.debug)
+  --console             the console socket for `tamarco-host console` (also
+                        the setting system.console)
   --watchdog SECONDS    how long a stop may take before the process is
                         ended with exit code 1 (default: the setting
                         system.stop_timeout_seconds, else 30)
@@ -99,6 +103,13 @@ cannot be ordered.
 ]],
     main = function(args)
         return require("tamarco.run_command").main(args)
+    end,
+}
+
+commands.console = {
+    usage = function() return require("tamarco.debug.console_command").usage end,
+    main = function(args)
+        return require("tamarco.debug.console_command").main(args)
     end,
 }
 

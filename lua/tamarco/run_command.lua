@@ -191,6 +191,7 @@ function run_command.main(args)
     -- Hot reload triggers: SIGHUP, the service's files (--watch or the
     -- setting hot_reload), settings listed in the service's reload_on.
     on_signal("sighup", function() reload.request(cycle, options.file, "SIGHUP") end)
+    cycle.request_reload = function(reason) reload.request(cycle, options.file, reason) end   -- the console's
     local file_watcher
     if options.watch or svc.settings:get("hot_reload", false) then
         file_watcher = reload.watch_files(options.file:match("^(.*)/[^/]*$") or ".", function(name)
