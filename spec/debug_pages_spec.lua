@@ -209,4 +209,35 @@ describe("debug pages", function()
         assert.is_nil(results.settings.body:find("s3cret-token", 1, true))
         assert.is_nil(out:find("s3cret-token", 1, true))
     end)
+
+    it("with --workers: the supervisor lists the workers and forwards each one's pages", function()
+        local port, report_port = free_port(), free_port()
+        local report = "http://127.0.0.1:" .. report_port
+        local file, cleanup = scratch()
+        local code, out = cli.run_until({ "run", SERVICE, "--debug", "--workers", "2" }, "all 2 workers ready", "TERM",
+            env(port, report_port), {
+                { run = table.concat({
+                    curl(report .. "/debug/", file("list")),
+                    curl(report .. "/debug/w/2/tasks", file("tasks2")),
+                    curl(report .. "/debug/w/1/heap", file("heap1")),
+                    curl(report .. "/debug/w/3/heap", file("none")),
+                }, "\n"), wait = "all 2 workers ready" },
+            })
+        local results = {}
+        for _, name in ipairs({ "list", "tasks2", "heap1", "none" }) do
+            local body, status = body_and_status(file(name))
+            results[name] = { body = body, status = status }
+        end
+        cleanup()
+        assert.are.equal(0, code, out)
+        assert.are.equal(200, results.list.status)
+        assert.matches("<a href='w/2/'>", results.list.body, 1, true)
+        assert.are.equal(200, results.tasks2.status)
+        local names = {}
+        for _, t in ipairs(cjson.decode(results.tasks2.body).tasks) do names[t.name] = true end
+        assert.is_true(names["redis traffic"], results.tasks2.body)
+        assert.are.equal(200, results.heap1.status)
+        assert.is_table(cjson.decode(results.heap1.body).lua)
+        assert.are.equal(404, results.none.status)
+    end)
 end)
