@@ -24,49 +24,45 @@ local function frame_locals(co, level)
     return locals
 end
 
-local function ends_with(s, suffix)
-    return s ~= nil and s:sub(-#suffix) == suffix
-end
+-- Framework files whose frames name a handler, and how.
+local HANDLER_FRAMES = {
+    { suffix = "resources/http_server.lua", name = function(l)
+        if type(l.route) == "table" and l.route.pattern then
+            return "http " .. tostring(l.method or l.route.method or "?") .. " " .. l.route.pattern
+        end
+    end },
+    { suffix = "resources/amqp.lua", name = function(l)
+        if type(l.cons) == "table" and l.cons.queue then
+            return "amqp " .. tostring(l.cons.kind or "consumer") .. " " .. tostring(l.cons.queue)
+        end
+    end },
+    { suffix = "resources/redis.lua", name = function(l)
+        if l.kind == "message" or l.kind == "pmessage" then return "redis pubsub " .. tostring(l.a) end
+    end },
+}
 
--- A handler's name from the framework frame that started it, or nil.
-local function handler_name(co)
+local getinfo, find = debug.getinfo, string.find
+
+-- One walk down co's stack: the handler it serves ("http GET /x"), else
+-- where its outermost Lua function was defined ("file.lua:12").
+local function name_of(co)
     -- in the running coroutine getlocal counts the frame of frame_locals too
     local shift = co == coroutine.running() and 1 or 0
-    local function frame_locals_at(level) return frame_locals(co, level + shift) end
+    local deepest_src, deepest_line
     for level = 0, 200 do
-        local info = debug.getinfo(co, level, "S")
-        if not info then return nil end
+        local info = getinfo(co, level, "S")
+        if not info then break end
         local source = info.source
-        if ends_with(source, "resources/http_server.lua") then
-            local l = frame_locals_at(level)
-            if type(l.route) == "table" and l.route.pattern then
-                return "http", (l.method or l.route.method or "?") .. " " .. l.route.pattern
-            end
-        elseif ends_with(source, "resources/amqp.lua") then
-            local l = frame_locals_at(level)
-            if type(l.cons) == "table" and l.cons.queue then
-                return "amqp", tostring(l.cons.kind or "consumer") .. " " .. tostring(l.cons.queue)
-            end
-        elseif ends_with(source, "resources/redis.lua") then
-            local l = frame_locals_at(level)
-            if l.kind == "message" or l.kind == "pmessage" then
-                return "redis", "pubsub " .. tostring(l.a)
+        if info.what ~= "C" then deepest_src, deepest_line = info.short_src, info.linedefined end
+        for _, frame in ipairs(HANDLER_FRAMES) do
+            if find(source, frame.suffix, -#frame.suffix, true) then
+                local name = frame.name(frame_locals(co, level + shift))
+                if name then return "handler", name end
             end
         end
     end
-    return nil
-end
-
--- Where an anonymous coroutine's function was defined.
-local function origin_name(co)
-    local deepest
-    for level = 0, 200 do
-        local info = debug.getinfo(co, level, "Sl")
-        if not info then break end
-        if info.what ~= "C" then deepest = info end
-    end
-    if deepest then return deepest.short_src .. ":" .. tostring(deepest.linedefined) end
-    return "?"
+    if deepest_src then return "coroutine", deepest_src .. ":" .. tostring(deepest_line) end
+    return "coroutine", "?"
 end
 
 local function round(ms)
@@ -90,12 +86,7 @@ function debug_tasks.snapshot(svc, options)
         if name then
             kind = task_kinds[name] == "task_timer" and "timer" or "task"
         else
-            local handler_kind, handler = handler_name(co)
-            if handler_kind then
-                kind, name = "handler", handler_kind .. " " .. handler
-            else
-                kind, name = "coroutine", origin_name(co)
-            end
+            kind, name = name_of(co)
         end
         entries[#entries + 1] = {
             id = tostring(co):match("0x%x+") or tostring(co),
