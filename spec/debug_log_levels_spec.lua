@@ -96,10 +96,41 @@ describe("log levels at run time", function()
             if c.target_logger == "debugged.api" and c.by == "settings" and c.old_level == "DEBUG" then reverted = true end
             if c.target_logger == "debugged.api" and c.by == "settings" and c.new_level == "DEBUG" then
                 from_settings = true
-                assert.matches("settings change system.logging.levels", c.source, 1, true)
+                assert.matches("settings change settings file " .. settings_file, c.source, 1, true)
             end
         end
         assert.is_true(reverted, out)
         assert.is_true(from_settings, out)
+    end)
+
+    it("follow system.logging.levels in etcd, through the settings watch", function()
+        local etcd_host, etcd_port = os.getenv("TAMARCO_TEST_ETCD_HOST"), os.getenv("TAMARCO_TEST_ETCD_PORT")
+        assert(etcd_host and etcd_port, "needs etcd: TAMARCO_TEST_ETCD_HOST / TAMARCO_TEST_ETCD_PORT")
+        local etcdctl = ("ETCDCTL_API=3 etcdctl --endpoints=http://%s:%s "):format(etcd_host, etcd_port)
+        local prefix = "/system/microservices/debugged/logging/levels/"
+        local port = free_port()
+        local api = "http://127.0.0.1:" .. port
+        os.execute(etcdctl .. "del --prefix /system/microservices/debugged/ >/dev/null")
+        local code, out = cli.run_until(
+            { "run", "spec/fixtures/services/debug_service.lua" }, "service started", "TERM", {
+                TAMARCO_ETCD_HOST = etcd_host, TAMARCO_ETCD_PORT = etcd_port,
+                TAMARCO__SYSTEM__LOGGING__PROFILE = "PRODUCTION",
+                TAMARCO__SYSTEM__RESOURCES__API__PORT = tostring(port),
+                TAMARCO__SYSTEM__RESOURCES__CACHE__HOST = REDIS_HOST,
+                TAMARCO__SYSTEM__RESOURCES__CACHE__PORT = REDIS_PORT,
+            }, {
+                { run = "curl -s " .. api .. "/hello/before >/dev/null; " .. etcdctl .. "put " .. prefix
+                        .. "debugged.api '\"DEBUG\"' >/dev/null; " .. hello_until_logged(api, "from-etcd"),
+                  wait = '"name":"from-etcd"' },
+                { run = etcdctl .. "del " .. prefix .. "debugged.api >/dev/null",
+                  wait = "(service's INFO)" },
+                { run = "curl -s " .. api .. "/hello/after-delete >/dev/null; curl -s " .. api
+                        .. "/hello/marker >/dev/null", wait = "debugged.api" },
+            })
+        os.execute(etcdctl .. "del --prefix /system/microservices/debugged/ >/dev/null")
+        assert.are.equal(0, code, out)
+        assert.is_nil(out:find('"name":"before"', 1, true))
+        assert.is_nil(out:find('"name":"after-delete"', 1, true))
+        assert.matches("etcd key /system/microservices/debugged/logging/levels", out, 1, true)
     end)
 end)

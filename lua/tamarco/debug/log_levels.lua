@@ -88,10 +88,15 @@ end
 -- settings' levels now and on every change of them.
 function log_levels.watch_settings(svc)
     local view = svc.settings
+    -- "settings file x.yml:12", "etcd key /system/...", else the key
+    local function where()
+        local full, origin = view:origin("logging.levels")
+        return origin or full
+    end
     local initial = view:get("logging.levels", nil)
-    if initial ~= nil then log_levels.apply_settings(svc, initial, "settings " .. view:key_of("logging.levels")) end
+    if initial ~= nil then log_levels.apply_settings(svc, initial, "settings " .. where()) end
     return view:watch("logging.levels", function(value)
-        log_levels.apply_settings(svc, value, "settings change " .. view:key_of("logging.levels"))
+        log_levels.apply_settings(svc, value, "settings change " .. where())
     end)
 end
 
