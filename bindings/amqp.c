@@ -1761,9 +1761,20 @@ static int opt_table_index(lua_State *L, int idx)
     return idx;
 }
 
+/* For /debug/tasks, by command kind (C_PUBLISH...). */
+static const char *const COMMAND_NAMES[] = {
+    "?", "publish", "ack", "nack", "declare queue", "declare exchange", "bind",
+    "delete queue", "purge", "consume", "cancel", "close",
+};
+
 static int wait_and_submit(lua_State *L, aconn *c, cmd *k)
 {
     k->wait_id = tamarco_wait_begin(L, NULL, NULL);
+    char what[TAMARCO_WAIT_DETAIL_MAX];
+    int known = k->kind > 0 && k->kind < (int)(sizeof COMMAND_NAMES / sizeof *COMMAND_NAMES);
+    snprintf(what, sizeof what, "%s %.*s", COMMAND_NAMES[known ? k->kind : 0],
+             (int)(k->s1.len > 100 ? 100 : k->s1.len), k->s1.bytes ? (const char *)k->s1.bytes : "");
+    tamarco_wait_note(c->host, k->wait_id, "amqp", what, 0);
     submit(c, k);
     return tamarco_wait_yield(L);
 }
@@ -2048,7 +2059,8 @@ static int l_close(lua_State *L)
         lua_pushboolean(L, 1);
         return 1;
     }
-    c->close_waits[c->close_nwaits++] = tamarco_wait_begin(L, NULL, NULL);
+    c->close_waits[c->close_nwaits] = tamarco_wait_begin(L, NULL, NULL);
+    tamarco_wait_note(c->host, c->close_waits[c->close_nwaits++], "amqp", "close", 0);
     return tamarco_wait_yield(L);
 }
 

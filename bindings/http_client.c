@@ -743,6 +743,15 @@ static CURLcode configure_easy(CURL *e, const request_options *o, http_request *
     return CURLE_OK;
 }
 
+/* For /debug/tasks: "METHOD url" (an etcd watch is a stream on /v3/watch). */
+static void describe_wait(tamarco_host *host, int wait_id, const char *method, const char *url)
+{
+    char what[TAMARCO_WAIT_DETAIL_MAX];
+    snprintf(what, sizeof what, "%s %s", method, url ? url : "?");
+    int etcd_watch = url && strstr(url, "/v3/watch") != NULL;
+    tamarco_wait_note(host, wait_id, etcd_watch ? "etcd watch" : "http", what, 0);
+}
+
 static int l_request(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -787,6 +796,7 @@ static int l_request(lua_State *L)
     /* curl does no I/O in add_handle (it only arms the timer), so the
      * transfer cannot finish before the wait exists. */
     req->wait_id = tamarco_wait_begin(L, cancel_request, req);
+    describe_wait(m->host, req->wait_id, o.method, o.url);
     return tamarco_wait_yield(L);
 }
 
@@ -1111,6 +1121,10 @@ static int stream_wait(lua_State *L, http_stream *s, int what)
         return luaL_error(L, "http_client stream: read() and response() yield: call them inside a task");
     s->waiting = what;
     s->r.wait_id = tamarco_wait_begin(L, cancel_stream_wait, s);
+    char *url = NULL;
+    if (s->r.easy)
+        curl_easy_getinfo(s->r.easy, CURLINFO_EFFECTIVE_URL, &url);
+    describe_wait(s->host, s->r.wait_id, "stream", url);
     lua_pushthread(L);
     s->reader_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     return tamarco_wait_yield(L);

@@ -501,6 +501,7 @@ static int l_connect(lua_State *L)
     lua_pushvalue(L, ud_index);
     rc->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     rc->connect_wait = tamarco_wait_begin(L, cancel_connect, rc);
+    tamarco_wait_note(rc->host, rc->connect_wait, "redis", "connect", 0);
     return tamarco_wait_yield(L);
 }
 
@@ -649,6 +650,11 @@ static int l_command(lua_State *L)
     size_t *lens;
     void *heap;
     int argc = collect_args(L, &argv, &lens, &heap, sargv, slens);
+    /* for /debug/tasks: the command and its first argument (usually a key) */
+    char what[TAMARCO_WAIT_DETAIL_MAX];
+    snprintf(what, sizeof what, "%.*s%s%.*s", argc > 0 ? (int)(lens[0] > 32 ? 32 : lens[0]) : 0,
+             argc > 0 ? argv[0] : "", argc > 1 ? " " : "",
+             argc > 1 ? (int)(lens[1] > 100 ? 100 : lens[1]) : 0, argc > 1 ? argv[1] : "");
     redis_cmd *cmd = malloc(sizeof *cmd);
     if (!cmd) {
         free(heap);
@@ -668,6 +674,7 @@ static int l_command(lua_State *L)
     rc->pending++;
     /* no cancel function: a reply for a cancelled task finds a stale id */
     cmd->wait_id = tamarco_wait_begin(L, NULL, NULL);
+    tamarco_wait_note(rc->host, cmd->wait_id, "redis", what, 0);
     return tamarco_wait_yield(L);
 }
 

@@ -1001,6 +1001,7 @@ static int wait_for(lua_State *L, tthread *t, int kind, double ms, int detach_on
     uv_timer_init(t->host->loop, &w->timer);
     w->timer.data = w;
     w->wait_id = tamarco_wait_begin(L, cancel_wait, w);
+    tamarco_wait_note(t->host, w->wait_id, kind == W_RECV ? "thread message" : "thread join", t->name, 0);
     wl_push(list_of(w), w);
     if (ms >= 0)
         uv_timer_start(&w->timer, on_wait_timeout, (uint64_t)ms, 0);

@@ -51,6 +51,7 @@ static int l_sleep(lua_State *L)
     req->wait_id = tamarco_wait_begin(L, cancel_sleep, req);
     /* the cached loop time may be stale after a long stretch of Lua code */
     uv_update_time(host->loop);
+    tamarco_wait_note(host, req->wait_id, "sleep", NULL, (double)uv_now(host->loop) + ms);
     uv_timer_start(&req->timer, on_sleep_done, (uint64_t)ms, 0);
     return tamarco_wait_yield(L);
 }

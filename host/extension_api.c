@@ -292,6 +292,7 @@ static int l_wait(lua_State *L)
     lua_pushinteger(L, ticket);
     lua_call(L, 1, 0);
     int wait_id = tamarco_wait_begin(L, cancel_ticket, NULL);
+    tamarco_wait_note(tamarco_host_of(L), wait_id, "native", NULL, 0);
     lua_getfield(L, LUA_REGISTRYINDEX, REG_TICKETS);
     lua_pushinteger(L, wait_id);
     lua_rawseti(L, -2, ticket);

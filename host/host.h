@@ -29,7 +29,31 @@ struct tamarco_host {
     int ready_idle_active;
     int next_wait_id;
     int idle_tasks;        /* coroutines in the pool of tamarco_start_task */
+    /* what each pending wait is for (see tamarco_wait_note) */
+    struct tamarco_wait_note *wait_notes;
+    int wait_notes_cap;    /* a power of two, or 0 */
+    int wait_notes_count;
 };
+
+/* What a pending wait is for, for live introspection (/debug/tasks): kept in
+ * an open-addressing table by wait id, filled by tamarco_wait_begin (kind
+ * "io", since = the loop's clock) and completed by the binding with
+ * tamarco_wait_note. No allocation per wait once the table has grown to the
+ * number of concurrent waits. */
+#define TAMARCO_WAIT_DETAIL_MAX 160
+struct tamarco_wait_note {
+    int id;                /* 0: free slot */
+    const char *kind;      /* a static string: "sleep", "redis", "http", ... */
+    double since_ms;       /* the loop's clock when the wait began */
+    double deadline_ms;    /* when it ends by itself (sleep), or 0 */
+    char detail[TAMARCO_WAIT_DETAIL_MAX];
+};
+
+/* Describes wait `wait_id` (just returned by tamarco_wait_begin): `kind` must
+ * be a static string; `detail` (may be NULL) is copied, truncated; a
+ * deadline_ms > 0 is the loop time at which the wait ends by itself. */
+void tamarco_wait_note(tamarco_host *host, int wait_id, const char *kind, const char *detail,
+                       double deadline_ms);
 
 /* Initialises the scheduler's handles on host->loop; host->L must be set. */
 int tamarco_scheduler_init(tamarco_host *host);
@@ -89,6 +113,7 @@ int luaopen_tamarco_c_process(lua_State *L);
 int luaopen_tamarco_c_codec(lua_State *L);
 int luaopen_tamarco_c_http_server(lua_State *L);
 int luaopen_tamarco_c_metrics(lua_State *L);
+int luaopen_tamarco_c_introspect(lua_State *L);
 /* host/extension_api.c: the native API's Lua side (tamarco.native) */
 int luaopen_tamarco_c_native(lua_State *L);
 

@@ -24,6 +24,7 @@ static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.codec", luaopen_tamarco_c_codec},
     {"tamarco.c.http_server", luaopen_tamarco_c_http_server},
     {"tamarco.c.metrics", luaopen_tamarco_c_metrics},
+    {"tamarco.c.introspect", luaopen_tamarco_c_introspect},
     {"tamarco.c.native", luaopen_tamarco_c_native},
     {NULL, NULL},
 };

@@ -87,5 +87,6 @@ TAMARCO_API int tamarco_offload(lua_State *L, tamarco_work_fn work, tamarco_done
         return luaL_error(L, "tamarco_offload: %s", uv_strerror(rc));
     }
     req->wait_id = tamarco_wait_begin(L, cancel_offload, req);
+    tamarco_wait_note(req->host, req->wait_id, "offload", NULL, 0);
     return tamarco_wait_yield(L);
 }

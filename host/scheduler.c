@@ -51,6 +51,112 @@ static tamarco_host *checked_host(lua_State *L)
     return host;
 }
 
+/* ---- wait notes: wait id -> what it waits on ---- */
+
+#define NOTES_MIN_CAP 64
+
+static unsigned note_hash(int id, int cap)
+{
+    return ((unsigned)id * 2654435761u) & (unsigned)(cap - 1);
+}
+
+static struct tamarco_wait_note *note_find(tamarco_host *host, int id)
+{
+    if (host->wait_notes_cap == 0)
+        return NULL;
+    unsigned mask = (unsigned)host->wait_notes_cap - 1;
+    for (unsigned i = note_hash(id, host->wait_notes_cap);; i = (i + 1) & mask) {
+        struct tamarco_wait_note *n = &host->wait_notes[i];
+        if (n->id == id)
+            return n;
+        if (n->id == 0)
+            return NULL;
+    }
+}
+
+static struct tamarco_wait_note *note_slot_for(struct tamarco_wait_note *table, int cap, int id)
+{
+    unsigned mask = (unsigned)cap - 1;
+    unsigned i = note_hash(id, cap);
+    while (table[i].id != 0)
+        i = (i + 1) & mask;
+    return &table[i];
+}
+
+/* Grows the table so that one more note keeps the load under 3/4. */
+static int notes_reserve(tamarco_host *host)
+{
+    if ((host->wait_notes_count + 1) * 4 <= host->wait_notes_cap * 3)
+        return 0;
+    int cap = host->wait_notes_cap ? host->wait_notes_cap * 2 : NOTES_MIN_CAP;
+    struct tamarco_wait_note *table = calloc((size_t)cap, sizeof *table);
+    if (!table)
+        return -1;
+    for (int i = 0; i < host->wait_notes_cap; i++) {
+        if (host->wait_notes[i].id != 0)
+            *note_slot_for(table, cap, host->wait_notes[i].id) = host->wait_notes[i];
+    }
+    free(host->wait_notes);
+    host->wait_notes = table;
+    host->wait_notes_cap = cap;
+    return 0;
+}
+
+static void note_add(tamarco_host *host, int id)
+{
+    if (notes_reserve(host) != 0)
+        return;   /* out of memory: the wait works, it is only not described */
+    struct tamarco_wait_note *n = note_slot_for(host->wait_notes, host->wait_notes_cap, id);
+    n->id = id;
+    n->kind = "io";
+    n->since_ms = (double)uv_now(host->loop);
+    n->deadline_ms = 0;
+    n->detail[0] = '\0';
+    host->wait_notes_count++;
+}
+
+/* Linear probing: removal shifts the following run back instead of leaving
+ * a tombstone, so lookups stay short however many waits came and went. */
+static void note_remove(tamarco_host *host, int id)
+{
+    struct tamarco_wait_note *n = note_find(host, id);
+    if (!n)
+        return;
+    unsigned mask = (unsigned)host->wait_notes_cap - 1;
+    unsigned hole = (unsigned)(n - host->wait_notes);
+    n->id = 0;
+    host->wait_notes_count--;
+    for (unsigned i = (hole + 1) & mask; host->wait_notes[i].id != 0; i = (i + 1) & mask) {
+        unsigned home = note_hash(host->wait_notes[i].id, host->wait_notes_cap);
+        /* move entry i into the hole unless its home lies in (hole, i] */
+        int stays = hole <= i ? (home > hole && home <= i) : (home > hole || home <= i);
+        if (!stays) {
+            host->wait_notes[hole] = host->wait_notes[i];
+            host->wait_notes[i].id = 0;
+            hole = i;
+        }
+    }
+}
+
+void tamarco_wait_note(tamarco_host *host, int wait_id, const char *kind, const char *detail,
+                       double deadline_ms)
+{
+    struct tamarco_wait_note *n = note_find(host, wait_id);
+    if (!n)
+        return;
+    n->kind = kind;
+    n->deadline_ms = deadline_ms;
+    if (detail) {
+        size_t len = strlen(detail);
+        if (len >= sizeof n->detail)
+            len = sizeof n->detail - 1;
+        memcpy(n->detail, detail, len);
+        n->detail[len] = '\0';
+    } else {
+        n->detail[0] = '\0';
+    }
+}
+
 /* ---- waits ---- */
 
 int tamarco_in_task(lua_State *L)
@@ -96,6 +202,7 @@ int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void *ud)
         lua_rawseti(L, -2, id);
         lua_pop(L, 1);
     }
+    note_add(host, id);
     return id;
 }
 
@@ -106,7 +213,7 @@ int tamarco_wait_yield(lua_State *L)
 
 /* Removes wait `id`; pushes its coroutine (or nothing and returns 0). The
  * pending cancel, if any, is copied to *cancel_out (cancel NULL otherwise). */
-static int take_wait(lua_State *L, int id, struct pending_cancel *cancel_out)
+static int take_wait(tamarco_host *host, lua_State *L, int id, struct pending_cancel *cancel_out)
 {
     push_registry_table(L, REG_WAITS, NULL);
     lua_rawgeti(L, -1, id);
@@ -117,6 +224,7 @@ static int take_wait(lua_State *L, int id, struct pending_cancel *cancel_out)
     lua_pushnil(L);
     lua_rawseti(L, -3, id);
     lua_remove(L, -2);   /* co */
+    note_remove(host, id);
 
     push_registry_table(L, REG_WAIT_OF, "k");
     lua_pushvalue(L, -2);
@@ -143,7 +251,7 @@ static int take_wait(lua_State *L, int id, struct pending_cancel *cancel_out)
 int tamarco_wake(tamarco_host *host, int wait_id, tamarco_push_fn push, void *ud)
 {
     lua_State *L = host->L;
-    if (!take_wait(L, wait_id, NULL))
+    if (!take_wait(host, L, wait_id, NULL))
         return 0;
     lua_State *co = lua_tothread(L, -1);
     int nargs = push ? push(co, ud) : 0;
@@ -358,6 +466,9 @@ void tamarco_scheduler_shutdown(tamarco_host *host)
     lua_setfield(L, LUA_REGISTRYINDEX, REG_CANCELS);
     lua_newtable(L);
     lua_setfield(L, LUA_REGISTRYINDEX, REG_WAITS);
+    free(host->wait_notes);
+    host->wait_notes = NULL;
+    host->wait_notes_cap = host->wait_notes_count = 0;
     if (host->ready_idle_active) {
         uv_idle_stop(&host->ready_idle);
         host->ready_idle_active = 0;
@@ -380,6 +491,8 @@ int tamarco_scheduler_init(tamarco_host *host)
     host->next_wait_id = 0;
     host->ready_idle_active = 0;
     host->idle_tasks = 0;
+    host->wait_notes = NULL;
+    host->wait_notes_cap = host->wait_notes_count = 0;
     host->ready_idle.data = host;
     return uv_idle_init(host->loop, &host->ready_idle);
 }
@@ -477,7 +590,8 @@ static int l_set_error_handler(lua_State *L)
  * another piece of code calls wake(co, ...). */
 static int l_suspend(lua_State *L)
 {
-    tamarco_wait_begin(L, NULL, NULL);
+    int id = tamarco_wait_begin(L, NULL, NULL);
+    tamarco_wait_note(tamarco_host_of(L), id, "suspend", NULL, 0);
     return tamarco_wait_yield(L);
 }
 
@@ -500,7 +614,7 @@ static int wake_or_interrupt(lua_State *L, int cancel)
     luaL_checktype(L, 1, LUA_TTHREAD);
     int id = pending_wait_of(L, 1);
     struct pending_cancel pc;
-    if (!id || !take_wait(L, id, &pc)) {
+    if (!id || !take_wait(host, L, id, &pc)) {
         lua_pushboolean(L, 0);
         return 1;
     }
@@ -546,13 +660,136 @@ static int l_running(lua_State *L)
     return 1;
 }
 
-/* stats() -> { idle_tasks = coroutines waiting in the reuse pool } */
+static int count_entries(lua_State *L, const char *key, const char *mode)
+{
+    push_registry_table(L, key, mode);
+    int n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, -2) != 0) {
+        lua_pop(L, 1);
+        n++;
+    }
+    lua_pop(L, 1);
+    return n;
+}
+
+/* stats() -> { idle_tasks = coroutines waiting in the reuse pool, waits =
+ * pending waits, ready = resumes queued for the next turn, tasks = entries
+ * of the task set (live, pooled and not yet collected), exits = exit
+ * callbacks } */
 static int l_stats(lua_State *L)
 {
     tamarco_host *host = checked_host(L);
-    lua_createtable(L, 0, 1);
+    lua_createtable(L, 0, 5);
     lua_pushinteger(L, host->idle_tasks);
     lua_setfield(L, -2, "idle_tasks");
+    lua_pushinteger(L, host->wait_notes_count);
+    lua_setfield(L, -2, "waits");
+    push_registry_table(L, REG_READY, NULL);
+    lua_pushinteger(L, (lua_Integer)lua_objlen(L, -1));
+    lua_setfield(L, -3, "ready");
+    lua_pop(L, 1);
+    lua_pushinteger(L, count_entries(L, REG_TASKS, "k"));
+    lua_setfield(L, -2, "tasks");
+    lua_pushinteger(L, count_entries(L, REG_EXITS, "k"));
+    lua_setfield(L, -2, "exits");
+    return 1;
+}
+
+/* Pushes a set of the coroutines queued in the ready queue. */
+static void push_ready_set(lua_State *L)
+{
+    lua_newtable(L);
+    push_registry_table(L, REG_READY, NULL);
+    int count = (int)lua_objlen(L, -1);
+    for (int i = 1; i <= count; i++) {
+        lua_rawgeti(L, -1, i);
+        lua_rawgeti(L, -1, 1);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, -5);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+static void set_string(lua_State *L, const char *key, const char *value)
+{
+    lua_pushstring(L, value);
+    lua_setfield(L, -2, key);
+}
+
+static void set_number(lua_State *L, const char *key, double value)
+{
+    lua_pushnumber(L, value);
+    lua_setfield(L, -2, key);
+}
+
+/* list() -> array of { co =, state = "running" | "ready" | "waiting" |
+ * "suspended", wait = kind, detail =, waited_ms =, remaining_ms = } for every
+ * live coroutine the scheduler started (pooled and finished ones are left
+ * out). Reads the book-keeping only: no coroutine is resumed or woken. */
+static int l_list(lua_State *L)
+{
+    tamarco_host *host = checked_host(L);
+    double now = (double)uv_now(host->loop);
+    lua_newtable(L);
+    int result = lua_gettop(L);
+    push_ready_set(L);
+    int ready = lua_gettop(L);
+    push_registry_table(L, REG_WAIT_OF, "k");
+    int wait_of = lua_gettop(L);
+    push_registry_table(L, REG_TASKS, "k");
+    int tasks = lua_gettop(L);
+    int n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, tasks) != 0) {
+        lua_pop(L, 1);
+        lua_State *co = lua_tothread(L, -1);
+        if (!co)
+            continue;
+        const char *state = NULL;
+        struct tamarco_wait_note *note = NULL;
+        int status = lua_status(co);
+        lua_Debug ar;
+        if (co == L) {
+            state = "running";
+        } else if (status == LUA_YIELD) {
+            lua_pushvalue(L, -1);
+            lua_rawget(L, wait_of);
+            int id = (int)lua_tointeger(L, -1);
+            lua_pop(L, 1);
+            if (id) {
+                state = "waiting";
+                note = note_find(host, id);
+            } else {
+                lua_pushvalue(L, -1);
+                lua_rawget(L, ready);
+                state = lua_toboolean(L, -1) ? "ready" : "suspended";
+                lua_pop(L, 1);
+            }
+        } else if (status == 0) {
+            if (lua_getstack(co, 0, &ar))
+                state = "running";   /* it resumed another coroutine */
+            else if (lua_gettop(co) > 0)
+                state = "ready";     /* spawned, starts on the next turn */
+        }
+        if (!state)
+            continue;                /* finished, failed or pooled */
+        lua_createtable(L, 0, 6);
+        lua_pushvalue(L, -2);
+        lua_setfield(L, -2, "co");
+        set_string(L, "state", state);
+        if (note) {
+            set_string(L, "wait", note->kind);
+            if (note->detail[0])
+                set_string(L, "detail", note->detail);
+            set_number(L, "waited_ms", now - note->since_ms);
+            if (note->deadline_ms > 0)
+                set_number(L, "remaining_ms", note->deadline_ms > now ? note->deadline_ms - now : 0);
+        }
+        lua_rawseti(L, result, ++n);
+    }
+    lua_settop(L, result);
     return 1;
 }
 
@@ -569,6 +806,7 @@ int luaopen_tamarco_c_scheduler(lua_State *L)
         {"is_waiting", l_is_waiting},
         {"current", l_current},
         {"stats", l_stats},
+        {"list", l_list},
         {NULL, NULL},
     };
     /* every way for Lua code to get hold of the running coroutine */

@@ -13,6 +13,7 @@ redis-server redis-sentinel redis-tools etcd-server etcd-client rabbitmq-server 
 curl openssl python3 procps prometheus
 clang libclang-rt-14-dev
 python3-pika
+libedit-dev chromium
 "
 
 missing=""

@@ -10,9 +10,11 @@ usage: tamarco-host <command> [options]
 
 commands:
   run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--workers N]
-           [--strict-settings]
+           [--strict-settings] [--debug] [--console]
                         run the service that FILE returns (--workers N: N
                         worker processes sharing its ports)
+  console TARGET [-e CODE]
+                        a Lua console inside a running service (pid, name or socket)
   test [busted options] [SPEC...]
                         run busted specs inside the host
   new service NAME [--dir DIR] [--with-c-extension]
@@ -80,7 +82,7 @@ commands.etcd = {
 commands.run = {
     usage = [[
 usage: tamarco-host run FILE [--settings FILE.yml] [--watchdog SECONDS] [--watch] [--workers N]
-                          [--strict-settings]
+                          [--strict-settings] [--debug] [--console]
 
 Runs the service that the Lua file FILE returns until SIGINT or SIGTERM.
 SIGHUP reloads the service's code in place (hot reload).
@@ -90,6 +92,10 @@ SIGHUP reloads the service's code in place (hot reload).
   --workers N           run N worker processes sharing the listening ports
                         (SO_REUSEPORT), supervised: a crashed worker is
                         restarted, SIGTERM stops and drains them all
+  --debug               the /debug pages on the report server (also the setting
+                        system.resources.tamarco_http_report_server.debug)
+  --console             the console socket for `tamarco-host console` (also
+                        the setting system.console)
   --watchdog SECONDS    how long a stop may take before the process is
                         ended with exit code 1 (default: the setting
                         system.stop_timeout_seconds, else 30)
@@ -103,6 +109,13 @@ cannot be ordered.
 ]],
     main = function(args)
         return require("tamarco.run_command").main(args)
+    end,
+}
+
+commands.console = {
+    usage = function() return require("tamarco.debug.console_command").usage end,
+    main = function(args)
+        return require("tamarco.debug.console_command").main(args)
     end,
 }
 

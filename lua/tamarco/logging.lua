@@ -583,6 +583,21 @@ function logging.set_profile(profile)
     state.profile = profile
 end
 
+--- logging.set_level(level_name): the level of the whole service, live
+-- (loggers with a level of their own keep it).
+function logging.set_level(level_name)
+    local level = LEVELS[level_name]
+    if not level then error("unknown log level: " .. tostring(level_name), 2) end
+    state.level = level
+end
+
+--- logging.level() -> the name of the service's current level.
+function logging.level()
+    for name, level in pairs(LEVELS) do
+        if level == state.level then return name end
+    end
+end
+
 --- logging.profile() -> the current profile name (nil before configure).
 function logging.profile()
     return state.profile
@@ -610,7 +625,7 @@ Logger.__tostring = function(l) return "tamarco.logger (" .. l.name .. ")" end
 local function method(level_name)
     local level = LEVELS[level_name]
     return function(self, message, extra)
-        if level < state.level then return end
+        if level < (self.level or state.level) then return end
         log(self.name, level_name, message, extra)
     end
 end
@@ -626,7 +641,7 @@ Logger.critical = method("CRITICAL")
 -- error (field `error`) and its traceback (else extra.traceback, else the
 -- traceback of this call).
 function Logger:exception(message, err, traceback, extra)
-    if LEVELS.ERROR < state.level then return end
+    if LEVELS.ERROR < (self.level or state.level) then return end
     if traceback == nil and type(extra) == "table" then traceback = extra.traceback end
     if traceback == nil then traceback = debug.traceback("", 2) end
     if err ~= nil then
@@ -645,15 +660,53 @@ end
 function Logger:log(level_name, message, extra)
     local level = LEVELS[level_name]
     if not level then error("unknown log level: " .. tostring(level_name), 2) end
-    if level < state.level then return end
+    if level < (self.level or state.level) then return end
     log(self.name, level_name, message, extra)
 end
 
 function Logger:is_enabled_for(level_name)
-    return logging.is_enabled(level_name)
+    local level = LEVELS[level_name]
+    return level ~= nil and level >= (self.level or state.level)
 end
 
 local loggers = setmetatable({}, { __mode = "v" })
+
+-- Levels of single loggers set at run time (name -> level number): a logger
+-- takes the one of its nearest ancestor ("hello.api" for "hello.api.v1")
+-- as its field `level`; nil means the service's level.
+local logger_levels = {}
+
+local function level_for(name)
+    while name do
+        local level = logger_levels[name]
+        if level then return level end
+        name = name:match("^(.*)%.[^.]*$")
+    end
+    return nil
+end
+
+--- logging.set_logger_level(name, level_name | nil): the level of logger
+-- `name` and its descendants, live; nil gives them the service's level back.
+function logging.set_logger_level(name, level_name)
+    local level = nil
+    if level_name ~= nil then
+        level = LEVELS[level_name]
+        if not level then error("unknown log level: " .. tostring(level_name), 2) end
+    end
+    logger_levels[name] = level
+    for logger_name, logger in pairs(loggers) do logger.level = level_for(logger_name) end
+end
+
+--- logging.logger_levels() -> { [logger name] = level name } set at run time.
+function logging.logger_levels()
+    local out = {}
+    for name, level in pairs(logger_levels) do
+        for level_name, n in pairs(LEVELS) do
+            if n == level then out[name] = level_name end
+        end
+    end
+    return out
+end
 
 --- logging.get_logger(name) -> logger ("hello", "hello.redis"); defaults to
 -- the service name.
@@ -662,7 +715,7 @@ function logging.get_logger(name)
     name = tostring(name)
     local logger = loggers[name]
     if not logger then
-        logger = setmetatable({ name = name }, Logger)
+        logger = setmetatable({ name = name, level = level_for(name) }, Logger)
         loggers[name] = logger
     end
     return logger

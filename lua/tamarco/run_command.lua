@@ -25,8 +25,8 @@ local function parse_args(args)
             if value == nil then return nil, "option " .. a .. " needs a value" end
             options[a:sub(3)] = value
             i = i + 2
-        elseif a == "--watch" then
-            options.watch = true
+        elseif a == "--watch" or a == "--debug" or a == "--console" then
+            options[a:sub(3)] = true
             i = i + 1
         elseif a == "--strict-settings" then
             options.strict = true
@@ -128,6 +128,9 @@ function run_command.main(args)
         environ = true,
     }
     if not store then return fail(boot_logger, settings_error) end
+    if options.debug or options.console then   -- above every other source
+        assert(store:add_source(require("tamarco.debug.cli_flags").source(options)))
+    end
     local etcd_configured = (os.getenv("TAMARCO_ETCD_HOST") or "") ~= ""
         or (os.getenv("TAMARCO_ETCD_ENDPOINTS") or "") ~= ""
         or store:get("system.etcd.endpoints", nil) ~= nil
@@ -218,6 +221,7 @@ function run_command.main(args)
     -- Hot reload triggers: SIGHUP, the service's files (--watch or the
     -- setting hot_reload), settings listed in the service's reload_on.
     on_signal("sighup", function() reload.request(cycle, options.file, "SIGHUP") end)
+    cycle.request_reload = function(reason) reload.request(cycle, options.file, reason) end   -- the console's
     local file_watcher
     if options.watch or svc.settings:get("hot_reload", false) then
         file_watcher = reload.watch_files(options.file:match("^(.*)/[^/]*$") or ".", function(name)

@@ -83,7 +83,8 @@ end
 -- system.resources.tamarco_http_report_server.{host,port}, default
 -- 127.0.0.1:5747), `status` (GET /status), `metrics` (GET /metrics), and
 -- `profiler` and `memory` (off unless the service is listed in their
--- settings; nothing is loaded when off).
+-- settings; nothing is loaded when off), and `tamarco_debug` (the /debug
+-- pages and the console, off unless turned on; run-time log levels).
 function service.add_report_resources(self)
     local defaults = {
         tamarco_http_report_server = function() return require("tamarco.resources.http_server").new() end,
@@ -91,8 +92,10 @@ function service.add_report_resources(self)
         metrics = function() return require("tamarco.resources.metrics").new() end,
         profiler = function() return require("tamarco.resources.profiler").new() end,
         memory = function() return require("tamarco.resources.memory").new() end,
+        tamarco_debug = function() return require("tamarco.resources.debug").new() end,
     }
-    for _, name in ipairs({ "tamarco_http_report_server", "status", "metrics", "profiler", "memory" }) do
+    for _, name in ipairs({ "tamarco_http_report_server", "status", "metrics", "profiler", "memory",
+                            "tamarco_debug" }) do
         if not self.resources[name] then
             local resource = defaults[name]()
             self.resources[name] = resource
@@ -109,6 +112,7 @@ function service.add_report_resources(self)
     if server.get then
         server:get("/status", function() return self.resources.status:http_response() end)
         server:get("/metrics", function() return self.resources.metrics:http_response() end)
+        require("tamarco.debug.routes").define(server, self)   -- 404 unless turned on
     end
 end
 

@@ -11,6 +11,7 @@
 --   GET /status   { workers = { ["1"] = { pid, http_status, resources }, ... } }
 --                 200 when every worker answers 200, 500 when one answers
 --                 500, else 503 (a worker restarting or silent: not ready)
+--   /debug/...    each worker's /debug pages (tamarco.debug.workers_proxy)
 local HttpClient = require "tamarco.resources.http_client"
 local HttpServer = require "tamarco.resources.http_server"
 local json = require "tamarco.json"
@@ -96,6 +97,8 @@ function workers_report.serve(host, port, list_workers)
         end
         return overall, { workers = workers }
     end)
+
+    require("tamarco.debug.workers_proxy").define(server, client, list_workers)   -- /debug/w/<n>/...
 
     local ok, err = pcall(server.start, server)
     if not ok then return nil, tostring(err) end

@@ -1,0 +1,19 @@
+--- tamarco.debug.routes: defines the /debug routes on a report server. Kept
+-- apart from tamarco.debug.pages so that a service pays nothing for them
+-- until a /debug request comes (and they answer 404 unless turned on).
+local routes = {}
+
+routes.GET = { "/debug", "/debug/", "/debug/tasks", "/debug/profile", "/debug/heap", "/debug/settings" }
+routes.PUT = { "/debug/loglevel" }
+
+function routes.define(server, svc)
+    for method, paths in pairs({ get = routes.GET, put = routes.PUT }) do
+        for _, path in ipairs(paths) do
+            server[method](server, path, function(req)
+                return require("tamarco.debug.pages").handle(svc, path, req)
+            end)
+        end
+    end
+end
+
+return routes

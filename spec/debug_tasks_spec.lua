@@ -1,0 +1,98 @@
+-- The scheduler's wait book-keeping and tamarco.debug.tasks: what every live
+-- task waits on, read without waking it. Needs a real redis-server
+-- (TAMARCO_TEST_REDIS_HOST/PORT, see scripts/test-services.sh).
+local testing = require "tamarco.testing"
+local scheduler = require "tamarco.c.scheduler"
+local tasks = require "tamarco.tasks"
+local redis = require "tamarco.resources.redis"
+local debug_tasks = require "tamarco.debug.tasks"
+
+local REDIS_HOST = os.getenv("TAMARCO_TEST_REDIS_HOST")
+local REDIS_PORT = tonumber(os.getenv("TAMARCO_TEST_REDIS_PORT") or "")
+if not REDIS_HOST or not REDIS_PORT then
+    error("debug_tasks_spec needs a real redis-server: first\n"
+        .. "  eval \"$(TAMARCO_SERVICES=redis scripts/test-services.sh start)\"", 0)
+end
+
+local function entry_of(entries, co)
+    local id = tostring(co):match("0x%x+")
+    for _, e in ipairs(entries) do
+        if e.id == id then return e end
+    end
+end
+
+describe("debug tasks", function()
+    it("names what each task waits on: sleep with the time left, a Redis command, a plain suspend", function()
+        testing.run(function()
+            local client = assert(redis.client():connect_to { host = REDIS_HOST, port = REDIS_PORT })
+            local blocker = assert(redis.client():connect_to { host = REDIS_HOST, port = REDIS_PORT })
+            local group = tasks.group()
+            local sleeper = group:spawn("sleeper", function() tasks.sleep(60000) end)
+            local popper = group:spawn("popper", function()
+                local reply = blocker:call("BLPOP", "debug_spec_list", 0)
+                return reply
+            end)
+            local suspended = scheduler.spawn(function() scheduler.suspend() end)
+            tasks.sleep(50)
+
+            local entries = debug_tasks.snapshot(nil)
+            local s = assert(entry_of(entries, sleeper))
+            assert.are.equal("task", s.kind)
+            assert.are.equal("sleeper", s.name)
+            assert.are.equal("waiting", s.state)
+            assert.are.equal("sleep", s.wait)
+            assert.is_true(s.remaining_ms > 0 and s.remaining_ms <= 60000)
+            assert.is_true(s.waited_ms >= 0)
+            assert.matches("debug_tasks_spec.lua:%d+", s.traceback)
+
+            local p = assert(entry_of(entries, popper))
+            assert.are.equal("redis", p.wait)
+            assert.are.equal("BLPOP debug_spec_list", p.detail)
+            assert.matches("debug_tasks_spec.lua:%d+", p.traceback)
+
+            local u = assert(entry_of(entries, suspended))
+            assert.are.equal("coroutine", u.kind)
+            assert.are.equal("suspend", u.wait)
+
+            -- looking did not wake anyone: the Redis call completes only now
+            assert.are.equal("waiting", entry_of(debug_tasks.snapshot(nil), popper).state)
+            assert(client:call("RPUSH", "debug_spec_list", "x"))
+            tasks.sleep(50)
+            assert.is_nil(entry_of(debug_tasks.snapshot(nil), popper))
+            assert.matches("task sleeper %[0x%x+%] waiting: sleep %(%d+ ms left%)",
+                debug_tasks.to_text(debug_tasks.snapshot(nil)))
+
+            tasks.cancel(suspended)
+            group:cancel_all()
+            assert(group:wait(2000))
+            assert.is_nil(entry_of(debug_tasks.snapshot(nil), sleeper))
+            client:close()
+            blocker:close()
+        end)
+    end)
+
+    it("keeps the book-keeping right through thousands of waits that come and go", function()
+        testing.run(function()
+            local group = tasks.group()
+            local cos = {}
+            for i = 1, 3000 do cos[i] = group:spawn("t" .. i, function() tasks.sleep(10 + i % 50) end) end
+            local long = group:spawn("long", function() tasks.sleep(60000) end)
+            tasks.sleep(5)
+            local waiting = 0
+            for _, e in ipairs(debug_tasks.snapshot(nil, { tracebacks = false })) do
+                if e.wait == "sleep" then waiting = waiting + 1 end
+            end
+            assert.is_true(waiting >= 1)
+            tasks.sleep(200)   -- every short sleep ended: their notes were removed
+            local entries = debug_tasks.snapshot(nil, { tracebacks = false })
+            local left = {}
+            for _, e in ipairs(entries) do if e.wait == "sleep" then left[#left + 1] = e end end
+            assert.are.equal(1, #left)
+            assert.are.equal("long", left[1].name)
+            assert.are.equal(1, scheduler.stats().waits)
+            group:cancel_all()
+            assert(group:wait(2000))
+            assert.are.equal(0, scheduler.stats().waits)
+        end)
+    end)
+end)
