@@ -814,12 +814,18 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
     if (c->in_field) {
         c->in_field = 0;
         h->value_off = (uint32_t)r->head.len;
+    } else if (at != c->value_end && at != c->feed_start) {
+        /* the value goes on after a line break (obs-fold, which the lenient
+         * parser joins): refused, as RFC 9112 lets a server do */
+        c->error_status = 400;
+        return -1;
     }
     if (tbuf_put(&r->head, at, len) != 0) {
         c->error_status = 503;
         return -1;
     }
     h->value_len += (uint32_t)len;
+    c->value_end = at + len;
     return 0;
 }
 
@@ -866,7 +872,7 @@ static int check_head(http_parser *p, hreq *r)
 {
     if (p->http_major != 1 || p->http_minor > 1)
         return 505;
-    int hosts = 0;
+    int hosts = 0, codings = 0;
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
         if (!valid_field_name(r->head.p + h->name_off, h->name_len) ||
@@ -874,6 +880,19 @@ static int check_head(http_parser *p, hreq *r)
             return 400;
         if (http_req_header_is(r, h, "host", 4))
             hosts++;
+        if (http_req_header_is(r, h, "transfer-encoding", 17)) {
+            /* chunked is the one transfer coding understood here */
+            if (++codings > 1)
+                return 400;
+            const char *v = r->head.p + h->value_off;
+            size_t n = h->value_len;
+            while (n && (*v == ' ' || *v == '\t'))
+                v++, n--;
+            while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+                n--;
+            if (n != 7 || strncasecmp(v, "chunked", 7) != 0)
+                return 501;
+        }
     }
     if (hosts > 1 || (hosts == 0 && p->http_minor == 1))
         return 400;
@@ -1020,6 +1039,7 @@ static const char *message_for_status(int status)
     case 417: return "expectation failed";
     case 431: return "request header fields too large";
     case 503: return "service unavailable";
+    case 501: return "transfer coding not implemented";
     case 505: return "HTTP version not supported";
     default: return "bad request";
     }
@@ -1037,6 +1057,7 @@ static void conn_feed(hconn *c, const char *p, size_t len)
             conn_reject(c, 400, message_for_status(400));
             break;
         }
+        c->feed_start = p;
         size_t n = http_parser_execute(&c->parser, &parser_settings, p, len);
         enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
         if (err == HPE_PAUSED) {

@@ -104,7 +104,8 @@ struct hconn {
     tbuf wbuf;            /* bytes of the uv_write in progress */
     tbuf stash;           /* unparsed input kept while reading is paused */
     size_t head_bytes;    /* size of the current request's head so far */
-    const char *feed_end; /* end of the bytes the parser is running over */
+    const char *feed_start, *feed_end;   /* the bytes the parser is running over */
+    const char *value_end;    /* where the last header value piece ended */
     uint64_t chunk_left;  /* data bytes left in the current chunk */
     int crlf_left;        /* bytes of the CRLF after chunk data not yet seen */
     uint64_t deadline, timer_due;
