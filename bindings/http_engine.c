@@ -359,18 +359,20 @@ static void drain_check(hserver *srv);
 
 /* After a burst of connections the allocator keeps the freed memory of
  * their structs, buffers and requests scattered through its heap; once the
- * burst is over (connections down to a sixteenth of the peak) the free
- * pages go back to the system. */
+ * burst is over (connection structs down to a sixteenth of the peak, and
+ * again when the last is freed) the free pages go back to the system.
+ * Structs, not open connections, are counted: a closed connection's memory
+ * is freed by its handles' close callbacks, later in the loop turn. */
 static void trim_after_burst(hserver *srv)
 {
-    if (srv->nconns == 0 && srv->trim_at_zero) {
+    if (srv->conn_structs == 0 && srv->trim_at_zero) {
         srv->trim_at_zero = 0;   /* again for the stragglers of the burst */
     } else {
-        if (srv->peak_conns < TRIM_MIN_PEAK || srv->nconns > srv->peak_conns / 16)
+        if (srv->peak_conns < TRIM_MIN_PEAK || srv->conn_structs > srv->peak_conns / 16)
             return;
-        srv->trim_at_zero = srv->nconns > 0;
+        srv->trim_at_zero = srv->conn_structs > 0;
     }
-    srv->peak_conns = srv->nconns;
+    srv->peak_conns = srv->conn_structs;
     /* the burst's request handles are garbage now: the owner collecting
      * them frees the request structs they kept, and the last one trims */
     trim_pending = 1;
@@ -390,6 +392,7 @@ static void on_conn_handle_closed(uv_handle_t *handle)
     out_release(srv, &c->wbuf);
     tbuf_free(&c->stash);
     free(c);
+    srv->conn_structs--;
     trim_after_burst(srv);
     server_unref(srv);
 }
@@ -1140,6 +1143,8 @@ static int conn_open(hserver *srv, uv_stream_t *listener, uv_os_sock_t sock)
     hconn *c = calloc(1, sizeof *c);
     if (!c)
         return UV_ENOMEM;
+    if (++srv->conn_structs > srv->peak_conns)
+        srv->peak_conns = srv->conn_structs;
     uv_tcp_init(srv->loop, &c->tcp);
     c->tcp.data = c;
     c->srv = srv;
@@ -1160,8 +1165,6 @@ static int conn_open(hserver *srv, uv_stream_t *listener, uv_os_sock_t sock)
         srv->conns->prev = c;
     srv->conns = c;
     srv->nconns++;
-    if (srv->nconns > srv->peak_conns)
-        srv->peak_conns = srv->nconns;
     if (srv->nconns > srv->max_connections) {
         srv->n_rejected++;
         conn_close(c);

@@ -140,7 +140,8 @@ struct hserver {
     int drain_waiting;    /* a shutdown waits for on_drained */
     hconn *conns;
     int nconns;
-    int peak_conns;       /* most connections since memory was last trimmed */
+    int conn_structs;     /* connection structs allocated (open or closing) */
+    int peak_conns;       /* most of them since memory was last trimmed */
     int trim_at_zero;     /* trimmed at the end of a burst: once more at 0 */
     tbuf pool[HTTP_ENGINE_MAX_POOLED_BUFFERS];   /* spare output buffers */
     int npool;
