@@ -359,18 +359,20 @@ static void drain_check(hserver *srv);
 
 /* After a burst of connections the allocator keeps the freed memory of
  * their structs, buffers and requests scattered through its heap; once the
- * burst is over (connections down to a sixteenth of the peak) the free
- * pages go back to the system. */
+ * burst is over (connection structs down to a sixteenth of the peak, and
+ * again when the last is freed) the free pages go back to the system.
+ * Structs, not open connections, are counted: a closed connection's memory
+ * is freed by its handles' close callbacks, later in the loop turn. */
 static void trim_after_burst(hserver *srv)
 {
-    if (srv->nconns == 0 && srv->trim_at_zero) {
+    if (srv->conn_structs == 0 && srv->trim_at_zero) {
         srv->trim_at_zero = 0;   /* again for the stragglers of the burst */
     } else {
-        if (srv->peak_conns < TRIM_MIN_PEAK || srv->nconns > srv->peak_conns / 16)
+        if (srv->peak_conns < TRIM_MIN_PEAK || srv->conn_structs > srv->peak_conns / 16)
             return;
-        srv->trim_at_zero = srv->nconns > 0;
+        srv->trim_at_zero = srv->conn_structs > 0;
     }
-    srv->peak_conns = srv->nconns;
+    srv->peak_conns = srv->conn_structs;
     /* the burst's request handles are garbage now: the owner collecting
      * them frees the request structs they kept, and the last one trims */
     trim_pending = 1;
@@ -390,6 +392,7 @@ static void on_conn_handle_closed(uv_handle_t *handle)
     out_release(srv, &c->wbuf);
     tbuf_free(&c->stash);
     free(c);
+    srv->conn_structs--;
     trim_after_burst(srv);
     server_unref(srv);
 }
@@ -814,12 +817,18 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
     if (c->in_field) {
         c->in_field = 0;
         h->value_off = (uint32_t)r->head.len;
+    } else if (at != c->value_end && at != c->feed_start) {
+        /* the value goes on after a line break (obs-fold, which the lenient
+         * parser joins): refused, as RFC 9112 lets a server do */
+        c->error_status = 400;
+        return -1;
     }
     if (tbuf_put(&r->head, at, len) != 0) {
         c->error_status = 503;
         return -1;
     }
     h->value_len += (uint32_t)len;
+    c->value_end = at + len;
     return 0;
 }
 
@@ -866,7 +875,7 @@ static int check_head(http_parser *p, hreq *r)
 {
     if (p->http_major != 1 || p->http_minor > 1)
         return 505;
-    int hosts = 0;
+    int hosts = 0, codings = 0;
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
         if (!valid_field_name(r->head.p + h->name_off, h->name_len) ||
@@ -874,6 +883,19 @@ static int check_head(http_parser *p, hreq *r)
             return 400;
         if (http_req_header_is(r, h, "host", 4))
             hosts++;
+        if (http_req_header_is(r, h, "transfer-encoding", 17)) {
+            /* chunked is the one transfer coding understood here */
+            if (++codings > 1)
+                return 400;
+            const char *v = r->head.p + h->value_off;
+            size_t n = h->value_len;
+            while (n && (*v == ' ' || *v == '\t'))
+                v++, n--;
+            while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+                n--;
+            if (n != 7 || strncasecmp(v, "chunked", 7) != 0)
+                return 501;
+        }
     }
     if (hosts > 1 || (hosts == 0 && p->http_minor == 1))
         return 400;
@@ -1020,6 +1042,7 @@ static const char *message_for_status(int status)
     case 417: return "expectation failed";
     case 431: return "request header fields too large";
     case 503: return "service unavailable";
+    case 501: return "transfer coding not implemented";
     case 505: return "HTTP version not supported";
     default: return "bad request";
     }
@@ -1037,6 +1060,7 @@ static void conn_feed(hconn *c, const char *p, size_t len)
             conn_reject(c, 400, message_for_status(400));
             break;
         }
+        c->feed_start = p;
         size_t n = http_parser_execute(&c->parser, &parser_settings, p, len);
         enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
         if (err == HPE_PAUSED) {
@@ -1119,6 +1143,8 @@ static int conn_open(hserver *srv, uv_stream_t *listener, uv_os_sock_t sock)
     hconn *c = calloc(1, sizeof *c);
     if (!c)
         return UV_ENOMEM;
+    if (++srv->conn_structs > srv->peak_conns)
+        srv->peak_conns = srv->conn_structs;
     uv_tcp_init(srv->loop, &c->tcp);
     c->tcp.data = c;
     c->srv = srv;
@@ -1139,8 +1165,6 @@ static int conn_open(hserver *srv, uv_stream_t *listener, uv_os_sock_t sock)
         srv->conns->prev = c;
     srv->conns = c;
     srv->nconns++;
-    if (srv->nconns > srv->peak_conns)
-        srv->peak_conns = srv->nconns;
     if (srv->nconns > srv->max_connections) {
         srv->n_rejected++;
         conn_close(c);

@@ -104,7 +104,8 @@ struct hconn {
     tbuf wbuf;            /* bytes of the uv_write in progress */
     tbuf stash;           /* unparsed input kept while reading is paused */
     size_t head_bytes;    /* size of the current request's head so far */
-    const char *feed_end; /* end of the bytes the parser is running over */
+    const char *feed_start, *feed_end;   /* the bytes the parser is running over */
+    const char *value_end;    /* where the last header value piece ended */
     uint64_t chunk_left;  /* data bytes left in the current chunk */
     int crlf_left;        /* bytes of the CRLF after chunk data not yet seen */
     uint64_t deadline, timer_due;
@@ -139,7 +140,8 @@ struct hserver {
     int drain_waiting;    /* a shutdown waits for on_drained */
     hconn *conns;
     int nconns;
-    int peak_conns;       /* most connections since memory was last trimmed */
+    int conn_structs;     /* connection structs allocated (open or closing) */
+    int peak_conns;       /* most of them since memory was last trimmed */
     int trim_at_zero;     /* trimmed at the end of a burst: once more at 0 */
     tbuf pool[HTTP_ENGINE_MAX_POOLED_BUFFERS];   /* spare output buffers */
     int npool;

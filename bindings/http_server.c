@@ -92,13 +92,18 @@ static void on_drained(hserver *srv, int timed_out)
     }
 }
 
+/* Above this Lua heap (KiB) a full collection would stall the loop too
+ * long: the incremental collector gets to the handles in its own time. */
+#define BURST_GC_MAX_HEAP_KB (64 * 1024)
+
 /* A burst is over: its request handles are garbage, and collecting them
  * lets the engine free (and give back) the request structs they kept. */
 static void on_burst_end(hserver *srv)
 {
     lua_server *ls = srv->user;
-    if (ls->host->L)
-        lua_gc(ls->host->L, LUA_GCCOLLECT, 0);
+    lua_State *L = ls->host->L;
+    if (L && lua_gc(L, LUA_GCCOUNT, 0) < BURST_GC_MAX_HEAP_KB)
+        lua_gc(L, LUA_GCCOLLECT, 0);
 }
 
 static void on_free(hserver *srv)

@@ -167,6 +167,7 @@ static int decode_string(decoder *d)
 
     tamarco_log_buf *b = d->scratch;
     b->len = 0;
+    b->oom = 0;   /* an earlier failed growth must not fail this string */
     tamarco_log_buf_add(b, s, (size_t)((const char *)u - s));
     while (u < end) {
         unsigned c = *u;

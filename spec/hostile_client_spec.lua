@@ -170,6 +170,12 @@ describe("a service under hostile clients", function()
           "GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\1b\r\n\r\n" },
         { "an HTTP/1.1 request without Host", 400, "GET /hello HTTP/1.1\r\n\r\n" },
         { "an HTTP/1.1 request with two Host fields", 400, "GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" },
+        { "a header value folded onto a second line (obs-fold)", 400,
+          "GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n" },
+        { "two Transfer-Encoding fields", 400,
+          "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+        { "a transfer coding other than chunked", 501,
+          "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" },
         { "an HTTP/2.0 request line", 505, "GET /hello HTTP/2.0\r\nHost: x\r\n\r\n" },
         { "an HTTP/9.9 request line", 505, "GET /hello HTTP/9.9\r\nHost: x\r\n\r\n" },
     }

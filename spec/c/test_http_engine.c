@@ -165,6 +165,8 @@ int main(void)
         {"GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "HTTP/1.1 400 "},
         {"GET /hello HTTP/1.1\r\nHost: x\r\nX: \001\r\n\r\n", "HTTP/1.1 400 "},
         {"GET /hello HTTP/2.0\r\nHost: x\r\n\r\n", "HTTP/1.1 505 "},
+        {"GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", "HTTP/1.1 400 "},
+        {"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "HTTP/1.1 501 "},
     };
     for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
         fd = client();
