@@ -77,9 +77,7 @@ settings.builtin_defaults = {
 
 settings.environ_prefix = "TAMARCO__"
 
-local function spawn(fn, ...)
-    return require("tamarco").spawn(fn, ...)
-end
+local spawn = require("tamarco.c.scheduler").spawn
 
 ---------------------------------------------------------------------------
 -- trees
