@@ -49,11 +49,6 @@ struct tamarco_wait_note {
     char detail[TAMARCO_WAIT_DETAIL_MAX];
 };
 
-/* Describes wait `wait_id` (just returned by tamarco_wait_begin): `kind` must
- * be a static string; `detail` (may be NULL) is copied, truncated; a
- * deadline_ms > 0 is the loop time at which the wait ends by itself. */
-void tamarco_wait_note(tamarco_host *host, int wait_id, const char *kind, const char *detail,
-                       double deadline_ms);
 
 /* Initialises the scheduler's handles on host->loop; host->L must be set. */
 int tamarco_scheduler_init(tamarco_host *host);

@@ -138,7 +138,7 @@ static void note_remove(tamarco_host *host, int id)
     }
 }
 
-void tamarco_wait_note(tamarco_host *host, int wait_id, const char *kind, const char *detail,
+TAMARCO_API void tamarco_wait_note(tamarco_host *host, int wait_id, const char *kind, const char *detail,
                        double deadline_ms)
 {
     struct tamarco_wait_note *n = note_find(host, wait_id);

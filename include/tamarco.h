@@ -125,6 +125,13 @@ TAMARCO_API int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void 
  * of the C function that called tamarco_wait_begin. */
 TAMARCO_API int tamarco_wait_yield(lua_State *L);
 
+/* Describes wait `wait_id` (just returned by tamarco_wait_begin) for live
+ * introspection (/debug/tasks): `kind` must be a static string ("redis",
+ * "http", ...); `detail` (may be NULL) is copied, truncated to 159 bytes; a
+ * deadline_ms > 0 is the loop time at which the wait ends by itself. */
+TAMARCO_API void tamarco_wait_note(tamarco_host *host, int wait_id, const char *kind, const char *detail,
+                                   double deadline_ms);
+
 /* Completes wait `wait_id` on the loop's thread: `push` (may be NULL) pushes
  * the values the suspended call returns onto the coroutine and returns their
  * count, then the coroutine is resumed at once. Returns 1 if resumed, 0 if

@@ -64,14 +64,22 @@ end
 schema.logging = mapping {
     profile = { kind = "profile" },
     stdout = one_of(BOOLEAN, STRING),
+    stdout_format = STRING,
+    source_path = BOOLEAN,
+    version = count(0, 1),
+    unhealthy_on_sink_failure = BOOLEAN,
+    levels = schema.MAPPING,
     file_path = one_of(STRING, BOOLEAN),
     file_max_bytes = schema.BYTES,
     file_backup_count = count(0, 1000),
     logstash = sink { host = STRING, port = PORT, version = count(0, 1), fqdn = BOOLEAN,
                       message_type = STRING, tags = ANY },
-    redis = sink { host = STRING, port = PORT, password = ANY, db = count(0, INT32_MAX), key = STRING },
+    redis = sink { host = STRING, port = PORT, username = STRING, password = ANY, db = count(0, INT32_MAX),
+                   key = STRING, ssl = BOOLEAN, version = count(0, 1), message_type = STRING, tags = ANY,
+                   fqdn = BOOLEAN },
     http = sink { url = STRING, user = STRING, password = ANY, max_records = count(1, 1000000),
-                  max_time_seconds = seconds(0) },
+                  max_time_seconds = seconds(0), version = count(0, 1), message_type = STRING, tags = ANY,
+                  fqdn = BOOLEAN },
 }
 
 --- Keys directly under system (and system.microservices.<svc>); only
@@ -85,6 +93,7 @@ schema.system = {
     microservices = schema.MAPPING,
     etcd = schema.MAPPING,
     hot_reload = BOOLEAN,
+    console = BOOLEAN,
 }
 
 local HTTP_SERVER = {
@@ -102,6 +111,8 @@ local HTTP_SERVER = {
     send_timeout = seconds(0),
     drain_timeout = seconds(0),
     server_name = STRING,
+    debug = BOOLEAN,
+    debug_token = STRING,
     access_log = BOOLEAN,
     reuse_port = BOOLEAN,
     cors = one_of(BOOLEAN, mapping {
@@ -121,9 +132,10 @@ schema.resources = {
         host = STRING, port = PORT, username = STRING, password = ANY, db = count(0, INT32_MAX),
         connect_timeout = schema.MILLISECONDS, reconnect_min = schema.MILLISECONDS,
         reconnect_max = schema.MILLISECONDS, fail_on_start = BOOLEAN,
+        sentinels = STRING_OR_LIST, master_name = STRING,
     },
     amqp = {
-        host = STRING, port = PORT, vhost = STRING, user = STRING, password = ANY,
+        host = STRING, port = PORT, hosts = STRING_OR_LIST, vhost = STRING, user = STRING, password = ANY,
         connection_timeout = seconds(0), heartbeat = count(0, 65535), queues_prefix = STRING,
         prefetch = count(0, 65535), codec = STRING,
         reconnect_backoff_ms = schema.MILLISECONDS, reconnect_backoff_max_ms = schema.MILLISECONDS,
@@ -137,9 +149,9 @@ schema.resources = {
     },
     registry = {
         enabled = BOOLEAN, path = STRING, ttl = count(1, DAY), host = STRING, port = PORT,
-        address = ANY, etcd_host = STRING, etcd_port = PORT,
+        address = ANY, etcd_host = STRING, etcd_port = PORT, etcd_endpoints = STRING_OR_LIST,
     },
-    metrics = { collect_frequency = seconds(0.001, DAY), handlers = schema.MAPPING },
+    metrics = { collect_frequency = seconds(0.001, DAY), handlers = schema.MAPPING, naming = STRING },
     status = { check_interval_ms = count(1, INT32_MAX), restart_policy = schema.MAPPING },
     profiler = {
         microservices_with_profiler = STRING_OR_LIST, file = STRING, interval_seconds = seconds(0.001),
@@ -376,6 +388,35 @@ function schema.check(store, svc)
         end
     end
     return warnings
+end
+
+-- true when `key` (dotted) names a setting under `spec`: a known key at each
+-- level, or anything below a value whose keys are not listed.
+local function knows(spec, key)
+    for part in key:gmatch("[^.]+") do
+        if not spec then return false end
+        local keys = spec.keys
+        if spec.kind == "one_of" then
+            for _, alternative in ipairs(spec) do keys = keys or alternative.keys end
+        end
+        if not keys then return true end
+        spec = keys[part]
+        if spec == nil then return false end
+    end
+    return true
+end
+
+--- schema.knows_resource_setting(resource, key) -> true when `key` (dotted,
+-- below `system.resources.<name>`) is a setting of that resource (its type's
+-- schema, its class's settings_schema and defaults).
+function schema.knows_resource_setting(resource, key)
+    return knows(resource_spec(resource, resource.type_name), key)
+end
+
+--- schema.knows_logging_setting(key) -> true when `key` (dotted, below
+-- `system.logging`) is a logging setting.
+function schema.knows_logging_setting(key)
+    return knows(schema.logging, key)
 end
 
 --- schema.strict(store, options) -> true when unknown keys are errors:
