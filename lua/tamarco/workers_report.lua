@@ -11,7 +11,6 @@
 --   GET /status   { workers = { ["1"] = { pid, http_status, resources }, ... } }
 --                 200 when every worker answers 200, 500 when one answers
 --                 500, else 503 (a worker restarting or silent: not ready)
-local HttpClient = require "tamarco.resources.http_client"
 local HttpServer = require "tamarco.resources.http_server"
 local cjson = require "cjson"
 local prometheus = require "tamarco.metrics.prometheus"
@@ -45,12 +44,16 @@ end
 -- list_workers() -> list of { index =, pid =, address = (nil: not running) }.
 -- Stop with server:stop() inside a task.
 function workers_report.serve(host, port, list_workers)
-    local client = HttpClient.new()
+    -- The HTTP client (libcurl and its TLS, Kerberos, LDAP... libraries, some
+    -- 6 MB resident) is loaded at the first scrape, not with this module:
+    -- workers load this module too, and would all carry it for nothing.
+    local client
     local server = HttpServer.new { host = host, port = port, reuse_port = false, drain_timeout = 1,
         cors = { enabled = false } }
 
     -- every worker's answer to `path`, fetched at the same time
     local function fetch_all(path)
+        client = client or require("tamarco.resources.http_client").new()
         local group, results = tasks.group(), {}
         for _, worker in ipairs(list_workers()) do
             local result = { worker = worker }
