@@ -145,7 +145,7 @@ stop() { for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev
 
 # bench NAME PORT PID_FOR_RSS: wrk against a started server, a line of results
 bench() {
-    body=$(curl -fs "http://127.0.0.1:$2$URL_PATH")
+    body=$(curl -fs "http://127.0.0.1:$2$URL_PATH" | sed 's/": /":/g; s/", "/","/g')
     case "$body" in
         *'"name":"Ada Lovelace"'*'"id":"42"'* | *'"id":"42"'*'"name":"Ada Lovelace"'*) ;;
         *) echo "$1 answered $body" >&2; exit 1 ;;
