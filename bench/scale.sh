@@ -238,12 +238,21 @@ part_rps() {
     out=$RESULTS/scale_rps.dat
     echo "# requests/s of the hello service by concurrent connections, wrk -d$DURATION ($STAMP)" > "$out"
     echo "# connections $SERVERS p99ms:tamarco-host p99ms:nginx p99ms:node" >> "$out"
+    # all three listen at once (idle ones cost nothing); each step measures
+    # them one after the other, so a change of the machine's load hits all
+    ports="" stops=""
     for server in $SERVERS; do
         port=$(free_port)
         start_server "$server" "$port"
-        for c in $RPS_CONNS; do
-            t=2
-            [ "$c" -lt 2 ] && t=1
+        ports="$ports $port" stops="$stops $SERVER_STOP"
+    done
+    for c in $RPS_CONNS; do
+        t=2
+        [ "$c" -lt 2 ] && t=1
+        set -- $ports
+        for server in $SERVERS; do
+            port=$1
+            shift
             wrk -t$t -c"$c" -d1s "http://127.0.0.1:$port/hello/world" >/dev/null
             wrk -t$t -c"$c" -d"$DURATION" --latency "http://127.0.0.1:$port/hello/world" > "$WORK/wrk.txt"
             r=$(awk '/^Requests\/sec:/ { print $2 }' "$WORK/wrk.txt")
@@ -253,8 +262,8 @@ part_rps() {
                 else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 } }' "$WORK/wrk.txt")
             echo "$server $c $r $p" >> "$WORK/rps.raw"
         done
-        stop "$SERVER_STOP"
     done
+    stop $stops
     for c in $RPS_CONNS; do
         awk -v c="$c" '$2 == c { r[$1] = $3; p[$1] = $4 }
             END { printf "%s %s %s %s %s %s %s\n", c, r["tamarco-host"], r["nginx"], r["node"],
