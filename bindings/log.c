@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define BUF_MT "tamarco.log.buf"
@@ -254,6 +255,9 @@ typedef struct log_file {
     size_t buffer_bytes;   /* write when this much is buffered */
     tamarco_log_buf out;   /* whole lines not written yet */
     size_t committed;      /* out's length after the last complete line */
+    size_t pending_lines;  /* complete lines in out */
+    double dropped;        /* lines lost to failed writes since open */
+    int torn;              /* a failed write left half a line in the file */
     char path[];           /* kept in the userdata */
 } log_file;
 
@@ -297,6 +301,9 @@ static int l_open_file(lua_State *L)
     f->fd = -1;
     tamarco_log_buf_init(&f->out);
     f->committed = 0;
+    f->pending_lines = 0;
+    f->dropped = 0;
+    f->torn = 0;
     memcpy(f->path, path, path_len + 1);
     luaL_getmetatable(L, FILE_MT);
     lua_setmetatable(L, -2);
@@ -359,28 +366,46 @@ done:
     return err;
 }
 
-/* Writes all of data[0, len). Returns 0 or errno. */
-static int write_all(int fd, const char *data, size_t len)
+/* Writes all of data[0, len), after a newline that ends the line a failed
+ * write tore (a full disk can take half a line). One writev(2): a loop
+ * turn's lines go in one call. Returns 0 or errno. */
+static int write_all(log_file *f, const char *data, size_t len)
 {
-    while (len > 0) {
-        ssize_t w = write(fd, data, len);
-        if (w < 0) {
-            if (errno == EINTR)
+    static char newline[] = "\n";
+    size_t done = 0;   /* bytes of data in the file */
+    while (done < len) {
+        struct iovec iov[2];
+        int n = 0;
+        if (f->torn)
+            iov[n++] = (struct iovec){ .iov_base = newline, .iov_len = 1 };
+        iov[n++] = (struct iovec){ .iov_base = (char *)data + done, .iov_len = len - done };
+        ssize_t w = writev(f->fd, iov, n);
+        if (w <= 0) {
+            if (w < 0 && errno == EINTR)
                 continue;
-            return errno;
+            int err = w < 0 ? errno : ENOSPC;
+            if (done > 0 && data[done - 1] != '\n')
+                f->torn = 1;
+            return err;
         }
-        data += w;
-        len -= (size_t)w;
+        if (f->torn) {
+            f->torn = 0;
+            w--;
+        }
+        done += (size_t)w;
     }
     return 0;
 }
 
-/* Writes the first `upto` buffered bytes and keeps the rest. On a failure
- * those bytes are dropped all the same: a full disk must not grow the
- * buffer without end. Returns 0 or errno. */
+/* Writes the first `upto` buffered bytes (all complete lines) and keeps the
+ * rest. On a failure those lines are dropped and counted all the same: a
+ * full disk must not grow the buffer without end. Returns 0 or errno. */
 static int write_out(log_file *f, size_t upto)
 {
-    int err = upto ? write_all(f->fd, f->out.data, upto) : 0;
+    int err = upto ? write_all(f, f->out.data, upto) : 0;
+    if (err)
+        f->dropped += (double)f->pending_lines;
+    f->pending_lines = 0;
     size_t rest = f->out.len - upto;
     if (rest)
         memmove(f->out.data, f->out.data + upto, rest);
@@ -401,6 +426,7 @@ static int commit_line(log_file *f, size_t start)
     if (f->out.oom) {
         f->out.oom = 0;
         f->out.len = f->committed;
+        f->dropped++;
         return ENOMEM;
     }
     long long need = (long long)(f->out.len - start);
@@ -413,11 +439,13 @@ static int commit_line(log_file *f, size_t start)
         }
         if (err) {
             f->out.len = f->committed = 0;
+            f->dropped++;
             return err;
         }
     }
     f->size += need;
     f->committed = f->out.len;
+    f->pending_lines++;
     if (f->out.len >= f->buffer_bytes)
         return write_out(f, f->out.len);
     return 0;
@@ -506,6 +534,13 @@ static int l_file_reopen(lua_State *L)
     return 1;
 }
 
+/* file:dropped() -> lines lost to failed writes since the file was opened. */
+static int l_file_dropped(lua_State *L)
+{
+    lua_pushnumber(L, check_file(L)->dropped);
+    return 1;
+}
+
 /* file:size() -> bytes in the current file, buffered lines included. */
 static int l_file_size(lua_State *L)
 {
@@ -551,6 +586,7 @@ int luaopen_tamarco_c_log(lua_State *L)
         {"flush", l_file_flush},
         {"reopen", l_file_reopen},
         {"size", l_file_size},
+        {"dropped", l_file_dropped},
         {"close", l_file_close},
         {NULL, NULL},
     };

@@ -13,6 +13,7 @@
 #include <hiredis/adapters/libuv.h>
 
 #include <arpa/inet.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,6 +33,8 @@ typedef struct rconn {
     int busy;                  /* > 0 while our code below may still touch it */
     int collected;             /* the userdata is gone */
     int pending;               /* commands awaiting replies */
+    int write_queued;          /* in the per-turn write list */
+    int flushing;              /* written from that list right now */
     /* while connecting */
     int connect_wait;          /* wait id of the connecting task, 0 if none */
     int connect_result;        /* 0 pending, 1 connected, -1 failed */
@@ -45,11 +48,6 @@ typedef struct rconn {
     int on_disconnect_ref;
     char error[256];
 } rconn;
-
-typedef struct redis_cmd {
-    rconn *rc;
-    int wait_id;
-} redis_cmd;
 
 /* > 0 while one of our Lua entry points runs hiredis code that may call
  * back (close, __gc, cancel): tasks are then woken on the next turn. */
@@ -125,6 +123,8 @@ static void defer_fail(tamarco_host *host, int wait_id, const char *message)
 
 /* ---- the adapter fix (see the header comment) ---- */
 
+static void maybe_free(rconn *rc);   /* below, with the connection state */
+
 static void poll_cb(uv_poll_t *handle, int status, int events)
 {
     redisLibuvEvents *p = handle->data;
@@ -135,18 +135,105 @@ static void poll_cb(uv_poll_t *handle, int status, int events)
         redisAsyncHandleWrite(p->context);
 }
 
-static void update_poll(redisLibuvEvents *p)
+/* uv_poll_start takes the fd out of epoll and puts it back (two epoll_ctl
+ * calls), so the watched events are only changed when they differ. */
+static void set_poll(redisLibuvEvents *p, int events)
 {
-    if (p->events)
-        uv_poll_start(&p->handle, p->events, poll_cb);
+    if (events == p->events)
+        return;
+    p->events = events;
+    if (events)
+        uv_poll_start(&p->handle, events, poll_cb);
     else
         uv_poll_stop(&p->handle);
 }
 
-static void add_read(void *data) { redisLibuvEvents *p = data; p->events |= UV_READABLE; update_poll(p); }
-static void del_read(void *data) { redisLibuvEvents *p = data; p->events &= ~UV_READABLE; update_poll(p); }
-static void add_write(void *data) { redisLibuvEvents *p = data; p->events |= UV_WRITABLE; update_poll(p); }
-static void del_write(void *data) { redisLibuvEvents *p = data; p->events &= ~UV_WRITABLE; update_poll(p); }
+static void add_read(void *data) { redisLibuvEvents *p = data; set_poll(p, p->events | UV_READABLE); }
+static void del_read(void *data) { redisLibuvEvents *p = data; set_poll(p, p->events & ~UV_READABLE); }
+static void del_write(void *data) { redisLibuvEvents *p = data; set_poll(p, p->events & ~UV_WRITABLE); }
+
+/* ---- writes: one per connection and loop turn ----
+ *
+ * hiredis asks for "writable" after every command it queues. Waiting for
+ * epoll to say so costs a loop turn and epoll_ctl calls per batch; instead
+ * a connected context is written from a prepare handle, once per loop turn
+ * just before the loop waits for I/O, with every command queued in the turn
+ * in one write(2). Only a write the kernel does not take whole (hiredis
+ * asks again from inside the flush) waits for "writable". */
+static struct {
+    uv_prepare_t prepare;
+    int initialised;
+    rconn **items;       /* connections with commands to write; NULL: gone */
+    int count, cap;
+} flushes;
+
+static void unqueue_flush(rconn *rc)
+{
+    if (!rc->write_queued)
+        return;
+    for (int i = 0; i < flushes.count; i++)
+        if (flushes.items[i] == rc)
+            flushes.items[i] = NULL;
+    rc->write_queued = 0;
+}
+
+static void run_flushes(uv_prepare_t *prepare)
+{
+    /* by index: a flush that fails wakes tasks, which may queue more */
+    for (int i = 0; i < flushes.count; i++) {
+        rconn *rc = flushes.items[i];
+        if (!rc)
+            continue;
+        flushes.items[i] = NULL;
+        rc->write_queued = 0;
+        if (!rc->ac)
+            continue;
+        rc->busy++;
+        rc->flushing = 1;
+        redisAsyncHandleWrite(rc->ac);
+        rc->flushing = 0;
+        rc->busy--;
+        maybe_free(rc);
+    }
+    flushes.count = 0;
+    uv_prepare_stop(prepare);
+}
+
+/* 0, or -1 when the connection must wait for "writable" instead. */
+static int queue_flush(rconn *rc)
+{
+    if (rc->write_queued)
+        return 0;
+    if (!flushes.initialised) {
+        if (uv_prepare_init(rc->host->loop, &flushes.prepare) != 0)
+            return -1;
+        uv_unref((uv_handle_t *)&flushes.prepare);
+        flushes.initialised = 1;
+    }
+    if (flushes.count == flushes.cap) {
+        int cap = flushes.cap ? flushes.cap * 2 : 8;
+        rconn **items = realloc(flushes.items, (size_t)cap * sizeof *items);
+        if (!items)
+            return -1;
+        flushes.items = items;
+        flushes.cap = cap;
+    }
+    flushes.items[flushes.count++] = rc;
+    rc->write_queued = 1;
+    uv_prepare_start(&flushes.prepare, run_flushes);
+    return 0;
+}
+
+static void add_write(void *data)
+{
+    redisLibuvEvents *p = data;
+    redisAsyncContext *ac = p->context;
+    rconn *rc = ac ? ac->data : NULL;
+    /* while connecting, "writable" is how hiredis learns the connect ended */
+    if (rc && !rc->flushing && (ac->c.flags & REDIS_CONNECTED) && queue_flush(rc) == 0)
+        return;
+    set_poll(p, p->events | UV_WRITABLE);
+}
 
 static int attach(redisAsyncContext *ac, uv_loop_t *loop)
 {
@@ -170,8 +257,10 @@ static void unref(rconn *rc, int *ref)
 
 static void maybe_free(rconn *rc)
 {
-    if (rc->collected && rc->ac == NULL && rc->busy == 0 && rc->timer == NULL && rc->resolve == NULL)
+    if (rc->collected && rc->ac == NULL && rc->busy == 0 && rc->timer == NULL && rc->resolve == NULL) {
+        unqueue_flush(rc);
         free(rc);
+    }
 }
 
 static void set_error(rconn *rc, const char *prefix, const char *detail)
@@ -557,10 +646,8 @@ static int push_top_reply(lua_State *co, void *ud)
 
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
-    redis_cmd *cmd = privdata;
-    rconn *rc = cmd->rc;
-    int wait_id = cmd->wait_id;
-    free(cmd);
+    rconn *rc = ac->data;
+    int wait_id = (int)(intptr_t)privdata;   /* a command is just its wait */
     rc->pending--;
     if (state_closing)
         return;
@@ -636,45 +723,144 @@ static int collect_args(lua_State *L, const char ***argv, size_t **lens, void **
     return argc;
 }
 
+/* ---- commands ----
+ *
+ * A command is written in RESP by us, into one buffer reused by every call,
+ * and handed to hiredis already formatted (hiredis's own formatting costs
+ * more than the rest of the call path in C). */
+
+static struct {
+    char *p;
+    size_t cap;
+} resp;
+
+static char *resp_reserve(size_t need)
+{
+    if (need > resp.cap) {
+        size_t cap = resp.cap ? resp.cap : 256;
+        while (cap < need)
+            cap *= 2;
+        char *p = realloc(resp.p, cap);
+        if (!p)
+            return NULL;
+        resp.p = p;
+        resp.cap = cap;
+    } else if (resp.cap > (1u << 20) && need <= 256) {
+        free(resp.p);   /* do not keep a huge command's buffer */
+        resp.p = NULL;
+        resp.cap = 0;
+        return resp_reserve(need);
+    }
+    return resp.p;
+}
+
+/* "<c><n>\r\n" at out; returns the bytes written. */
+static size_t resp_header(char *out, char c, size_t n)
+{
+    char digits[24];
+    size_t d = 0;
+    do
+        digits[d++] = (char)('0' + n % 10);
+    while ((n /= 10) > 0);
+    size_t len = 0;
+    out[len++] = c;
+    while (d > 0)
+        out[len++] = digits[--d];
+    out[len++] = '\r';
+    out[len++] = '\n';
+    return len;
+}
+
+/* The command's arguments (a table at 2, or the values from 2 on) in RESP,
+ * in resp.p; returns its length. Raises on a bad argument. */
+static size_t format_command(lua_State *L)
+{
+    int from_table = lua_type(L, 2) == LUA_TTABLE;
+    int argc = from_table ? (int)lua_objlen(L, 2) : lua_gettop(L) - 1;
+    if (argc < 1)
+        luaL_argerror(L, 2, "a command name is required");
+    if (from_table) {
+        luaL_checkstack(L, argc + 4, "too many command arguments");
+        lua_settop(L, 2);
+        for (int i = 1; i <= argc; i++)
+            lua_rawgeti(L, 2, i);
+    }
+    int first = from_table ? 3 : 2;
+    size_t need = 24;
+    for (int i = 0; i < argc; i++) {
+        int t = lua_type(L, first + i);
+        if (t != LUA_TSTRING && t != LUA_TNUMBER)
+            luaL_error(L, "redis command argument #%d: string or number expected, got %s",
+                       i + 1, lua_typename(L, t));
+        size_t len;
+        lua_tolstring(L, first + i, &len);   /* numbers become strings here */
+        need += len + 26;
+    }
+    char *out = resp_reserve(need);
+    if (!out)
+        luaL_error(L, "out of memory");
+    size_t at = resp_header(out, '*', (size_t)argc);
+    for (int i = 0; i < argc; i++) {
+        size_t len;
+        const char *arg = lua_tolstring(L, first + i, &len);
+        at += resp_header(out + at, '$', len);
+        memcpy(out + at, arg, len);
+        at += len;
+        out[at++] = '\r';
+        out[at++] = '\n';
+    }
+    return at;
+}
+
+/* For /debug/tasks: the command and its first argument (usually a key),
+ * read back from the RESP just formatted ("*N\r\n$len\r\nNAME\r\n$len\r\nKEY..."). */
+static void note_command(rconn *rc, int wait_id, const char *resp, size_t len)
+{
+    char what[TAMARCO_WAIT_DETAIL_MAX];
+    size_t out = 0;
+    const char *p = memchr(resp, '\n', len), *end = resp + len;
+    for (int part = 0; part < 2 && p && p + 1 < end && p[1] == '$'; part++) {
+        size_t n = (size_t)strtoul(p + 2, NULL, 10);
+        const char *data = memchr(p + 1, '\n', (size_t)(end - p - 1));
+        if (!data || (size_t)(end - data - 1) < n)
+            break;
+        data++;
+        if (out + 2 >= sizeof what)
+            break;
+        size_t room = sizeof what - 1 - out - (part ? 1 : 0);
+        size_t take = n < room ? n : room;
+        if (part)
+            what[out++] = ' ';
+        memcpy(what + out, data, take);
+        out += take;
+        p = data + n + 1;   /* the '\n' of the CRLF after the data */
+    }
+    what[out] = '\0';
+    tamarco_wait_note(rc->host, wait_id, "redis", what, 0);
+}
+
 /* conn:command(name, ...) | conn:command({name, ...}) */
 static int l_command(lua_State *L)
 {
     rconn *rc = check_conn(L);
     if (rc->state != ST_CONNECTED || !rc->ac)
         return not_connected(L, rc);
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "redis commands yield: call them inside a task, hook or handler");
-    const char *sargv[STACK_ARGS];
-    size_t slens[STACK_ARGS];
-    const char **argv;
-    size_t *lens;
-    void *heap;
-    int argc = collect_args(L, &argv, &lens, &heap, sargv, slens);
-    /* for /debug/tasks: the command and its first argument (usually a key) */
-    char what[TAMARCO_WAIT_DETAIL_MAX];
-    snprintf(what, sizeof what, "%.*s%s%.*s", argc > 0 ? (int)(lens[0] > 32 ? 32 : lens[0]) : 0,
-             argc > 0 ? argv[0] : "", argc > 1 ? " " : "",
-             argc > 1 ? (int)(lens[1] > 100 ? 100 : lens[1]) : 0, argc > 1 ? argv[1] : "");
-    redis_cmd *cmd = malloc(sizeof *cmd);
-    if (!cmd) {
-        free(heap);
-        return luaL_error(L, "out of memory");
-    }
-    cmd->rc = rc;
-    cmd->wait_id = 0;
-    int rv = redisAsyncCommandArgv(rc->ac, on_reply, cmd, argc, argv, lens);
-    free(heap);
-    if (rv != REDIS_OK) {
-        free(cmd);
+    if (rc->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING)) {
         lua_pushnil(L);
-        lua_pushfstring(L, "connection lost (%s)", rc->ac->errstr[0] ? rc->ac->errstr : "closing");
+        lua_pushliteral(L, "connection lost (closing)");
         lua_pushliteral(L, "connection");
         return 3;
     }
-    rc->pending++;
+    if (!tamarco_in_task(L))
+        return luaL_error(L, "redis commands yield: call them inside a task, hook or handler");
+    size_t len = format_command(L);
     /* no cancel function: a reply for a cancelled task finds a stale id */
-    cmd->wait_id = tamarco_wait_begin(L, NULL, NULL);
-    tamarco_wait_note(rc->host, cmd->wait_id, "redis", what, 0);
+    int wait_id = tamarco_wait_begin(L, NULL, NULL);
+    note_command(rc, wait_id, resp.p, len);
+    if (redisAsyncFormattedCommand(rc->ac, on_reply, (void *)(intptr_t)wait_id, resp.p, len) == REDIS_OK)
+        rc->pending++;
+    else   /* not after the checks above; the task is told on the next turn all the same */
+        defer_fail(rc->host, wait_id, "connection lost (closing)");
     return tamarco_wait_yield(L);
 }
 

@@ -152,6 +152,37 @@ describe("redis binding (tamarco.c.redis)", function()
         end)
     end)
 
+    it("sends a command the kernel takes in parts, with other tasks' commands around it in order", function()
+        testing.run(function()
+            local conn = assert(c.connect(REDIS_HOST, REDIS_PORT))
+            -- 16 MiB: far more than a loopback socket buffer, so the write of
+            -- the turn stops short and the rest waits for "writable"
+            local big = string.rep("0123456789abcdef", 1024 * 1024)
+            local results, left, me = {}, 41, scheduler.current()
+            local function run(i, ...)
+                local args = { ... }
+                tamarco.spawn(function()
+                    results[i] = { conn:command(unpack(args)) }
+                    left = left - 1
+                    if left == 0 then scheduler.wake(me) end
+                end)
+            end
+            for i = 1, 20 do run(i, "SET", "spec:part:" .. i, i) end
+            run(21, "SET", "spec:part:big", big)
+            for i = 22, 41 do run(i, "INCRBY", "spec:part:" .. (i - 21), 100) end
+            scheduler.suspend()
+            for i = 1, 21 do assert.are.same({ "OK" }, results[i]) end
+            for i = 22, 41 do assert.are.same({ i - 21 + 100 }, results[i]) end
+            local got = conn:command("GET", "spec:part:big")
+            assert.are.equal(#big, #got)
+            assert.is_true(got == big)
+            local keys = { "DEL", "spec:part:big" }
+            for i = 1, 20 do keys[#keys + 1] = "spec:part:" .. i end
+            assert.are.equal(21, conn:command(unpack(keys)))
+            conn:close()
+        end)
+    end)
+
     it("reports a refused connection and a host that cannot be resolved", function()
         testing.run(function()
             local conn, err = c.connect("127.0.0.1", closed_port())

@@ -39,14 +39,18 @@ describe("--workers", function()
     it("serves one /metrics and /status for all workers from the supervisor", function()
         local port, report_port = free_port(), free_port()
         local base = "http://127.0.0.1:" .. report_port
-        local metrics_file, status_file = os.tmpname(), os.tmpname()
+        local metrics_file, status_file, maps_file = os.tmpname(), os.tmpname(), os.tmpname()
         local code, out = cli.run_until(
             { "run", "spec/fixtures/services/workers_report_service.lua", "--workers", "2" },
             "all 2 workers ready", "TERM",
             { TAMARCO__SYSTEM__RESOURCES__API__PORT = tostring(port),
               TAMARCO__SYSTEM__RESOURCES__TAMARCO_HTTP_REPORT_SERVER__PORT = tostring(report_port) },
             {
-                { run = "for i in $(seq 1 50); do curl -s http://127.0.0.1:" .. port .. "/hit >/dev/null; done; "
+                -- a worker does not carry the supervisor's HTTP client (libcurl and
+                -- its libraries: megabytes of resident memory per worker)
+                { run = "for w in $(pgrep -P $pid); do echo \"$w $(grep -c libcurl /proc/$w/maps)\"; done > "
+                        .. maps_file .. "; "
+                        .. "for i in $(seq 1 50); do curl -s http://127.0.0.1:" .. port .. "/hit >/dev/null; done; "
                         .. "curl -s " .. base .. "/metrics > " .. metrics_file .. "; "
                         .. "curl -s -w '\\n%{http_code}' " .. base .. "/status > " .. status_file,
                   wait = "all 2 workers ready" },
@@ -54,8 +58,16 @@ describe("--workers", function()
         assert.are.equal(0, code, out)
         local exposition = cli.read_all(metrics_file)
         local status_text = cli.read_all(status_file)
+        local maps = cli.read_all(maps_file)
         os.remove(metrics_file)
         os.remove(status_file)
+        os.remove(maps_file)
+        local workers_seen = 0
+        for pid, curl_maps in maps:gmatch("(%d+) (%d+)") do
+            workers_seen = workers_seen + 1
+            assert.are.equal("0", curl_maps, "worker " .. pid .. " has libcurl mapped")
+        end
+        assert.are.equal(2, workers_seen, maps)
 
         -- one family, both workers' series, and the hits add up to 50
         local _, help_lines = exposition:gsub("# HELP counted_hits_total ", "")

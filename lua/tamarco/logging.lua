@@ -385,12 +385,22 @@ function logging.stop_handle(handle)
 end
 local stop_handle = logging.stop_handle
 
+logging.FILE_RETRY_MIN_MS = 100
+logging.FILE_RETRY_MAX_MS = 5000
+
 --- logging.file_sink{ path, max_bytes, backup_count, buffer_bytes = 65536 }
 -- -> sink | nil, message. JSON lines appended to a rotating file, gathered
 -- in a buffer written when it passes buffer_bytes, at the end of every loop
 -- turn (a record reaches the file within one turn), at once for ERROR and
 -- CRITICAL records, at logging.flush() and at close. Without a loop, one
 -- write per line.
+--
+-- A write that fails (a full disk, say) never disables the sink: records
+-- are dropped and counted (sink:dropped(), the metric
+-- logging_dropped_records_total{sink="file"}) and writing is tried again
+-- after a back-off (100 ms doubling to 5 s; ERROR and CRITICAL records are
+-- always tried at once). When a write succeeds again a WARNING record says
+-- how many records were lost.
 function logging.file_sink(opts)
     local buffer_bytes = loop() and (opts.buffer_bytes or logging.DEFAULT_FILE_BUFFER_BYTES) or 0
     local file, err = clog.open_file(opts.path,
@@ -398,31 +408,81 @@ function logging.file_sink(opts)
         opts.backup_count or logging.DEFAULT_FILE_BACKUP_COUNT, buffer_bytes)
     if not file then return nil, err end
     local sink = { name = "file", path = opts.path, file = file }
-    if buffer_bytes > 0 then
-        sink.turn = every_loop_turn(function(handle)
-            local ok, werr = file:flush()
-            if not ok then
-                stop_handle(handle)
-                disable_sink(sink, "flush", werr)
+    local skipped = 0          -- records not even tried during a back-off
+    local retry_at, backoff    -- set while failing
+    local reported = 0         -- drops already counted in the metric
+
+    local function count_drops()
+        local total = skipped + file:dropped()
+        if total > reported then
+            local ok, metrics = pcall(require, "tamarco.metrics")
+            if ok then
+                metrics.counter("logging_dropped_records_total", {
+                    help = "Log records dropped because a remote sink's queue was full",
+                    labels = { sink = "file" },
+                }):inc(total - reported)
             end
+            reported = total
+        end
+    end
+    local function failed(werr)
+        count_drops()
+        if not retry_at then
+            backoff = logging.FILE_RETRY_MIN_MS
+            stderr_line(("sink \"file\" failing (records are dropped, retried with back-off): %s")
+                :format(tostring(werr)))
+        else
+            backoff = math.min(backoff * 2, logging.FILE_RETRY_MAX_MS)
+        end
+        sink.failure = tostring(werr)
+        retry_at = timer.now() + backoff
+    end
+    local function written()
+        if not retry_at then return end
+        retry_at = nil
+        count_drops()
+        local lost, why = reported - (sink.resumed_after or 0), sink.failure
+        sink.resumed_after = reported
+        -- through every sink: the file shows where its gap is
+        logging.get_logger("tamarco.logging"):warning("file sink resumed", {
+            dropped_records = lost, error = why, path = sink.path,
+        })
+    end
+    local function backing_off()
+        return retry_at ~= nil and timer.now() < retry_at
+    end
+    local function try_flush()
+        local ok, werr = file:flush()
+        if ok then written() else failed(werr) end
+        return ok
+    end
+
+    if buffer_bytes > 0 then
+        sink.turn = every_loop_turn(function()
+            if not backing_off() then try_flush() end
         end)
     end
     function sink:emit(record)
-        local ok, werr = self.file:write_json(record)
-        if not ok then error(werr, 0) end
+        local level = record.level
         -- errors go to the disk at once: they are the lines a crash or the
         -- watchdog's exit must not take with it
-        local level = record.level
-        if level == "ERROR" or level == "CRITICAL" then self:flush() end
+        local urgent = level == "ERROR" or level == "CRITICAL"
+        if not urgent and backing_off() then
+            skipped = skipped + 1
+            return
+        end
+        local ok, werr = file:write_json(record)
+        if not ok then return failed(werr) end
+        if urgent then try_flush() end
     end
-    function sink:flush()
-        local ok, werr = self.file:flush()
-        if not ok then error(werr, 0) end
-    end
-    function sink:reopen() return self.file:reopen() end
+    function sink:flush() try_flush() end
+    --- sink:dropped() -> records lost since the sink was made.
+    function sink:dropped() return skipped + file:dropped() end
+    function sink:reopen() return file:reopen() end
     function sink:close()
         stop_handle(self.turn)
-        self.file:close()
+        file:close()
+        count_drops()
     end
     return sink
 end

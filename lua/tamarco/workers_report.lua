@@ -12,7 +12,6 @@
 --                 200 when every worker answers 200, 500 when one answers
 --                 500, else 503 (a worker restarting or silent: not ready)
 --   /debug/...    each worker's /debug pages (tamarco.debug.workers_proxy)
-local HttpClient = require "tamarco.resources.http_client"
 local HttpServer = require "tamarco.resources.http_server"
 local json = require "tamarco.json"
 local prometheus = require "tamarco.metrics.prometheus"
@@ -46,12 +45,20 @@ end
 -- list_workers() -> list of { index =, pid =, address = (nil: not running) }.
 -- Stop with server:stop() inside a task.
 function workers_report.serve(host, port, list_workers)
-    local client = HttpClient.new()
+    -- The HTTP client (libcurl and its TLS, Kerberos, LDAP... libraries, some
+    -- 6 MB resident) is loaded at the first scrape, not with this module:
+    -- workers load this module too, and would all carry it for nothing.
+    local client
+    local function http_client()
+        client = client or require("tamarco.resources.http_client").new()
+        return client
+    end
     local server = HttpServer.new { host = host, port = port, reuse_port = false, drain_timeout = 1,
         cors = { enabled = false } }
 
     -- every worker's answer to `path`, fetched at the same time
     local function fetch_all(path)
+        local client = http_client()
         local group, results = tasks.group(), {}
         for _, worker in ipairs(list_workers()) do
             local result = { worker = worker }
@@ -98,7 +105,7 @@ function workers_report.serve(host, port, list_workers)
         return overall, { workers = workers }
     end)
 
-    require("tamarco.debug.workers_proxy").define(server, client, list_workers)   -- /debug/w/<n>/...
+    require("tamarco.debug.workers_proxy").define(server, http_client, list_workers)   -- /debug/w/<n>/...
 
     local ok, err = pcall(server.start, server)
     if not ok then return nil, tostring(err) end

@@ -36,12 +36,14 @@ local function worker_of(list_workers, index)
     end
 end
 
---- workers_proxy.define(server, client, list_workers)
-function workers_proxy.define(server, client, list_workers)
+--- workers_proxy.define(server, http_client, list_workers): http_client()
+-- gives the HTTP client (made at the first use: the supervisor does not load
+-- libcurl until it needs it).
+function workers_proxy.define(server, http_client, list_workers)
     server:get("/debug/", function(req)
         local first = worker_of(list_workers, "1")
         if not (first and first.address) then return 503, { error = "worker 1 is not running" } end
-        local status, body, headers = forward(client, first, "GET", "heap", req)
+        local status, body, headers = forward(http_client(), first, "GET", "heap", req)
         if status ~= 200 then return status, body, headers end
         local rows = {}
         for _, worker in ipairs(list_workers()) do
@@ -60,13 +62,13 @@ function workers_proxy.define(server, client, list_workers)
             if not (worker and worker.address) then
                 return 404, { error = "no running worker " .. flamegraph.escape(req.params.n) }
             end
-            return forward(client, worker, "GET", page, req)
+            return forward(http_client(), worker, "GET", page, req)
         end)
     end
     server:put("/debug/w/{n}/loglevel", function(req)
         local worker = worker_of(list_workers, req.params.n)
         if not (worker and worker.address) then return 404, { error = "no running worker " .. req.params.n } end
-        return forward(client, worker, "PUT", "loglevel", req)
+        return forward(http_client(), worker, "PUT", "loglevel", req)
     end)
 end
 

@@ -496,11 +496,12 @@ local command_methods = {}
 Redis.__index = function(_, key)
     local value = Redis[key]
     if value ~= nil then return value end
+    local method = command_methods[key]   -- the hot path: a command seen before
+    if method then return method end
     -- only plain lowercase words: probes for optional hooks such as
     -- `on_settings_change` or `__close` stay nil
     if type(key) ~= "string" or not key:find("^%l+$") then return nil end
-    local method = command_methods[key]
-    if not method then
+    do
         local name = key:upper()
         method = function(self, ...) return self:call(name, ...) end
         command_methods[key] = method
