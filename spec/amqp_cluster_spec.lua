@@ -31,15 +31,7 @@ local function read_all(path)
     return text
 end
 
-local function eventually(cond, ms, step)
-    local deadline = timer.hrtime() + ms * 1e6
-    while timer.hrtime() < deadline do
-        local v = cond()
-        if v then return v end
-        tasks.sleep(step or 100)
-    end
-    return cond()
-end
+local eventually = testing.wait_until
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/spec/[^/]+$") or "."
 local skip = os.getenv("TAMARCO_SKIP_AMQP_CLUSTER") == "1"

@@ -51,15 +51,7 @@ local function count_ids(paths)
     return unique, lines, seen
 end
 
-local function eventually(cond, ms, step)
-    local deadline = timer.hrtime() + ms * 1e6
-    while timer.hrtime() < deadline do
-        local v = cond()
-        if v then return v end
-        tasks.sleep(step or 100)
-    end
-    return cond()
-end
+local eventually = testing.wait_until
 
 local function script(action)
     local root = debug.getinfo(1, "S").source:match("^@(.*)/spec/[^/]+$") or "."

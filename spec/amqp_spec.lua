@@ -22,17 +22,7 @@ local function client(extra)
     return amqp.client(options)
 end
 
--- Polls cond() every 20 ms for up to ms; returns its last value.
-local function eventually(cond, ms)
-    local waited = 0
-    while waited < (ms or 5000) do
-        local v = cond()
-        if v then return v end
-        tasks.sleep(20)
-        waited = waited + 20
-    end
-    return cond()
-end
+local eventually = testing.wait_until
 
 local function run(fn) return testing.run(fn) end
 

@@ -26,14 +26,7 @@ local function unique(name)
     return name .. "_" .. process.uuid4():sub(1, 8)
 end
 
-local function wait_until(fn, ms)
-    local deadline = tamarco.now() + ms
-    while tamarco.now() < deadline do
-        if fn() then return true end
-        tamarco.sleep(20)
-    end
-    return fn() and true or false
-end
+local wait_until = testing.wait_until
 
 -- A caller: a service with a registry resource (not registering itself,
 -- only telling where etcd is) and an HTTP client.

@@ -40,14 +40,7 @@ local function leader()
     end
 end
 
-local function wait_until(fn, ms)
-    local deadline = tamarco.now() + ms
-    while tamarco.now() < deadline do
-        if fn() then return true end
-        tamarco.sleep(20)
-    end
-    return fn() and true or false
-end
+local wait_until = testing.wait_until
 
 describe("etcd endpoints", function()
     it("parses lists and comma-separated strings, and names a bad entry", function()

@@ -41,15 +41,7 @@ local function etcdctl(args)
     return sh("ETCDCTL_API=3 etcdctl --endpoints=" .. ENDPOINT .. " " .. args)
 end
 
--- Polls fn() every 10 ms inside a task until it is truthy or ms pass.
-local function wait_until(fn, ms)
-    local deadline = timer.now() + (ms or 5000)
-    while timer.now() < deadline do
-        if fn() then return true end
-        tamarco.sleep(10)
-    end
-    return fn() and true or false
-end
+local wait_until = testing.wait_until
 
 describe("tamarco.etcd codec", function()
     it("round-trips base64 of any bytes", function()

@@ -117,11 +117,7 @@ local function run_all(fns)
     return results
 end
 
-local function wait_for(pred, ms)
-    local deadline = timer.now() + (ms or 3000)
-    while not pred() and timer.now() < deadline do tamarco.sleep(10) end
-    return pred()
-end
+local wait_for = testing.wait_until
 
 local function shell(cmd)
     local p = io.popen(cmd)

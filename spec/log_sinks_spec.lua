@@ -193,10 +193,7 @@ describe("remote log sinks", function()
         return lines, function() logging.remove_sink(sink) end
     end
 
-    local function wait_for(predicate)
-        local waited = 0
-        while not predicate() and waited < 5000 do tamarco.sleep(10) waited = waited + 10 end
-    end
+    local wait_for = testing.wait_until
 
     for _, case in ipairs({
         { what = "a password the server does not need", password = "nope", reason = "without any password configured" },

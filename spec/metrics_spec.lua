@@ -12,14 +12,7 @@ local ctimer = require "tamarco.c.timer"
 local uv = require "luv"
 local scheduler = require "tamarco.c.scheduler"
 
-local function wait_for(pred, timeout_ms)
-    local deadline = tamarco.now() + (timeout_ms or 5000)
-    while not pred() do
-        if tamarco.now() > deadline then return false end
-        tamarco.sleep(5)
-    end
-    return true
-end
+local wait_for = testing.wait_until
 
 local function read_file(path)
     local f = io.open(path, "rb")

@@ -11,14 +11,7 @@ local cluster = require "spec.support.cluster"
 
 local SERVERS = { "master", "replica" }
 
-local function wait_until(fn, ms)
-    local deadline = tamarco.now() + ms
-    while tamarco.now() < deadline do
-        if fn() then return true end
-        tamarco.sleep(20)
-    end
-    return fn() and true or false
-end
+local wait_until = testing.wait_until
 
 -- Sends one command to the first sentinel that answers.
 local function ask_sentinels(list, ...)

@@ -68,15 +68,7 @@ local function services_async(action)
     end
 end
 
--- Yields until pred() is true (polling every 10 ms) or ms passed.
-local function wait_until(pred, ms)
-    local deadline = tamarco.now() + ms
-    while not pred() do
-        if tamarco.now() > deadline then return false end
-        tamarco.sleep(10)
-    end
-    return true
-end
+local wait_until = testing.wait_until
 
 -- Starts fn(i) in n tasks and yields until all have ended.
 local function run_tasks(n, fn)

@@ -16,14 +16,7 @@ local function need_etcd()
         .. "(scripts/test.sh does this)")
 end
 
-local function wait_until(fn, ms)
-    local deadline = timer.now() + (ms or 5000)
-    while timer.now() < deadline do
-        if fn() then return true end
-        tamarco.sleep(20)
-    end
-    return fn() and true or false
-end
+local wait_until = testing.wait_until
 
 local function unique(name)
     return name .. "_" .. process.uuid4():sub(1, 8)

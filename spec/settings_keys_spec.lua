@@ -11,14 +11,7 @@ local timer = require "tamarco.c.timer"
 
 local HOST, PORT = os.getenv("TAMARCO_TEST_ETCD_HOST"), os.getenv("TAMARCO_TEST_ETCD_PORT")
 
-local function wait_until(fn, ms)
-    local deadline = timer.now() + (ms or 5000)
-    while timer.now() < deadline do
-        if fn() then return true end
-        tamarco.sleep(10)
-    end
-    return fn() and true or false
-end
+local wait_until = testing.wait_until
 
 local TREE = { system = {
     foo = { cow = "moo" },

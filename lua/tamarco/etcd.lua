@@ -659,8 +659,8 @@ function Watcher:_connect()
             -- the gateway ends a stream with its last message unterminated
             -- (e.g. the error of a member that lost its leader)
             if not read_err and buffer:find("%S") then
-                local ok, msg = pcall(cjson.decode, buffer)
-                if ok and type(msg) == "table" then
+                local msg = json.decode(buffer)
+                if type(msg) == "table" then
                     local action, why = self:_message(msg)
                     if action == "break" and why then reason = why end
                 end

@@ -48,6 +48,19 @@ function testing.turn(ms)
     testing.run(timer.sleep, ms or 0)
 end
 
+--- testing.wait_until(condition[, ms[, step_ms]]) -> the truthy value
+-- condition() returned, or false when it stayed falsy for ms milliseconds
+-- (default 5000), polled every step_ms (default 10). Call inside a task.
+function testing.wait_until(condition, ms, step_ms)
+    local deadline = timer.now() + (ms or 5000)
+    while true do
+        local value = condition()
+        if value then return value end
+        if timer.now() >= deadline then return false end
+        require("tamarco.tasks").sleep(step_ms or 10)
+    end
+end
+
 --- A service started in-process by start_service.
 local Running = {}
 Running.__index = Running

@@ -34,15 +34,8 @@ local function read_all(path)
     return text
 end
 
-local function eventually(cond, ms)
-    local deadline = timer.hrtime() + (ms or 15000) * 1e6
-    while timer.hrtime() < deadline do
-        local v = cond()
-        if v then return v end
-        tasks.sleep(25)
-    end
-    return cond()
-end
+-- the Python peer takes seconds to start: a longer default wait
+local function eventually(cond, ms) return testing.wait_until(cond, ms or 15000, 25) end
 
 local dir
 local started = {}
