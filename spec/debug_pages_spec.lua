@@ -67,6 +67,7 @@ describe("debug pages", function()
                     "sleep 0.5",
                     curl(report .. "/debug/tasks", file("tasks.json")),
                     curl(report .. "/debug/tasks?format=text", file("tasks.txt")),
+                    curl(report .. "/debug/tasks?tracebacks=0", file("tasks.short")),
                     curl(report .. "/debug/heap", file("heap.json")),
                     curl(report .. "/debug/settings", file("settings.json")),
                     curl(report .. "/debug/", file("page.html")),
@@ -87,7 +88,7 @@ describe("debug pages", function()
                 }, "\n"), wait = "debug pages on" },
             })
         local results = {}
-        for _, name in ipairs({ "tasks.json", "tasks.txt", "heap.json", "settings.json", "page.html", "folded",
+        for _, name in ipairs({ "tasks.json", "tasks.txt", "tasks.short", "heap.json", "settings.json", "page.html", "folded",
                                 "busy", "during", "svg", "bad", "idle" }) do
             local body, status = body_and_status(file(name))
             results[name] = { body = body, status = status }
@@ -119,6 +120,9 @@ describe("debug pages", function()
         assert.are.equal("task", traffic.kind)
         assert.matches("handler http GET /blocked %[0x%x+%] waiting: redis BLPOP debug_spec_blocked for %d+ ms",
             results["tasks.txt"].body)
+        local short = cjson.decode(results["tasks.short"].body).tasks
+        assert.is_true(#short >= 3)
+        for _, t in ipairs(short) do assert.are.same({}, t.traceback_lines) end
         -- looking did not disturb it: it completed with the pushed value
         assert.matches('"released"', blocked)
 

@@ -95,4 +95,37 @@ describe("debug tasks", function()
             assert.are.equal(0, scheduler.stats().waits)
         end)
     end)
+
+    it("finds the note of every pending wait while waits of far-apart ids come and go (the table's removals)", function()
+        testing.run(function()
+            math.randomseed(7)
+            -- tasks that wait again at once when woken: the live waits end up
+            -- with ids spread far wider than the table, so they collide
+            local cos = {}
+            for i = 1, 1500 do
+                cos[i] = scheduler.spawn(function()
+                    while true do
+                        scheduler.suspend()
+                        tasks.checkpoint()
+                    end
+                end)
+            end
+            tasks.sleep(1)
+            for _ = 1, 30 do
+                for _ = 1, 300 do scheduler.wake(cos[math.random(1, #cos)]) end
+                tasks.sleep(1)
+                local waiting = 0
+                for _, e in ipairs(debug_tasks.snapshot(nil, { tracebacks = false })) do
+                    if e.state == "waiting" then
+                        waiting = waiting + 1
+                        assert.are.equal("suspend", e.wait, "a wait without its note: " .. e.name)
+                    end
+                end
+                assert.are.equal(waiting, scheduler.stats().waits)
+            end
+            for _, co in ipairs(cos) do tasks.cancel(co) end
+            tasks.sleep(1)
+            assert.are.equal(0, scheduler.stats().waits)
+        end)
+    end)
 end)

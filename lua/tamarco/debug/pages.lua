@@ -1,7 +1,8 @@
 --- tamarco.debug.pages: the `/debug` pages of the report server.
 --
 --   GET /debug/                 HTML page: tasks table, heap figures, "profile 10 s"
---   GET /debug/tasks            JSON (?format=text: a goroutine-style dump)
+--   GET /debug/tasks            JSON (?format=text: a goroutine-style dump;
+--                               ?tracebacks=0: without tracebacks, cheaper)
 --   GET /debug/profile?seconds=N[&mode=f|l][&format=folded]   flame graph SVG
 --   GET /debug/heap             JSON (?format=text)
 --   GET /debug/settings         JSON (?format=text; ?key=prefix)
@@ -68,13 +69,14 @@ local function guard(svc, handler)
 end
 
 local function tasks_page(svc, req)
-    local entries = debug_tasks.snapshot(svc)
+    -- ?tracebacks=0: the cheap listing (no traceback string per task)
+    local entries = debug_tasks.snapshot(svc, { tracebacks = req.query.tracebacks ~= "0" })
     if req.query.format == "text" then
         return 200, debug_tasks.to_text(entries), { ["Content-Type"] = TEXT }
     end
     local list = {}
     for i, e in ipairs(entries) do
-        e.traceback_lines = {}
+        e.traceback_lines = setmetatable({}, cjson.array_mt)
         for line in (e.traceback or ""):gmatch("[^\n]+") do
             if line ~= "stack traceback:" then e.traceback_lines[#e.traceback_lines + 1] = line:gsub("^%s+", "") end
         end
