@@ -61,6 +61,8 @@ local function private_tmpdir()
     local uv = require "luv"
     local base = os.getenv("TMPDIR") or "/tmp"
     local dir = assert(uv.fs_mkdtemp(base .. "/tamarco-test-XXXXXX"))
+    -- traversable like /tmp itself: specs run clients as other users
+    assert(uv.fs_chmod(dir, tonumber("755", 8)))
     uv.os_setenv("TMPDIR", dir)
     local counter = 0
     os.tmpname = function()

@@ -5,6 +5,8 @@ local settings = require "tamarco.settings"
 
 local cli_flags = {}
 
+--- cli_flags.source(options) -> a settings source holding what --debug and
+-- --console (options.debug, options.console) turn on.
 function cli_flags.source(options)
     local tree = { system = {} }
     local names = {}

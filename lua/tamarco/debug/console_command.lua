@@ -1,6 +1,6 @@
 --- `tamarco-host console TARGET [-e CODE]`: a Lua console inside a running
 -- service (see tamarco.debug.console_server for the service side).
-local cjson = require("cjson").new()
+local json = require "tamarco.json"
 local introspect = require "tamarco.c.introspect"
 local console_server = require "tamarco.debug.console_server"
 
@@ -123,12 +123,12 @@ local function connect(path)
             local line, rest = buffer:match("^([^\n]*)\n(.*)$")
             if not line then break end
             buffer = rest
-            local ok, message = pcall(cjson.decode, line)
-            if ok then queue[#queue + 1] = message end
+            local message = json.decode(line)
+            if message ~= nil then queue[#queue + 1] = message end
         end
     end)
     local conn = {}
-    function conn.send(message) pipe:write(cjson.encode(message) .. "\n") end
+    function conn.send(message) pipe:write(assert(json.encode(message)) .. "\n") end
     function conn.receive()
         while #queue == 0 do
             if closed then return nil, "the service closed the connection" end
@@ -218,6 +218,8 @@ local function interactive(conn, service_name)
     return 0
 end
 
+--- console_command.main(args) -> exit code: `tamarco-host console TARGET
+-- [-e CODE]` (0, 1 on a Lua error, 2 on a usage error, 3 when it cannot attach).
 function console_command.main(args)
     local options, usage_error = parse_args(args)
     if not options then return nil, usage_error end

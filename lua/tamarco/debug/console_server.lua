@@ -14,7 +14,7 @@
 -- Each line is evaluated in a new task of the service, so it may yield
 -- (a Redis call, an HTTP request, tamarco.sleep); cancel cancels that task
 -- at its next yield. Closing the connection cancels what still runs.
-local cjson = require("cjson").new()
+local json = require "tamarco.json"
 local introspect = require "tamarco.c.introspect"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
@@ -71,7 +71,7 @@ Session.__index = Session
 
 function Session:send(message)
     if self.closed then return end
-    self.pipe:write(cjson.encode(message) .. "\n")
+    self.pipe:write(assert(json.encode(message)) .. "\n")
 end
 
 function Session:service()
@@ -219,8 +219,8 @@ function Session:evaluate(id, code)
 end
 
 function Session:on_line(line)
-    local ok, message = pcall(cjson.decode, line)
-    if not ok or type(message) ~= "table" then
+    local message = json.decode(line)
+    if type(message) ~= "table" then
         return self:send({ ok = false, error = "bad message (one JSON object per line)" })
     end
     if message.op == "eval" then
@@ -252,8 +252,8 @@ function Server:accept()
     local own = introspect.uid()
     if uid ~= own and uid ~= 0 then
         svc.logger:warning("console connection refused", { peer_uid = uid, error = err, service_uid = own })
-        pipe:write(cjson.encode({ ok = false, error = ("refused: uid %s is neither the service's (%d) nor root")
-            :format(tostring(uid), own) }) .. "\n", function() pipe:close() end)
+        pipe:write(assert(json.encode({ ok = false, error = ("refused: uid %s is neither the service's (%d) nor root")
+            :format(tostring(uid), own) })) .. "\n", function() pipe:close() end)
         return
     end
     local session = setmetatable({ server = self, pipe = pipe, running = {}, buffer = "",
@@ -266,8 +266,11 @@ function Server:accept()
         end,
     }, { __index = function(_, k)
         if k == "svc" then return session:service() end
-        if k == "tamarco" then return require "tamarco" end
-        return _G[k]
+        -- a global, else a module the service loaded, by its name
+        -- (`tamarco`, `luv`, `tamarco.json`, ...)
+        local value = _G[k]
+        if value == nil then value = package.loaded[k] end
+        return value
     end })
     self.sessions[session] = true
     svc.logger:info("console attached", { peer_uid = uid })

@@ -37,6 +37,7 @@ function heap.enable()
     if jit and jit.attach then jit.attach(on_trace, "trace") end
 end
 
+--- Stops the counters (idempotent).
 function heap.disable()
     if not enabled then return end
     enabled = false

@@ -13,7 +13,7 @@
 -- reload) and answer 404 until the tamarco_debug resource turns them on.
 -- With a token, every request needs `Authorization: Bearer <token>`
 -- (compared in constant time), else 401.
-local cjson = require "cjson"
+local tamarco_json = require "tamarco.json"
 local debug_tasks = require "tamarco.debug.tasks"
 local flamegraph = require "tamarco.debug.flamegraph"
 local heap = require "tamarco.debug.heap"
@@ -43,7 +43,7 @@ end
 local function escape(s) return flamegraph.escape(s) end
 
 local function json(body)
-    return 200, cjson.encode(body), { ["Content-Type"] = "application/json" }
+    return 200, assert(tamarco_json.encode(body)), { ["Content-Type"] = tamarco_json.content_type }
 end
 
 -- The debug state of a service: { enabled, token } set by the resource.
@@ -76,14 +76,14 @@ local function tasks_page(svc, req)
     end
     local list = {}
     for i, e in ipairs(entries) do
-        e.traceback_lines = setmetatable({}, cjson.array_mt)
+        e.traceback_lines = tamarco_json.array()
         for line in (e.traceback or ""):gmatch("[^\n]+") do
             if line ~= "stack traceback:" then e.traceback_lines[#e.traceback_lines + 1] = line:gsub("^%s+", "") end
         end
         e.traceback = nil
         list[i] = e
     end
-    return json({ service = svc.name, count = #list, tasks = setmetatable(list, cjson.array_mt) })
+    return json({ service = svc.name, count = #list, tasks = tamarco_json.array(list) })
 end
 
 local function profile_page(svc, req)
@@ -112,7 +112,7 @@ local function settings_page(svc, req)
     if not store then return 404, { error = "no settings" } end
     local entries = settings_view.entries(store, req.query.key)
     if req.query.format == "text" then return 200, settings_view.to_text(entries), { ["Content-Type"] = TEXT } end
-    return json({ settings = setmetatable(entries, cjson.array_mt) })
+    return json({ settings = tamarco_json.array(entries) })
 end
 
 local function loglevel_page(svc, req)
@@ -174,7 +174,7 @@ local function html_page(svc, req, state)
     end
     out[#out + 1] = "</table>"
     out[#out + 1] = "<script>" .. (state.token and ("window.tamarcoAuth = { Authorization: %s };")
-        :format(cjson.encode("Bearer " .. state.token)) or "") .. flamegraph.SCRIPT .. [[
+        :format(assert(tamarco_json.encode("Bearer " .. state.token))) or "") .. flamegraph.SCRIPT .. [[
 (function () {
   var button = document.getElementById('profile'), state = document.getElementById('profile-state');
   function run(seconds) {

@@ -127,6 +127,8 @@ function profile.top(result, n)
     return out
 end
 
+--- profile.top_text(result[, n]) -> the n (default 20) frames with the most
+-- samples of their own, as a text table for a terminal.
 function profile.top_text(result, n)
     local lines = { ("%d samples every %d ms in %.1f s (%d idle)"):format(result.samples, result.interval_ms,
         result.seconds, result.idle_samples or 0), "  samples   share  frame" }

@@ -6,6 +6,8 @@ local routes = {}
 routes.GET = { "/debug", "/debug/", "/debug/tasks", "/debug/profile", "/debug/heap", "/debug/settings" }
 routes.PUT = { "/debug/loglevel" }
 
+--- routes.define(server, svc): defines every /debug route on the report
+-- server (they answer 404 until the tamarco_debug resource turns them on).
 function routes.define(server, svc)
     for method, paths in pairs({ get = routes.GET, put = routes.PUT }) do
         for _, path in ipairs(paths) do

@@ -73,14 +73,15 @@ end
 
 local function show(value)
     if type(value) == "table" then
-        local ok, text = pcall(require("cjson").encode, value)
-        return ok and text or tostring(value)
+        return require("tamarco.json").encode(value) or tostring(value)
     end
     if type(value) == "string" then return ("%q"):format(value) end
     return tostring(value)
 end
 settings_view.show = show
 
+--- settings_view.to_text(entries) -> one line per setting: key, value
+-- (secrets masked) and where it comes from.
 function settings_view.to_text(entries)
     local lines = {}
     for _, e in ipairs(entries) do

@@ -16,11 +16,13 @@ local Debug = base.class("tamarco_debug")
 
 local LOOPBACK = { ["localhost"] = true, ["::1"] = true, ["ip6-localhost"] = true }
 
+--- Debug.is_loopback(host) -> true for localhost, ::1 and 127.x.y.z.
 function Debug.is_loopback(host)
     host = tostring(host or "")
     return LOOPBACK[host] or host:match("^127%.%d+%.%d+%.%d+$") ~= nil
 end
 
+--- Debug:init(options): after the report server, whose routes it turns on.
 function Debug:init(options)
     base.Resource.init(self, options)
     self.depends_on = { "tamarco_http_report_server" }
@@ -34,6 +36,9 @@ local function checked(view, key, lua_type, default)
     return value
 end
 
+--- Debug:start(): follows system.logging.levels; turns the /debug pages on
+-- when the report server's `debug` setting says so (refused off loopback
+-- without `debug_token`); opens the console socket when `system.console`.
 function Debug:start()
     local svc = self.service
     self.log_watch = require("tamarco.debug.log_levels").watch_settings(svc)
@@ -67,6 +72,7 @@ function Debug:start()
     end
 end
 
+--- Debug:stop(): closes the console socket, turns the pages off.
 function Debug:stop()
     if self.log_watch then self.log_watch:cancel() end
     self.log_watch = nil
@@ -80,6 +86,7 @@ end
 -- look the service up at each request).
 Debug.adopt = base.keep_on_reload
 
+--- Debug:status() -> { status, pages, console = socket path | nil }.
 function Debug:status()
     return { status = self.status_code, pages = self.pages_on or false,
         console = self.console and self.console.path or nil }
