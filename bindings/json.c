@@ -603,49 +603,53 @@ static void add_string(tamarco_log_buf *b, const char *str, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *s = (const unsigned char *)str, *end = s + len;
-    /* room for the common case (nothing to escape); escapes make more */
-    if (!tamarco_log_buf_reserve(b, len + 2))
+    if (!tamarco_log_buf_reserve(b, 1))
         return;
     b->data[b->len++] = '"';
     while (s < end) {
-        const unsigned char *run = s;
-        while (s < end && string_class[*s] == 0)
-            s++;
-        tamarco_log_buf_add(b, (const char *)run, (size_t)(s - run));
-        if (s >= end)
-            break;
-        if (!tamarco_log_buf_reserve(b, 8 + (size_t)(end - s)))
+        /* a chunk at a time, with room for its worst case (every byte
+         * written as six, a UTF-8 sequence overlapping the chunk's end),
+         * so that the loop writes without checking; a long string never
+         * asks for six times its size at once */
+        size_t chunk = (size_t)(end - s) < 4096 ? (size_t)(end - s) : 4096;
+        if (!tamarco_log_buf_reserve(b, (chunk + 4) * 6))
             return;
+        const unsigned char *chunk_end = s + chunk;
         char *out = b->data + b->len;
-        unsigned c = *s;
-        if (string_class[c] == 2) {
-            size_t n = utf8_length(s, end);
-            if (n) {
-                memcpy(out, s, n);
-                out += n;
-                s += n;
+        while (s < chunk_end) {
+            unsigned c = *s;
+            if (string_class[c] == 0) {
+                *out++ = (char)c;
+                s++;
+            } else if (string_class[c] == 2) {
+                size_t n = utf8_length(s, end);
+                if (n) {
+                    memcpy(out, s, n);
+                    out += n;
+                    s += n;
+                } else {
+                    memcpy(out, "\\ufffd", 6);
+                    out += 6;
+                    s++;
+                }
             } else {
-                memcpy(out, "\\ufffd", 6);
-                out += 6;
+                *out++ = '\\';
+                switch (c) {
+                case '"': *out++ = '"'; break;
+                case '\\': *out++ = '\\'; break;
+                case '\n': *out++ = 'n'; break;
+                case '\r': *out++ = 'r'; break;
+                case '\t': *out++ = 't'; break;
+                case '\b': *out++ = 'b'; break;
+                case '\f': *out++ = 'f'; break;
+                default:
+                    memcpy(out, "u00", 3);
+                    out[3] = hex[c >> 4];
+                    out[4] = hex[c & 15];
+                    out += 5;
+                }
                 s++;
             }
-        } else {
-            *out++ = '\\';
-            switch (c) {
-            case '"': *out++ = '"'; break;
-            case '\\': *out++ = '\\'; break;
-            case '\n': *out++ = 'n'; break;
-            case '\r': *out++ = 'r'; break;
-            case '\t': *out++ = 't'; break;
-            case '\b': *out++ = 'b'; break;
-            case '\f': *out++ = 'f'; break;
-            default:
-                memcpy(out, "u00", 3);
-                out[3] = hex[c >> 4];
-                out[4] = hex[c & 15];
-                out += 5;
-            }
-            s++;
         }
         b->len = (size_t)(out - b->data);
     }

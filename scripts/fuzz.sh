@@ -5,7 +5,8 @@
 #                                    for SECONDS; new inputs are kept in
 #                                    build-fuzz/corpus/TARGET
 #   scripts/fuzz.sh --ci             every target for a fixed number of runs
-#                                    (TAMARCO_FUZZ_RUNS, default 20000 each)
+#                                    (TAMARCO_FUZZ_RUNS, default 20000 each),
+#                                    starting from the checked-in seeds
 #   scripts/fuzz.sh --list           the targets
 #
 # Everything it writes stays in build-fuzz/ (BUILD_DIR to change it): the
@@ -41,16 +42,17 @@ build_targets() {
     cmake --build "$build" -j"$(nproc 2>/dev/null || echo 2)" "$@" >/dev/null
 }
 
-# run TARGET libFuzzer-options...
+# run TARGET WORK_CORPUS libFuzzer-options...
 run() {
     t=$1
-    shift
-    mkdir -p "$build/corpus/$t" "$build/artifacts/$t"
+    work=$2
+    shift 2
+    mkdir -p "$work" "$build/artifacts/$t"
     seeds=""
     [ -d "$root/fuzz/corpus/$t" ] && seeds="$root/fuzz/corpus/$t"
     # the first corpus directory is where libFuzzer adds inputs: never the seeds
     (cd "$build" && "$build/fuzz/fuzz_$t" "$@" -artifact_prefix="$build/artifacts/$t/" \
-        -print_final_stats=1 "$build/corpus/$t" $seeds)
+        -print_final_stats=1 "$work" $seeds)
 }
 
 case "$1" in
@@ -65,7 +67,9 @@ case "$1" in
     for t in $all; do
         echo "== fuzz $t: $runs runs"
         log="$build/fuzz-$t.log"
-        if ! run "$t" -runs="$runs" -max_len=8192 -timeout=25 >"$log" 2>&1; then
+        # from the seeds only, so that every CI run does the same amount of work
+        rm -rf "$build/ci-corpus/$t"
+        if ! run "$t" "$build/ci-corpus/$t" -runs="$runs" -max_len=8192 -timeout=25 >"$log" 2>&1; then
             tail -n 60 "$log" >&2
             echo "fuzz: $t failed; artifacts in $build/artifacts/$t/" >&2
             exit 1
@@ -82,6 +86,6 @@ case "$1" in
     seconds=$2
     targets | grep -qx "$t" || { echo "fuzz: unknown target '$t' (scripts/fuzz.sh --list)" >&2; exit 2; }
     build_targets "$t"
-    run "$t" -max_total_time="$seconds" -max_len=8192 -timeout=25
+    run "$t" "$build/corpus/$t" -max_total_time="$seconds" -max_len=8192 -timeout=25
     ;;
 esac
