@@ -68,7 +68,7 @@ describe("redis sentinels", function()
         local list = cluster.sentinels()
         testing.run(function()
             local cache, err = redis.client():connect_to { sentinels = list, master_name = "nobody",
-                reconnect_min = 50 }
+                reconnect_min_ms = 50 }
             assert.is_nil(cache)
             assert.matches("no sentinel gave the master of 'nobody'", err, 1, true)
         end)
@@ -82,7 +82,7 @@ describe("redis sentinel faults", function()
         local figures = {}
         local ok, err = pcall(testing.run, function()
             local cache = assert(redis.client():connect_to { sentinels = list, master_name = name,
-                connect_timeout = 1000 })
+                connect_timeout_ms = 1000 })
             local writes, failed, crashes, running = 0, 0, 0, true
             local last_ok_at, last_error = 0, nil
             local stopped = false

@@ -327,6 +327,23 @@ describe("redis binding (tamarco.c.redis)", function()
 end)
 
 describe("redis resource", function()
+    it("reads durations in milliseconds by their _ms names, the old names with a deprecation warning", function()
+        local redis = require "tamarco.resources.redis"
+        local warnings = {}
+        local old = redis.client { connect_timeout = 1234, reconnect_max = 777 }
+        old.logger = { warning = function(_, message) warnings[#warnings + 1] = message end }
+        assert.are.equal(1234, old:setting("connect_timeout_ms"))
+        assert.are.equal(1234, old:setting("connect_timeout_ms"))   -- warned once
+        assert.are.equal(777, old:setting("reconnect_max_ms"))
+        assert.are.equal(100, old:setting("reconnect_min_ms"))      -- the default
+        assert.are.equal(2, #warnings)
+        assert.matches("`connect_timeout` of resource '.-' is deprecated: use `connect_timeout_ms`", warnings[1])
+        local new = redis.client { connect_timeout_ms = 99 }
+        new.logger = old.logger
+        assert.are.equal(99, new:setting("connect_timeout_ms"))
+        assert.are.equal(2, #warnings)
+    end)
+
     it("runs commands by method name and through call", function()
         testing.run(function()
             local cache = connect()
@@ -480,7 +497,7 @@ describe("redis resource in a service", function()
     it("goes through the lifecycle's status codes and never shows the password", function()
         testing.run(function()
             local svc, settings = service({ host = REDIS_HOST, port = REDIS_PORT, db = 2,
-                connect_timeout = 2000 })
+                connect_timeout_ms = 2000 })
             assert.are.equal(STATUS.NOT_STARTED, svc.cache:status().status)
             local running = assert(testing.start_service(svc, { settings = settings }))
             assert.are.equal(STATUS.STARTED, svc.cache:status().status)
@@ -500,7 +517,7 @@ describe("redis resource in a service", function()
     it("starts CONNECTING when Redis is unreachable and fails calls fast", function()
         testing.run(function()
             local svc, settings = service({ host = "127.0.0.1", port = closed_port(),
-                reconnect_min = 50, reconnect_max = 100 })
+                reconnect_min_ms = 50, reconnect_max_ms = 100 })
             local running = assert(testing.start_service(svc, { settings = settings }))
             assert.are.equal(STATUS.CONNECTING, svc.cache:status().status)
             local t0 = tamarco.now()
@@ -531,7 +548,7 @@ describe("redis resource in a service", function()
             assert.are.equal("OK", admin:config("SET", "requirepass", "spec-secret2"))
             local ok, failure = pcall(function()
                 local svc, settings = service({ host = REDIS_HOST, port = REDIS_PORT, password = "nope",
-                    reconnect_min = 50 })
+                    reconnect_min_ms = 50 })
                 local running = assert(testing.start_service(svc, { settings = settings }))
                 assert.are.equal(STATUS.CONNECTING, svc.cache:status().status)
                 local r, err = svc.cache:get("k")
@@ -549,7 +566,7 @@ describe("redis resource in a service", function()
     it("FAULT: survives stop-redis/start-redis: FAILED, fast failures, back without restart", function()
         testing.run(function()
             local svc, settings = service({ host = REDIS_HOST, port = REDIS_PORT,
-                reconnect_min = 50, reconnect_max = 200 })
+                reconnect_min_ms = 50, reconnect_max_ms = 200 })
             local running = assert(testing.start_service(svc, { settings = settings }))
             local seen = {}
             svc.cache.set_status = function(self, code)   -- records every transition
@@ -586,7 +603,7 @@ describe("redis resource in a service", function()
         testing.timeout_ms = 60000
         testing.run(function()
             local svc, settings = service({ host = REDIS_HOST, port = REDIS_PORT,
-                reconnect_min = 50, reconnect_max = 500 })
+                reconnect_min_ms = 50, reconnect_max_ms = 500 })
             local running = assert(testing.start_service(svc, { settings = settings }))
             -- subscribed before the restart, re-subscribed after it
             local messages = {}

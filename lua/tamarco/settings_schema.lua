@@ -130,8 +130,11 @@ schema.resources = {
     http_server = HTTP_SERVER,
     redis = {
         host = STRING, port = PORT, username = STRING, password = ANY, db = count(0, INT32_MAX),
+        connect_timeout_ms = schema.MILLISECONDS, reconnect_min_ms = schema.MILLISECONDS,
+        reconnect_max_ms = schema.MILLISECONDS, fail_on_start = BOOLEAN,
+        -- the names before the units rule (deprecated, still read)
         connect_timeout = schema.MILLISECONDS, reconnect_min = schema.MILLISECONDS,
-        reconnect_max = schema.MILLISECONDS, fail_on_start = BOOLEAN,
+        reconnect_max = schema.MILLISECONDS,
         sentinels = STRING_OR_LIST, master_name = STRING,
     },
     amqp = {

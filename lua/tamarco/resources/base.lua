@@ -63,14 +63,40 @@ end
 -- system.resources.<name>.<key>), then the options given to the
 -- constructor, then `default`, then the class's `defaults[key]`.
 -- Works before bind (no view) and for resources used without a service.
-function Resource:setting(key, default)
+-- A class's `renamed_settings` maps an old setting name to its new one (e.g.
+-- `connect_timeout = "connect_timeout_ms"`): the old name still works, with
+-- one deprecation warning per resource.
+local function given(self, key)
     local view = self.settings
     if type(view) == "table" then
         local value
         if type(view.get) == "function" then value = view:get(key, nil) else value = view[key] end
         if value ~= nil then return value end
     end
-    local value = self.options[key]
+    return self.options[key]
+end
+
+local function renamed_value(self, key)
+    for old, new in pairs(self.renamed_settings or {}) do
+        if new == key then
+            local value = given(self, old)
+            if value ~= nil then
+                self._warned_renamed = self._warned_renamed or {}
+                if not self._warned_renamed[old] and self.logger then
+                    self._warned_renamed[old] = true
+                    self.logger:warning(("setting `%s` of resource '%s' is deprecated: use `%s`")
+                        :format(old, tostring(self.name), new), { setting = old, use = new })
+                end
+                return value
+            end
+        end
+    end
+end
+
+function Resource:setting(key, default)
+    local value = given(self, key)
+    if value ~= nil then return value end
+    value = renamed_value(self, key)
     if value ~= nil then return value end
     if default ~= nil then return default end
     local defaults = self.defaults

@@ -37,10 +37,11 @@
 --   password         AUTH on every (re)connect; never shown by status()
 --   username         AUTH username (Redis 6 ACL), optional
 --   db               SELECT on every (re)connect when not 0 (default 0)
---   connect_timeout  ms, default 5000 (also bounds AUTH/SELECT and the wait
+--   connect_timeout_ms  default 5000 (also bounds AUTH/SELECT and the wait
 --                    for a subscription's confirmation)
---   reconnect_min    ms, first reconnect delay (default 100); doubled after
---   reconnect_max    each failed attempt up to this (default 5000)
+--   reconnect_min_ms    first reconnect delay (default 100); doubled after
+--   reconnect_max_ms    each failed attempt up to this (default 5000)
+--   (the names without _ms still work, deprecated)
 --   sentinels        Redis behind Sentinel: a list of "host:port" (or one
 --   master_name      comma-separated string) and the master's name; host
 --                    and port are then ignored and the master is found and
@@ -87,15 +88,17 @@ local DEFAULTS = {
     host = "127.0.0.1",
     port = 6379,
     db = 0,
-    connect_timeout = 5000,
-    reconnect_min = 100,
-    reconnect_max = 5000,
+    connect_timeout_ms = 5000,
+    reconnect_min_ms = 100,
+    reconnect_max_ms = 5000,
     fail_on_start = false,
 }
 Redis.defaults = DEFAULTS
+Redis.renamed_settings = { connect_timeout = "connect_timeout_ms", reconnect_min = "reconnect_min_ms",
+    reconnect_max = "reconnect_max_ms" }
 
-local SETTING_KEYS = { "host", "port", "username", "password", "db", "connect_timeout",
-    "reconnect_min", "reconnect_max", "fail_on_start", "sentinels", "master_name" }
+local SETTING_KEYS = { "host", "port", "username", "password", "db", "connect_timeout_ms",
+    "reconnect_min_ms", "reconnect_max_ms", "fail_on_start", "sentinels", "master_name" }
 
 local null_logger = setmetatable({}, { __index = function() return function() end end })
 
@@ -148,7 +151,7 @@ end
 -- pub/sub link also installs the message handler and subscribes again.
 function Link:open()
     local owner = self.owner
-    local timeout = tonumber(owner:setting("connect_timeout"))
+    local timeout = tonumber(owner:setting("connect_timeout_ms"))
     local conn_ref = {}
     local host, port = owner:setting("host"), tonumber(owner:setting("port"))
     if owner.sentinel_watch then
@@ -243,8 +246,8 @@ end
 
 function Link:reconnect_loop()
     local owner = self.owner
-    local min = tonumber(owner:setting("reconnect_min")) or DEFAULTS.reconnect_min
-    local max = tonumber(owner:setting("reconnect_max")) or DEFAULTS.reconnect_max
+    local min = tonumber(owner:setting("reconnect_min_ms")) or DEFAULTS.reconnect_min_ms
+    local max = tonumber(owner:setting("reconnect_max_ms")) or DEFAULTS.reconnect_max_ms
     local delay = self.delay or min
     local attempts = 0
     while not self.closed do
@@ -351,8 +354,8 @@ function Redis:start_sentinel_watch()
 end
 
 function Redis:start()
-    self:check_settings { port = base.PORT, db = base.COUNT, connect_timeout = base.DURATION,
-        reconnect_min = base.DURATION, reconnect_max = base.DURATION }
+    self:check_settings { port = base.PORT, db = base.COUNT, connect_timeout_ms = base.DURATION,
+        reconnect_min_ms = base.DURATION, reconnect_max_ms = base.DURATION }
     self:start_sentinel_watch()
     local ok, err = self:open_links(self:setting("fail_on_start"))
     if not ok and self:setting("fail_on_start") then error(err, 0) end
@@ -588,7 +591,7 @@ local function add_subscription(self, command, registry, name, handler)
         for i, co in ipairs(waiters) do if co == me then table.remove(waiters, i) break end end
         return nil, self:label() .. ": " .. tostring(send_err)
     end
-    local timeout = tonumber(self:setting("connect_timeout")) or DEFAULTS.connect_timeout
+    local timeout = tonumber(self:setting("connect_timeout_ms")) or DEFAULTS.connect_timeout_ms
     local done = false
     local guard = scheduler.spawn(function()
         timer.sleep(timeout)

@@ -50,7 +50,7 @@ function sentinel.enabled(owner)
 end
 
 local function timeout_of(owner)
-    return tonumber(owner:setting("connect_timeout")) or 5000
+    return tonumber(owner:setting("connect_timeout_ms")) or 5000
 end
 
 -- Sentinels in the order to try: starting with the last one that answered.
