@@ -10,15 +10,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define REG_TASKS "tamarco.scheduler.tasks"
-#define REG_WAITS "tamarco.scheduler.waits"
-#define REG_WAIT_OF "tamarco.scheduler.wait_of"
-#define REG_CANCELS "tamarco.scheduler.cancels"
-#define REG_EXITS "tamarco.scheduler.exits"
-#define REG_READY "tamarco.scheduler.ready"
-#define REG_ON_ERROR "tamarco.scheduler.on_error"
-#define REG_POOL "tamarco.scheduler.pool"
-#define REG_UNSEEN "tamarco.scheduler.unseen"
+/* The scheduler's registry entries are keyed by the addresses of these
+ * bytes (lightuserdata), not by strings: a string key is hashed and interned
+ * at every lookup, and a wait and its wake look several tables up. */
+static const char reg_tasks, reg_waits, reg_wait_of, reg_cancels, reg_exits, reg_ready, reg_on_error, reg_pool, reg_unseen;
+#define REG_TASKS ((void *)&reg_tasks)
+#define REG_WAITS ((void *)&reg_waits)
+#define REG_WAIT_OF ((void *)&reg_wait_of)
+#define REG_CANCELS ((void *)&reg_cancels)
+#define REG_EXITS ((void *)&reg_exits)
+#define REG_READY ((void *)&reg_ready)
+#define REG_ON_ERROR ((void *)&reg_on_error)
+#define REG_POOL ((void *)&reg_pool)
+#define REG_UNSEEN ((void *)&reg_unseen)
 #define POOL_MAX 64
 
 struct pending_cancel {
@@ -26,9 +30,24 @@ struct pending_cancel {
     void *ud;
 };
 
-static void push_registry_table(lua_State *L, const char *key, const char *mode)
+/* registry[key] onto the stack. */
+static void registry_get(lua_State *L, void *key)
 {
-    lua_getfield(L, LUA_REGISTRYINDEX, key);
+    lua_pushlightuserdata(L, key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+/* registry[key] = the value on top (popped). */
+static void registry_set(lua_State *L, void *key)
+{
+    lua_pushlightuserdata(L, key);
+    lua_insert(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+static void push_registry_table(lua_State *L, void *key, const char *mode)
+{
+    registry_get(L, key);
     if (!lua_isnil(L, -1))
         return;
     lua_pop(L, 1);
@@ -40,7 +59,7 @@ static void push_registry_table(lua_State *L, const char *key, const char *mode)
         lua_setmetatable(L, -2);
     }
     lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, key);
+    registry_set(L, key);
 }
 
 static tamarco_host *checked_host(lua_State *L)
@@ -267,7 +286,7 @@ static void report_error(tamarco_host *host, lua_State *co, int err_index_in_L)
     lua_State *L = host->L;
     luaL_traceback(L, co, NULL, 0);
     int tb = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, REG_ON_ERROR);
+    registry_get(L, REG_ON_ERROR);
     if (lua_isfunction(L, -1)) {
         lua_pushthread(co);
         lua_xmove(co, L, 1);
@@ -398,7 +417,7 @@ static void run_ready(uv_idle_t *idle)
     push_registry_table(L, REG_READY, NULL);
     /* Swap in a fresh queue: resumes below may queue more for the next turn. */
     lua_newtable(L);
-    lua_setfield(L, LUA_REGISTRYINDEX, REG_READY);
+    registry_set(L, REG_READY);
     int count = (int)lua_objlen(L, -1);
     for (int i = 1; i <= count; i++) {
         lua_rawgeti(L, top + 1, i);
@@ -463,9 +482,9 @@ void tamarco_scheduler_shutdown(tamarco_host *host)
     }
     lua_pop(L, 1);
     lua_newtable(L);
-    lua_setfield(L, LUA_REGISTRYINDEX, REG_CANCELS);
+    registry_set(L, REG_CANCELS);
     lua_newtable(L);
-    lua_setfield(L, LUA_REGISTRYINDEX, REG_WAITS);
+    registry_set(L, REG_WAITS);
     free(host->wait_notes);
     host->wait_notes = NULL;
     host->wait_notes_cap = host->wait_notes_count = 0;
@@ -582,7 +601,7 @@ static int l_set_error_handler(lua_State *L)
     if (!lua_isnil(L, 1))
         luaL_checktype(L, 1, LUA_TFUNCTION);
     lua_settop(L, 1);
-    lua_setfield(L, LUA_REGISTRYINDEX, REG_ON_ERROR);
+    registry_set(L, REG_ON_ERROR);
     return 0;
 }
 
@@ -660,7 +679,7 @@ static int l_running(lua_State *L)
     return 1;
 }
 
-static int count_entries(lua_State *L, const char *key, const char *mode)
+static int count_entries(lua_State *L, void *key, const char *mode)
 {
     push_registry_table(L, key, mode);
     int n = 0;

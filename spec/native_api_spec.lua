@@ -13,12 +13,13 @@ describe("the C extension API", function()
     describe("tamarco_offload", function()
         it("runs work on a pool thread while the loop keeps turning", function()
             testing.run(function()
-                local ticks = 0
+                local ticks, offloading = 0, true
                 local ticker = tamarco.spawn(function()
-                    while true do timer.sleep(5); ticks = ticks + 1 end
+                    while offloading do timer.sleep(5); ticks = ticks + 1 end
                 end)
                 assert.is_true(native.offload_sleep(200))   -- true: not on the loop thread
-                scheduler.interrupt(ticker)
+                offloading = false
+                assert(testing.wait_until(function() return coroutine.status(ticker) == "dead" end))
                 assert.is_true(ticks >= 2, "the loop was blocked: " .. ticks .. " ticks")
             end)
         end)
