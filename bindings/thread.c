@@ -34,6 +34,9 @@
  * Functions, userdata and coroutines raise an error naming the field path.
  */
 #include "host.h"
+#include "byte_buffer.h"
+#include "lua_class.h"
+#include "task_guard.h"
 
 #include <pthread.h>
 #include <stddef.h>
@@ -59,36 +62,20 @@ typedef struct tmsg {
 enum { T_NIL = 1, T_FALSE, T_TRUE, T_NUM, T_STR, T_TABLE, T_END };
 
 typedef struct wbuf {
-    unsigned char *p;   /* starts with a tmsg header */
-    size_t len, cap;
+    tamarco_buf out;           /* starts with a tmsg header */
     int keys[MAX_DEPTH + 1];   /* stack index of the key at each depth */
     int visiting;              /* stack index of the cycle-detection set */
     char err[512];
 } wbuf;
 
-static int wb_reserve(wbuf *b, size_t n)
+/* Appends to the message; -1, with the reason in err, once memory ran out. */
+static int wb_put(wbuf *b, const void *data, size_t n)
 {
-    if (b->len + n <= b->cap)
-        return 0;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + n)
-        cap *= 2;
-    unsigned char *p = realloc(b->p, cap);
-    if (!p) {
+    tamarco_buf_add(&b->out, data, n);
+    if (b->out.oom) {
         snprintf(b->err, sizeof b->err, "out of memory while copying a message");
         return -1;
     }
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
-
-static int wb_put(wbuf *b, const void *data, size_t n)
-{
-    if (wb_reserve(b, n) != 0)
-        return -1;
-    memcpy(b->p + b->len, data, n);
-    b->len += n;
     return 0;
 }
 
@@ -193,7 +180,7 @@ static int encode_table(lua_State *L, int idx, wbuf *b, int depth)
     uint32_t narr = (uint32_t)lua_objlen(L, idx), nhash = 0;
     if (wb_byte(b, T_TABLE) != 0 || wb_put(b, &narr, sizeof narr) != 0)
         return -1;
-    size_t nhash_at = b->len;
+    size_t nhash_at = b->out.len;
     if (wb_put(b, &nhash, sizeof nhash) != 0)
         return -1;
     uint32_t count = 0;
@@ -217,7 +204,7 @@ static int encode_table(lua_State *L, int idx, wbuf *b, int depth)
     if (wb_byte(b, T_END) != 0)
         return -1;
     nhash = count > narr ? count - narr : 0;
-    memcpy(b->p + nhash_at, &nhash, sizeof nhash);
+    memcpy(b->out.data + nhash_at, &nhash, sizeof nhash);
 
     lua_pushvalue(L, idx);
     lua_pushnil(L);
@@ -261,18 +248,22 @@ static tmsg *encode_message(lua_State *L, int idx, char *err, size_t errsize)
     }
     lua_newtable(L);
     b->visiting = lua_gettop(L);
-    b->len = offsetof(tmsg, data);
-    if (wb_reserve(b, 64) == 0 && encode_value(L, idx, b, 0) == 0) {
-        m = (tmsg *)b->p;
+    tamarco_buf_init(&b->out);
+    if (tamarco_buf_reserve(&b->out, offsetof(tmsg, data) + 64))
+        b->out.len = offsetof(tmsg, data);
+    else
+        snprintf(b->err, sizeof b->err, "out of memory while copying a message");
+    if (!b->out.oom && encode_value(L, idx, b, 0) == 0) {
+        size_t len;
+        m = (tmsg *)tamarco_buf_take(&b->out, &len);
         m->next = NULL;
         m->is_log = 0;
-        m->len = b->len - offsetof(tmsg, data);
-        b->p = NULL;
+        m->len = len - offsetof(tmsg, data);
     } else {
         snprintf(err, errsize, "%s", b->err);
     }
     lua_settop(L, top);
-    free(b->p);
+    tamarco_buf_free(&b->out);
     free(b);
     return m;
 }
@@ -1018,9 +1009,8 @@ static void cancel_wait(void *ud)
 /* Suspends the running task as a waiter of kind; ms < 0: no timeout. */
 static int wait_for(lua_State *L, tthread *t, int kind, double ms, int detach_on_timeout)
 {
-    if (!tamarco_host_of(L) || !tamarco_in_task(L))
-        return luaL_error(L, "thread '%s': receive, join and stop yield: call them inside a task, "
-                             "hook or handler", t->name);
+    tamarco_check_host(L, "thread");
+    tamarco_check_task(L, "thread:receive/join/stop");
     waiter *w = calloc(1, sizeof *w);
     if (!w)
         return luaL_error(L, "out of memory");
@@ -1055,9 +1045,7 @@ static int l_start(lua_State *L)
     size_t code_len;
     const char *code = luaL_checklstring(L, 2, &code_len);
     const char *logger_name = luaL_optstring(L, 3, NULL);
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        return luaL_error(L, "threads can only be started from the service's main state");
+    tamarco_host *host = tamarco_check_host(L, "thread.start");
 
     handle_ud *ud = lua_newuserdata(L, sizeof *ud);
     ud->t = NULL;
@@ -1365,17 +1353,7 @@ int luaopen_tamarco_c_thread(lua_State *L)
         {"decode", l_decode},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, HANDLE_MT)) {
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, h_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, h_tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
-    lua_newtable(L);
-    luaL_register(L, NULL, funcs);
+    tamarco_class_register(L, HANDLE_MT, methods, h_gc, h_tostring);
+    tamarco_module_new(L, funcs);
     return 1;
 }

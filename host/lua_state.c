@@ -23,6 +23,7 @@ static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.http_server", luaopen_tamarco_c_http_server},
     {"tamarco.c.metrics", luaopen_tamarco_c_metrics},
     {"tamarco.c.native", luaopen_tamarco_c_native},
+    {"tamarco.c.backoff", luaopen_tamarco_c_backoff},
     {NULL, NULL},
 };
 

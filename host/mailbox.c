@@ -1,0 +1,73 @@
+/* The thread -> loop mailbox (see mailbox.h). */
+#include "mailbox.h"
+
+#include <errno.h>
+
+static void on_async(uv_async_t *async)
+{
+    tamarco_mailbox *box = (tamarco_mailbox *)((char *)async - offsetof(tamarco_mailbox, async));
+    tamarco_mail *list = tamarco_mailbox_take(box);
+    if (list)
+        box->deliver(box, list);
+}
+
+int tamarco_mailbox_init(tamarco_mailbox *box, uv_loop_t *loop, tamarco_mailbox_fn deliver)
+{
+    box->head = box->tail = NULL;
+    box->deliver = deliver;
+    box->closed = 0;
+    int rc = uv_mutex_init(&box->lock);
+    if (rc != 0)
+        return rc;
+    rc = uv_async_init(loop, &box->async, on_async);
+    if (rc != 0) {
+        uv_mutex_destroy(&box->lock);
+        return rc;
+    }
+    uv_unref((uv_handle_t *)&box->async);
+    return 0;
+}
+
+int tamarco_mailbox_post_list(tamarco_mailbox *box, tamarco_mail *first, tamarco_mail *last)
+{
+    last->next = NULL;
+    uv_mutex_lock(&box->lock);
+    if (box->closed) {
+        uv_mutex_unlock(&box->lock);
+        return -EPIPE;
+    }
+    if (box->tail)
+        box->tail->next = first;
+    else
+        box->head = first;
+    box->tail = last;
+    /* under the lock: the loop closes the handle only after setting closed */
+    uv_async_send(&box->async);
+    uv_mutex_unlock(&box->lock);
+    return 0;
+}
+
+tamarco_mail *tamarco_mailbox_take(tamarco_mailbox *box)
+{
+    uv_mutex_lock(&box->lock);
+    tamarco_mail *list = box->head;
+    box->head = box->tail = NULL;
+    uv_mutex_unlock(&box->lock);
+    return list;
+}
+
+tamarco_mail *tamarco_mailbox_close(tamarco_mailbox *box, uv_close_cb on_close)
+{
+    uv_mutex_lock(&box->lock);
+    box->closed = 1;
+    tamarco_mail *list = box->head;
+    box->head = box->tail = NULL;
+    uv_mutex_unlock(&box->lock);
+    uv_close((uv_handle_t *)&box->async, on_close);
+    return list;
+}
+
+void tamarco_mailbox_destroy(tamarco_mailbox *box)
+{
+    uv_mutex_destroy(&box->lock);
+}
