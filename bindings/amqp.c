@@ -92,6 +92,10 @@
  * Every yielding call raises outside a task.
  */
 #include "host.h"
+#include "backoff.h"
+#include "lua_class.h"
+#include "lua_options.h"
+#include "task_guard.h"
 
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
@@ -1308,7 +1312,8 @@ static int io_backoff(aconn *c, int ms, const char *why)
 static void io_main(void *arg)
 {
     aconn *c = arg;
-    int backoff = c->backoff_ms;
+    tamarco_backoff backoff;
+    tamarco_backoff_init(&backoff, c->backoff_ms, c->backoff_max_ms, TAMARCO_BACKOFF_FACTOR, 0);
     char err[512], why[800];
     for (;;) {
         if (thread_stopping(c))
@@ -1320,12 +1325,11 @@ static void io_main(void *arg)
             post_state(c, ST_FAILED, err);
             c->cur = (c->cur + 1) % c->nhosts;
             snprintf(why, sizeof why, "not connected to the AMQP broker (%s)", err);
-            if (io_backoff(c, backoff, why))
+            if (io_backoff(c, (int)tamarco_backoff_next(&backoff), why))
                 break;
-            backoff = backoff * 2 > c->backoff_max_ms ? c->backoff_max_ms : backoff * 2;
             continue;
         }
-        backoff = c->backoff_ms;
+        tamarco_backoff_reset(&backoff);
         c->epoch++;
         post_state(c, ST_CONNECTED, NULL);
         c->lost[0] = '\0';
@@ -1338,7 +1342,7 @@ static void io_main(void *arg)
         post_state(c, ST_FAILED, c->lost);
         c->cur = (c->cur + 1) % c->nhosts;
         snprintf(why, sizeof why, "not connected to the AMQP broker (%s)", c->lost);
-        if (io_backoff(c, backoff, why))
+        if (io_backoff(c, (int)tamarco_backoff_peek(&backoff), why))
             break;
     }
     /* closing: refuse what is left, then say goodbye */
@@ -1665,10 +1669,8 @@ static int closed_error(lua_State *L)
 
 static void need_task(lua_State *L, const char *what)
 {
-    if (!tamarco_host_of(L))
-        luaL_error(L, "amqp.%s: AMQP runs on the service's main state, not in a thread", what);
-    if (!tamarco_in_task(L))
-        luaL_error(L, "amqp.%s yields: call it inside a task, hook or handler", what);
+    tamarco_check_host(L, "amqp.%s: AMQP", what);
+    tamarco_check_task(L, "amqp.%s", what);
 }
 
 typedef struct lstr {
@@ -2181,22 +2183,6 @@ static int l_tostring(lua_State *L)
 
 /* ---- connect ---- */
 
-static int opt_int(lua_State *L, const char *key, int def, int min, int max)
-{
-    lua_getfield(L, 1, key);
-    int v = def;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TNUMBER)
-            luaL_error(L, "amqp.connect: '%s' must be a number", key);
-        double d = lua_tonumber(L, -1);
-        if (d < min || d > max)
-            luaL_error(L, "amqp.connect: '%s' must be in %d..%d", key, min, max);
-        v = (int)d;
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
 static int l_connect(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -2208,11 +2194,11 @@ static int l_connect(lua_State *L)
     luaL_argcheck(L, lua_isfunction(L, -1), 1, "'on_state' must be a function");
     lua_getfield(L, 1, "on_delivery");
     luaL_argcheck(L, lua_isfunction(L, -1), 1, "'on_delivery' must be a function");
-    int port = opt_int(L, "port", 5672, 1, 65535);
-    int heartbeat = opt_int(L, "heartbeat", 30, 0, 65535);
-    int timeout_ms = opt_int(L, "timeout_ms", 10000, 1, 3600000);
-    int backoff_ms = opt_int(L, "backoff_ms", 200, 1, 3600000);
-    int backoff_max_ms = opt_int(L, "backoff_max_ms", 5000, 1, 3600000);
+    int port = (int)tamarco_opt_int(L, 1, "amqp.connect", "port", 5672, 1, 65535);
+    int heartbeat = (int)tamarco_opt_int(L, 1, "amqp.connect", "heartbeat", 30, 0, 65535);
+    int timeout_ms = (int)tamarco_opt_int(L, 1, "amqp.connect", "timeout_ms", 10000, 1, 3600000);
+    int backoff_ms = (int)tamarco_opt_int(L, 1, "amqp.connect", "backoff_ms", 200, 1, 3600000);
+    int backoff_max_ms = (int)tamarco_opt_int(L, 1, "amqp.connect", "backoff_max_ms", 5000, 1, 3600000);
     lua_getfield(L, 1, "host");
     lua_getfield(L, 1, "vhost");
     lua_getfield(L, 1, "user");
@@ -2349,18 +2335,8 @@ int luaopen_tamarco_c_amqp(lua_State *L)
     };
     /* uv handles may still call into this module while the host shuts down */
     tamarco_keep_loaded((const void *)luaopen_tamarco_c_amqp);
-    if (luaL_newmetatable(L, CONN_MT)) {
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
-    lua_newtable(L);
-    luaL_register(L, NULL, funcs);
+    tamarco_class_register(L, CONN_MT, methods, l_gc, l_tostring);
+    tamarco_module_new(L, funcs);
     lua_pushstring(L, amqp_version());
     lua_setfield(L, -2, "librabbitmq_version");
     return 1;

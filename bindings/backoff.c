@@ -45,8 +45,7 @@ static int l_reset(lua_State *L)
 /* peek() -> the delay next() would return, without jitter. */
 static int l_peek(lua_State *L)
 {
-    tamarco_backoff *b = luaL_checkudata(L, 1, BACKOFF_MT);
-    lua_pushnumber(L, b->next_ms);
+    lua_pushnumber(L, tamarco_backoff_peek(luaL_checkudata(L, 1, BACKOFF_MT)));
     return 1;
 }
 

@@ -3,6 +3,7 @@
  * masking, sinks and every other policy live in lua/tamarco/logging.lua. */
 #include "host.h"
 #include "log_encode.h"
+#include "lua_class.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -555,20 +556,8 @@ int luaopen_tamarco_c_log(lua_State *L)
         {NULL, NULL},
     };
 
-    luaL_newmetatable(L, BUF_MT);
-    lua_pushcfunction(L, buf_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
-
-    luaL_newmetatable(L, FILE_MT);
-    lua_newtable(L);
-    luaL_register(L, NULL, file_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_file_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_file_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
+    tamarco_class_register(L, BUF_MT, NULL, buf_gc, NULL);
+    tamarco_class_register(L, FILE_MT, file_methods, l_file_close, l_file_tostring);
 
     /* the functions share one encoding buffer, their upvalue */
     lua_newtable(L);

@@ -3,19 +3,20 @@
  * state, talking to the loop by copied messages.
  *
  * One `tthread` per thread, shared by three owners (refcounted under its
- * mutex): the OS thread, the loop side (its uv_async_t; released in the
- * async's close callback) and the Lua userdata (released in __gc).
+ * mutex): the OS thread, the loop side (its outbox's uv_async_t; released in
+ * the close callback) and the Lua userdata (released in __gc).
  *
  *   inbox   service -> thread   pushed by h:send, popped by ctx:receive
- *   outbox  thread -> service   pushed by ctx:send, then uv_async_send
+ *   outbox  thread -> service   the runtime's mailbox (host/mailbox.h):
+ *                               posted by ctx:send, refused once detached
  *   lq      loop-side queue: the outbox moved onto the loop thread, read by
  *           h:receive or handed to the handler registered by set_handler
  *   lg      loop-side log records: ctx:log sends through the outbox too (in
  *           order with the thread's messages), flagged, and they are handed
  *           to the handler set by set_log_handler whatever reads messages
  *
- * The thread signals the async after every push and once when its function
- * has ended (`finished`); the async callback drains the outbox, wakes the
+ * The thread wakes the loop with every post and once when its function
+ * has ended (`finished`); the delivery on the loop drains the outbox, wakes the
  * tasks blocked in receive/join and, once the thread ended, joins it and
  * closes the async, so that nothing keeps the loop alive afterwards. While
  * the loop side is open the userdata is kept alive by a registry ref.
@@ -36,6 +37,7 @@
 #include "host.h"
 #include "byte_buffer.h"
 #include "lua_class.h"
+#include "mailbox.h"
 #include "task_guard.h"
 
 #include <pthread.h>
@@ -53,7 +55,7 @@
  * ------------------------------------------------------------------- */
 
 typedef struct tmsg {
-    struct tmsg *next;
+    tamarco_mail link;      /* first: the outbox's and the loop-side lists */
     int is_log;             /* a log record from ctx:log, not a message */
     size_t len;
     unsigned char data[];
@@ -256,7 +258,7 @@ static tmsg *encode_message(lua_State *L, int idx, char *err, size_t errsize)
     if (!b->out.oom && encode_value(L, idx, b, 0) == 0) {
         size_t len;
         m = (tmsg *)tamarco_buf_take(&b->out, &len);
-        m->next = NULL;
+        m->link.next = NULL;
         m->is_log = 0;
         m->len = len - offsetof(tmsg, data);
     } else {
@@ -372,7 +374,6 @@ typedef struct tthread {
     uv_mutex_t mu;
     uv_cond_t cond;            /* inbox push or stop request */
     tmsg *in_head, *in_tail;
-    tmsg *out_head, *out_tail;
     int stop_requested;
     int finished;              /* the thread's function ended */
     int failed;
@@ -388,10 +389,12 @@ typedef struct tthread {
     char *lua_dir;
     uv_thread_t tid;
 
+    /* thread -> loop: messages and log records (locked on its own) */
+    tamarco_mailbox outbox;
+
     /* loop thread only */
     tamarco_host *host;
-    uv_async_t async;
-    int async_open;
+    int async_open;            /* the outbox's handle is open */
     int joined;                /* joined or detached: tid no longer usable */
     int exited;                /* the loop saw `finished` */
     tmsg *lq_head, *lq_tail;
@@ -440,7 +443,7 @@ typedef struct handle_ud {
 static void msg_list_free(tmsg *m)
 {
     while (m) {
-        tmsg *next = m->next;
+        tmsg *next = (tmsg *)m->link.next;
         free(m);
         m = next;
     }
@@ -450,7 +453,6 @@ static void tthread_destroy(tthread *t)
 {
     all_unlink(t);
     msg_list_free(t->in_head);
-    msg_list_free(t->out_head);
     msg_list_free(t->lq_head);
     msg_list_free(t->lg_head);
     free(t->error);
@@ -458,6 +460,7 @@ static void tthread_destroy(tthread *t)
     free(t->logger_name);
     free(t->code);
     free(t->lua_dir);
+    tamarco_mailbox_destroy(&t->outbox);
     uv_cond_destroy(&t->cond);
     uv_mutex_destroy(&t->mu);
     free(t);
@@ -474,9 +477,9 @@ static void tthread_release(tthread *t)
 
 static void push_msg(tmsg **head, tmsg **tail, tmsg *m)
 {
-    m->next = NULL;
+    m->link.next = NULL;
     if (*tail)
-        (*tail)->next = m;
+        (*tail)->link.next = &m->link;
     else
         *head = m;
     *tail = m;
@@ -486,10 +489,10 @@ static tmsg *pop_msg(tmsg **head, tmsg **tail)
 {
     tmsg *m = *head;
     if (m) {
-        *head = m->next;
+        *head = (tmsg *)m->link.next;
         if (!*head)
             *tail = NULL;
-        m->next = NULL;
+        m->link.next = NULL;
     }
     return m;
 }
@@ -513,17 +516,12 @@ static int ctx_post(lua_State *L, int is_log)
     if (!m)
         return luaL_error(L, "ctx:%s: %s", is_log ? "log" : "send", err);
     m->is_log = is_log;
-    uv_mutex_lock(&t->mu);
-    if (t->detached) {
-        uv_mutex_unlock(&t->mu);
+    if (tamarco_mailbox_post(&t->outbox, &m->link) != 0) {   /* the loop let the thread go */
         free(m);
         lua_pushnil(L);
         lua_pushliteral(L, "detached");
         return 2;
     }
-    push_msg(&t->out_head, &t->out_tail, m);
-    uv_async_send(&t->async);   /* under mu: the loop closes it only after setting detached */
-    uv_mutex_unlock(&t->mu);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -710,9 +708,8 @@ static void thread_main(void *arg)
         t->failed = 1;
         t->error = error;
     }
-    if (!t->detached)
-        uv_async_send(&t->async);
     uv_mutex_unlock(&t->mu);
+    tamarco_mailbox_wake(&t->outbox);
     tthread_release(t);
 }
 
@@ -810,7 +807,7 @@ static void loop_side_close(tthread *t)
     if (!t->async_open)
         return;
     t->async_open = 0;
-    uv_close((uv_handle_t *)&t->async, on_async_close);
+    msg_list_free((tmsg *)tamarco_mailbox_close(&t->outbox, on_async_close));
     lua_State *L = t->host->L;
     luaL_unref(L, LUA_REGISTRYINDEX, t->handler_ref);
     t->handler_ref = LUA_NOREF;
@@ -820,24 +817,31 @@ static void loop_side_close(tthread *t)
     t->self_ref = LUA_NOREF;
 }
 
-/* Moves the outbox to the loop-side queue; notes when the thread ended. */
-static void pull(tthread *t)
+/* Sorts messages taken from the outbox into the loop-side queues. */
+static void queue_taken(tthread *t, tamarco_mail *list)
 {
-    if (!t->async_open)
-        return;
-    uv_mutex_lock(&t->mu);
-    tmsg *m = t->out_head;
-    int finished = t->finished;
-    t->out_head = t->out_tail = NULL;
-    uv_mutex_unlock(&t->mu);
-    while (m) {
-        tmsg *next = m->next;
+    while (list) {
+        tmsg *m = (tmsg *)list;
+        list = list->next;
         if (m->is_log)
             push_msg(&t->lg_head, &t->lg_tail, m);
         else
             push_msg(&t->lq_head, &t->lq_tail, m);
-        m = next;
     }
+}
+
+/* Moves the outbox (and `taken`, what was already taken from it) to the
+ * loop-side queues; notes when the thread ended. */
+static void pull(tthread *t, tamarco_mail *taken)
+{
+    if (!t->async_open)
+        return;
+    uv_mutex_lock(&t->mu);
+    int finished = t->finished;
+    uv_mutex_unlock(&t->mu);
+    /* read after `finished`: all the thread sent before it ended is in */
+    queue_taken(t, taken);
+    queue_taken(t, tamarco_mailbox_take(&t->outbox));
     if (finished)
         t->exited = 1;
 }
@@ -927,7 +931,7 @@ static void dispatch(tthread *t)
             tmsg *m = pop_msg(&t->lq_head, &t->lq_tail);
             if (!tamarco_wake(t->host, id, push_message, m)) {
                 /* a stale wait (the task was woken otherwise): keep the message */
-                m->next = t->lq_head;
+                m->link.next = t->lq_head ? &t->lq_head->link : NULL;
                 t->lq_head = m;
                 if (!t->lq_tail)
                     t->lq_tail = m;
@@ -949,10 +953,10 @@ static void dispatch(tthread *t)
     }
 }
 
-static void on_async(uv_async_t *async)
+static void on_outbox(tamarco_mailbox *box, tamarco_mail *list)
 {
-    tthread *t = async->data;
-    pull(t);
+    tthread *t = box->async.data;
+    pull(t, list);
     dispatch(t);
 }
 
@@ -962,7 +966,7 @@ static int detach(tthread *t)
 {
     if (!t->async_open)
         return 1;
-    pull(t);
+    pull(t, NULL);
     if (t->exited) {
         dispatch(t);
         return 0;
@@ -972,9 +976,10 @@ static int detach(tthread *t)
     t->stop_requested = 1;
     uv_cond_broadcast(&t->cond);
     uv_mutex_unlock(&t->mu);
+    tamarco_mailbox_shut(&t->outbox);
     /* Messages it sent before are still delivered to receive, its log
      * records to the log handler. */
-    pull(t);
+    pull(t, NULL);
     deliver_logs(t);
     if (!t->joined) {
         t->joined = 1;
@@ -1071,17 +1076,26 @@ static int l_start(lua_State *L)
     t->code_len = code_len;
     t->host = host;
     t->handler_ref = t->self_ref = t->exit_ref = t->log_ref = LUA_NOREF;
+    int rc = tamarco_mailbox_init(&t->outbox, host->loop, on_outbox);
+    if (rc != 0) {
+        free(t->name);
+        free(t->logger_name);
+        free(t->lua_dir);
+        free(t->code);
+        free(t);
+        return luaL_error(L, "cannot start thread '%s': %s", name, uv_strerror(rc));
+    }
+    t->outbox.async.data = t;
+    uv_ref((uv_handle_t *)&t->outbox.async);   /* a running thread keeps the loop alive */
     uv_mutex_init(&t->mu);
     uv_cond_init(&t->cond);
     t->refs = 2;   /* loop side + userdata; +1 for the OS thread below */
     all_link(t);
-    uv_async_init(host->loop, &t->async, on_async);
-    t->async.data = t;
     t->async_open = 1;
     ud->t = t;
 
     t->refs++;
-    int rc = uv_thread_create(&t->tid, thread_main, t);
+    rc = uv_thread_create(&t->tid, thread_main, t);
     if (rc != 0) {
         t->refs--;
         t->joined = 1;
@@ -1130,7 +1144,7 @@ static int h_receive(lua_State *L)
     double ms = opt_timeout(L, 2);
     if (t->handler_ref != LUA_NOREF)
         return luaL_error(L, "thread '%s': receive cannot be used once on_message is set", t->name);
-    pull(t);
+    pull(t, NULL);
     if (t->lq_head && !t->recv_waiters.head) {
         tmsg *m = pop_msg(&t->lq_head, &t->lq_tail);
         return push_message(L, m);
@@ -1178,7 +1192,7 @@ static int h_set_handler(lua_State *L)
         return 0;
     }
     /* receive and on_message are exclusive: the queue goes to the handler */
-    pull(t);
+    pull(t, NULL);
     dispatch(t);
     return 0;
 }
@@ -1194,7 +1208,7 @@ static int h_set_log_handler(lua_State *L)
     t->log_ref = LUA_NOREF;
     if (t->async_open) {
         t->log_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        pull(t);
+        pull(t, NULL);
         dispatch(t);
     }
     return 0;
@@ -1232,7 +1246,7 @@ static int h_join(lua_State *L)
     tthread *t = check_handle(L);
     double ms = opt_timeout(L, 2);
     int do_detach = lua_toboolean(L, 3);
-    pull(t);
+    pull(t, NULL);
     if (t->exited) {
         lua_pushboolean(L, 1);
         return 1;
@@ -1296,7 +1310,7 @@ static int h_gc(lua_State *L)
             pthread_detach(t->tid);
         }
         t->async_open = 0;
-        uv_close((uv_handle_t *)&t->async, on_async_close);
+        msg_list_free((tmsg *)tamarco_mailbox_close(&t->outbox, on_async_close));
     }
     tthread_release(t);
     return 0;

@@ -26,6 +26,11 @@ typedef struct tamarco_backoff {
 void tamarco_backoff_init(tamarco_backoff *b, double min_ms, double max_ms, double factor, double jitter);
 /* The delay to wait now, and the policy moves on to the next one. */
 double tamarco_backoff_next(tamarco_backoff *b);
+/* The delay tamarco_backoff_next would start from, without moving on. */
+static inline double tamarco_backoff_peek(const tamarco_backoff *b)
+{
+    return b->next_ms;
+}
 /* After a success: the next delay is min again. */
 void tamarco_backoff_reset(tamarco_backoff *b);
 

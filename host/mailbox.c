@@ -6,9 +6,8 @@
 static void on_async(uv_async_t *async)
 {
     tamarco_mailbox *box = (tamarco_mailbox *)((char *)async - offsetof(tamarco_mailbox, async));
-    tamarco_mail *list = tamarco_mailbox_take(box);
-    if (list)
-        box->deliver(box, list);
+    /* called for a bare wake-up too (list NULL): see tamarco_mailbox_wake */
+    box->deliver(box, tamarco_mailbox_take(box));
 }
 
 int tamarco_mailbox_init(tamarco_mailbox *box, uv_loop_t *loop, tamarco_mailbox_fn deliver)
@@ -45,6 +44,21 @@ int tamarco_mailbox_post_list(tamarco_mailbox *box, tamarco_mail *first, tamarco
     uv_async_send(&box->async);
     uv_mutex_unlock(&box->lock);
     return 0;
+}
+
+void tamarco_mailbox_wake(tamarco_mailbox *box)
+{
+    uv_mutex_lock(&box->lock);
+    if (!box->closed)
+        uv_async_send(&box->async);
+    uv_mutex_unlock(&box->lock);
+}
+
+void tamarco_mailbox_shut(tamarco_mailbox *box)
+{
+    uv_mutex_lock(&box->lock);
+    box->closed = 1;
+    uv_mutex_unlock(&box->lock);
 }
 
 tamarco_mail *tamarco_mailbox_take(tamarco_mailbox *box)

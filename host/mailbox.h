@@ -20,7 +20,8 @@ typedef struct tamarco_mail {
 typedef struct tamarco_mailbox tamarco_mailbox;
 
 /* Called on the loop thread with the messages taken so far (a list linked
- * by next, oldest first); it owns them. */
+ * by next, oldest first; NULL after a bare tamarco_mailbox_wake); it owns
+ * them. */
 typedef void (*tamarco_mailbox_fn)(tamarco_mailbox *box, tamarco_mail *list);
 
 struct tamarco_mailbox {
@@ -42,14 +43,19 @@ static inline int tamarco_mailbox_post(tamarco_mailbox *box, tamarco_mail *m)
     m->next = NULL;
     return tamarco_mailbox_post_list(box, m, m);
 }
+/* From any thread: wakes the loop without a message (the owner's delivery
+ * then looks at state it shares under its own lock); nothing once closed. */
+void tamarco_mailbox_wake(tamarco_mailbox *box);
 /* On the loop thread: takes every message posted so far (oldest first). */
 tamarco_mail *tamarco_mailbox_take(tamarco_mailbox *box);
+/* On the loop thread: refuses further posts; what was posted before can
+ * still be taken. */
+void tamarco_mailbox_shut(tamarco_mailbox *box);
 /* On the loop thread: refuses further posts and closes the handle; on_close
  * (may be NULL) runs when libuv is done with it. Messages still queued are
- * handed back (the caller frees them), and the lock is destroyed in
- * on_close's stead by tamarco_mailbox_destroy. */
+ * handed back (the caller owns them). */
 tamarco_mail *tamarco_mailbox_close(tamarco_mailbox *box, uv_close_cb on_close);
-/* After on_close: releases the lock. */
+/* Once no thread can post any more (after close): releases the lock. */
 void tamarco_mailbox_destroy(tamarco_mailbox *box);
 
 #endif
