@@ -539,9 +539,8 @@ static void add_member(tamarco_buf *b, const char *key, const char *value, size_
     tamarco_log_json_string(b, value, len);
 }
 
-/* The string field `name` of the table at idx, or def. Never converts. */
-static const char *string_field(lua_State *L, int idx, const char *name,
-                                const char *def, size_t *len)
+const char *tamarco_log_string_field(lua_State *L, int idx, const char *name,
+                                     const char *def, size_t *len)
 {
     const char *s = def;
     lua_getfield(L, idx, name);
@@ -638,7 +637,7 @@ void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx, int version,
         idx = lua_gettop(L) + idx + 1;
     if (tags_idx < 0 && tags_idx > LUA_REGISTRYINDEX)
         tags_idx = lua_gettop(L) + tags_idx + 1;
-    const char *ts = string_field(L, idx, "@timestamp", NULL, &ts_len);
+    const char *ts = tamarco_log_string_field(L, idx, "@timestamp", NULL, &ts_len);
     if (!ts) {
         struct timeval tv;
         gettimeofday(&tv, NULL);
@@ -647,11 +646,11 @@ void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx, int version,
         ts = now;
         ts_len = strlen(now);
     }
-    const char *message = string_field(L, idx, "message", "", &msg_len);
-    const char *level = string_field(L, idx, "level", "INFO", &level_len);
-    const char *logger = string_field(L, idx, "logger", "", &logger_len);
+    const char *message = tamarco_log_string_field(L, idx, "message", "", &msg_len);
+    const char *level = tamarco_log_string_field(L, idx, "level", "INFO", &level_len);
+    const char *logger = tamarco_log_string_field(L, idx, "logger", "", &logger_len);
     /* the source file of the logging call; the logger name when unknown */
-    const char *path = string_field(L, idx, "source_path", NULL, &path_len);
+    const char *path = tamarco_log_string_field(L, idx, "source_path", NULL, &path_len);
     if (!path) {
         path = logger;
         path_len = logger_len;

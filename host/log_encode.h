@@ -61,6 +61,11 @@ typedef void (*tamarco_log_field_fn)(void *ud, lua_State *L, const char *key,
 int tamarco_log_each_field(lua_State *L, int idx, int top,
                            tamarco_log_field_fn fn, void *ud);
 
+/* The string field `name` of the record at idx (its length in *len), or
+ * def (may be NULL) when it is missing or not a string. Never converts. */
+const char *tamarco_log_string_field(lua_State *L, int idx, const char *name,
+                                     const char *def, size_t *len);
+
 /* 1 when key is one of the standard record fields listed above. */
 int tamarco_log_is_standard_field(const char *key, size_t len);
 
