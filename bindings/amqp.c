@@ -95,6 +95,7 @@
 #include "backoff.h"
 #include "lua_class.h"
 #include "lua_options.h"
+#include "mailbox.h"
 #include "task_guard.h"
 
 #include <amqp.h>
@@ -178,7 +179,7 @@ static amqp_bytes_t *prop_slot(amqp_basic_properties_t *p, int i)
 }
 
 typedef struct event {
-    struct event *next;
+    tamarco_mail link;           /* first: the events' way to the loop */
     int kind;
     int wait_id;
     int ok;
@@ -238,7 +239,7 @@ typedef struct aconn {
     uv_mutex_t mu;
     cmd *cmd_head, *cmd_tail;
     int signaled;
-    event *ev_head, *ev_tail;
+    tamarco_mailbox events;         /* I/O thread -> loop (locked on its own) */
     int stop;
     int efd;
 
@@ -269,7 +270,6 @@ typedef struct aconn {
 
     /* loop thread only */
     tamarco_host *host;
-    uv_async_t async;
     uv_thread_t tid;
     int thread_running;
     int state;
@@ -295,13 +295,22 @@ typedef struct conn_ud {
  * Thread side: helpers
  * ------------------------------------------------------------------- */
 
+static void free_events(tamarco_mail *list)
+{
+    while (list) {
+        tamarco_mail *next = list->next;
+        free(list);
+        list = next;
+    }
+}
+
 static void post(aconn *c, event *e)
 {
     if (!e)
         return;
-    e->next = NULL;
+    e->link.next = NULL;
     if (c->out_tail)
-        c->out_tail->next = e;
+        c->out_tail->link.next = &e->link;
     else
         c->out_head = e;
     c->out_tail = e;
@@ -312,15 +321,9 @@ static void flush_events(aconn *c)
 {
     if (!c->out_head)
         return;
-    uv_mutex_lock(&c->mu);
-    if (c->ev_tail)
-        c->ev_tail->next = c->out_head;
-    else
-        c->ev_head = c->out_head;
-    c->ev_tail = c->out_tail;
-    uv_mutex_unlock(&c->mu);
+    if (tamarco_mailbox_post_list(&c->events, &c->out_head->link, &c->out_tail->link) != 0)
+        free_events(&c->out_head->link);   /* the loop closed the connection */
     c->out_head = c->out_tail = NULL;
-    uv_async_send(&c->async);
 }
 
 static void post_text(aconn *c, int kind, int wait_id, int ok, const char *text)
@@ -1365,9 +1368,9 @@ static void update_ref(aconn *c)
 {
     int want = c->pending_waits > 0 || c->closing;
     if (want && !c->async_refd)
-        uv_ref((uv_handle_t *)&c->async);
+        uv_ref((uv_handle_t *)&c->events.async);
     else if (!want && c->async_refd)
-        uv_unref((uv_handle_t *)&c->async);
+        uv_unref((uv_handle_t *)&c->events.async);
     c->async_refd = want;
 }
 
@@ -1510,12 +1513,7 @@ static void free_conn(aconn *c)
         free(k);
         k = next;
     }
-    event *e = c->ev_head;
-    while (e) {
-        event *next = e->next;
-        free(e);
-        e = next;
-    }
+    tamarco_mailbox_destroy(&c->events);
     if (c->efd >= 0)
         close(c->efd);
     uv_mutex_destroy(&c->mu);
@@ -1566,24 +1564,23 @@ static void finish_closed(aconn *c)
     luaL_unref(L, LUA_REGISTRYINDEX, c->on_delivery_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, c->ud_ref);
     c->on_state_ref = c->on_delivery_ref = c->ud_ref = LUA_NOREF;
-    uv_close((uv_handle_t *)&c->async, on_handle_closed);
+    free_events(tamarco_mailbox_close(&c->events, on_handle_closed));
 }
 
-static void on_async(uv_async_t *a)
+static void on_events(tamarco_mailbox *box, tamarco_mail *taken)
 {
-    aconn *c = a->data;
-    if (c->state == ST_CLOSED)
+    aconn *c = box->async.data;
+    if (c->state == ST_CLOSED) {
+        free_events(taken);
         return;
-    uv_mutex_lock(&c->mu);
-    event *list = c->ev_head;
-    c->ev_head = c->ev_tail = NULL;
-    uv_mutex_unlock(&c->mu);
+    }
+    event *list = (event *)taken;
     lua_State *L = c->host->L;
     int top = lua_gettop(L);
     c->in_async = 1;
     while (list) {
         event *e = list;
-        list = e->next;
+        list = (event *)e->link.next;
         switch (e->kind) {
         case E_DONE:
             c->pending_waits--;
@@ -1636,7 +1633,7 @@ static void on_async(uv_async_t *a)
         case E_CLOSED:
             free(e);
             while (list) {   /* nothing follows E_CLOSED; be safe */
-                event *n = list->next;
+                event *n = (event *)list->link.next;
                 free(list);
                 list = n;
             }
@@ -2166,7 +2163,7 @@ static int l_gc(lua_State *L)
         c->thread_running = 0;
     }
     c->state = ST_CLOSED;
-    uv_close((uv_handle_t *)&c->async, on_handle_closed);
+    free_events(tamarco_mailbox_close(&c->events, on_handle_closed));
     return 0;
 }
 
@@ -2280,12 +2277,11 @@ static int l_connect(lua_State *L)
     c->backoff_max_ms = backoff_max_ms < backoff_ms ? backoff_ms : backoff_max_ms;
     c->host = host;
 
-    if (uv_async_init(host->loop, &c->async, on_async) != 0) {
+    if (tamarco_mailbox_init(&c->events, host->loop, on_events) != 0) {
         free_conn(c);
         return luaL_error(L, "amqp.connect: uv_async_init failed");
     }
-    c->async.data = c;
-    uv_unref((uv_handle_t *)&c->async);
+    c->events.async.data = c;
 
     conn_ud *ud = lua_newuserdata(L, sizeof *ud);
     ud->c = c;
@@ -2305,7 +2301,7 @@ static int l_connect(lua_State *L)
         luaL_unref(L, LUA_REGISTRYINDEX, c->ud_ref);
         luaL_unref(L, LUA_REGISTRYINDEX, c->on_state_ref);
         luaL_unref(L, LUA_REGISTRYINDEX, c->on_delivery_ref);
-        uv_close((uv_handle_t *)&c->async, on_handle_closed);
+        free_events(tamarco_mailbox_close(&c->events, on_handle_closed));
         return luaL_error(L, "amqp.connect: cannot start the I/O thread");
     }
     c->thread_running = 1;

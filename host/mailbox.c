@@ -24,6 +24,7 @@ int tamarco_mailbox_init(tamarco_mailbox *box, uv_loop_t *loop, tamarco_mailbox_
         return rc;
     }
     uv_unref((uv_handle_t *)&box->async);
+    box->ready = 1;
     return 0;
 }
 
@@ -83,5 +84,8 @@ tamarco_mail *tamarco_mailbox_close(tamarco_mailbox *box, uv_close_cb on_close)
 
 void tamarco_mailbox_destroy(tamarco_mailbox *box)
 {
+    if (!box->ready)
+        return;
+    box->ready = 0;
     uv_mutex_destroy(&box->lock);
 }

@@ -30,6 +30,7 @@ struct tamarco_mailbox {
     tamarco_mail *head, *tail;
     tamarco_mailbox_fn deliver;
     int closed;                /* posts are refused once the loop stops listening */
+    int ready;                 /* initialised (a zeroed mailbox is not) */
 };
 
 /* On the loop thread. The mailbox does not keep the loop alive (unref'ed):
@@ -55,7 +56,8 @@ void tamarco_mailbox_shut(tamarco_mailbox *box);
  * (may be NULL) runs when libuv is done with it. Messages still queued are
  * handed back (the caller owns them). */
 tamarco_mail *tamarco_mailbox_close(tamarco_mailbox *box, uv_close_cb on_close);
-/* Once no thread can post any more (after close): releases the lock. */
+/* Once no thread can post any more (after close): releases the lock. Does
+ * nothing on a zeroed mailbox that was never initialised. */
 void tamarco_mailbox_destroy(tamarco_mailbox *box);
 
 #endif
