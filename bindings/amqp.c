@@ -2184,9 +2184,7 @@ static int l_connect(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        return luaL_error(L, "amqp.connect: AMQP runs on the service's main state, not in a thread");
+    tamarco_host *host = tamarco_check_host(L, "amqp.connect: AMQP");
     lua_getfield(L, 1, "on_state");
     luaL_argcheck(L, lua_isfunction(L, -1), 1, "'on_state' must be a function");
     lua_getfield(L, 1, "on_delivery");

@@ -23,6 +23,7 @@
 #include "host.h"
 #include "lua_class.h"
 #include "lua_options.h"
+#include "task_guard.h"
 #include "http_engine.h"
 
 #include <limits.h>
@@ -445,8 +446,7 @@ static int l_server_shutdown(lua_State *L)
     lua_server *ls = srv->user;
     double ms = luaL_optnumber(L, 2, 5000);
     luaL_argcheck(L, ms >= 0, 2, "drain time must be >= 0");
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "shutdown yields: call it inside a task");
+    tamarco_check_task(L, "shutdown");
     if (ls->drain_wait)
         return luaL_error(L, "shutdown already in progress");
     if (http_server_shutdown(srv, (uint64_t)ms)) {
@@ -548,9 +548,7 @@ static int l_server_tostring(lua_State *L)
 
 static int l_listen(lua_State *L)
 {
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        return luaL_error(L, "the HTTP server runs on the service's main state, not in a thread");
+    tamarco_host *host = tamarco_check_host(L, "the HTTP server");
     luaL_checktype(L, 1, LUA_TTABLE);
     luaL_checktype(L, 2, LUA_TFUNCTION);
 

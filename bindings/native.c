@@ -5,6 +5,7 @@
  * (host/test_probe.c).
  */
 #include "host.h"
+#include "task_guard.h"
 
 #include <string.h>
 
@@ -30,8 +31,7 @@ static int l_wait(lua_State *L)
     luaL_checktype(L, 1, LUA_TFUNCTION);
     if (!host || !tamarco_native_ready())
         return luaL_error(L, "tamarco.native.wait is only available in tasks of the service's main state");
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "tamarco.native.wait yields: call it inside a task, hook or handler");
+    tamarco_check_task(L, "tamarco.native.wait");
     int ticket = tamarco_native_new_ticket();
     lua_pushvalue(L, 1);
     lua_pushinteger(L, ticket);
