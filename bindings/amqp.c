@@ -10,6 +10,11 @@
  * docs/internals/amqp.md.
  */
 #include "host.h"
+#include "backoff.h"
+#include "lua_class.h"
+#include "lua_options.h"
+#include "mailbox.h"
+#include "task_guard.h"
 
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
@@ -92,7 +97,7 @@ static amqp_bytes_t *prop_slot(amqp_basic_properties_t *p, int i)
 }
 
 typedef struct event {
-    struct event *next;
+    tamarco_mail link;           /* first: the events' way to the loop */
     int kind;
     int wait_id;
     int ok;
@@ -152,7 +157,7 @@ typedef struct aconn {
     uv_mutex_t mu;
     cmd *cmd_head, *cmd_tail;
     int signaled;
-    event *ev_head, *ev_tail;
+    tamarco_mailbox events;         /* I/O thread -> loop (locked on its own) */
     int stop;
     int efd;
 
@@ -186,7 +191,6 @@ typedef struct aconn {
 
     /* loop thread only */
     tamarco_host *host;
-    uv_async_t async;
     uv_thread_t tid;
     int thread_running;
     int state;
@@ -212,13 +216,22 @@ typedef struct conn_ud {
  * Thread side: helpers
  * ------------------------------------------------------------------- */
 
+static void free_events(tamarco_mail *list)
+{
+    while (list) {
+        tamarco_mail *next = list->next;
+        free(list);
+        list = next;
+    }
+}
+
 static void post(aconn *c, event *e)
 {
     if (!e)
         return;
-    e->next = NULL;
+    e->link.next = NULL;
     if (c->out_tail)
-        c->out_tail->next = e;
+        c->out_tail->link.next = &e->link;
     else
         c->out_head = e;
     c->out_tail = e;
@@ -229,15 +242,9 @@ static void flush_events(aconn *c)
 {
     if (!c->out_head)
         return;
-    uv_mutex_lock(&c->mu);
-    if (c->ev_tail)
-        c->ev_tail->next = c->out_head;
-    else
-        c->ev_head = c->out_head;
-    c->ev_tail = c->out_tail;
-    uv_mutex_unlock(&c->mu);
+    if (tamarco_mailbox_post_list(&c->events, &c->out_head->link, &c->out_tail->link) != 0)
+        free_events(&c->out_head->link);   /* the loop closed the connection */
     c->out_head = c->out_tail = NULL;
-    uv_async_send(&c->async);
 }
 
 static void post_text(aconn *c, int kind, int wait_id, int ok, const char *text)
@@ -1257,7 +1264,8 @@ static int io_backoff(aconn *c, int ms, const char *why)
 static void io_main(void *arg)
 {
     aconn *c = arg;
-    int backoff = c->backoff_ms;
+    tamarco_backoff backoff;
+    tamarco_backoff_init(&backoff, c->backoff_ms, c->backoff_max_ms, TAMARCO_BACKOFF_FACTOR, 0);
     char err[512], why[800];
     for (;;) {
         if (thread_stopping(c))
@@ -1269,12 +1277,11 @@ static void io_main(void *arg)
             post_state(c, ST_FAILED, err);
             c->cur = (c->cur + 1) % c->nhosts;
             snprintf(why, sizeof why, "not connected to the AMQP broker (%s)", err);
-            if (io_backoff(c, backoff, why))
+            if (io_backoff(c, (int)tamarco_backoff_next(&backoff), why))
                 break;
-            backoff = backoff * 2 > c->backoff_max_ms ? c->backoff_max_ms : backoff * 2;
             continue;
         }
-        backoff = c->backoff_ms;
+        tamarco_backoff_reset(&backoff);
         c->epoch++;
         post_state(c, ST_CONNECTED, NULL);
         c->lost[0] = '\0';
@@ -1287,7 +1294,7 @@ static void io_main(void *arg)
         post_state(c, ST_FAILED, c->lost);
         c->cur = (c->cur + 1) % c->nhosts;
         snprintf(why, sizeof why, "not connected to the AMQP broker (%s)", c->lost);
-        if (io_backoff(c, backoff, why))
+        if (io_backoff(c, (int)tamarco_backoff_peek(&backoff), why))
             break;
     }
     /* closing: refuse what is left, then say goodbye */
@@ -1310,9 +1317,9 @@ static void update_ref(aconn *c)
 {
     int want = c->pending_waits > 0 || c->closing;
     if (want && !c->async_refd)
-        uv_ref((uv_handle_t *)&c->async);
+        uv_ref((uv_handle_t *)&c->events.async);
     else if (!want && c->async_refd)
-        uv_unref((uv_handle_t *)&c->async);
+        uv_unref((uv_handle_t *)&c->events.async);
     c->async_refd = want;
 }
 
@@ -1455,12 +1462,7 @@ static void free_conn(aconn *c)
         free(k);
         k = next;
     }
-    event *e = c->ev_head;
-    while (e) {
-        event *next = e->next;
-        free(e);
-        e = next;
-    }
+    tamarco_mailbox_destroy(&c->events);
     if (c->efd >= 0)
         close(c->efd);
     uv_mutex_destroy(&c->mu);
@@ -1511,24 +1513,23 @@ static void finish_closed(aconn *c)
     luaL_unref(L, LUA_REGISTRYINDEX, c->on_delivery_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, c->ud_ref);
     c->on_state_ref = c->on_delivery_ref = c->ud_ref = LUA_NOREF;
-    uv_close((uv_handle_t *)&c->async, on_handle_closed);
+    free_events(tamarco_mailbox_close(&c->events, on_handle_closed));
 }
 
-static void on_async(uv_async_t *a)
+static void on_events(tamarco_mailbox *box, tamarco_mail *taken)
 {
-    aconn *c = a->data;
-    if (c->state == ST_CLOSED)
+    aconn *c = box->async.data;
+    if (c->state == ST_CLOSED) {
+        free_events(taken);
         return;
-    uv_mutex_lock(&c->mu);
-    event *list = c->ev_head;
-    c->ev_head = c->ev_tail = NULL;
-    uv_mutex_unlock(&c->mu);
+    }
+    event *list = (event *)taken;
     lua_State *L = c->host->L;
     int top = lua_gettop(L);
     c->in_async = 1;
     while (list) {
         event *e = list;
-        list = e->next;
+        list = (event *)e->link.next;
         switch (e->kind) {
         case E_DONE:
             c->pending_waits--;
@@ -1581,7 +1582,7 @@ static void on_async(uv_async_t *a)
         case E_CLOSED:
             free(e);
             while (list) {   /* nothing follows E_CLOSED; be safe */
-                event *n = list->next;
+                event *n = (event *)list->link.next;
                 free(list);
                 list = n;
             }
@@ -1614,10 +1615,8 @@ static int closed_error(lua_State *L)
 
 static void need_task(lua_State *L, const char *what)
 {
-    if (!tamarco_host_of(L))
-        luaL_error(L, "amqp.%s: AMQP runs on the service's main state, not in a thread", what);
-    if (!tamarco_in_task(L))
-        luaL_error(L, "amqp.%s yields: call it inside a task, hook or handler", what);
+    tamarco_check_host(L, "amqp.%s: AMQP", what);
+    tamarco_check_task(L, "amqp.%s", what);
 }
 
 typedef struct lstr {
@@ -2125,7 +2124,7 @@ static int l_gc(lua_State *L)
         c->thread_running = 0;
     }
     c->state = ST_CLOSED;
-    uv_close((uv_handle_t *)&c->async, on_handle_closed);
+    free_events(tamarco_mailbox_close(&c->events, on_handle_closed));
     return 0;
 }
 
@@ -2142,39 +2141,21 @@ static int l_tostring(lua_State *L)
 
 /* ---- connect ---- */
 
-static int opt_int(lua_State *L, const char *key, int def, int min, int max)
-{
-    lua_getfield(L, 1, key);
-    int v = def;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TNUMBER)
-            luaL_error(L, "amqp.connect: '%s' must be a number", key);
-        double d = lua_tonumber(L, -1);
-        if (d < min || d > max)
-            luaL_error(L, "amqp.connect: '%s' must be in %d..%d", key, min, max);
-        v = (int)d;
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
 static int l_connect(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        return luaL_error(L, "amqp.connect: AMQP runs on the service's main state, not in a thread");
+    tamarco_host *host = tamarco_check_host(L, "amqp.connect: AMQP");
     lua_getfield(L, 1, "on_state");
     luaL_argcheck(L, lua_isfunction(L, -1), 1, "'on_state' must be a function");
     lua_getfield(L, 1, "on_delivery");
     luaL_argcheck(L, lua_isfunction(L, -1), 1, "'on_delivery' must be a function");
-    int port = opt_int(L, "port", 5672, 1, 65535);
-    int heartbeat = opt_int(L, "heartbeat", 30, 0, 65535);
-    int timeout_ms = opt_int(L, "timeout_ms", 10000, 1, 3600000);
-    int backoff_ms = opt_int(L, "backoff_ms", 200, 1, 3600000);
-    int backoff_max_ms = opt_int(L, "backoff_max_ms", 5000, 1, 3600000);
-    int confirm_timeout_ms = opt_int(L, "confirm_timeout_ms", 0, 0, 86400000);
+    int port = (int)tamarco_opt_int(L, 1, "amqp.connect", "port", 5672, 1, 65535);
+    int heartbeat = (int)tamarco_opt_int(L, 1, "amqp.connect", "heartbeat", 30, 0, 65535);
+    int timeout_ms = (int)tamarco_opt_int(L, 1, "amqp.connect", "timeout_ms", 10000, 1, 3600000);
+    int backoff_ms = (int)tamarco_opt_int(L, 1, "amqp.connect", "backoff_ms", 200, 1, 3600000);
+    int backoff_max_ms = (int)tamarco_opt_int(L, 1, "amqp.connect", "backoff_max_ms", 5000, 1, 3600000);
+    int confirm_timeout_ms = (int)tamarco_opt_int(L, 1, "amqp.connect", "confirm_timeout_ms", 0, 0, 86400000);
     lua_getfield(L, 1, "host");
     lua_getfield(L, 1, "vhost");
     lua_getfield(L, 1, "user");
@@ -2257,12 +2238,11 @@ static int l_connect(lua_State *L)
     c->backoff_max_ms = backoff_max_ms < backoff_ms ? backoff_ms : backoff_max_ms;
     c->host = host;
 
-    if (uv_async_init(host->loop, &c->async, on_async) != 0) {
+    if (tamarco_mailbox_init(&c->events, host->loop, on_events) != 0) {
         free_conn(c);
         return luaL_error(L, "amqp.connect: uv_async_init failed");
     }
-    c->async.data = c;
-    uv_unref((uv_handle_t *)&c->async);
+    c->events.async.data = c;
 
     conn_ud *ud = lua_newuserdata(L, sizeof *ud);
     ud->c = c;
@@ -2282,7 +2262,7 @@ static int l_connect(lua_State *L)
         luaL_unref(L, LUA_REGISTRYINDEX, c->ud_ref);
         luaL_unref(L, LUA_REGISTRYINDEX, c->on_state_ref);
         luaL_unref(L, LUA_REGISTRYINDEX, c->on_delivery_ref);
-        uv_close((uv_handle_t *)&c->async, on_handle_closed);
+        free_events(tamarco_mailbox_close(&c->events, on_handle_closed));
         return luaL_error(L, "amqp.connect: cannot start the I/O thread");
     }
     c->thread_running = 1;
@@ -2312,18 +2292,8 @@ int luaopen_tamarco_c_amqp(lua_State *L)
     };
     /* uv handles may still call into this module while the host shuts down */
     tamarco_keep_loaded((const void *)luaopen_tamarco_c_amqp);
-    if (luaL_newmetatable(L, CONN_MT)) {
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
-    lua_newtable(L);
-    luaL_register(L, NULL, funcs);
+    tamarco_class_register(L, CONN_MT, methods, l_gc, l_tostring);
+    tamarco_module_new(L, funcs);
     lua_pushstring(L, amqp_version());
     lua_setfield(L, -2, "librabbitmq_version");
     return 1;

@@ -5,6 +5,10 @@
  * curl <-> libuv wiring and the shutdown: docs/internals/http-client.md.
  */
 #include "host.h"
+#include "byte_buffer.h"
+#include "lua_class.h"
+#include "lua_options.h"
+#include "task_guard.h"
 
 #include <curl/curl.h>
 #include <ctype.h>
@@ -33,11 +37,10 @@ typedef struct http_request {
     CURL *easy;
     int wait_id;
     struct curl_slist *headers;
-    char *body;
-    size_t body_len, body_cap, max_body;
+    tamarco_buf body;
+    size_t max_body;
     int too_large;
-    char *hdrs;          /* "name\0value\0" pairs of the last response */
-    size_t hdrs_len, hdrs_cap;
+    tamarco_buf hdrs;    /* "name\0value\0" pairs of the last response */
     char errbuf[CURL_ERROR_SIZE];
     struct http_request *prev, *next;
 } http_request;
@@ -119,8 +122,8 @@ static void request_free(http_request *req)
         }
     }
     curl_slist_free_all(req->headers);
-    free(req->body);
-    free(req->hdrs);
+    tamarco_buf_free(&req->body);
+    tamarco_buf_free(&req->hdrs);
     free(req);
 }
 
@@ -128,43 +131,20 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *ud)
 {
     http_request *req = ud;
     size_t n = size * nmemb;
-    if (n > req->max_body - req->body_len) {
+    if (n > req->max_body - req->body.len) {
         req->too_large = 1;
         return 0;   /* CURLE_WRITE_ERROR */
     }
-    if (req->body_len + n > req->body_cap) {
-        size_t cap = req->body_cap ? req->body_cap : 16384;
-        while (cap < req->body_len + n)
-            cap *= 2;
-        if (cap > req->max_body)
-            cap = req->max_body;
-        char *grown = realloc(req->body, cap);
-        if (!grown)
-            return 0;
-        req->body = grown;
-        req->body_cap = cap;
-    }
-    memcpy(req->body + req->body_len, data, n);
-    req->body_len += n;
-    return n;
+    tamarco_buf_add(&req->body, data, n);
+    return req->body.oom ? 0 : n;
 }
 
+/* Appends one NUL-terminated string to the header pairs. */
 static int hdrs_append(http_request *req, const char *s, size_t n)
 {
-    if (req->hdrs_len + n + 1 > req->hdrs_cap) {
-        size_t cap = req->hdrs_cap ? req->hdrs_cap * 2 : 1024;
-        while (cap < req->hdrs_len + n + 1)
-            cap *= 2;
-        char *grown = realloc(req->hdrs, cap);
-        if (!grown)
-            return -1;
-        req->hdrs = grown;
-        req->hdrs_cap = cap;
-    }
-    memcpy(req->hdrs + req->hdrs_len, s, n);
-    req->hdrs_len += n;
-    req->hdrs[req->hdrs_len++] = '\0';
-    return 0;
+    tamarco_buf_add(&req->hdrs, s, n);
+    tamarco_buf_addc(&req->hdrs, '\0');
+    return req->hdrs.oom ? -1 : 0;
 }
 
 /* One raw header line per call; a status line starts a new response
@@ -174,7 +154,7 @@ static size_t on_header(char *line, size_t size, size_t nmemb, void *ud)
     http_request *req = ud;
     size_t n = size * nmemb;
     if (n >= 5 && memcmp(line, "HTTP/", 5) == 0) {
-        req->hdrs_len = 0;
+        req->hdrs.len = 0;
         return n;
     }
     char *colon = memchr(line, ':', n);
@@ -239,8 +219,8 @@ static int push_headers(lua_State *co, http_request *req)
 {
     lua_newtable(co);
     size_t i = 0;
-    while (i < req->hdrs_len) {
-        const char *name = req->hdrs + i;
+    while (i < req->hdrs.len) {
+        const char *name = req->hdrs.data + i;
         size_t name_len = strlen(name);
         const char *value = name + name_len + 1;
         size_t value_len = strlen(value);
@@ -270,7 +250,7 @@ static int push_result(lua_State *co, void *ud)
         long status = 0;
         curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &status);
         lua_pushinteger(co, (lua_Integer)status);
-        lua_pushlstring(co, req->body ? req->body : "", req->body_len);
+        lua_pushlstring(co, req->body.len ? req->body.data : "", req->body.len);
         push_headers(co, req);
         return 3;
     }
@@ -472,53 +452,6 @@ static void cancel_request(void *ud)
 
 /* ---- request(opts) ---- */
 
-static const char *opt_string(lua_State *L, const char *key, const char *def)
-{
-    lua_getfield(L, 1, key);
-    const char *s = def;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "request: '%s' must be a string", key);
-        s = lua_tostring(L, -1);
-    }
-    lua_pop(L, 1);   /* the string stays alive in opts */
-    return s;
-}
-
-static long opt_ms(lua_State *L, const char *key, long def)
-{
-    lua_getfield(L, 1, key);
-    long v = def;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) < 0)
-            luaL_error(L, "request: '%s' must be a number >= 0 (milliseconds)", key);
-        v = (long)lua_tonumber(L, -1);
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
-static long opt_size(lua_State *L, const char *key, long def)
-{
-    lua_getfield(L, 1, key);
-    long v = def;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) < 0 || lua_tonumber(L, -1) > (lua_Number)LONG_MAX)
-            luaL_error(L, "'%s' must be a number of bytes >= 0", key);
-        v = (long)lua_tonumber(L, -1);
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
-static int opt_bool(lua_State *L, const char *key, int def)
-{
-    lua_getfield(L, 1, key);
-    int v = lua_isnil(L, -1) ? def : lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return v;
-}
-
 static int is_header_value(lua_State *L, int idx)
 {
     int t = lua_type(L, idx);
@@ -634,14 +567,14 @@ typedef struct request_options {
 
 static void read_options(lua_State *L, const char *op, request_options *o)
 {
-    o->url = opt_string(L, "url", NULL);
+    o->url = tamarco_opt_string(L, 1, op, "url", NULL);
     if (!o->url)
         luaL_error(L, "%s: 'url' is required", op);
-    o->method = opt_string(L, "method", "GET");
-    o->ca_file = opt_string(L, "ca_file", NULL);
-    o->timeout_ms = opt_ms(L, "timeout_ms", 0);
-    o->connect_timeout_ms = opt_ms(L, "connect_timeout_ms", 0);
-    o->verify_tls = opt_bool(L, "verify_tls", 1);
+    o->method = tamarco_opt_string(L, 1, op, "method", "GET");
+    o->ca_file = tamarco_opt_string(L, 1, op, "ca_file", NULL);
+    o->timeout_ms = tamarco_opt_ms(L, 1, op, "timeout_ms", 0);
+    o->connect_timeout_ms = tamarco_opt_ms(L, 1, op, "connect_timeout_ms", 0);
+    o->verify_tls = tamarco_opt_bool(L, 1, "verify_tls", 1);
     o->max_redirs = 0;
     lua_getfield(L, 1, "follow_redirects");
     if (lua_type(L, -1) == LUA_TNUMBER)
@@ -756,15 +689,13 @@ static int l_request(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    if (!tamarco_host_of(L))
-        return luaL_error(L, "the HTTP client runs on the service's main state, not in a thread");
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "http_client.request yields: call it inside a task, hook or handler");
+    tamarco_check_host(L, "the HTTP client");
+    tamarco_check_task(L, "http_client.request");
 
     /* Everything that can raise comes before any allocation. */
     request_options o;
     read_options(L, "request", &o);
-    long max_body = opt_size(L, "max_body_bytes", (long)DEFAULT_MAX_BODY);
+    long max_body = tamarco_opt_bytes(L, 1, "request", "max_body_bytes", (long)DEFAULT_MAX_BODY);
     http_multi *m = get_multi(L);
 
     http_request *req = calloc(1, sizeof *req);
@@ -855,22 +786,13 @@ static size_t on_stream_body(char *data, size_t size, size_t nmemb, void *ud)
     size_t n = size * nmemb;
     if (n == 0)
         return 0;
-    if (r->body_len >= s->max_buffer) {
+    if (r->body.len >= s->max_buffer) {
         s->paused = 1;
         return CURL_WRITEFUNC_PAUSE;   /* curl keeps the data for later */
     }
-    if (r->body_len + n > r->body_cap) {
-        size_t cap = r->body_cap ? r->body_cap : 4096;
-        while (cap < r->body_len + n)
-            cap *= 2;
-        char *grown = realloc(r->body, cap);
-        if (!grown)
-            return 0;
-        r->body = grown;
-        r->body_cap = cap;
-    }
-    memcpy(r->body + r->body_len, data, n);
-    r->body_len += n;
+    tamarco_buf_add(&r->body, data, n);
+    if (r->body.oom)
+        return 0;
     if (!s->headers_done) {
         long code = 0;
         curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
@@ -933,9 +855,9 @@ static int stream_error(lua_State *co, http_stream *s)
 /* The results of read(), when it has some (else 0 and nothing pushed). */
 static int stream_push_read(lua_State *co, http_stream *s)
 {
-    if (s->r.body_len > 0 && !s->closed) {
-        lua_pushlstring(co, s->r.body, s->r.body_len);
-        s->r.body_len = 0;
+    if (s->r.body.len > 0 && !s->closed) {
+        lua_pushlstring(co, s->r.body.data, s->r.body.len);
+        s->r.body.len = 0;
         /* room again: a paused transfer goes on, whether this read found the
          * bytes at once or was woken for them */
         if (s->paused && !s->finished && s->r.easy) {
@@ -976,7 +898,7 @@ static int stream_ready(http_stream *s)
 {
     if (s->closed || s->finished)
         return 1;
-    return s->waiting == WAIT_READ ? s->r.body_len > 0 : s->headers_done;
+    return s->waiting == WAIT_READ ? s->r.body.len > 0 : s->headers_done;
 }
 
 /* Resumes the stream's reader when what it waits for is there. Called from
@@ -1078,9 +1000,7 @@ static void stream_close(lua_State *L, http_stream *s)
         s->rc = CURLE_ABORTED_BY_CALLBACK;
         stream_detach(s);
     }
-    free(s->r.body);
-    s->r.body = NULL;
-    s->r.body_len = s->r.body_cap = 0;
+    tamarco_buf_free(&s->r.body);
     if (L)
         stream_interrupt_reader(L, s);
 }
@@ -1102,7 +1022,7 @@ static int l_stream_gc(lua_State *L)
     *box = NULL;
     stream_close(NULL, s);
     stream_clear_wait(s);
-    free(s->r.hdrs);
+    tamarco_buf_free(&s->r.hdrs);
     free(s);
     return 0;
 }
@@ -1117,8 +1037,7 @@ static int stream_wait(lua_State *L, http_stream *s, int what)
 {
     if (s->r.wait_id)
         return luaL_error(L, "http_client stream: another task is already waiting on it");
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "http_client stream: read() and response() yield: call them inside a task");
+    tamarco_check_task(L, "http_client stream:read/response");
     s->waiting = what;
     s->r.wait_id = tamarco_wait_begin(L, cancel_stream_wait, s);
     char *url = NULL;
@@ -1159,7 +1078,7 @@ static int l_stream_info(lua_State *L)
     lua_setfield(L, -2, "finished");
     lua_pushboolean(L, s->closed);
     lua_setfield(L, -2, "closed");
-    lua_pushinteger(L, (lua_Integer)s->r.body_len);
+    lua_pushinteger(L, (lua_Integer)s->r.body.len);
     lua_setfield(L, -2, "buffered");
     lua_pushboolean(L, s->paused);
     lua_setfield(L, -2, "paused");
@@ -1180,13 +1099,12 @@ static int l_stream(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    if (!tamarco_host_of(L))
-        return luaL_error(L, "the HTTP client runs on the service's main state, not in a thread");
+    tamarco_check_host(L, "the HTTP client");
 
     request_options o;
     read_options(L, "stream", &o);
     o.max_redirs = 0;   /* a stream reads the response it asked for */
-    long max_buffer = opt_size(L, "max_buffer_bytes", (long)DEFAULT_MAX_BUFFER);
+    long max_buffer = tamarco_opt_bytes(L, 1, "stream", "max_buffer_bytes", (long)DEFAULT_MAX_BUFFER);
     if (max_buffer < 1)
         max_buffer = 1;
     http_multi *m = get_multi(L);
@@ -1241,14 +1159,7 @@ static void register_stream_mt(lua_State *L)
         {"info", l_stream_info},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, STREAM_MT)) {
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_stream_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_pop(L, 1);
+    tamarco_class_register(L, STREAM_MT, methods, l_stream_gc, NULL);
 }
 
 static int l_stats(lua_State *L)
@@ -1289,11 +1200,10 @@ static void teardown(http_multi *m)
         request_unlink(m, req);
         curl_easy_cleanup(req->easy);
         curl_slist_free_all(req->headers);
-        free(req->body);
-        free(req->hdrs);
+        tamarco_buf_free(&req->body);
+        tamarco_buf_free(&req->hdrs);
         req->easy = NULL;
         req->headers = NULL;
-        req->body = req->hdrs = NULL;
         req->m = NULL;
         req->prev = NULL;
         req->next = zombies;

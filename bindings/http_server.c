@@ -21,8 +21,12 @@
  * "request already answered".
  */
 #include "host.h"
+#include "lua_class.h"
+#include "lua_options.h"
+#include "task_guard.h"
 #include "http_engine.h"
 
+#include <limits.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -447,8 +451,7 @@ static int l_server_shutdown(lua_State *L)
     lua_server *ls = srv->user;
     double ms = luaL_optnumber(L, 2, 5000);
     luaL_argcheck(L, ms >= 0, 2, "drain time must be >= 0");
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "shutdown yields: call it inside a task");
+    tamarco_check_task(L, "shutdown");
     if (ls->drain_wait)
         return luaL_error(L, "shutdown already in progress");
     if (http_server_shutdown(srv, (uint64_t)ms)) {
@@ -540,51 +543,28 @@ static int l_server_tostring(lua_State *L)
 
 /* ---------------------------------------------------------------- listen */
 
-static double opt_number(lua_State *L, int t, const char *key, double def)
-{
-    lua_getfield(L, t, key);
-    double v = def;
-    if (!lua_isnil(L, -1)) {
-        if (!lua_isnumber(L, -1))
-            luaL_error(L, "option '%s' must be a number", key);
-        v = lua_tonumber(L, -1);
-        if (v < 0)
-            luaL_error(L, "option '%s' must be >= 0", key);
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
-static int opt_bool(lua_State *L, int t, const char *key, int def)
-{
-    lua_getfield(L, t, key);
-    int v = lua_isnil(L, -1) ? def : lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return v;
-}
-
 /* listen(options, dispatcher) -> server | nil, message, code
  * options: host ("127.0.0.1"), port (8080; 0 picks one), backlog (511),
  * reuse_port (false), max_header_size (8192), max_body_size (1 MiB),
  * max_headers (100), header_timeout (10 s), body_timeout (30 s),
  * idle_timeout (60 s), send_timeout (60 s) in milliseconds (0: none),
  * max_connections (10000), max_pipeline (64), server_name ("tamarco"). */
+#define LISTEN "http_server.listen"   /* names the call in option errors */
+
 static int l_listen(lua_State *L)
 {
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        return luaL_error(L, "the HTTP server runs on the service's main state, not in a thread");
+    tamarco_host *host = tamarco_check_host(L, "the HTTP server");
     luaL_checktype(L, 1, LUA_TTABLE);
     luaL_checktype(L, 2, LUA_TFUNCTION);
 
     lua_getfield(L, 1, "host");
     const char *ip = luaL_optstring(L, -1, "127.0.0.1");
     lua_pop(L, 1);   /* the options table keeps the string alive */
-    double port = opt_number(L, 1, "port", 8080);
+    double port = tamarco_opt_number(L, 1, LISTEN, "port", 8080, 0, 65535);
     if (port > 65535 || port != (int)port)
         return luaL_error(L, "option 'port' must be an integer in 0..65535");
-    int backlog = (int)opt_number(L, 1, "backlog", 511);
-    int reuse_port = opt_bool(L, 1, "reuse_port", 0);
+    int backlog = (int)tamarco_opt_int(L, 1, LISTEN, "backlog", 511, 0, INT_MAX);
+    int reuse_port = tamarco_opt_bool(L, 1, "reuse_port", 0);
 
     struct sockaddr_storage addr;
     memset(&addr, 0, sizeof addr);
@@ -610,15 +590,15 @@ static int l_listen(lua_State *L)
     }
     ls->host = host;
     ls->dispatcher_ref = ls->req_mt_ref = LUA_NOREF;
-    srv->max_header_size = (size_t)opt_number(L, 1, "max_header_size", 8192);
-    srv->max_body_size = (size_t)opt_number(L, 1, "max_body_size", 1024 * 1024);
-    srv->max_headers = (int)opt_number(L, 1, "max_headers", 100);
-    srv->header_timeout = (uint64_t)opt_number(L, 1, "header_timeout", 10000);
-    srv->body_timeout = (uint64_t)opt_number(L, 1, "body_timeout", 30000);
-    srv->idle_timeout = (uint64_t)opt_number(L, 1, "idle_timeout", 60000);
-    srv->send_timeout = (uint64_t)opt_number(L, 1, "send_timeout", 60000);
-    srv->max_connections = (int)opt_number(L, 1, "max_connections", 10000);
-    srv->max_pipeline = (int)opt_number(L, 1, "max_pipeline", 64);
+    srv->max_header_size = (size_t)tamarco_opt_bytes(L, 1, LISTEN, "max_header_size", 8192);
+    srv->max_body_size = (size_t)tamarco_opt_bytes(L, 1, LISTEN, "max_body_size", 1024 * 1024);
+    srv->max_headers = (int)tamarco_opt_int(L, 1, LISTEN, "max_headers", 100, 0, INT_MAX);
+    srv->header_timeout = (uint64_t)tamarco_opt_ms(L, 1, LISTEN, "header_timeout", 10000);
+    srv->body_timeout = (uint64_t)tamarco_opt_ms(L, 1, LISTEN, "body_timeout", 30000);
+    srv->idle_timeout = (uint64_t)tamarco_opt_ms(L, 1, LISTEN, "idle_timeout", 60000);
+    srv->send_timeout = (uint64_t)tamarco_opt_ms(L, 1, LISTEN, "send_timeout", 60000);
+    srv->max_connections = (int)tamarco_opt_int(L, 1, LISTEN, "max_connections", 10000, 0, INT_MAX);
+    srv->max_pipeline = (int)tamarco_opt_int(L, 1, LISTEN, "max_pipeline", 64, 0, INT_MAX);
     if (srv->max_pipeline < 1)
         srv->max_pipeline = 1;
     if (http_server_set_name(srv, name) != 0) {
@@ -695,15 +675,7 @@ int luaopen_tamarco_c_http_server(lua_State *L)
         {"stats", l_server_stats},
         {NULL, NULL},
     };
-    luaL_newmetatable(L, SERVER_MT);
-    lua_createtable(L, 0, 6);
-    luaL_register(L, NULL, server_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_server_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_server_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
+    tamarco_class_register(L, SERVER_MT, server_methods, l_server_gc, l_server_tostring);
 
     static const luaL_Reg funcs[] = {
         {"listen", l_listen},

@@ -3,6 +3,7 @@
  * masking, sinks and every other policy live in lua/tamarco/logging.lua. */
 #include "host.h"
 #include "log_encode.h"
+#include "lua_class.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -47,20 +48,6 @@ static int push_scratch(lua_State *L, tamarco_log_buf *b)
     if (b->cap > 1 << 20)   /* one huge record: do not keep its buffer */
         tamarco_log_buf_free(b);
     return 1;
-}
-
-/* The string field `name` of the table at idx, or def. Never converts. */
-static const char *string_field(lua_State *L, int idx, const char *name,
-                                const char *def, size_t *len)
-{
-    const char *s = def;
-    lua_getfield(L, idx, name);
-    if (lua_type(L, -1) == LUA_TSTRING)
-        s = lua_tolstring(L, -1, len);   /* kept alive by the record */
-    else if (len)
-        *len = strlen(def);
-    lua_pop(L, 1);
-    return s;
 }
 
 /* encode_json(record) -> one JSON line, no trailing newline. */
@@ -178,11 +165,11 @@ static int l_format_text(lua_State *L)
     luaL_checktype(L, 1, LUA_TTABLE);
     int color = lua_toboolean(L, 2);
     size_t ts_len, level_len, logger_len, msg_len, tb_len;
-    const char *ts = string_field(L, 1, "@timestamp", "", &ts_len);
-    const char *level = string_field(L, 1, "level", "INFO", &level_len);
-    const char *logger = string_field(L, 1, "logger", "", &logger_len);
-    const char *message = string_field(L, 1, "message", "", &msg_len);
-    const char *tb = string_field(L, 1, "traceback", "", &tb_len);
+    const char *ts = tamarco_log_string_field(L, 1, "@timestamp", "", &ts_len);
+    const char *level = tamarco_log_string_field(L, 1, "level", "INFO", &level_len);
+    const char *logger = tamarco_log_string_field(L, 1, "logger", "", &logger_len);
+    const char *message = tamarco_log_string_field(L, 1, "message", "", &msg_len);
+    const char *tb = tamarco_log_string_field(L, 1, "traceback", "", &tb_len);
 
     tamarco_log_buf *b = scratch(L);
     /* "2026-11-29T10:00:00.123Z" -> "2026-11-29 10:00:00.123" */
@@ -591,20 +578,8 @@ int luaopen_tamarco_c_log(lua_State *L)
         {NULL, NULL},
     };
 
-    luaL_newmetatable(L, BUF_MT);
-    lua_pushcfunction(L, buf_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
-
-    luaL_newmetatable(L, FILE_MT);
-    lua_newtable(L);
-    luaL_register(L, NULL, file_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_file_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_file_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
+    tamarco_class_register(L, BUF_MT, NULL, buf_gc, NULL);
+    tamarco_class_register(L, FILE_MT, file_methods, l_file_close, l_file_tostring);
 
     /* the functions share one encoding buffer, their upvalue */
     lua_newtable(L);

@@ -10,6 +10,7 @@
 #endif
 #include "host.h"
 #include "log_encode.h"
+#include "lua_class.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -179,13 +180,7 @@ int luaopen_tamarco_c_log_udp(lua_State *L)
         {"close", l_close},
         {NULL, NULL},
     };
-    luaL_newmetatable(L, SENDER_MT);
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
+    tamarco_class_register(L, SENDER_MT, methods, l_close, NULL);
 
     lua_newtable(L);
     lua_pushcfunction(L, l_open);

@@ -67,10 +67,10 @@ static size_t format_value(char *out, double v)
     return (size_t)len;
 }
 
-static void add_value(tamarco_log_buf *b, double v)
+static void add_value(tamarco_buf *b, double v)
 {
     char tmp[40];
-    tamarco_log_buf_add(b, tmp, format_value(tmp, v));
+    tamarco_buf_add(b, tmp, format_value(tmp, v));
 }
 
 static int l_format_value(lua_State *L)
@@ -83,18 +83,18 @@ static int l_format_value(lua_State *L)
 
 /* ---- exposition ---- */
 
-static void add_help(tamarco_log_buf *b, const char *s, size_t len)
+static void add_help(tamarco_buf *b, const char *s, size_t len)
 {
     size_t run = 0;
     for (size_t i = 0; i < len; i++) {
         char c = s[i];
         if (c == '\\' || c == '\n') {
-            tamarco_log_buf_add(b, s + run, i - run);
-            tamarco_log_buf_add(b, c == '\\' ? "\\\\" : "\\n", 2);
+            tamarco_buf_add(b, s + run, i - run);
+            tamarco_buf_add(b, c == '\\' ? "\\\\" : "\\n", 2);
             run = i + 1;
         }
     }
-    tamarco_log_buf_add(b, s + run, len - run);
+    tamarco_buf_add(b, s + run, len - run);
 }
 
 /* The string field `key` of the table at idx (s, len), or "" when absent. */
@@ -123,16 +123,16 @@ static const char *string_at(lua_State *L, int idx, int i, size_t *len)
 }
 
 /* One sample line: name suffix labels value. */
-static void add_line(tamarco_log_buf *b, const char *name, size_t name_len, const char *suffix,
+static void add_line(tamarco_buf *b, const char *name, size_t name_len, const char *suffix,
                      const char *labels, size_t labels_len, double v)
 {
-    tamarco_log_buf_add(b, name, name_len);
+    tamarco_buf_add(b, name, name_len);
     if (suffix)
-        tamarco_log_buf_adds(b, suffix);
-    tamarco_log_buf_add(b, labels, labels_len);
-    tamarco_log_buf_addc(b, ' ');
+        tamarco_buf_adds(b, suffix);
+    tamarco_buf_add(b, labels, labels_len);
+    tamarco_buf_addc(b, ' ');
     add_value(b, v);
-    tamarco_log_buf_addc(b, '\n');
+    tamarco_buf_addc(b, '\n');
 }
 
 enum { KIND_COUNTER, KIND_GAUGE, KIND_HISTOGRAM, KIND_SUMMARY, KIND_UNKNOWN };
@@ -156,7 +156,7 @@ typedef struct le_values {
     size_t len[LE_CACHE];
 } le_values;
 
-static void add_series(tamarco_log_buf *b, lua_State *L, int idx, int kind,
+static void add_series(tamarco_buf *b, lua_State *L, int idx, int kind,
                        const char *name, size_t name_len, le_values *les)
 {
     size_t labels_len;
@@ -186,18 +186,18 @@ static void add_series(tamarco_log_buf *b, lua_State *L, int idx, int kind,
                 size_t le_len;
                 const char *le = i <= LE_CACHE ? (le_len = les->len[i - 1], les->s[i - 1])
                                                : string_at(L, les->idx, i, &le_len);
-                tamarco_log_buf_add(b, name, name_len);
-                tamarco_log_buf_add(b, "_bucket", 7);
+                tamarco_buf_add(b, name, name_len);
+                tamarco_buf_add(b, "_bucket", 7);
                 if (open) {
-                    tamarco_log_buf_add(b, labels, open);
-                    tamarco_log_buf_add(b, ",le=\"", 5);
+                    tamarco_buf_add(b, labels, open);
+                    tamarco_buf_add(b, ",le=\"", 5);
                 } else {
-                    tamarco_log_buf_add(b, "{le=\"", 5);
+                    tamarco_buf_add(b, "{le=\"", 5);
                 }
-                tamarco_log_buf_add(b, le, le_len);
-                tamarco_log_buf_add(b, "\"} ", 3);
+                tamarco_buf_add(b, le, le_len);
+                tamarco_buf_add(b, "\"} ", 3);
                 add_value(b, acc);
-                tamarco_log_buf_addc(b, '\n');
+                tamarco_buf_addc(b, '\n');
             }
         }
         lua_pop(L, 1);
@@ -222,7 +222,7 @@ static void add_series(tamarco_log_buf *b, lua_State *L, int idx, int kind,
     add_line(b, name, name_len, "_count", labels, labels_len, count);
 }
 
-static tamarco_log_buf *holder_of(lua_State *L)
+static tamarco_buf *holder_of(lua_State *L)
 {
     return lua_touserdata(L, lua_upvalueindex(1));
 }
@@ -231,7 +231,7 @@ static tamarco_log_buf *holder_of(lua_State *L)
 static int l_encode(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
-    tamarco_log_buf *b = holder_of(L);
+    tamarco_buf *b = holder_of(L);
     b->len = 0;
     b->oom = 0;
     luaL_checkstack(L, 8, "metrics.encode");
@@ -266,15 +266,15 @@ static int l_encode(lua_State *L)
             lua_settop(L, entry - 1);
             continue;
         }
-        tamarco_log_buf_add(b, "# HELP ", 7);
-        tamarco_log_buf_add(b, name, name_len);
-        tamarco_log_buf_addc(b, ' ');
+        tamarco_buf_add(b, "# HELP ", 7);
+        tamarco_buf_add(b, name, name_len);
+        tamarco_buf_addc(b, ' ');
         add_help(b, help, help_len);
-        tamarco_log_buf_add(b, "\n# TYPE ", 8);
-        tamarco_log_buf_add(b, name, name_len);
-        tamarco_log_buf_addc(b, ' ');
-        tamarco_log_buf_add(b, kind_name, kind_len);
-        tamarco_log_buf_addc(b, '\n');
+        tamarco_buf_add(b, "\n# TYPE ", 8);
+        tamarco_buf_add(b, name, name_len);
+        tamarco_buf_addc(b, ' ');
+        tamarco_buf_add(b, kind_name, kind_len);
+        tamarco_buf_addc(b, '\n');
         int nseries = (int)lua_objlen(L, series);
         for (int s = 1; s <= nseries; s++) {
             lua_rawgeti(L, series, s);
@@ -289,13 +289,13 @@ static int l_encode(lua_State *L)
     lua_pushlstring(L, b->data ? b->data : "", b->len);
     /* keep a moderate buffer for the next scrape, drop a huge one */
     if (b->cap > (16u << 20))
-        tamarco_log_buf_free(b);
+        tamarco_buf_free(b);
     return 1;
 }
 
 static int holder_gc(lua_State *L)
 {
-    tamarco_log_buf_free(lua_touserdata(L, 1));
+    tamarco_buf_free(lua_touserdata(L, 1));
     return 0;
 }
 
@@ -304,8 +304,8 @@ int luaopen_tamarco_c_metrics(lua_State *L)
     lua_newtable(L);
     lua_pushcfunction(L, l_format_value);
     lua_setfield(L, -2, "format_value");
-    tamarco_log_buf *b = lua_newuserdata(L, sizeof *b);
-    tamarco_log_buf_init(b);
+    tamarco_buf *b = lua_newuserdata(L, sizeof *b);
+    tamarco_buf_init(b);
     lua_newtable(L);
     lua_pushcfunction(L, holder_gc);
     lua_setfield(L, -2, "__gc");

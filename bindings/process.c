@@ -1,20 +1,15 @@
-/* tamarco.c.process: the loop's run/stop, the shutdown watchdog, identity. */
+/*
+ * tamarco.c.process: the Lua side of the host's loop control (host/loop.c)
+ * and shutdown watchdog (host/watchdog.c); the process's identity and
+ * figures.
+ */
 #include "host.h"
+#include "task_guard.h"
 
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
-
-static tamarco_host *require_host(lua_State *L)
-{
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        luaL_error(L, "only the service's main state owns the loop");
-    return host;
-}
 
 /* run_loop([mode]) -> alive. mode: "default" (until stopped), "once", "nowait".
  * Must not be called from inside a loop callback or a task. */
@@ -22,66 +17,29 @@ static int l_run_loop(lua_State *L)
 {
     static const char *const modes[] = {"default", "once", "nowait", NULL};
     static const uv_run_mode uv_modes[] = {UV_RUN_DEFAULT, UV_RUN_ONCE, UV_RUN_NOWAIT};
-    tamarco_host *host = require_host(L);
+    tamarco_host *host = tamarco_check_host(L, "the loop");
     int mode = luaL_checkoption(L, 1, "default", modes);
-    if (lua_pushthread(L) == 0) {
-        lua_pop(L, 1);
+    if (!tamarco_on_main_coroutine(L))
         return luaL_error(L, "run_loop called from a coroutine: the loop is already running");
-    }
-    lua_pop(L, 1);
-    lua_pushboolean(L, uv_run(host->loop, uv_modes[mode]));
+    lua_pushboolean(L, tamarco_loop_run(host, uv_modes[mode]));
     return 1;
 }
 
 static int l_stop_loop(lua_State *L)
 {
-    uv_stop(require_host(L)->loop);
+    tamarco_loop_stop(tamarco_check_host(L, "the loop"));
     return 0;
 }
 
-/* ---- watchdog: a plain OS thread, so a stuck loop cannot stop it ---- */
-
-typedef struct watchdog {
-    double seconds;
-    char message[512];
-} watchdog;
-
-static void *watchdog_main(void *arg)
-{
-    watchdog *dog = arg;
-    struct timespec ts;
-    ts.tv_sec = (time_t)dog->seconds;
-    ts.tv_nsec = (long)((dog->seconds - (double)ts.tv_sec) * 1e9);
-    while (nanosleep(&ts, &ts) != 0)
-        ;
-    /* write(2) is async-signal-safe and does not take stdio's locks, which
-     * the stuck loop thread may hold. */
-    ssize_t ignored = write(STDERR_FILENO, dog->message, strlen(dog->message));
-    (void)ignored;
-    _exit(1);
-    return NULL;
-}
-
 /* watchdog(seconds, message): ends the process with exit code 1 after
- * `seconds` unless it exits before. */
+ * `seconds` unless it exits before (host/watchdog.c). */
 static int l_watchdog(lua_State *L)
 {
     double seconds = luaL_checknumber(L, 1);
     const char *message = luaL_optstring(L, 2, "tamarco-host: stop watchdog expired, exiting\n");
     luaL_argcheck(L, seconds > 0, 1, "must be > 0");
-    watchdog *dog = malloc(sizeof *dog);
-    if (!dog)
-        return luaL_error(L, "out of memory");
-    dog->seconds = seconds;
-    snprintf(dog->message, sizeof dog->message, "%s", message);
-    pthread_t thread;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&thread, &attr, watchdog_main, dog);
-    pthread_attr_destroy(&attr);
+    int rc = tamarco_watchdog_start(seconds, message);
     if (rc != 0) {
-        free(dog);
         lua_pushnil(L);
         lua_pushfstring(L, "cannot start the watchdog thread: %s", strerror(rc));
         return 2;
@@ -162,7 +120,7 @@ static void collect_active(uv_handle_t *handle, void *arg)
 static int l_active_handles(lua_State *L)
 {
     lua_newtable(L);
-    uv_walk(require_host(L)->loop, collect_active, L);
+    uv_walk(tamarco_check_host(L, "the loop")->loop, collect_active, L);
     return 1;
 }
 

@@ -7,6 +7,8 @@
  * docs/internals/redis.md.
  */
 #include "host.h"
+#include "lua_class.h"
+#include "task_guard.h"
 
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
@@ -519,11 +521,8 @@ static int l_connect(lua_State *L)
         lua_settop(L, 3);
         lua_pushnil(L);
     }
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        return luaL_error(L, "redis connections are only available on the service's main state");
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "redis connect yields: call it inside a task, hook or handler");
+    tamarco_host *host = tamarco_check_host(L, "redis");
+    tamarco_check_task(L, "redis connect");
 
     rconn *rc = calloc(1, sizeof *rc);
     if (!rc)
@@ -851,8 +850,7 @@ static int l_command(lua_State *L)
         lua_pushliteral(L, "connection");
         return 3;
     }
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "redis commands yield: call them inside a task, hook or handler");
+    tamarco_check_task(L, "a redis command");
     size_t len = format_command(L);
     /* no cancel function: a reply for a cancelled task finds a stale id */
     int wait_id = tamarco_wait_begin(L, NULL, NULL);
@@ -1008,18 +1006,8 @@ int luaopen_tamarco_c_redis(lua_State *L)
     };
     /* uv handles may still call into this module while the host shuts down */
     tamarco_keep_loaded((const void *)luaopen_tamarco_c_redis);
-    if (luaL_newmetatable(L, CONN_MT)) {
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
-    lua_newtable(L);
-    luaL_register(L, NULL, funcs);
+    tamarco_class_register(L, CONN_MT, methods, l_gc, l_tostring);
+    tamarco_module_new(L, funcs);
     lua_pushlightuserdata(L, NULL);
     lua_setfield(L, -2, "null");
     /* module.__gc_owner: a userdata whose finalizer marks the state's end.

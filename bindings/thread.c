@@ -5,6 +5,10 @@
  * and the message format: docs/internals/threads.md.
  */
 #include "host.h"
+#include "byte_buffer.h"
+#include "lua_class.h"
+#include "mailbox.h"
+#include "task_guard.h"
 
 #include <pthread.h>
 #include <stddef.h>
@@ -21,7 +25,7 @@
  * ------------------------------------------------------------------- */
 
 typedef struct tmsg {
-    struct tmsg *next;
+    tamarco_mail link;      /* first: the outbox's and the loop-side lists */
     int is_log;             /* a log record from ctx:log, not a message */
     size_t len;
     unsigned char data[];
@@ -30,36 +34,20 @@ typedef struct tmsg {
 enum { T_NIL = 1, T_FALSE, T_TRUE, T_NUM, T_STR, T_TABLE, T_END };
 
 typedef struct wbuf {
-    unsigned char *p;   /* starts with a tmsg header */
-    size_t len, cap;
+    tamarco_buf out;           /* starts with a tmsg header */
     int keys[MAX_DEPTH + 1];   /* stack index of the key at each depth */
     int visiting;              /* stack index of the cycle-detection set */
     char err[512];
 } wbuf;
 
-static int wb_reserve(wbuf *b, size_t n)
+/* Appends to the message; -1, with the reason in err, once memory ran out. */
+static int wb_put(wbuf *b, const void *data, size_t n)
 {
-    if (b->len + n <= b->cap)
-        return 0;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + n)
-        cap *= 2;
-    unsigned char *p = realloc(b->p, cap);
-    if (!p) {
+    tamarco_buf_add(&b->out, data, n);
+    if (b->out.oom) {
         snprintf(b->err, sizeof b->err, "out of memory while copying a message");
         return -1;
     }
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
-
-static int wb_put(wbuf *b, const void *data, size_t n)
-{
-    if (wb_reserve(b, n) != 0)
-        return -1;
-    memcpy(b->p + b->len, data, n);
-    b->len += n;
     return 0;
 }
 
@@ -164,7 +152,7 @@ static int encode_table(lua_State *L, int idx, wbuf *b, int depth)
     uint32_t narr = (uint32_t)lua_objlen(L, idx), nhash = 0;
     if (wb_byte(b, T_TABLE) != 0 || wb_put(b, &narr, sizeof narr) != 0)
         return -1;
-    size_t nhash_at = b->len;
+    size_t nhash_at = b->out.len;
     if (wb_put(b, &nhash, sizeof nhash) != 0)
         return -1;
     uint32_t count = 0;
@@ -188,7 +176,7 @@ static int encode_table(lua_State *L, int idx, wbuf *b, int depth)
     if (wb_byte(b, T_END) != 0)
         return -1;
     nhash = count > narr ? count - narr : 0;
-    memcpy(b->p + nhash_at, &nhash, sizeof nhash);
+    memcpy(b->out.data + nhash_at, &nhash, sizeof nhash);
 
     lua_pushvalue(L, idx);
     lua_pushnil(L);
@@ -232,18 +220,22 @@ static tmsg *encode_message(lua_State *L, int idx, char *err, size_t errsize)
     }
     lua_newtable(L);
     b->visiting = lua_gettop(L);
-    b->len = offsetof(tmsg, data);
-    if (wb_reserve(b, 64) == 0 && encode_value(L, idx, b, 0) == 0) {
-        m = (tmsg *)b->p;
-        m->next = NULL;
+    tamarco_buf_init(&b->out);
+    if (tamarco_buf_reserve(&b->out, offsetof(tmsg, data) + 64))
+        b->out.len = offsetof(tmsg, data);
+    else
+        snprintf(b->err, sizeof b->err, "out of memory while copying a message");
+    if (!b->out.oom && encode_value(L, idx, b, 0) == 0) {
+        size_t len;
+        m = (tmsg *)tamarco_buf_take(&b->out, &len);
+        m->link.next = NULL;
         m->is_log = 0;
-        m->len = b->len - offsetof(tmsg, data);
-        b->p = NULL;
+        m->len = len - offsetof(tmsg, data);
     } else {
         snprintf(err, errsize, "%s", b->err);
     }
     lua_settop(L, top);
-    free(b->p);
+    tamarco_buf_free(&b->out);
     free(b);
     return m;
 }
@@ -352,7 +344,6 @@ typedef struct tthread {
     uv_mutex_t mu;
     uv_cond_t cond;            /* inbox push or stop request */
     tmsg *in_head, *in_tail;
-    tmsg *out_head, *out_tail;
     int stop_requested;
     int finished;              /* the thread's function ended */
     int failed;
@@ -368,10 +359,12 @@ typedef struct tthread {
     char *lua_dir;
     uv_thread_t tid;
 
+    /* thread -> loop: messages and log records (locked on its own) */
+    tamarco_mailbox outbox;
+
     /* loop thread only */
     tamarco_host *host;
-    uv_async_t async;
-    int async_open;
+    int async_open;            /* the outbox's handle is open */
     int joined;                /* joined or detached: tid no longer usable */
     int exited;                /* the loop saw `finished` */
     tmsg *lq_head, *lq_tail;
@@ -420,7 +413,7 @@ typedef struct handle_ud {
 static void msg_list_free(tmsg *m)
 {
     while (m) {
-        tmsg *next = m->next;
+        tmsg *next = (tmsg *)m->link.next;
         free(m);
         m = next;
     }
@@ -430,7 +423,6 @@ static void tthread_destroy(tthread *t)
 {
     all_unlink(t);
     msg_list_free(t->in_head);
-    msg_list_free(t->out_head);
     msg_list_free(t->lq_head);
     msg_list_free(t->lg_head);
     free(t->error);
@@ -438,6 +430,7 @@ static void tthread_destroy(tthread *t)
     free(t->logger_name);
     free(t->code);
     free(t->lua_dir);
+    tamarco_mailbox_destroy(&t->outbox);
     uv_cond_destroy(&t->cond);
     uv_mutex_destroy(&t->mu);
     free(t);
@@ -454,9 +447,9 @@ static void tthread_release(tthread *t)
 
 static void push_msg(tmsg **head, tmsg **tail, tmsg *m)
 {
-    m->next = NULL;
+    m->link.next = NULL;
     if (*tail)
-        (*tail)->next = m;
+        (*tail)->link.next = &m->link;
     else
         *head = m;
     *tail = m;
@@ -466,10 +459,10 @@ static tmsg *pop_msg(tmsg **head, tmsg **tail)
 {
     tmsg *m = *head;
     if (m) {
-        *head = m->next;
+        *head = (tmsg *)m->link.next;
         if (!*head)
             *tail = NULL;
-        m->next = NULL;
+        m->link.next = NULL;
     }
     return m;
 }
@@ -493,17 +486,12 @@ static int ctx_post(lua_State *L, int is_log)
     if (!m)
         return luaL_error(L, "ctx:%s: %s", is_log ? "log" : "send", err);
     m->is_log = is_log;
-    uv_mutex_lock(&t->mu);
-    if (t->detached) {
-        uv_mutex_unlock(&t->mu);
+    if (tamarco_mailbox_post(&t->outbox, &m->link) != 0) {   /* the loop let the thread go */
         free(m);
         lua_pushnil(L);
         lua_pushliteral(L, "detached");
         return 2;
     }
-    push_msg(&t->out_head, &t->out_tail, m);
-    uv_async_send(&t->async);   /* under mu: the loop closes it only after setting detached */
-    uv_mutex_unlock(&t->mu);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -690,9 +678,8 @@ static void thread_main(void *arg)
         t->failed = 1;
         t->error = error;
     }
-    if (!t->detached)
-        uv_async_send(&t->async);
     uv_mutex_unlock(&t->mu);
+    tamarco_mailbox_wake(&t->outbox);
     tthread_release(t);
 }
 
@@ -790,7 +777,7 @@ static void loop_side_close(tthread *t)
     if (!t->async_open)
         return;
     t->async_open = 0;
-    uv_close((uv_handle_t *)&t->async, on_async_close);
+    msg_list_free((tmsg *)tamarco_mailbox_close(&t->outbox, on_async_close));
     lua_State *L = t->host->L;
     luaL_unref(L, LUA_REGISTRYINDEX, t->handler_ref);
     t->handler_ref = LUA_NOREF;
@@ -800,24 +787,31 @@ static void loop_side_close(tthread *t)
     t->self_ref = LUA_NOREF;
 }
 
-/* Moves the outbox to the loop-side queue; notes when the thread ended. */
-static void pull(tthread *t)
+/* Sorts messages taken from the outbox into the loop-side queues. */
+static void queue_taken(tthread *t, tamarco_mail *list)
 {
-    if (!t->async_open)
-        return;
-    uv_mutex_lock(&t->mu);
-    tmsg *m = t->out_head;
-    int finished = t->finished;
-    t->out_head = t->out_tail = NULL;
-    uv_mutex_unlock(&t->mu);
-    while (m) {
-        tmsg *next = m->next;
+    while (list) {
+        tmsg *m = (tmsg *)list;
+        list = list->next;
         if (m->is_log)
             push_msg(&t->lg_head, &t->lg_tail, m);
         else
             push_msg(&t->lq_head, &t->lq_tail, m);
-        m = next;
     }
+}
+
+/* Moves the outbox (and `taken`, what was already taken from it) to the
+ * loop-side queues; notes when the thread ended. */
+static void pull(tthread *t, tamarco_mail *taken)
+{
+    if (!t->async_open)
+        return;
+    uv_mutex_lock(&t->mu);
+    int finished = t->finished;
+    uv_mutex_unlock(&t->mu);
+    /* read after `finished`: all the thread sent before it ended is in */
+    queue_taken(t, taken);
+    queue_taken(t, tamarco_mailbox_take(&t->outbox));
     if (finished)
         t->exited = 1;
 }
@@ -907,7 +901,7 @@ static void dispatch(tthread *t)
             tmsg *m = pop_msg(&t->lq_head, &t->lq_tail);
             if (!tamarco_wake(t->host, id, push_message, m)) {
                 /* a stale wait (the task was woken otherwise): keep the message */
-                m->next = t->lq_head;
+                m->link.next = t->lq_head ? &t->lq_head->link : NULL;
                 t->lq_head = m;
                 if (!t->lq_tail)
                     t->lq_tail = m;
@@ -929,10 +923,10 @@ static void dispatch(tthread *t)
     }
 }
 
-static void on_async(uv_async_t *async)
+static void on_outbox(tamarco_mailbox *box, tamarco_mail *list)
 {
-    tthread *t = async->data;
-    pull(t);
+    tthread *t = box->async.data;
+    pull(t, list);
     dispatch(t);
 }
 
@@ -942,7 +936,7 @@ static int detach(tthread *t)
 {
     if (!t->async_open)
         return 1;
-    pull(t);
+    pull(t, NULL);
     if (t->exited) {
         dispatch(t);
         return 0;
@@ -952,9 +946,10 @@ static int detach(tthread *t)
     t->stop_requested = 1;
     uv_cond_broadcast(&t->cond);
     uv_mutex_unlock(&t->mu);
+    tamarco_mailbox_shut(&t->outbox);
     /* Messages it sent before are still delivered to receive, its log
      * records to the log handler. */
-    pull(t);
+    pull(t, NULL);
     deliver_logs(t);
     if (!t->joined) {
         t->joined = 1;
@@ -989,9 +984,8 @@ static void cancel_wait(void *ud)
 /* Suspends the running task as a waiter of kind; ms < 0: no timeout. */
 static int wait_for(lua_State *L, tthread *t, int kind, double ms, int detach_on_timeout)
 {
-    if (!tamarco_host_of(L) || !tamarco_in_task(L))
-        return luaL_error(L, "thread '%s': receive, join and stop yield: call them inside a task, "
-                             "hook or handler", t->name);
+    tamarco_check_host(L, "thread");
+    tamarco_check_task(L, "thread:receive/join/stop");
     waiter *w = calloc(1, sizeof *w);
     if (!w)
         return luaL_error(L, "out of memory");
@@ -1027,9 +1021,7 @@ static int l_start(lua_State *L)
     size_t code_len;
     const char *code = luaL_checklstring(L, 2, &code_len);
     const char *logger_name = luaL_optstring(L, 3, NULL);
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        return luaL_error(L, "threads can only be started from the service's main state");
+    tamarco_host *host = tamarco_check_host(L, "thread.start");
 
     handle_ud *ud = lua_newuserdata(L, sizeof *ud);
     ud->t = NULL;
@@ -1055,17 +1047,26 @@ static int l_start(lua_State *L)
     t->code_len = code_len;
     t->host = host;
     t->handler_ref = t->self_ref = t->exit_ref = t->log_ref = LUA_NOREF;
+    int rc = tamarco_mailbox_init(&t->outbox, host->loop, on_outbox);
+    if (rc != 0) {
+        free(t->name);
+        free(t->logger_name);
+        free(t->lua_dir);
+        free(t->code);
+        free(t);
+        return luaL_error(L, "cannot start thread '%s': %s", name, uv_strerror(rc));
+    }
+    t->outbox.async.data = t;
+    uv_ref((uv_handle_t *)&t->outbox.async);   /* a running thread keeps the loop alive */
     uv_mutex_init(&t->mu);
     uv_cond_init(&t->cond);
     t->refs = 2;   /* loop side + userdata; +1 for the OS thread below */
     all_link(t);
-    uv_async_init(host->loop, &t->async, on_async);
-    t->async.data = t;
     t->async_open = 1;
     ud->t = t;
 
     t->refs++;
-    int rc = uv_thread_create(&t->tid, thread_main, t);
+    rc = uv_thread_create(&t->tid, thread_main, t);
     if (rc != 0) {
         t->refs--;
         t->joined = 1;
@@ -1114,7 +1115,7 @@ static int h_receive(lua_State *L)
     double ms = opt_timeout(L, 2);
     if (t->handler_ref != LUA_NOREF)
         return luaL_error(L, "thread '%s': receive cannot be used once on_message is set", t->name);
-    pull(t);
+    pull(t, NULL);
     if (t->lq_head && !t->recv_waiters.head) {
         tmsg *m = pop_msg(&t->lq_head, &t->lq_tail);
         return push_message(L, m);
@@ -1162,7 +1163,7 @@ static int h_set_handler(lua_State *L)
         return 0;
     }
     /* receive and on_message are exclusive: the queue goes to the handler */
-    pull(t);
+    pull(t, NULL);
     dispatch(t);
     return 0;
 }
@@ -1178,7 +1179,7 @@ static int h_set_log_handler(lua_State *L)
     t->log_ref = LUA_NOREF;
     if (t->async_open) {
         t->log_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        pull(t);
+        pull(t, NULL);
         dispatch(t);
     }
     return 0;
@@ -1216,7 +1217,7 @@ static int h_join(lua_State *L)
     tthread *t = check_handle(L);
     double ms = opt_timeout(L, 2);
     int do_detach = lua_toboolean(L, 3);
-    pull(t);
+    pull(t, NULL);
     if (t->exited) {
         lua_pushboolean(L, 1);
         return 1;
@@ -1280,7 +1281,7 @@ static int h_gc(lua_State *L)
             pthread_detach(t->tid);
         }
         t->async_open = 0;
-        uv_close((uv_handle_t *)&t->async, on_async_close);
+        msg_list_free((tmsg *)tamarco_mailbox_close(&t->outbox, on_async_close));
     }
     tthread_release(t);
     return 0;
@@ -1337,17 +1338,7 @@ int luaopen_tamarco_c_thread(lua_State *L)
         {"decode", l_decode},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, HANDLE_MT)) {
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, h_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, h_tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
-    lua_newtable(L);
-    luaL_register(L, NULL, funcs);
+    tamarco_class_register(L, HANDLE_MT, methods, h_gc, h_tostring);
+    tamarco_module_new(L, funcs);
     return 1;
 }

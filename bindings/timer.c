@@ -1,5 +1,6 @@
 /* tamarco.c.timer: sleeping coroutines and the loop's clock. */
 #include "host.h"
+#include "task_guard.h"
 
 #include <stdlib.h>
 
@@ -38,8 +39,7 @@ static int l_sleep(lua_State *L)
     tamarco_host *host = tamarco_host_of(L);
     if (!host)
         return luaL_error(L, "tamarco.sleep is not available in a thread; use the thread context's sleep");
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "tamarco.sleep yields: call it inside a task, hook or handler");
+    tamarco_check_task(L, "tamarco.sleep");
     if (ms == 0)
         return tamarco_yield_turn(L);
     sleep_request *req = malloc(sizeof *req);

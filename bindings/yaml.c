@@ -5,6 +5,7 @@
  * convention: docs/internals/yaml.md.
  */
 #include "host.h"
+#include "lua_class.h"
 
 #include <yaml.h>
 #include <errno.h>
@@ -863,11 +864,7 @@ int luaopen_tamarco_c_yaml(lua_State *L)
         {"is_sequence", l_is_sequence},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, PARSER_MT)) {
-        lua_pushcfunction(L, ctx_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_pop(L, 1);
+    tamarco_class_register(L, PARSER_MT, NULL, ctx_gc, NULL);
     luaL_newmetatable(L, SEQUENCE_MT);
     lua_pushliteral(L, "yaml.sequence");
     lua_setfield(L, -2, "__yaml");

@@ -1,4 +1,4 @@
-/* Fuzz target: the log record encoder (bindings/log_encode.c): the host's
+/* Fuzz target: the log record encoder (host/log_encode.c): the host's
  * JSON lines and the logstash v0/v1 layouts, fed arbitrary records built
  * from the fuzz bytes (fuzz_push_value), and its JSON string escaping fed
  * the raw bytes. Whatever the record holds, the output must be JSON that
@@ -14,13 +14,13 @@ typedef struct job {
     size_t size;
 } job;
 
-static void must_decode(lua_State *L, tamarco_log_buf *b, const char *what)
+static void must_decode(lua_State *L, tamarco_buf *b, const char *what)
 {
     lua_getglobal(L, "json_decode");
     lua_pushlstring(L, b->data ? b->data : "", b->len);
     lua_call(L, 1, 2);
     if (lua_isnil(L, -2)) {
-        lua_pushfstring(L, "%s: %s in %s", what, lua_tostring(L, -1), tamarco_log_buf_cstr(b));
+        lua_pushfstring(L, "%s: %s in %s", what, lua_tostring(L, -1), tamarco_buf_cstr(b));
         fuzz_fail("the log encoder wrote invalid JSON", lua_tostring(L, -1));
     }
     lua_pop(L, 2);
@@ -46,8 +46,8 @@ static int encode_all(lua_State *L)
     lua_getfield(L, 1, "tags");
     int tags = lua_istable(L, 2) ? 2 : 0;
 
-    tamarco_log_buf b;
-    tamarco_log_buf_init(&b);
+    tamarco_buf b;
+    tamarco_buf_init(&b);
     tamarco_log_json_value(&b, L, 1, 1);
     if (!b.oom) must_decode(L, &b, "json record");
     b.len = 0;
@@ -59,7 +59,7 @@ static int encode_all(lua_State *L)
     b.len = 0;
     tamarco_log_json_string(&b, (const char *)j->data, j->size);
     if (!b.oom) must_decode(L, &b, "json string");
-    tamarco_log_buf_free(&b);
+    tamarco_buf_free(&b);
     return 0;
 }
 

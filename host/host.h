@@ -60,6 +60,16 @@ void tamarco_scheduler_shutdown(tamarco_host *host);
  * sleep(0) lets timers, I/O and new tasks run. */
 int tamarco_yield_turn(lua_State *L);
 
+/* ---- loop.c, watchdog.c: the process's loop and its end ---- */
+
+/* uv_run on the host's loop; returns whether handles are still alive. */
+int tamarco_loop_run(tamarco_host *host, uv_run_mode mode);
+/* Makes the running tamarco_loop_run return after this turn. */
+void tamarco_loop_stop(tamarco_host *host);
+/* Ends the process (exit code 1, message on stderr) after `seconds` unless
+ * it exits before. Returns 0 or an errno value. */
+int tamarco_watchdog_start(double seconds, const char *message);
+
 /* ---- lua_state.c ---- */
 
 /* Creates a Lua state with the standard libraries, the host's module paths
@@ -109,7 +119,25 @@ int luaopen_tamarco_c_codec(lua_State *L);
 int luaopen_tamarco_c_http_server(lua_State *L);
 int luaopen_tamarco_c_metrics(lua_State *L);
 int luaopen_tamarco_c_introspect(lua_State *L);
-/* host/extension_api.c: the native API's Lua side (tamarco.native) */
+int luaopen_tamarco_c_backoff(lua_State *L);
+/* bindings/native.c: the native API's Lua side (tamarco.native) */
 int luaopen_tamarco_c_native(lua_State *L);
+
+/* ---- native_api.c: the public API's mailbox and tickets ---- */
+
+/* Opens the mailbox tamarco_log and tamarco_wake_ticket post to, on
+ * host's loop, and the ticket table. Returns 0 or a libuv error. */
+int tamarco_native_init(tamarco_host *host);
+/* 1 once tamarco_native_init succeeded. */
+int tamarco_native_ready(void);
+/* A new ticket number (> 0) for tamarco_wake_ticket. */
+int tamarco_native_new_ticket(void);
+/* Makes tamarco_wake_ticket(ticket, ...) wake the wait wait_id. */
+void tamarco_native_bind_ticket(lua_State *L, int ticket, int wait_id);
+
+/* ---- test_probe.c ---- */
+
+/* offload_sleep(ms) -> off_loop_thread, overlapping (tamarco.c.native). */
+int tamarco_probe_offload_sleep(lua_State *L);
 
 #endif

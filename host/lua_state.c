@@ -26,6 +26,7 @@ static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.metrics", luaopen_tamarco_c_metrics},
     {"tamarco.c.introspect", luaopen_tamarco_c_introspect},
     {"tamarco.c.native", luaopen_tamarco_c_native},
+    {"tamarco.c.backoff", luaopen_tamarco_c_backoff},
     {NULL, NULL},
 };
 

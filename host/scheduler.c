@@ -6,6 +6,7 @@
  * pool: docs/internals/scheduler.md.
  */
 #include "host.h"
+#include "task_guard.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -64,10 +65,7 @@ static void push_registry_table(lua_State *L, void *key, const char *mode)
 
 static tamarco_host *checked_host(lua_State *L)
 {
-    tamarco_host *host = tamarco_host_of(L);
-    if (!host)
-        luaL_error(L, "the scheduler is only available on the service's main state, not in a thread");
-    return host;
+    return tamarco_check_host(L, "the scheduler");
 }
 
 /* ---- wait notes: wait id -> what it waits on ---- */
@@ -195,9 +193,7 @@ int tamarco_in_task(lua_State *L)
 int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void *ud)
 {
     tamarco_host *host = checked_host(L);
-    if (!tamarco_in_task(L))
-        luaL_error(L, "this call yields: run it inside a tamarco task, hook or handler "
-                      "(tamarco.spawn), not in the main chunk or a plain coroutine");
+    tamarco_check_task(L, "this call");
     int id = ++host->next_wait_id;
     if (id <= 0)   /* wrapped after 2^31 waits */
         id = host->next_wait_id = 1;
@@ -497,8 +493,7 @@ void tamarco_scheduler_shutdown(tamarco_host *host)
 int tamarco_yield_turn(lua_State *L)
 {
     tamarco_host *host = checked_host(L);
-    if (!tamarco_in_task(L))
-        return luaL_error(L, "this call yields: run it inside a tamarco task, hook or handler");
+    tamarco_check_task(L, "this call");
     lua_pushthread(L);
     queue_ready(host, L, lua_gettop(L), 0, 0);
     lua_pop(L, 1);

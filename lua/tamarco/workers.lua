@@ -15,6 +15,7 @@
 -- tamarco.supervisor_pipe) and STOPPING=1 when it stops them. The supervisor also
 -- serves the report server (/metrics and /status of all workers, see
 -- tamarco.workers_report) on the port the workers would have shared.
+local backoff = require "tamarco.c.backoff"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
 local systemd = require "tamarco.systemd"
@@ -132,12 +133,13 @@ function workers.supervise(count, worker_args, log)
         -- A worker that lived long was healthy: restart it at once; one that
         -- keeps dying is restarted less and less often.
         local lived_ms = uv.now() - child.started_at
-        child.backoff = lived_ms > 10000 and RESTART_MIN_MS
-            or math.min((child.backoff or RESTART_MIN_MS / 2) * 2, RESTART_MAX_MS)
+        child.restarts = child.restarts or backoff.new { min_ms = RESTART_MIN_MS, max_ms = RESTART_MAX_MS }
+        if lived_ms > 10000 then child.restarts:reset() end
+        local delay = child.restarts:next()
         log("warning", ("worker %d (pid %s) exited (code %s, signal %s); restarting in %d ms")
-            :format(index, tostring(child.last_pid), tostring(code), tostring(signal), child.backoff))
+            :format(index, tostring(child.last_pid), tostring(code), tostring(signal), delay))
         child.timer = child.timer or uv.new_timer()
-        child.timer:start(child.backoff, 0, function() start_worker(index) end)
+        child.timer:start(delay, 0, function() start_worker(index) end)
     end
 
     start_worker = function(index)

@@ -19,21 +19,21 @@ static void expect_eq(const char *what, const char *got, const char *want)
 
 static void check_string(const char *in, size_t len, const char *want)
 {
-    tamarco_log_buf b;
-    tamarco_log_buf_init(&b);
+    tamarco_buf b;
+    tamarco_buf_init(&b);
     tamarco_log_json_string(&b, in, len);
-    expect_eq("json string", tamarco_log_buf_cstr(&b), want);
-    tamarco_log_buf_free(&b);
+    expect_eq("json string", tamarco_buf_cstr(&b), want);
+    tamarco_buf_free(&b);
 }
 #define STR(lit, want) check_string(lit, sizeof(lit) - 1, want)
 
 static void check_number(double n, const char *want)
 {
-    tamarco_log_buf b;
-    tamarco_log_buf_init(&b);
+    tamarco_buf b;
+    tamarco_buf_init(&b);
     tamarco_log_json_number(&b, n);
-    expect_eq("json number", tamarco_log_buf_cstr(&b), want);
-    tamarco_log_buf_free(&b);
+    expect_eq("json number", tamarco_buf_cstr(&b), want);
+    tamarco_buf_free(&b);
 }
 
 static void check_lua(lua_State *L, const char *chunk, const char *want)

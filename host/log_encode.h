@@ -1,68 +1,42 @@
 /*
- * Log record encoding (bytes only, no policy): a growable buffer, JSON
- * string and number formatting, the ISO 8601 timestamp, and the JSON
- * encoding of a Lua value. Used by bindings/log.c ("tamarco.c.log") and by
- * the C unit test spec/c/test_log_encode.c.
+ * JSON and logstash encoding of log records and Lua values, into the
+ * runtime's byte buffer (byte_buffer.h): bytes only, no policy, no Lua
+ * errors. A library, not a binding: it exposes nothing to Lua itself; the
+ * log binding (bindings/log.c), the metrics exposition (bindings/metrics.c)
+ * and the JSON codec (bindings/json.c) build on it, and so do the C unit
+ * test spec/c/test_log_encode.c and the fuzz target fuzz/fuzz_log_encode.c.
  */
 #ifndef TAMARCO_LOG_ENCODE_H
 #define TAMARCO_LOG_ENCODE_H
 
 #include <stddef.h>
-#include <string.h>
 #include <lua.h>
+
+#include "byte_buffer.h"
 
 /* Nesting depth past which a table is written as the string "<depth limit>". */
 #define TAMARCO_LOG_MAX_DEPTH 16
 
-typedef struct tamarco_log_buf {
-    char *data;     /* not NUL-terminated unless tamarco_log_buf_cstr is used */
-    size_t len;
-    size_t cap;
-    int oom;        /* set when an allocation failed; further adds are dropped */
-} tamarco_log_buf;
-
-void tamarco_log_buf_init(tamarco_log_buf *b);
-void tamarco_log_buf_free(tamarco_log_buf *b);
-/* Makes room for `extra` more bytes (and a NUL). 0 when out of memory. */
-int tamarco_log_buf_grow(tamarco_log_buf *b, size_t extra);
-
-/* Appends are inline: the encoder calls them once or more per byte run. */
-static inline int tamarco_log_buf_reserve(tamarco_log_buf *b, size_t extra)
-{
-    return (!b->oom && b->len + extra < b->cap) || tamarco_log_buf_grow(b, extra);
-}
-
-static inline void tamarco_log_buf_add(tamarco_log_buf *b, const char *s, size_t len)
-{
-    if (len == 0 || !tamarco_log_buf_reserve(b, len))
-        return;
-    memcpy(b->data + b->len, s, len);
-    b->len += len;
-}
-
-static inline void tamarco_log_buf_addc(tamarco_log_buf *b, char c)
-{
-    if (tamarco_log_buf_reserve(b, 1))
-        b->data[b->len++] = c;
-}
-
-static inline void tamarco_log_buf_adds(tamarco_log_buf *b, const char *s)
-{
-    tamarco_log_buf_add(b, s, strlen(s));
-}
-
-/* NUL-terminates and returns data ("" when empty or out of memory). */
-const char *tamarco_log_buf_cstr(tamarco_log_buf *b);
+/* The buffer's former names, kept for the encoders that still spell them. */
+typedef tamarco_buf tamarco_log_buf;
+#define tamarco_log_buf_init tamarco_buf_init
+#define tamarco_log_buf_free tamarco_buf_free
+#define tamarco_log_buf_grow tamarco_buf_grow
+#define tamarco_log_buf_reserve tamarco_buf_reserve
+#define tamarco_log_buf_add tamarco_buf_add
+#define tamarco_log_buf_addc tamarco_buf_addc
+#define tamarco_log_buf_adds tamarco_buf_adds
+#define tamarco_log_buf_cstr tamarco_buf_cstr
 
 /* Appends s as a quoted JSON string: escapes '"', '\\', control characters
  * (\b \f \n \r \t, else \u00XX), DEL, U+2028/U+2029; each byte of an invalid
  * UTF-8 sequence (overlong, surrogate, > U+10FFFF, truncated) becomes \ufffd. */
-void tamarco_log_json_string(tamarco_log_buf *b, const char *s, size_t len);
+void tamarco_log_json_string(tamarco_buf *b, const char *s, size_t len);
 
 /* Appends n as a JSON number: integral values without ".0" (exactly, up to
  * 2^63), others with the shortest of %.15g / %.17g that reads back to the same
  * double; NaN and infinities as null. */
-void tamarco_log_json_number(tamarco_log_buf *b, double n);
+void tamarco_log_json_number(tamarco_buf *b, double n);
 
 /* Writes "YYYY-MM-DDTHH:MM:SS.mmmZ" (UTC, milliseconds rounded) into out,
  * which must hold at least 32 bytes. Returns the length, or -1. */
@@ -77,7 +51,7 @@ int tamarco_log_iso8601(char *out, size_t size, double seconds);
  * other unencodable values "<function>" etc. Never raises except on memory
  * errors of the Lua state; the caller owns b (see log.c for an error-safe
  * holder). */
-void tamarco_log_json_value(tamarco_log_buf *b, lua_State *L, int idx, int top);
+void tamarco_log_json_value(tamarco_buf *b, lua_State *L, int idx, int top);
 
 /* Calls fn for each field of the table at idx in the order of
  * tamarco_log_json_value (keys as strings, value at value_idx). Returns the
@@ -87,13 +61,18 @@ typedef void (*tamarco_log_field_fn)(void *ud, lua_State *L, const char *key,
 int tamarco_log_each_field(lua_State *L, int idx, int top,
                            tamarco_log_field_fn fn, void *ud);
 
+/* The string field `name` of the record at idx (its length in *len), or
+ * def (may be NULL) when it is missing or not a string. Never converts. */
+const char *tamarco_log_string_field(lua_State *L, int idx, const char *name,
+                                     const char *def, size_t *len);
+
 /* 1 when key is one of the standard record fields listed above. */
 int tamarco_log_is_standard_field(const char *key, size_t len);
 
 /* Appends the record at idx in Tamarco's logstash layout, version 0 or 1
  * (python-logstash's formatters; see encode_logstash in log.c). tags_idx is
  * a table of tags or 0 for none. */
-void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version,
+void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx, int version,
                           const char *host, size_t host_len,
                           const char *type, size_t type_len, int tags_idx);
 

@@ -1,4 +1,4 @@
-/* Log record encoding: bytes only (see log_encode.h). No Lua errors raised. */
+/* Log record and Lua value encoding: bytes only (see log_encode.h). No Lua errors raised. */
 #include "log_encode.h"
 
 #include <lauxlib.h>
@@ -10,53 +10,6 @@
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
-
-/* ---- buffer ---- */
-
-void tamarco_log_buf_init(tamarco_log_buf *b)
-{
-    b->data = NULL;
-    b->len = b->cap = 0;
-    b->oom = 0;
-}
-
-void tamarco_log_buf_free(tamarco_log_buf *b)
-{
-    free(b->data);
-    tamarco_log_buf_init(b);
-}
-
-int tamarco_log_buf_grow(tamarco_log_buf *b, size_t extra)
-{
-    if (b->oom)
-        return 0;
-    if (b->len + extra + 1 <= b->cap)   /* +1: room for a terminating NUL */
-        return 1;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + extra + 1) {
-        if (cap > SIZE_MAX / 2) {
-            b->oom = 1;
-            return 0;
-        }
-        cap *= 2;
-    }
-    char *data = realloc(b->data, cap);
-    if (!data) {
-        b->oom = 1;
-        return 0;
-    }
-    b->data = data;
-    b->cap = cap;
-    return 1;
-}
-
-const char *tamarco_log_buf_cstr(tamarco_log_buf *b)
-{
-    if (!tamarco_log_buf_grow(b, 0))
-        return "";
-    b->data[b->len] = '\0';
-    return b->data;
-}
 
 /* ---- JSON strings ---- */
 
@@ -99,14 +52,14 @@ static inline int plain_byte(unsigned char c)
     return c >= 0x20 && c < 0x7F && c != '"' && c != '\\';
 }
 
-void tamarco_log_json_string(tamarco_log_buf *b, const char *str, size_t len)
+void tamarco_log_json_string(tamarco_buf *b, const char *str, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *s = (const unsigned char *)str;
     size_t i = 0, run = 0;   /* run: start of bytes copied as they are */
     while (i < len && plain_byte(s[i]))
         i++;
-    if (i == len && tamarco_log_buf_reserve(b, len + 2)) {
+    if (i == len && tamarco_buf_reserve(b, len + 2)) {
         /* the common case: nothing to escape, one copy */
         char *out = b->data + b->len;
         out[0] = '"';
@@ -115,7 +68,7 @@ void tamarco_log_json_string(tamarco_log_buf *b, const char *str, size_t len)
         b->len += len + 2;
         return;
     }
-    tamarco_log_buf_addc(b, '"');
+    tamarco_buf_addc(b, '"');
     while (i < len) {
         unsigned char c = s[i];
         const char *esc = NULL;
@@ -153,13 +106,13 @@ void tamarco_log_json_string(tamarco_log_buf *b, const char *str, size_t len)
             i += step;
             continue;
         }
-        tamarco_log_buf_add(b, str + run, i - run);
-        tamarco_log_buf_adds(b, esc);
+        tamarco_buf_add(b, str + run, i - run);
+        tamarco_buf_adds(b, esc);
         i += step;
         run = i;
     }
-    tamarco_log_buf_add(b, str + run, i - run);
-    tamarco_log_buf_addc(b, '"');
+    tamarco_buf_add(b, str + run, i - run);
+    tamarco_buf_addc(b, '"');
 }
 
 /* ---- JSON numbers ---- */
@@ -172,11 +125,11 @@ static void fix_decimal_point(char *s)
             *s = '.';
 }
 
-void tamarco_log_json_number(tamarco_log_buf *b, double n)
+void tamarco_log_json_number(tamarco_buf *b, double n)
 {
     char tmp[40];
     if (!isfinite(n)) {
-        tamarco_log_buf_add(b, "null", 4);
+        tamarco_buf_add(b, "null", 4);
         return;
     }
     if (n == floor(n) && fabs(n) < 9.2e18) {
@@ -189,7 +142,7 @@ void tamarco_log_json_number(tamarco_log_buf *b, double n)
         while ((u /= 10) != 0);
         if (n < 0)
             *--p = '-';
-        tamarco_log_buf_add(b, p, (size_t)(end - p));
+        tamarco_buf_add(b, p, (size_t)(end - p));
         return;
     } else {
         snprintf(tmp, sizeof tmp, "%.15g", n);
@@ -199,7 +152,7 @@ void tamarco_log_json_number(tamarco_log_buf *b, double n)
             fix_decimal_point(tmp);
         }
     }
-    tamarco_log_buf_adds(b, tmp);
+    tamarco_buf_adds(b, tmp);
 }
 
 /* ---- timestamps ---- */
@@ -257,7 +210,7 @@ typedef struct json_key {
 #define KEY_TEXT(k) ((k)->s ? (k)->s : (k)->num)
 
 typedef struct encoder {
-    tamarco_log_buf *b;
+    tamarco_buf *b;
     lua_State *L;
     const void *path[TAMARCO_LOG_MAX_DEPTH + 1];   /* tables being encoded */
     int depth;
@@ -315,12 +268,12 @@ static int read_key(lua_State *L, int key_idx, json_key *k, int top)
     if (k->type == LUA_TSTRING) {
         k->s = lua_tolstring(L, key_idx, &k->len);   /* a string: no conversion */
     } else if (k->type == LUA_TNUMBER) {
-        tamarco_log_buf tmp;
+        tamarco_buf tmp;
         k->n = lua_tonumber(L, key_idx);
-        tamarco_log_buf_init(&tmp);
+        tamarco_buf_init(&tmp);
         tamarco_log_json_number(&tmp, k->n);
-        snprintf(k->num, sizeof k->num, "%s", tamarco_log_buf_cstr(&tmp));
-        tamarco_log_buf_free(&tmp);
+        snprintf(k->num, sizeof k->num, "%s", tamarco_buf_cstr(&tmp));
+        tamarco_buf_free(&tmp);
         k->s = NULL;
         k->len = strlen(k->num);
     } else if (k->type == LUA_TBOOLEAN) {
@@ -404,10 +357,10 @@ static void object_field(void *ud, lua_State *L, const char *key, size_t len, in
 {
     encoder *e = ud;
     if (!e->first)
-        tamarco_log_buf_addc(e->b, ',');
+        tamarco_buf_addc(e->b, ',');
     e->first = 0;
     tamarco_log_json_string(e->b, key, len);
-    tamarco_log_buf_addc(e->b, ':');
+    tamarco_buf_addc(e->b, ':');
     encode_value(e, value_idx, 0);
     e->first = 0;   /* a nested object may have left it set */
 }
@@ -452,24 +405,24 @@ static void encode_table(encoder *e, int idx, int top)
     size_t count = 0;
     if (is_array(L, idx, &count)) {
         e->path[e->depth++] = p;
-        tamarco_log_buf_addc(e->b, '[');
+        tamarco_buf_addc(e->b, '[');
         for (size_t i = 1; i <= count; i++) {
             if (i > 1)
-                tamarco_log_buf_addc(e->b, ',');
+                tamarco_buf_addc(e->b, ',');
             lua_rawgeti(L, idx, (int)i);
             encode_value(e, lua_gettop(L), 0);
             lua_pop(L, 1);
         }
-        tamarco_log_buf_addc(e->b, ']');
+        tamarco_buf_addc(e->b, ']');
         e->depth--;
         return;
     }
 
     e->path[e->depth++] = p;
-    tamarco_log_buf_addc(e->b, '{');
+    tamarco_buf_addc(e->b, '{');
     e->first = 1;
     tamarco_log_each_field(L, idx, top, object_field, e);
-    tamarco_log_buf_addc(e->b, '}');
+    tamarco_buf_addc(e->b, '}');
     e->depth--;
 }
 static void encode_value(encoder *e, int idx, int top)
@@ -477,13 +430,13 @@ static void encode_value(encoder *e, int idx, int top)
     lua_State *L = e->L;
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
-        tamarco_log_buf_add(e->b, "null", 4);
+        tamarco_buf_add(e->b, "null", 4);
         break;
     case LUA_TBOOLEAN:
         if (lua_toboolean(L, idx))
-            tamarco_log_buf_add(e->b, "true", 4);
+            tamarco_buf_add(e->b, "true", 4);
         else
-            tamarco_log_buf_add(e->b, "false", 5);
+            tamarco_buf_add(e->b, "false", 5);
         break;
     case LUA_TNUMBER:
         tamarco_log_json_number(e->b, lua_tonumber(L, idx));
@@ -506,7 +459,7 @@ static void encode_value(encoder *e, int idx, int top)
     }
 }
 
-void tamarco_log_json_value(tamarco_log_buf *b, lua_State *L, int idx, int top)
+void tamarco_log_json_value(tamarco_buf *b, lua_State *L, int idx, int top)
 {
     encoder e;
     e.b = b;
@@ -525,7 +478,7 @@ int tamarco_log_is_standard_field(const char *key, size_t len)
 /* ---- logstash layouts (Tamarco's formatters, versions 0 and 1) ---- */
 
 typedef struct logstash_ctx {
-    tamarco_log_buf *b;
+    tamarco_buf *b;
     int version;
 } logstash_ctx;
 
@@ -562,9 +515,9 @@ static void logstash_extra(void *ud, lua_State *L, const char *key, size_t len, 
     logstash_ctx *c = ud;
     if (placed_by_layout(key, len))
         return;
-    tamarco_log_buf_addc(c->b, ',');
+    tamarco_buf_addc(c->b, ',');
     if (key_is(key, len, "traceback")) {
-        tamarco_log_buf_adds(c->b, "\"stack_trace\"");
+        tamarco_buf_adds(c->b, "\"stack_trace\"");
     } else if (is_reserved_logstash(c->version, key, len)) {
         char prefixed[32];   /* reserved names are short */
         memcpy(prefixed, "extra_", 6);
@@ -573,22 +526,21 @@ static void logstash_extra(void *ud, lua_State *L, const char *key, size_t len, 
     } else {
         tamarco_log_json_string(c->b, key, len);
     }
-    tamarco_log_buf_addc(c->b, ':');
+    tamarco_buf_addc(c->b, ':');
     tamarco_log_json_value(c->b, L, value_idx, 0);
 }
 
-static void add_member(tamarco_log_buf *b, const char *key, const char *value, size_t len, int comma)
+static void add_member(tamarco_buf *b, const char *key, const char *value, size_t len, int comma)
 {
     if (comma)
-        tamarco_log_buf_addc(b, ',');
+        tamarco_buf_addc(b, ',');
     tamarco_log_json_string(b, key, strlen(key));
-    tamarco_log_buf_addc(b, ':');
+    tamarco_buf_addc(b, ':');
     tamarco_log_json_string(b, value, len);
 }
 
-/* The string field `name` of the table at idx, or def. Never converts. */
-static const char *string_field(lua_State *L, int idx, const char *name,
-                                const char *def, size_t *len)
+const char *tamarco_log_string_field(lua_State *L, int idx, const char *name,
+                                     const char *def, size_t *len)
 {
     const char *s = def;
     lua_getfield(L, idx, name);
@@ -601,12 +553,12 @@ static const char *string_field(lua_State *L, int idx, const char *name,
 }
 
 /* Appends the elements of the array at idx (n elements written so far). */
-static int append_elements(tamarco_log_buf *b, lua_State *L, int idx, int n)
+static int append_elements(tamarco_buf *b, lua_State *L, int idx, int n)
 {
     int count = (int)lua_objlen(L, idx);
     for (int i = 1; i <= count; i++) {
         if (n++)
-            tamarco_log_buf_addc(b, ',');
+            tamarco_buf_addc(b, ',');
         lua_rawgeti(L, idx, i);
         tamarco_log_json_value(b, L, lua_gettop(L), 0);
         lua_pop(L, 1);
@@ -617,10 +569,10 @@ static int append_elements(tamarco_log_buf *b, lua_State *L, int idx, int n)
 /* The tags array: the sink's own tags, then the record's `tags` (an array
  * is spliced in, any other value is one more tag), as Tamarco takes the
  * tags of a record from its extra fields. */
-static void logstash_tags(tamarco_log_buf *b, lua_State *L, int idx, int tags_idx)
+static void logstash_tags(tamarco_buf *b, lua_State *L, int idx, int tags_idx)
 {
     int n = 0;
-    tamarco_log_buf_addc(b, '[');
+    tamarco_buf_addc(b, '[');
     if (tags_idx != 0 && lua_istable(L, tags_idx))
         n = append_elements(b, L, tags_idx, n);
     lua_getfield(L, idx, "tags");
@@ -636,12 +588,12 @@ static void logstash_tags(tamarco_log_buf *b, lua_State *L, int idx, int tags_id
         }
         if (!empty_table) {
             if (n)
-                tamarco_log_buf_addc(b, ',');
+                tamarco_buf_addc(b, ',');
             tamarco_log_json_value(b, L, top, 0);
         }
     }
     lua_pop(L, 1);
-    tamarco_log_buf_addc(b, ']');
+    tamarco_buf_addc(b, ']');
 }
 
 static int has_field(lua_State *L, int idx, const char *name)
@@ -655,27 +607,27 @@ static int has_field(lua_State *L, int idx, const char *name)
 /* Tamarco's debug fields of a record with an exception: the line of the
  * logging call, the process id and the thread's name (unless the record
  * has fields of those names already). */
-static void logstash_debug_fields(tamarco_log_buf *b, lua_State *L, int idx)
+static void logstash_debug_fields(tamarco_buf *b, lua_State *L, int idx)
 {
     char num[24];
     if (!has_field(L, idx, "lineno")) {
         lua_getfield(L, idx, "source_line");
         if (lua_type(L, -1) == LUA_TNUMBER) {
-            tamarco_log_buf_adds(b, ",\"lineno\":");
+            tamarco_buf_adds(b, ",\"lineno\":");
             tamarco_log_json_number(b, lua_tonumber(L, -1));
         }
         lua_pop(L, 1);
     }
     if (!has_field(L, idx, "process")) {
         snprintf(num, sizeof num, "%ld", (long)getpid());
-        tamarco_log_buf_adds(b, ",\"process\":");
-        tamarco_log_buf_adds(b, num);
+        tamarco_buf_adds(b, ",\"process\":");
+        tamarco_buf_adds(b, num);
     }
     if (!has_field(L, idx, "thread_name"))
-        tamarco_log_buf_adds(b, ",\"thread_name\":\"MainThread\"");
+        tamarco_buf_adds(b, ",\"thread_name\":\"MainThread\"");
 }
 
-void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version,
+void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx, int version,
                           const char *host, size_t host_len,
                           const char *type, size_t type_len, int tags_idx)
 {
@@ -685,7 +637,7 @@ void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version
         idx = lua_gettop(L) + idx + 1;
     if (tags_idx < 0 && tags_idx > LUA_REGISTRYINDEX)
         tags_idx = lua_gettop(L) + tags_idx + 1;
-    const char *ts = string_field(L, idx, "@timestamp", NULL, &ts_len);
+    const char *ts = tamarco_log_string_field(L, idx, "@timestamp", NULL, &ts_len);
     if (!ts) {
         struct timeval tv;
         gettimeofday(&tv, NULL);
@@ -694,11 +646,11 @@ void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version
         ts = now;
         ts_len = strlen(now);
     }
-    const char *message = string_field(L, idx, "message", "", &msg_len);
-    const char *level = string_field(L, idx, "level", "INFO", &level_len);
-    const char *logger = string_field(L, idx, "logger", "", &logger_len);
+    const char *message = tamarco_log_string_field(L, idx, "message", "", &msg_len);
+    const char *level = tamarco_log_string_field(L, idx, "level", "INFO", &level_len);
+    const char *logger = tamarco_log_string_field(L, idx, "logger", "", &logger_len);
     /* the source file of the logging call; the logger name when unknown */
-    const char *path = string_field(L, idx, "source_path", NULL, &path_len);
+    const char *path = tamarco_log_string_field(L, idx, "source_path", NULL, &path_len);
     if (!path) {
         path = logger;
         path_len = logger_len;
@@ -706,7 +658,7 @@ void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version
     int has_traceback = has_field(L, idx, "traceback");
 
     logstash_ctx ctx = { b, version };
-    tamarco_log_buf_addc(b, '{');
+    tamarco_buf_addc(b, '{');
     add_member(b, "@timestamp", ts, ts_len, 0);
     if (version == 0) {
         /* @source is "<type>://<host>/<path>" */
@@ -728,24 +680,24 @@ void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version
             free(source);
         add_member(b, "@source_host", host, host_len, 1);
         add_member(b, "@source_path", path, path_len, 1);
-        tamarco_log_buf_adds(b, ",\"@tags\":");
+        tamarco_buf_adds(b, ",\"@tags\":");
     } else {
-        tamarco_log_buf_adds(b, ",\"@version\":\"1\"");
+        tamarco_buf_adds(b, ",\"@version\":\"1\"");
         add_member(b, "message", message, msg_len, 1);
         add_member(b, "host", host, host_len, 1);
         add_member(b, "path", path, path_len, 1);
-        tamarco_log_buf_adds(b, ",\"tags\":");
+        tamarco_buf_adds(b, ",\"tags\":");
     }
     logstash_tags(b, L, idx, tags_idx);
     if (version == 0) {
         add_member(b, "@type", type, type_len, 1);
-        tamarco_log_buf_adds(b, ",\"@fields\":{");
+        tamarco_buf_adds(b, ",\"@fields\":{");
         add_member(b, "levelname", level, level_len, 0);
         add_member(b, "logger", logger, logger_len, 1);
         tamarco_log_each_field(L, idx, 1, logstash_extra, &ctx);
         if (has_traceback)
             logstash_debug_fields(b, L, idx);
-        tamarco_log_buf_addc(b, '}');
+        tamarco_buf_addc(b, '}');
     } else {
         add_member(b, "type", type, type_len, 1);
         add_member(b, "level", level, level_len, 1);
@@ -754,5 +706,5 @@ void tamarco_log_logstash(tamarco_log_buf *b, lua_State *L, int idx, int version
         if (has_traceback)
             logstash_debug_fields(b, L, idx);
     }
-    tamarco_log_buf_addc(b, '}');
+    tamarco_buf_addc(b, '}');
 }
