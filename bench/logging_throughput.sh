@@ -22,7 +22,7 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(('127.0.0.1', int(sys.argv[1])))
 time.sleep(600)" "$UDP_PORT" &
 listener=$!
-trap 'kill $listener 2>/dev/null; rm -rf "$TMP"' EXIT
+trap 'kill $listener 2>/dev/null || true; rm -rf "$TMP"' EXIT
 sleep 0.3
 ours=$(LOG_FILE="$TMP/ours.log" TAMARCO__SYSTEM__LOGGING__PROFILE=PRODUCTION \
     TAMARCO__SYSTEM__LOGGING__STDOUT=false "$HOST_BIN" run bench/logging_bench.lua 2>&1 >/dev/null | grep records/s)

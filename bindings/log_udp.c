@@ -4,7 +4,10 @@
  * a full batch (64 datagrams) goes out in one sendmmsg(2), a partial one at
  * the end of the loop turn (the sink's flush). The socket is non-blocking:
  * a datagram the kernel cannot take now (EAGAIN, ENOBUFS) is dropped and
- * counted, never waited for, as UDP logging accepts. */
+ * counted, never waited for, as UDP logging accepts. The socket is
+ * connected to logstash (no address work per datagram); while nobody
+ * listens the kernel reports "connection refused" once per ICMP answer,
+ * which flush() returns as its message, and sending goes on. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE   /* sendmmsg */
 #endif
@@ -30,6 +33,7 @@ typedef struct udp_sender {
     size_t ends[BATCH];      /* end offset of each datagram in data */
     int count;
     int last_errno;          /* of the last failed send other than EAGAIN */
+    int connected;           /* connect(2)ed to addr: no address per datagram */
 } udp_sender;
 
 static udp_sender *check_sender(lua_State *L)
@@ -71,13 +75,16 @@ static int l_open(lua_State *L)
         lua_pushfstring(L, "udp: socket: %s", strerror(errno));
         return 2;
     }
+    /* A connected UDP socket spares the kernel the route and address work of
+     * every datagram; where connect fails, each datagram carries the address. */
+    s->connected = connect(s->fd, (struct sockaddr *)&s->addr, s->addr_len) == 0;
     return 1;
 }
 
 /* Sends the batch; returns how many datagrams were dropped. */
 static int send_batch(udp_sender *s)
 {
-    int dropped = 0, i = 0;
+    int dropped = 0, i = 0, refused = 0;
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
     for (int k = 0; k < s->count; k++) {
@@ -85,8 +92,10 @@ static int send_batch(udp_sender *s)
         iov[k].iov_base = s->data.data + start;
         iov[k].iov_len = s->ends[k] - start;
         memset(&msgs[k], 0, sizeof msgs[k]);
-        msgs[k].msg_hdr.msg_name = &s->addr;
-        msgs[k].msg_hdr.msg_namelen = s->addr_len;
+        if (!s->connected) {
+            msgs[k].msg_hdr.msg_name = &s->addr;
+            msgs[k].msg_hdr.msg_namelen = s->addr_len;
+        }
         msgs[k].msg_hdr.msg_iov = &iov[k];
         msgs[k].msg_hdr.msg_iovlen = 1;
     }
@@ -96,6 +105,11 @@ static int send_batch(udp_sender *s)
             i += r;
         } else if (r < 0 && errno == EINTR) {
             continue;
+        } else if (r < 0 && errno == ECONNREFUSED && !refused) {
+            /* a connected socket reports an earlier datagram's ICMP "port
+             * unreachable" once, on this send: note it, send the batch */
+            refused = 1;
+            s->last_errno = ECONNREFUSED;
         } else if (r < 0 && errno == EMSGSIZE) {
             dropped++;   /* this one record is too big for a datagram */
             i++;

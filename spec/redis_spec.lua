@@ -175,6 +175,29 @@ describe("redis binding (tamarco.c.redis)", function()
         end)
     end)
 
+    it("gives an HTTP handler that called Redis its coroutine back to the reuse pool", function()
+        testing.run(function()
+            local http = require "tamarco.resources.http"
+            local svc = tamarco.service { name = "redis-reuse", report_server = false,
+                resources = { api = http.server(), cache = redis.client() } }
+            svc.api:get("/get", function()
+                return 200, svc.cache:get("spec:reuse:missing") or "none"
+            end)
+            local running = assert(testing.start_service(svc, { settings = { system = { resources = {
+                api = { host = "127.0.0.1", port = 0 },
+                cache = { host = REDIS_HOST, port = REDIS_PORT } } } } }))
+            local client = require("tamarco.resources.http_client").new()
+            local url = "http://127.0.0.1:" .. svc.api.port .. "/get"
+            local before = scheduler.stats().idle_tasks
+            for _ = 1, 5 do assert.are.equal(200, (client:get(url))) end
+            -- a handler whose coroutine was seen by Lua code (the resource's
+            -- cancellation check asking for the running task) never returns it
+            local after = scheduler.stats().idle_tasks
+            assert.is_true(after >= 1 and after >= before, ("idle tasks %d -> %d"):format(before, after))
+            running:stop("done")
+        end)
+    end)
+
     it("reports a refused connection and a host that cannot be resolved", function()
         testing.run(function()
             local conn, err = c.connect("127.0.0.1", closed_port())
@@ -321,7 +344,6 @@ describe("redis binding (tamarco.c.redis)", function()
             assert.are.same({ nil, "connection closed", "connection" }, result)
             local client = connect()
             assert.are.equal("PONG", client:ping())
-            client:close()
         end)
     end)
 end)

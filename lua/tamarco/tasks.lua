@@ -56,6 +56,10 @@ end
 --- Raises tasks.CANCELLED when the running task was cancelled. Call it after
 -- every yield in code that loops.
 function tasks.checkpoint()
+    -- Nothing cancelled (the usual case): no need to ask which task runs.
+    -- Asking would also keep its coroutine out of the scheduler's reuse pool,
+    -- which every handler making a resource call would then pay for.
+    if next(cancelled) == nil then return end
     local co = scheduler.current()
     if co and cancelled[co] then error(tasks.CANCELLED, 0) end
 end
