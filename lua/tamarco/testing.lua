@@ -61,6 +61,20 @@ function testing.wait_until(condition, ms, step_ms)
     end
 end
 
+--- testing.loop_turns(fn, ...) -> the number of loop turns fn(...) took,
+-- then fn's results. 0 means it returned without ever yielding to the loop:
+-- how a spec says "fails at once" without timing it.
+function testing.loop_turns(fn, ...)
+    local uv = require "luv"
+    local turns = 0
+    local check = uv.new_check()
+    check:start(function() turns = turns + 1 end)
+    local results = (function(...) return { n = select("#", ...), ... } end)(fn(...))
+    check:stop()
+    check:close()
+    return turns, unpack(results, 1, results.n)
+end
+
 --- A service started in-process by start_service.
 local Running = {}
 Running.__index = Running
