@@ -46,7 +46,7 @@ enum { UV_ARRAY_MT = 1, UV_OBJECT_MT, UV_FLOAT_MT, UV_FLOAT_KEYS, UV_BUFFER };
 typedef struct decoder {
     lua_State *L;
     const char *start, *p, *end;
-    tamarco_log_buf *scratch;   /* strings with escapes are built here */
+    tamarco_buf *scratch;   /* strings with escapes are built here */
     int box_floats;
     const char *error;          /* static text; the offset is added later */
     const char *error_at;
@@ -95,7 +95,7 @@ static size_t utf8_length(const unsigned char *s, const unsigned char *end)
     return n;
 }
 
-static void add_utf8(tamarco_log_buf *b, uint32_t cp)
+static void add_utf8(tamarco_buf *b, uint32_t cp)
 {
     char out[4];
     size_t n;
@@ -116,7 +116,7 @@ static void add_utf8(tamarco_log_buf *b, uint32_t cp)
         out[3] = (char)(0x80 | (cp & 0x3F));
         n = 4;
     }
-    tamarco_log_buf_add(b, out, n);
+    tamarco_buf_add(b, out, n);
 }
 
 /* Four hex digits at s, or -1. */
@@ -165,10 +165,10 @@ static int decode_string(decoder *d)
     if (u >= end)
         return fail(d, s - 1, "unterminated string");
 
-    tamarco_log_buf *b = d->scratch;
+    tamarco_buf *b = d->scratch;
     b->len = 0;
     b->oom = 0;   /* an earlier failed growth must not fail this string */
-    tamarco_log_buf_add(b, s, (size_t)((const char *)u - s));
+    tamarco_buf_add(b, s, (size_t)((const char *)u - s));
     while (u < end) {
         unsigned c = *u;
         if (c == '"') {
@@ -184,7 +184,7 @@ static int decode_string(decoder *d)
             size_t n = utf8_length(u, end);
             if (!n)
                 return fail(d, (const char *)u, "invalid UTF-8 in a string");
-            tamarco_log_buf_add(b, (const char *)u, n);
+            tamarco_buf_add(b, (const char *)u, n);
             u += n;
             continue;
         }
@@ -192,7 +192,7 @@ static int decode_string(decoder *d)
             const unsigned char *run = u;
             while (u < end && *u >= 0x20 && *u < 0x80 && *u != '"' && *u != '\\')
                 u++;
-            tamarco_log_buf_add(b, (const char *)run, (size_t)(u - run));
+            tamarco_buf_add(b, (const char *)run, (size_t)(u - run));
             continue;
         }
         if (u + 1 >= end)
@@ -212,7 +212,7 @@ static int decode_string(decoder *d)
         default: return fail(d, (const char *)u, "invalid escape in a string");
         }
         if (simple) {
-            tamarco_log_buf_addc(b, simple[0]);
+            tamarco_buf_addc(b, simple[0]);
             u += 2;
             continue;
         }
@@ -527,8 +527,8 @@ static int l_json_decode(lua_State *L)
             rc = fail(&d, d.p, "trailing characters after the value");
     }
     if (d.scratch->cap > JSON_KEEP_BUFFER) {
-        tamarco_log_buf_free(d.scratch);
-        tamarco_log_buf_init(d.scratch);
+        tamarco_buf_free(d.scratch);
+        tamarco_buf_init(d.scratch);
     }
     if (rc < 0) {
         lua_settop(L, top);
@@ -552,7 +552,7 @@ static int l_json_decode(lua_State *L)
 
 typedef struct encoder {
     lua_State *L;
-    tamarco_log_buf *b;
+    tamarco_buf *b;
     const char *error;
     char detail[64];
 } encoder;
@@ -573,7 +573,7 @@ static void add_float(encoder *e, double v)
     for (size_t i = from; i < e->b->len; i++)
         if (e->b->data[i] == '.' || e->b->data[i] == 'e' || e->b->data[i] == 'E')
             return;
-    tamarco_log_buf_add(e->b, ".0", 2);
+    tamarco_buf_add(e->b, ".0", 2);
 }
 
 /* What each byte needs in a JSON string: 0 copied as it is, 1 escaped,
@@ -599,11 +599,11 @@ static const unsigned char string_class[256] = {
 
 /* Appends s as a JSON string; a byte that does not start a valid UTF-8
  * sequence is written as \ufffd. */
-static void add_string(tamarco_log_buf *b, const char *str, size_t len)
+static void add_string(tamarco_buf *b, const char *str, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *s = (const unsigned char *)str, *end = s + len;
-    if (!tamarco_log_buf_reserve(b, 1))
+    if (!tamarco_buf_reserve(b, 1))
         return;
     b->data[b->len++] = '"';
     while (s < end) {
@@ -612,7 +612,7 @@ static void add_string(tamarco_log_buf *b, const char *str, size_t len)
          * so that the loop writes without checking; a long string never
          * asks for six times its size at once */
         size_t chunk = (size_t)(end - s) < 4096 ? (size_t)(end - s) : 4096;
-        if (!tamarco_log_buf_reserve(b, (chunk + 4) * 6))
+        if (!tamarco_buf_reserve(b, (chunk + 4) * 6))
             return;
         const unsigned char *chunk_end = s + chunk;
         char *out = b->data + b->len;
@@ -653,7 +653,7 @@ static void add_string(tamarco_log_buf *b, const char *str, size_t len)
         }
         b->len = (size_t)(out - b->data);
     }
-    tamarco_log_buf_addc(b, '"');
+    tamarco_buf_addc(b, '"');
 }
 
 static int encode_number(encoder *e, double v, int as_float)
@@ -716,10 +716,10 @@ static int encode_array(encoder *e, int t, size_t n, int depth)
 {
     lua_State *L = e->L;
     int marks = 0, marks_checked = 0;
-    tamarco_log_buf_addc(e->b, '[');
+    tamarco_buf_addc(e->b, '[');
     for (size_t i = 1; i <= n; i++) {
         if (i > 1)
-            tamarco_log_buf_addc(e->b, ',');
+            tamarco_buf_addc(e->b, ',');
         lua_rawgeti(L, t, (int)i);
         int as_float = 0;
         if (lua_type(L, -1) == LUA_TNUMBER) {
@@ -745,7 +745,7 @@ static int encode_array(encoder *e, int t, size_t n, int depth)
     }
     if (marks)
         lua_remove(L, marks);
-    tamarco_log_buf_addc(e->b, ']');
+    tamarco_buf_addc(e->b, ']');
     return 0;
 }
 
@@ -762,9 +762,9 @@ static int encode_key(encoder *e, int key)
         double k = lua_tonumber(L, key);
         if (!isfinite(k))
             return encode_fail(e, "cannot encode a NaN or infinite table key as JSON");
-        tamarco_log_buf_addc(e->b, '"');
+        tamarco_buf_addc(e->b, '"');
         tamarco_log_json_number(e->b, k);
-        tamarco_log_buf_addc(e->b, '"');
+        tamarco_buf_addc(e->b, '"');
         return 0;
     }
     snprintf(e->detail, sizeof e->detail, "cannot encode a %s table key as JSON",
@@ -776,16 +776,16 @@ static int encode_object(encoder *e, int t, int depth)
 {
     lua_State *L = e->L;
     int marks = 0, marks_checked = 0, first = 1;
-    tamarco_log_buf_addc(e->b, '{');
+    tamarco_buf_addc(e->b, '{');
     lua_pushnil(L);
     while (lua_next(L, t)) {
         int value = lua_gettop(L), key = value - 1;
         if (!first)
-            tamarco_log_buf_addc(e->b, ',');
+            tamarco_buf_addc(e->b, ',');
         first = 0;
         if (encode_key(e, key) < 0)
             return -1;
-        tamarco_log_buf_addc(e->b, ':');
+        tamarco_buf_addc(e->b, ':');
         int as_float = 0;
         if (lua_type(L, value) == LUA_TNUMBER) {
             if (!marks_checked) {
@@ -809,7 +809,7 @@ static int encode_object(encoder *e, int t, int depth)
     }
     if (marks)
         lua_remove(L, marks);
-    tamarco_log_buf_addc(e->b, '}');
+    tamarco_buf_addc(e->b, '}');
     return 0;
 }
 
@@ -849,13 +849,13 @@ static int encode_value(encoder *e, int idx, int depth, int as_float)
     lua_State *L = e->L;
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
-        tamarco_log_buf_add(e->b, "null", 4);
+        tamarco_buf_add(e->b, "null", 4);
         return 0;
     case LUA_TBOOLEAN:
         if (lua_toboolean(L, idx))
-            tamarco_log_buf_add(e->b, "true", 4);
+            tamarco_buf_add(e->b, "true", 4);
         else
-            tamarco_log_buf_add(e->b, "false", 5);
+            tamarco_buf_add(e->b, "false", 5);
         return 0;
     case LUA_TNUMBER:
         return encode_number(e, lua_tonumber(L, idx), as_float);
@@ -869,7 +869,7 @@ static int encode_value(encoder *e, int idx, int depth, int as_float)
         return encode_table(e, idx, depth);
     case LUA_TLIGHTUSERDATA:
         if (lua_touserdata(L, idx) == NULL) {
-            tamarco_log_buf_add(e->b, "null", 4);
+            tamarco_buf_add(e->b, "null", 4);
             return 0;
         }
         /* fall through */
@@ -897,15 +897,15 @@ static int l_json_encode(lua_State *L)
         lua_pushlstring(L, e.b->data ? e.b->data : "", e.b->len);
     }
     if (e.b->cap > JSON_KEEP_BUFFER) {
-        tamarco_log_buf_free(e.b);
-        tamarco_log_buf_init(e.b);
+        tamarco_buf_free(e.b);
+        tamarco_buf_init(e.b);
     }
     return rc < 0 ? 2 : 1;
 }
 
 static int buffer_gc(lua_State *L)
 {
-    tamarco_log_buf_free(lua_touserdata(L, 1));
+    tamarco_buf_free(lua_touserdata(L, 1));
     return 0;
 }
 
@@ -926,8 +926,8 @@ static void push_upvalues(lua_State *L)
         lua_pushvalue(L, -1);
         lua_setfield(L, LUA_REGISTRYINDEX, "tamarco.json.float_keys");
     }
-    tamarco_log_buf *b = lua_newuserdata(L, sizeof *b);
-    tamarco_log_buf_init(b);
+    tamarco_buf *b = lua_newuserdata(L, sizeof *b);
+    tamarco_buf_init(b);
     lua_createtable(L, 0, 1);
     lua_pushcfunction(L, buffer_gc);
     lua_setfield(L, -2, "__gc");

@@ -25,28 +25,28 @@
 
 static int buf_gc(lua_State *L)
 {
-    tamarco_log_buf_free(lua_touserdata(L, 1));
+    tamarco_buf_free(lua_touserdata(L, 1));
     return 0;
 }
 
-static tamarco_log_buf *scratch(lua_State *L)
+static tamarco_buf *scratch(lua_State *L)
 {
-    tamarco_log_buf *b = lua_touserdata(L, lua_upvalueindex(1));
+    tamarco_buf *b = lua_touserdata(L, lua_upvalueindex(1));
     b->len = 0;
     b->oom = 0;
     return b;
 }
 
 /* Pushes the buffer's bytes as the result string. */
-static int push_scratch(lua_State *L, tamarco_log_buf *b)
+static int push_scratch(lua_State *L, tamarco_buf *b)
 {
     if (b->oom) {
-        tamarco_log_buf_free(b);
+        tamarco_buf_free(b);
         return luaL_error(L, "tamarco.c.log: out of memory while encoding a record");
     }
     lua_pushlstring(L, b->data ? b->data : "", b->len);
     if (b->cap > 1 << 20)   /* one huge record: do not keep its buffer */
-        tamarco_log_buf_free(b);
+        tamarco_buf_free(b);
     return 1;
 }
 
@@ -54,7 +54,7 @@ static int push_scratch(lua_State *L, tamarco_log_buf *b)
 static int l_encode_json(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
-    tamarco_log_buf *b = scratch(L);
+    tamarco_buf *b = scratch(L);
     tamarco_log_json_value(b, L, 1, 1);
     return push_scratch(L, b);
 }
@@ -79,7 +79,7 @@ static int l_encode_logstash(lua_State *L)
     if (!lua_isnoneornil(L, 5))
         luaL_checktype(L, 5, LUA_TTABLE);
 
-    tamarco_log_buf *b = scratch(L);
+    tamarco_buf *b = scratch(L);
     tamarco_log_logstash(b, L, 1, version, host, host_len, type, type_len,
                          lua_istable(L, 5) ? 5 : 0);
     return push_scratch(L, b);
@@ -99,7 +99,7 @@ static const char *level_color(const char *level)
 
 /* Raw text, but control characters other than newline and tab (terminal
  * escapes in a message, say) are shown as \xNN. */
-static void add_text(tamarco_log_buf *b, const char *s, size_t len)
+static void add_text(tamarco_buf *b, const char *s, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
     size_t run = 0;
@@ -107,16 +107,16 @@ static void add_text(tamarco_log_buf *b, const char *s, size_t len)
         unsigned char c = (unsigned char)s[i];
         if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7F) {
             char esc[4] = { '\\', 'x', hex[c >> 4], hex[c & 0xF] };
-            tamarco_log_buf_add(b, s + run, i - run);
-            tamarco_log_buf_add(b, esc, 4);
+            tamarco_buf_add(b, s + run, i - run);
+            tamarco_buf_add(b, esc, 4);
             run = i + 1;
         }
     }
-    tamarco_log_buf_add(b, s + run, len - run);
+    tamarco_buf_add(b, s + run, len - run);
 }
 
 typedef struct text_ctx {
-    tamarco_log_buf *b;
+    tamarco_buf *b;
     int color;
 } text_ctx;
 
@@ -138,20 +138,20 @@ static void text_extra(void *ud, lua_State *L, const char *key, size_t len, int 
     if (tamarco_log_is_standard_field(key, len) ||
         (len == 9 && memcmp(key, "traceback", 9) == 0))
         return;
-    tamarco_log_buf_addc(c->b, ' ');
+    tamarco_buf_addc(c->b, ' ');
     if (c->color)
-        tamarco_log_buf_adds(c->b, "\x1b[2m");
+        tamarco_buf_adds(c->b, "\x1b[2m");
     add_text(c->b, key, len);
-    tamarco_log_buf_addc(c->b, '=');
+    tamarco_buf_addc(c->b, '=');
     if (c->color)
-        tamarco_log_buf_adds(c->b, "\x1b[0m");
+        tamarco_buf_adds(c->b, "\x1b[0m");
     if (lua_type(L, value_idx) == LUA_TSTRING) {
         size_t vlen;
         const char *v = lua_tolstring(L, value_idx, &vlen);
         if (needs_quotes(v, vlen))
             tamarco_log_json_string(c->b, v, vlen);
         else
-            tamarco_log_buf_add(c->b, v, vlen);
+            tamarco_buf_add(c->b, v, vlen);
     } else {
         tamarco_log_json_value(c->b, L, value_idx, 0);
     }
@@ -171,37 +171,37 @@ static int l_format_text(lua_State *L)
     const char *message = tamarco_log_string_field(L, 1, "message", "", &msg_len);
     const char *tb = tamarco_log_string_field(L, 1, "traceback", "", &tb_len);
 
-    tamarco_log_buf *b = scratch(L);
+    tamarco_buf *b = scratch(L);
     /* "2026-11-29T10:00:00.123Z" -> "2026-11-29 10:00:00.123" */
     if (ts_len == 24 && ts[10] == 'T' && ts[23] == 'Z') {
-        tamarco_log_buf_add(b, ts, 10);
-        tamarco_log_buf_addc(b, ' ');
-        tamarco_log_buf_add(b, ts + 11, 12);
+        tamarco_buf_add(b, ts, 10);
+        tamarco_buf_addc(b, ' ');
+        tamarco_buf_add(b, ts + 11, 12);
     } else {
         add_text(b, ts, ts_len);
     }
-    tamarco_log_buf_addc(b, ' ');
+    tamarco_buf_addc(b, ' ');
     const char *on = color ? level_color(level) : "";
     if (*on)
-        tamarco_log_buf_adds(b, on);
+        tamarco_buf_adds(b, on);
     add_text(b, level, level_len);
     if (*on)
-        tamarco_log_buf_adds(b, "\x1b[0m");
+        tamarco_buf_adds(b, "\x1b[0m");
     for (size_t i = level_len; i < 7; i++)
-        tamarco_log_buf_addc(b, ' ');
-    tamarco_log_buf_adds(b, " [");
+        tamarco_buf_addc(b, ' ');
+    tamarco_buf_adds(b, " [");
     add_text(b, logger, logger_len);
-    tamarco_log_buf_adds(b, "] ");
+    tamarco_buf_adds(b, "] ");
     add_text(b, message, msg_len);
     text_ctx ctx = { b, color };
     tamarco_log_each_field(L, 1, 1, text_extra, &ctx);
     if (tb_len > 0) {
-        tamarco_log_buf_addc(b, '\n');
+        tamarco_buf_addc(b, '\n');
         if (color)
-            tamarco_log_buf_adds(b, "\x1b[31m");
+            tamarco_buf_adds(b, "\x1b[31m");
         add_text(b, tb, tb_len);
         if (color)
-            tamarco_log_buf_adds(b, "\x1b[0m");
+            tamarco_buf_adds(b, "\x1b[0m");
     }
     return push_scratch(L, b);
 }
@@ -240,7 +240,7 @@ typedef struct log_file {
     long long max_bytes;   /* 0: never rotate */
     long long size;        /* our idea of the file's size, buffered lines included */
     size_t buffer_bytes;   /* write when this much is buffered */
-    tamarco_log_buf out;   /* whole lines not written yet */
+    tamarco_buf out;   /* whole lines not written yet */
     size_t committed;      /* out's length after the last complete line */
     size_t pending_lines;  /* complete lines in out */
     double dropped;        /* lines lost to failed writes since open */
@@ -286,7 +286,7 @@ static int l_open_file(lua_State *L)
     size_t path_len = strlen(path);
     log_file *f = lua_newuserdata(L, sizeof *f + path_len + 1);
     f->fd = -1;
-    tamarco_log_buf_init(&f->out);
+    tamarco_buf_init(&f->out);
     f->committed = 0;
     f->pending_lines = 0;
     f->dropped = 0;
@@ -401,7 +401,7 @@ static int write_out(log_file *f, size_t upto)
     if (err)
         f->size = fd_size(f->fd) + (long long)rest;
     if (f->out.cap > (4u << 20) && rest == 0)   /* after a huge line */
-        tamarco_log_buf_free(&f->out);
+        tamarco_buf_free(&f->out);
     return err;
 }
 
@@ -470,8 +470,8 @@ static int l_file_write(lua_State *L)
         return 2;
     const char *line = lua_tostring(L, 2);
     size_t start = f->out.len;
-    tamarco_log_buf_add(&f->out, line, len);
-    tamarco_log_buf_addc(&f->out, '\n');
+    tamarco_buf_add(&f->out, line, len);
+    tamarco_buf_addc(&f->out, '\n');
     return push_write_result(L, f, commit_line(f, start));
 }
 
@@ -485,7 +485,7 @@ static int l_file_write_json(lua_State *L)
         return 2;
     size_t start = f->out.len;
     tamarco_log_json_value(&f->out, L, 2, 1);
-    tamarco_log_buf_addc(&f->out, '\n');
+    tamarco_buf_addc(&f->out, '\n');
     return push_write_result(L, f, commit_line(f, start));
 }
 
@@ -545,7 +545,7 @@ static int l_file_close(lua_State *L)
         close(f->fd);
         f->fd = -1;
     }
-    tamarco_log_buf_free(&f->out);
+    tamarco_buf_free(&f->out);
     f->committed = 0;
     return 0;
 }
@@ -583,8 +583,8 @@ int luaopen_tamarco_c_log(lua_State *L)
 
     /* the functions share one encoding buffer, their upvalue */
     lua_newtable(L);
-    tamarco_log_buf *b = lua_newuserdata(L, sizeof *b);
-    tamarco_log_buf_init(b);
+    tamarco_buf *b = lua_newuserdata(L, sizeof *b);
+    tamarco_buf_init(b);
     luaL_getmetatable(L, BUF_MT);
     lua_setmetatable(L, -2);
     luaL_openlib(L, NULL, funcs, 1);

@@ -29,7 +29,7 @@ typedef struct udp_sender {
     int fd;
     struct sockaddr_storage addr;
     socklen_t addr_len;
-    tamarco_log_buf data;    /* the batch's datagrams, back to back */
+    tamarco_buf data;    /* the batch's datagrams, back to back */
     size_t ends[BATCH];      /* end offset of each datagram in data */
     int count;
     int last_errno;          /* of the last failed send other than EAGAIN */
@@ -50,7 +50,7 @@ static int l_open(lua_State *L)
     udp_sender *s = lua_newuserdata(L, sizeof *s);
     memset(s, 0, sizeof *s);
     s->fd = -1;
-    tamarco_log_buf_init(&s->data);
+    tamarco_buf_init(&s->data);
     luaL_getmetatable(L, SENDER_MT);
     lua_setmetatable(L, -2);
 
@@ -126,7 +126,7 @@ static int send_batch(udp_sender *s)
     s->count = 0;
     s->data.len = 0;
     if (s->data.cap > (1u << 20))   /* after huge records */
-        tamarco_log_buf_free(&s->data);
+        tamarco_buf_free(&s->data);
     return dropped;
 }
 
@@ -181,7 +181,7 @@ static int l_close(lua_State *L)
         close(s->fd);
         s->fd = -1;
     }
-    tamarco_log_buf_free(&s->data);
+    tamarco_buf_free(&s->data);
     s->count = 0;
     return 0;
 }

@@ -17,17 +17,6 @@
 /* Nesting depth past which a table is written as the string "<depth limit>". */
 #define TAMARCO_LOG_MAX_DEPTH 16
 
-/* The buffer's former names, kept for the encoders that still spell them. */
-typedef tamarco_buf tamarco_log_buf;
-#define tamarco_log_buf_init tamarco_buf_init
-#define tamarco_log_buf_free tamarco_buf_free
-#define tamarco_log_buf_grow tamarco_buf_grow
-#define tamarco_log_buf_reserve tamarco_buf_reserve
-#define tamarco_log_buf_add tamarco_buf_add
-#define tamarco_log_buf_addc tamarco_buf_addc
-#define tamarco_log_buf_adds tamarco_buf_adds
-#define tamarco_log_buf_cstr tamarco_buf_cstr
-
 /* Appends s as a quoted JSON string: escapes '"', '\\', control characters
  * (\b \f \n \r \t, else \u00XX), DEL, U+2028/U+2029; each byte of an invalid
  * UTF-8 sequence (overlong, surrogate, > U+10FFFF, truncated) becomes \ufffd. */
