@@ -72,29 +72,6 @@ static inline int is_digit(char c)
     return c >= '0' && c <= '9';
 }
 
-/* Length of the valid UTF-8 sequence at s (2..4), 0 when invalid. */
-static size_t utf8_length(const unsigned char *s, const unsigned char *end)
-{
-    unsigned c = s[0];
-    size_t n;
-    uint32_t cp;
-    if (c >= 0xC2 && c <= 0xDF) { n = 2; cp = c & 0x1F; }
-    else if (c >= 0xE0 && c <= 0xEF) { n = 3; cp = c & 0x0F; }
-    else if (c >= 0xF0 && c <= 0xF4) { n = 4; cp = c & 0x07; }
-    else return 0;
-    if ((size_t)(end - s) < n)
-        return 0;
-    for (size_t i = 1; i < n; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10FFFF ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return n;
-}
-
 static void add_utf8(tamarco_buf *b, uint32_t cp)
 {
     char out[4];
@@ -157,7 +134,7 @@ static int decode_string(decoder *d)
             u++;
             continue;
         }
-        size_t n = utf8_length(u, end);
+        size_t n = tamarco_utf8_sequence(u, (size_t)(end - u));
         if (!n)
             return fail(d, (const char *)u, "invalid UTF-8 in a string");
         u += n;
@@ -181,7 +158,7 @@ static int decode_string(decoder *d)
         if (c < 0x20)
             return fail(d, (const char *)u, "control character in a string");
         if (c >= 0x80) {
-            size_t n = utf8_length(u, end);
+            size_t n = tamarco_utf8_sequence(u, (size_t)(end - u));
             if (!n)
                 return fail(d, (const char *)u, "invalid UTF-8 in a string");
             tamarco_buf_add(b, (const char *)u, n);
@@ -622,7 +599,7 @@ static void add_string(tamarco_buf *b, const char *str, size_t len)
                 *out++ = (char)c;
                 s++;
             } else if (string_class[c] == 2) {
-                size_t n = utf8_length(s, end);
+                size_t n = tamarco_utf8_sequence(s, (size_t)(end - s));
                 if (n) {
                     memcpy(out, s, n);
                     out += n;

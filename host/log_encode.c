@@ -13,8 +13,7 @@
 
 /* ---- JSON strings ---- */
 
-/* Length of the valid UTF-8 sequence starting at s (1..4), or 0 if invalid. */
-static size_t utf8_sequence(const unsigned char *s, size_t avail)
+size_t tamarco_utf8_sequence(const unsigned char *s, size_t avail)
 {
     unsigned char c = s[0];
     size_t n;
@@ -92,7 +91,7 @@ void tamarco_log_json_string(tamarco_buf *b, const char *str, size_t len)
                 ubuf[4] = hex[c >> 4]; ubuf[5] = hex[c & 0xF]; ubuf[6] = '\0';
                 esc = ubuf;
             } else {
-                step = utf8_sequence(s + i, len - i);
+                step = tamarco_utf8_sequence(s + i, len - i);
                 if (step == 0) {
                     esc = "\\ufffd";
                     step = 1;

@@ -14,6 +14,11 @@
 
 #include "byte_buffer.h"
 
+/* Length of the valid UTF-8 sequence starting at s (1..4, of at most avail
+ * bytes), or 0 when it is not valid UTF-8 (overlong, surrogate, > U+10FFFF,
+ * cut short). The JSON encoders and the strict JSON decoder share it. */
+size_t tamarco_utf8_sequence(const unsigned char *s, size_t avail);
+
 /* Nesting depth past which a table is written as the string "<depth limit>". */
 #define TAMARCO_LOG_MAX_DEPTH 16
 
