@@ -106,7 +106,9 @@ describe("file log sink on a full filesystem", function()
         end
         assert.is_truthy(resumed, "no 'file sink resumed' record in the file")
         assert.is_true(resumed.dropped_records > 0)
-        assert.are.equal(resumed.dropped_records, sink:dropped())
+        -- the tiny disk may fill again after the resume: the sink's count can
+        -- only have grown since
+        assert.is_true(resumed.dropped_records <= sink:dropped())
         assert.matches("space", resumed.error)
         assert.is_true(after >= 1)
         assert.is_true(torn <= 1)
