@@ -116,11 +116,14 @@ static void test_mailbox(void)
     CHECK(received == N_MAILS);
     CHECK(in_order);
 
-    /* a bare wake-up reaches the owner without a message */
+    /* a bare wake-up reaches the owner without a message (the poster's
+     * wake-ups may already have given empty deliveries: uv_async coalesces,
+     * so one can come after an earlier delivery took everything) */
+    int woken_before = woken;
     uv_ref((uv_handle_t *)&box.async);
     tamarco_mailbox_wake(&box);
     uv_run(&loop, UV_RUN_ONCE);
-    CHECK(woken == 1);
+    CHECK(woken > woken_before);
 
     /* once shut, posts are refused and the caller keeps the message */
     tamarco_mailbox_shut(&box);
