@@ -17,6 +17,7 @@
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-bench}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-50}
@@ -32,34 +33,11 @@ command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
 command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
 [ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || missing="$missing libnginx-mod-http-lua"
 /usr/bin/python3 -c "import aiohttp" 2>/dev/null || missing="$missing python3-aiohttp"
-if [ -n "$missing" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "missing packages:$missing (run as root to install them)" >&2
-        exit 1
-    fi
-    echo "installing:$missing"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
-fi
+bench_install "$missing"
 
-HOST_BIN=$BUILD_DIR/tamarco-host
-if [ ! -x "$HOST_BIN" ]; then
-    cmake -B "$BUILD_DIR" -S "$ROOT" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF >/dev/null
-fi
-if ! cmake --build "$BUILD_DIR" --target tamarco-host -j"$(nproc)" >"$BUILD_DIR/bench-build.log" 2>&1; then
-    [ -x "$HOST_BIN" ] || { cat "$BUILD_DIR/bench-build.log" >&2; exit 1; }
-    echo "warning: the build failed (see $BUILD_DIR/bench-build.log); using the existing $HOST_BIN" >&2
-fi
+bench_build_host
 
-WORK=$(mktemp -d /tmp/tamarco-bench.XXXXXX)
-chmod 755 "$WORK"
-PIDS=""
-cleanup() {
-    for pid in $PIDS; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+bench_workdir bench
 
 server_cpu=""
 wrk_cpu=""

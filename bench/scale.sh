@@ -24,6 +24,7 @@
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-bench}
 RESULTS=$ROOT/bench/results
 PARTS=${PARTS:-conns tasks rps amqp}
@@ -40,21 +41,9 @@ command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
 command -v node >/dev/null 2>&1 || missing="$missing nodejs"
 command -v npm >/dev/null 2>&1 || missing="$missing npm"
 command -v gnuplot >/dev/null 2>&1 || missing="$missing gnuplot"
-if [ -n "$missing" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "missing packages:$missing (run as root to install them)" >&2
-        exit 1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
-fi
+bench_install "$missing"
 
-HOST_BIN=$BUILD_DIR/tamarco-host
-if [ ! -x "$HOST_BIN" ]; then
-    cmake -B "$BUILD_DIR" -S "$ROOT" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF >/dev/null
-fi
-cmake --build "$BUILD_DIR" --target tamarco-host -j"$(nproc)" >"$BUILD_DIR/bench-build.log" 2>&1 ||
-    { cat "$BUILD_DIR/bench-build.log" >&2; exit 1; }
+bench_build_host
 
 # 10 000 connections on each side of loopback, plus the servers' own
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -H -n)"

@@ -682,10 +682,10 @@ static int not_connected(lua_State *L, rconn *rc)
     return 3;
 }
 
-/* Collects the command's arguments (a table at 2, or the values from 2 on)
- * into argv/lens (size STACK_ARGS, or malloc'ed into *heap). */
-static int collect_args(lua_State *L, const char ***argv, size_t **lens, void **heap,
-                        const char **sargv, size_t *slens)
+/* A command's arguments are a table at 2 or the values from 2 on: leaves
+ * them on the stack from *first on and returns their count (raises when
+ * there is no command name). */
+static int command_args(lua_State *L, int *first)
 {
     int from_table = lua_type(L, 2) == LUA_TTABLE;
     int argc = from_table ? (int)lua_objlen(L, 2) : lua_gettop(L) - 1;
@@ -697,7 +697,17 @@ static int collect_args(lua_State *L, const char ***argv, size_t **lens, void **
         for (int i = 1; i <= argc; i++)
             lua_rawgeti(L, 2, i);
     }
-    int first = from_table ? 3 : 2;
+    *first = from_table ? 3 : 2;
+    return argc;
+}
+
+/* Collects the command's arguments (a table at 2, or the values from 2 on)
+ * into argv/lens (size STACK_ARGS, or malloc'ed into *heap). */
+static int collect_args(lua_State *L, const char ***argv, size_t **lens, void **heap,
+                        const char **sargv, size_t *slens)
+{
+    int first;
+    int argc = command_args(L, &first);
     *heap = NULL;
     *argv = sargv;
     *lens = slens;
@@ -774,17 +784,8 @@ static size_t resp_header(char *out, char c, size_t n)
  * in resp.p; returns its length. Raises on a bad argument. */
 static size_t format_command(lua_State *L)
 {
-    int from_table = lua_type(L, 2) == LUA_TTABLE;
-    int argc = from_table ? (int)lua_objlen(L, 2) : lua_gettop(L) - 1;
-    if (argc < 1)
-        luaL_argerror(L, 2, "a command name is required");
-    if (from_table) {
-        luaL_checkstack(L, argc + 4, "too many command arguments");
-        lua_settop(L, 2);
-        for (int i = 1; i <= argc; i++)
-            lua_rawgeti(L, 2, i);
-    }
-    int first = from_table ? 3 : 2;
+    int first;
+    int argc = command_args(L, &first);
     size_t need = 24;
     for (int i = 0; i < argc; i++) {
         int t = lua_type(L, first + i);

@@ -25,14 +25,19 @@ before_each(function()
         profile = "TESTING", stdout = false }
 end)
 
+-- A UDP socket on loopback that keeps every datagram: server, port, list.
+local function udp_listener()
+    local uv = require "luv"
+    local received = {}
+    local server = uv.new_udp()
+    server:bind("127.0.0.1", 0)
+    server:recv_start(function(_, data) if data then received[#received + 1] = data end end)
+    return server, server:getsockname().port, received
+end
+
 describe("remote log sinks", function()
     it("sends logstash v1 records over UDP", function()
-        local uv = require "luv"
-        local received = {}
-        local server = uv.new_udp()
-        server:bind("127.0.0.1", 0)
-        local port = server:getsockname().port
-        server:recv_start(function(err, data) if data then received[#received + 1] = data end end)
+        local server, port, received = udp_listener()
         testing.run(function()
             local sinks = log_sinks.configure_from_settings(
                 view_with { logstash = { enabled = true, host = "127.0.0.1", port = port, version = 1 } }, logging)
@@ -56,12 +61,7 @@ describe("remote log sinks", function()
     end)
 
     it("takes the logstash version from system.logging.version when the sink has none (Tamarco's key)", function()
-        local uv = require "luv"
-        local received = {}
-        local server = uv.new_udp()
-        server:bind("127.0.0.1", 0)
-        local port = server:getsockname().port
-        server:recv_start(function(err, data) if data then received[#received + 1] = data end end)
+        local server, port, received = udp_listener()
         testing.run(function()
             local sinks = log_sinks.configure_from_settings(
                 view_with { version = 0, logstash = { enabled = true, host = "127.0.0.1", port = port } }, logging)

@@ -18,7 +18,7 @@ describe("module paths", function()
     local dir
 
     before_each(function()
-        dir = assert(uv.fs_mkdtemp("/tmp/tamarco-modpath-XXXXXX"))
+        dir = assert(uv.fs_mkdtemp((os.getenv("TMPDIR") or "/tmp") .. "/tamarco-modpath-XXXXXX"))
         for _, sub in ipairs({ "/tamarco", "/tamarco/resources", "/svc", "/svc/tamarco",
                                "/svc/tamarco/resources", "/spec" }) do
             assert(uv.fs_mkdir(dir .. sub, 493))
