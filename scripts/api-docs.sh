@@ -9,11 +9,17 @@ command -v ldoc >/dev/null || { echo "api-docs: ldoc not found (apt-get install 
 rm -rf "$out"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-log=$(mktemp)
+log=$(mktemp "${TMPDIR:-/tmp}/api-docs.XXXXXX")
 trap 'rm -f "$log"' EXIT
 # docs/ldoc_text.lua is the text format named in docs/config.ld.
+# LDoc writes its built-in style and template into /tmp/ldoc<home directory>
+# and leaves them there: removed afterwards unless they were there before.
+ldoc_tmp="/tmp/ldoc$(printf '%s' "${HOME:-}" | tr '/\\: ' '____')"
+ldoc_tmp_existed=0
+[ -e "$ldoc_tmp" ] && ldoc_tmp_existed=1
 status=0
 LUA_PATH="$PWD/docs/?.lua;;" ldoc -c docs/config.ld -d "$out" . >"$log" 2>&1 || status=$?
+[ "$ldoc_tmp_existed" = 1 ] || rm -rf "$ldoc_tmp"
 # Not worth a line each: the section banners (a line of dashes, a title, a
 # line of dashes) that LDoc takes for doc comments of nothing, and modules
 # that only hold private functions.
