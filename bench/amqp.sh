@@ -68,7 +68,7 @@ EOF
 cat > "$TMP/bench_service.lua" <<'EOF'
 local tamarco = require "tamarco"
 local amqp = require "tamarco.resources.amqp"
-local tasks = require "tamarco.tasks"
+local tasks = require "tamarco.core.tasks"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 

@@ -2,7 +2,7 @@
 -- the best of 5 alternating rounds each, SECONDS_PER_CASE in all per op.
 local tamarco = require "tamarco"
 local timer = require "tamarco.c.timer"
-local json = require "tamarco.json"
+local json = require "tamarco.core.json"
 local cjson = require("cjson").new()
 
 local SECONDS = tonumber(os.getenv("SECONDS_PER_CASE") or 2)

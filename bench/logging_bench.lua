@@ -2,8 +2,8 @@
 -- then N through the logstash UDP sink. Prints records/s for each and stops.
 -- Run by bench/logging_throughput.sh.
 local tamarco = require "tamarco"
-local logging = require "tamarco.logging"
-local log_sinks = require "tamarco.log_sinks"
+local logging = require "tamarco.core.logging"
+local log_sinks = require "tamarco.ops.log_sinks"
 local timer = require "tamarco.c.timer"
 
 local N = tonumber(os.getenv("RECORDS") or "200000")
@@ -30,7 +30,7 @@ function svc:post_start()
         logging.remove_sink(file_sink)
         file_sink:close()
 
-        local store = require("tamarco.settings").load { yaml_file = false, environ = false, dict = {
+        local store = require("tamarco.core.settings").load { yaml_file = false, environ = false, dict = {
             system = { logging = { logstash = { enabled = true, host = "127.0.0.1", port = UDP_PORT,
                                                 queue_size = N } } } } }
         local sinks = log_sinks.configure_from_settings(store:view("logbench"), logging)

@@ -4,8 +4,8 @@
 -- same text built in Lua (prometheus.exposition_lua), with their ratio.
 -- Run by bench/metrics.sh (tamarco-host run bench/metrics_bench.lua).
 local tamarco = require "tamarco"
-local metrics = require "tamarco.metrics"
-local prometheus = require "tamarco.metrics.prometheus"
+local metrics = require "tamarco.core.metrics"
+local prometheus = require "tamarco.core.metrics.prometheus"
 local hrtime = require("tamarco.c.timer").hrtime
 
 local N = tonumber(os.getenv("N") or 2000000)

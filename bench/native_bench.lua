@@ -8,7 +8,7 @@ local timer = require "tamarco.c.timer"
 local scheduler = require "tamarco.c.scheduler"
 
 local root = debug.getinfo(1, "S").source:match("^@(.*)/bench/[^/]*$") or "."
-require("tamarco.service_file").add_module_dir(root .. "/services/examples/native")
+require("tamarco.core.service_file").add_module_dir(root .. "/services/examples/native")
 local hashing = require "hashing"
 
 local SIZE = tonumber(os.getenv("SIZE") or 65536)

@@ -70,7 +70,7 @@ end
 -- in-process mode: started by a key the driver writes
 svc:task("inprocess", function(self)
     while not self.settings:get("run_inprocess", false) do tamarco.sleep(50) end
-    local etcd = require("tamarco.etcd").new { host = "$HOST", port = $PORT }
+    local etcd = require("tamarco.clients.etcd").new { host = "$HOST", port = $PORT }
     local samples = {}
     for i = 1, $CHANGES do
         local value = "inproc-" .. i

@@ -1,5 +1,5 @@
 /* The framework's JSON codec (bytes only; the policy and documentation live
- * in lua/tamarco/json.lua). Registered into tamarco.c.codec as json_decode
+ * in lua/tamarco/core/json.lua). Registered into tamarco.c.codec as json_decode
  * and json_encode.
  *
  * Decoding is strict RFC 8259: no hex, octal-looking leading zeros, NaN,

@@ -1,6 +1,6 @@
 /* tamarco.c.log: the bytes of logging. Record encodings (JSON line, logstash
  * v0/v1, human text), the ISO 8601 timestamp and a rotating file. Levels,
- * masking, sinks and every other policy live in lua/tamarco/logging.lua. */
+ * masking, sinks and every other policy live in lua/tamarco/core/logging.lua. */
 #include "host.h"
 #include "log_encode.h"
 #include "lua_class.h"

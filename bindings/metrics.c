@@ -1,5 +1,5 @@
 /* tamarco.c.metrics: metrics encoding (bytes only; the registry, sorting
- * and quantiles are Lua's, see lua/tamarco/metrics.lua).
+ * and quantiles are Lua's, see lua/tamarco/core/metrics/init.lua).
  *
  *   format_value(v) -> the sample value as the text format wants it
  *   encode(entries) -> the Prometheus text exposition (format 0.0.4)

@@ -1,7 +1,7 @@
 /*
  * tamarco.c.native: the Lua side of the public C API (host/native_api.c,
- * host/systemd_notify.c), used by lua/tamarco/native.lua and
- * lua/tamarco/systemd.lua; and the offload probe the specs use
+ * host/systemd_notify.c), used by lua/tamarco/core/native.lua and
+ * lua/tamarco/ops/systemd.lua; and the offload probe the specs use
  * (host/test_probe.c).
  */
 #include "host.h"

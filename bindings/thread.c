@@ -655,7 +655,7 @@ static void thread_main(void *arg)
             push_ctx(L, t);
             /* ctx.logger and tamarco.logging send to the service's sinks */
             lua_getglobal(L, "require");
-            lua_pushliteral(L, "tamarco.thread_logging");
+            lua_pushliteral(L, "tamarco.core.thread_logging");
             rc = lua_pcall(L, 1, 1, 1);
             if (rc == 0) {
                 lua_pushvalue(L, -2);

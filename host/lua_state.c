@@ -141,6 +141,21 @@ static void seed_math_random(lua_State *L)
     lua_pop(L, 1);
 }
 
+/* The public and former module names (lua/tamarco/core/module_names.lua):
+ * every state gets them, threads included. A host whose Lua directory lacks
+ * the file is broken; say so rather than fail later on a name. */
+static int install_module_names(lua_State *L)
+{
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "tamarco.core.module_names");
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+        fprintf(stderr, "tamarco-host: cannot load the framework's Lua modules: %s\n",
+                lua_tostring(L, -1));
+        return 0;
+    }
+    return 1;
+}
+
 lua_State *tamarco_state_new(const char *lua_dir)
 {
     lua_State *L = luaL_newstate();
@@ -151,6 +166,10 @@ lua_State *tamarco_state_new(const char *lua_dir)
     set_paths(L, lua_dir);
     for (const luaL_Reg *b = preloaded_bindings; b->name; b++)
         preload(L, b->name, b->func);
+    if (!install_module_names(L)) {
+        lua_close(L);
+        return NULL;
+    }
     return L;
 }
 

@@ -1,6 +1,6 @@
 /*
  * tamarco-host: creates the loop and the main Lua state, then hands the
- * command line to the Lua CLI (lua/tamarco/cli.lua), which returns the exit
+ * command line to the Lua CLI (lua/tamarco/cli/init.lua), which returns the exit
  * code. Policy lives in Lua; this file only wires the process together.
  */
 #include "host.h"

@@ -125,7 +125,7 @@ static void deliver_log(lua_State *L, const mail *m)
     int top = lua_gettop(L);
     lua_pushcfunction(L, traceback_handler);
     lua_getglobal(L, "require");
-    lua_pushstring(L, "tamarco.logging");
+    lua_pushstring(L, "tamarco.core.logging");
     if (lua_pcall(L, 1, 1, top + 1) == 0) {
         lua_getfield(L, -1, "get_logger");
         lua_pushstring(L, m->logger);

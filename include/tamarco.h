@@ -145,7 +145,7 @@ TAMARCO_API int tamarco_wake(tamarco_host *host, int wait_id, tamarco_push_fn pu
 TAMARCO_API int tamarco_start_task(tamarco_host *host, int nargs);
 
 /* [FFI] Resumes, from any thread, a task suspended in Lua by
- * `require("tamarco.native").wait(function(ticket) ... end)`: that call
+ * `require("tamarco.core.native").wait(function(ticket) ... end)`: that call
  * returns `data` (a Lua string of `len` bytes; NULL: nil) when ok != 0, or
  * `nil, data` when ok == 0. The resume happens on the loop's next turn.
  * Returns 0, -ENOMEM, or -ENOENT before the host's native module is loaded.

@@ -8,8 +8,8 @@
 -- TAMARCO_SKIP_AMQP_CLUSTER=1 skips it (three brokers take a while to start).
 local testing = require "tamarco.testing"
 local amqp = require "tamarco.resources.amqp"
-local tasks = require "tamarco.tasks"
-local base = require "tamarco.resources.base"
+local tasks = require "tamarco.core.tasks"
+local base = require "tamarco.core.resource"
 local timer = require "tamarco.c.timer"
 
 local STATUS = base.STATUS

@@ -10,8 +10,8 @@
 -- a clear error, a publish that waits (wait_ms) and succeeds after.
 local testing = require "tamarco.testing"
 local amqp = require "tamarco.resources.amqp"
-local tasks = require "tamarco.tasks"
-local base = require "tamarco.resources.base"
+local tasks = require "tamarco.core.tasks"
+local base = require "tamarco.core.resource"
 local timer = require "tamarco.c.timer"
 local cli = require "spec.support.cli"
 

@@ -4,9 +4,9 @@
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
 local amqp = require "tamarco.resources.amqp"
-local codecs = require "tamarco.codecs"
-local tasks = require "tamarco.tasks"
-local base = require "tamarco.resources.base"
+local codecs = require "tamarco.core.codecs"
+local tasks = require "tamarco.core.tasks"
+local base = require "tamarco.core.resource"
 local cjson = require "cjson"
 
 local STATUS = base.STATUS
@@ -168,8 +168,8 @@ describe("amqp resource", function()
 
         it("bounds the redeliveries of a poison message, with back-off, one log line and metrics", function()
             run(function()
-                local logging = require "tamarco.logging"
-                local metrics = require "tamarco.metrics"
+                local logging = require "tamarco.core.logging"
+                local metrics = require "tamarco.core.metrics"
                 local records = {}
                 local sink = { name = "amqp-poison-spec", emit = function(_, r) records[#records + 1] = r end }
                 logging.add_sink(sink)
@@ -366,7 +366,7 @@ describe("amqp resource", function()
 
         it("is FAILED with the broker's reason while a declaration is refused, and retries", function()
             run(function()
-                local logging = require "tamarco.logging"
+                local logging = require "tamarco.core.logging"
                 local records = {}
                 local sink = { name = "amqp-decl-spec", emit = function(_, r) records[#records + 1] = r end }
                 logging.add_sink(sink)
@@ -454,7 +454,7 @@ describe("amqp resource", function()
 
         it("reports a refused login as such at once: FAILED, user and vhost named", function()
             run(function()
-                local logging = require "tamarco.logging"
+                local logging = require "tamarco.core.logging"
                 local records = {}
                 local sink = { name = "amqp-login-spec", emit = function(_, r) records[#records + 1] = r end }
                 logging.add_sink(sink)

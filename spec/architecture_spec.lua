@@ -85,17 +85,80 @@ local function find_cycle(graph)
     end
 end
 
+-- The folders of lua/tamarco are layers; a module may require its own layer
+-- and those listed for it (docs/architecture.md). The public entry points
+-- (`tamarco`, `tamarco.testing`) sit on top of core.
+local LAYERS = {
+    core = { "core" },
+    clients = { "core", "clients" },
+    resources = { "core", "clients", "resources" },
+    ops = { "core", "clients", "resources", "ops" },
+    cli = { "core", "clients", "resources", "ops", "cli" },
+    entry = { "core" },
+}
+local ENTRY_POINTS = { ["tamarco"] = true, ["tamarco.testing"] = true }
+
+local function layer_of(module)
+    if ENTRY_POINTS[module] then return "entry" end
+    local folder = module:match("^tamarco%.([%w_]+)%.") or module:match("^tamarco%.([%w_]+)$")
+    return LAYERS[folder] and folder or nil
+end
+
+-- "a requires b (layer may require only ...)" for each edge that goes up or
+-- sideways out of the allowed layers, sorted.
+local function layer_violations(graph)
+    local found = {}
+    for module, deps in pairs(graph) do
+        local layer = layer_of(module)
+        if layer then
+            local allowed = {}
+            for _, name in ipairs(LAYERS[layer]) do allowed[name] = true end
+            for dep in pairs(deps) do
+                local dep_layer = layer_of(dep)
+                if dep_layer and dep_layer ~= "entry" and not allowed[dep_layer] then
+                    found[#found + 1] = ("%s requires %s (%s may require only %s)"):format(
+                        module, dep, layer, table.concat(LAYERS[layer], ", "))
+                end
+            end
+        end
+    end
+    table.sort(found)
+    return found
+end
+
 describe("the Lua package", function()
     it("finds the requires of a module, lazy ones included, but not those in comments", function()
         local graph = require_graph()
-        assert.is_true(graph["tamarco.systemd"]["tamarco.supervisor_pipe"])
-        assert.is_true(graph["tamarco.metrics"]["tamarco.metrics.prometheus"])   -- inside a function
-        assert.is_nil(graph["tamarco.metrics.prometheus"]["tamarco.metrics.prometheus"])
+        assert.is_true(graph["tamarco.ops.systemd"]["tamarco.ops.supervisor_pipe"])
+        assert.is_true(graph["tamarco.core.metrics"]["tamarco.core.metrics.prometheus"])   -- inside a function
+        assert.is_nil(graph["tamarco.core.metrics.prometheus"]["tamarco.core.metrics.prometheus"])
     end)
 
     it("detects a cycle when there is one", function()
         local cycle = find_cycle({ a = { b = true }, b = { c = true }, c = { a = true }, d = {} })
         assert.are.same({ "a", "b", "c", "a" }, cycle)
+    end)
+
+    it("finds a layer violation when there is one (the check itself)", function()
+        local graph = {
+            ["tamarco.core.a"] = { ["tamarco.resources.b"] = true, ["tamarco.core.c"] = true },
+            ["tamarco.ops.d"] = { ["tamarco.resources.b"] = true },
+            ["tamarco.clients.e"] = { ["tamarco.cli.f"] = true },
+        }
+        assert.are.same({ "tamarco.clients.e requires tamarco.cli.f (clients may require only core, clients)",
+                          "tamarco.core.a requires tamarco.resources.b (core may require only core)" },
+            layer_violations(graph))
+    end)
+
+    it("keeps every module in a layer and each layer to the layers below it", function()
+        local graph = require_graph()
+        local outside = {}
+        for module in pairs(graph) do
+            if not layer_of(module) then outside[#outside + 1] = module end
+        end
+        table.sort(outside)
+        assert.are.same({}, outside, "modules outside the layers (a folder of lua/tamarco or a public entry point)")
+        assert.are.same({}, layer_violations(graph))
     end)
 
     it("has no require cycle", function()

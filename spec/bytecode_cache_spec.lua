@@ -21,7 +21,7 @@ describe("bytecode cache", function()
         f:close()
         -- tracebacks still name the source file
         assert.are.equal("@" .. process.lua_dir() .. "/tamarco/tasks.lua",
-            debug.getinfo(require("tamarco.tasks").sleep, "S").source)
+            debug.getinfo(require("tamarco.core.tasks").sleep, "S").source)
     end)
 
     it("never serves stale bytecode: an edited module is read again", function()

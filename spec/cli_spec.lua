@@ -152,7 +152,7 @@ return svc
 
     it("exits 12 when resource dependencies form a cycle or name an unknown resource", function()
         local path = cli.write_temp(service_source([[
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local R = base.class("test")
 return tamarco.service { name = "deps", resources = {
     a = R.new { depends_on = { "b" } }, b = R.new { depends_on = { "a" } } } }
@@ -162,7 +162,7 @@ return tamarco.service { name = "deps", resources = {
         assert.matches("cycle: a -> b -> a", out, 1, true)
         os.remove(path)
         path = cli.write_temp(service_source([[
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local R = base.class("test")
 return tamarco.service { name = "deps", resources = { a = R.new { depends_on = { "nope" } } } }
 ]]))
@@ -174,8 +174,8 @@ return tamarco.service { name = "deps", resources = { a = R.new { depends_on = {
 
     it("exits 11 when a resource cannot bind", function()
         local path = cli.write_temp(service_source([[
-local base = require "tamarco.resources.base"
-local errors = require "tamarco.errors"
+local base = require "tamarco.core.resource"
+local errors = require "tamarco.core.errors"
 local R = base.class("binder")
 function R:start() errors.raise("bind", "cannot bind 127.0.0.1:1: permission denied") end
 return tamarco.service { name = "binds", resources = { listener = R.new {} } }

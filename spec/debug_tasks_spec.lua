@@ -3,9 +3,9 @@
 -- (TAMARCO_TEST_REDIS_HOST/PORT, see scripts/test-services.sh).
 local testing = require "tamarco.testing"
 local scheduler = require "tamarco.c.scheduler"
-local tasks = require "tamarco.tasks"
+local tasks = require "tamarco.core.tasks"
 local redis = require "tamarco.resources.redis"
-local debug_tasks = require "tamarco.debug.tasks"
+local debug_tasks = require "tamarco.ops.debug.tasks"
 
 local REDIS_HOST = os.getenv("TAMARCO_TEST_REDIS_HOST")
 local REDIS_PORT = tonumber(os.getenv("TAMARCO_TEST_REDIS_PORT") or "")

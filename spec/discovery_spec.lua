@@ -4,8 +4,8 @@
 -- breaking, arrivals and departures followed by the registry's watch.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local etcd = require "tamarco.etcd"
-local metrics = require "tamarco.metrics"
+local etcd = require "tamarco.clients.etcd"
+local metrics = require "tamarco.core.metrics"
 local registry = require "tamarco.resources.registry"
 local http = require "tamarco.resources.http"
 local process = require "tamarco.c.process"

@@ -113,13 +113,13 @@ describe("doc comments", function()
         local output = pipe:read("*a")
         pipe:close()
         local index = io.open(out .. "/api/index.html")
-        local service_page = io.open(out .. "/api/modules/tamarco.service.html")
+        local service_page = io.open(out .. "/api/modules/tamarco.core.service.html")
         if index then index:close() end
         if service_page then service_page:close() end
         os.execute("rm -rf '" .. out .. "'")
         assert.are.equal("exit 0\n", output)
         assert.is_truthy(index, "no index.html")
-        assert.is_truthy(service_page, "no page for tamarco.service")
+        assert.is_truthy(service_page, "no page for tamarco.core.service")
     end)
 
     it("finds a missing doc comment (the check itself)", function()

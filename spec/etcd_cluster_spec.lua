@@ -4,9 +4,9 @@
 -- leader. Prints its figures.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local etcd = require "tamarco.etcd"
-local settings = require "tamarco.settings"
-local settings_etcd = require "tamarco.settings_etcd"
+local etcd = require "tamarco.clients.etcd"
+local settings = require "tamarco.core.settings"
+local settings_etcd = require "tamarco.ops.settings_etcd"
 local registry = require "tamarco.resources.registry"
 local process = require "tamarco.c.process"
 local cluster = require "spec.support.cluster"

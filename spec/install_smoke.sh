@@ -33,7 +33,7 @@ describe("the installed host", function()
         assert.is_table(require "tamarco.c.http_client")
     end)
     it("loads its modules precompiled (named by their path below the Lua directory)", function()
-        assert.are.equal("@tamarco/tasks.lua", debug.getinfo(require("tamarco.tasks").sleep, "S").source)
+        assert.are.equal("@tamarco/core/tasks.lua", debug.getinfo(require("tamarco.core.tasks").sleep, "S").source)
     end)
 end)
 LUA

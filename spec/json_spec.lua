@@ -5,9 +5,9 @@
 -- etcd values against a real etcd.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local json = require "tamarco.json"
-local codecs = require "tamarco.codecs"
-local etcd = require "tamarco.etcd"
+local json = require "tamarco.core.json"
+local codecs = require "tamarco.core.codecs"
+local etcd = require "tamarco.clients.etcd"
 local yaml = require "tamarco.c.yaml"
 local net = require "spec.support.net"
 

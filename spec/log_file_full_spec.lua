@@ -3,7 +3,7 @@
 -- space again. A real full filesystem: a 64 KiB tmpfs mounted by the spec
 -- under its own temporary directory (needs root, as the test command runs).
 local cjson = require "cjson"
-local logging = require "tamarco.logging"
+local logging = require "tamarco.core.logging"
 local testing = require "tamarco.testing"
 local timer = require "tamarco.c.timer"
 
@@ -118,7 +118,7 @@ describe("file log sink on a full filesystem", function()
         local count = #lines_of(path)
         log:error("right away")
         assert.are.equal(count + 1, #lines_of(path))
-        local metrics = require "tamarco.metrics"
+        local metrics = require "tamarco.core.metrics"
         assert.matches('logging_dropped_records_total{sink="file"} ' .. sink:dropped(),
             metrics.exposition(), 1, true)
     end)

@@ -2,10 +2,10 @@
 -- an HTTP server, all on loopback.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local logging = require "tamarco.logging"
-local log_sinks = require "tamarco.log_sinks"
-local settings = require "tamarco.settings"
-local metrics = require "tamarco.metrics"
+local logging = require "tamarco.core.logging"
+local log_sinks = require "tamarco.ops.log_sinks"
+local settings = require "tamarco.core.settings"
+local metrics = require "tamarco.core.metrics"
 local cjson = require "cjson"
 
 local function view_with(logging_section)
@@ -17,7 +17,7 @@ end
 local free_port = require("spec.support.net").free_port
 
 local function dropped(sink_name)
-    return require("tamarco.log_sinks.queue").dropped_counter(sink_name):get()
+    return require("tamarco.ops.log_sinks.queue").dropped_counter(sink_name):get()
 end
 
 before_each(function()
@@ -315,7 +315,7 @@ describe("remote log sinks", function()
                 tamarco.sleep(2)   -- the loop keeps turning between bursts
             end
             assert.is_true(dropped("http") - before >= 19000 - 1000)
-            require("tamarco.tasks").cancel(ticker)
+            require("tamarco.core.tasks").cancel(ticker)
             log_sinks.close(sinks, logging, 50)
         end)
         assert.is_true(ticks >= 20)

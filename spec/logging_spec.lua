@@ -1,6 +1,6 @@
 local cjson = require "cjson"
 local clog = require "tamarco.c.log"
-local logging = require "tamarco.logging"
+local logging = require "tamarco.core.logging"
 
 -- A stream that keeps what is written, in place of io.stdout.
 local function capture()

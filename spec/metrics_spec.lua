@@ -3,9 +3,9 @@
 -- `metrics` resource's reporting task.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local metrics = require "tamarco.metrics"
-local prometheus = require "tamarco.metrics.prometheus"
-local reporters = require "tamarco.metrics.reporters"
+local metrics = require "tamarco.core.metrics"
+local prometheus = require "tamarco.core.metrics.prometheus"
+local reporters = require "tamarco.core.metrics.reporters"
 local MetricsResource = require "tamarco.resources.metrics"
 local cmetrics = require "tamarco.c.metrics"
 local ctimer = require "tamarco.c.timer"

@@ -4,10 +4,10 @@
 -- thread too), and the CMake package a C extension builds against.
 local testing = require "tamarco.testing"
 local tamarco = require "tamarco"
-local native = require "tamarco.native"
+local native = require "tamarco.core.native"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
-local logging = require "tamarco.logging"
+local logging = require "tamarco.core.logging"
 
 describe("the C extension API", function()
     describe("tamarco_offload", function()
@@ -113,7 +113,7 @@ describe("the C extension API", function()
 
         it("tamarco_wake_ticket and tamarco_log work from another OS thread", function()
             testing.run(function()
-                local thread = require "tamarco.thread"
+                local thread = require "tamarco.core.thread"
                 local records = {}
                 local sink = { name = "native-thread-spec", emit = function(_, r) records[#records + 1] = r end }
                 logging.add_sink(sink)
@@ -121,7 +121,7 @@ describe("the C extension API", function()
                 local data = native.wait(function(ticket)
                     t = thread.start("waker", function(ctx)
                         local ffi = require "ffi"
-                        local n = require "tamarco.native"
+                        local n = require "tamarco.core.native"
                         local job = ctx:receive()
                         ctx:sleep(50)
                         n.C.tamarco_log(n.C.TAMARCO_LOG_INFO, "waker", "hello from a thread")
@@ -144,7 +144,7 @@ describe("the C extension API", function()
 
     describe("the CMake package", function()
         it("is in the build tree for uninstalled hosts", function()
-            local dir = require("tamarco.test_command").host_cmake_dir()
+            local dir = require("tamarco.cli.test").host_cmake_dir()
             assert.is_string(dir)
             local f = assert(io.open(dir .. "/TamarcoHostConfig.cmake"))
             local text = f:read("*a")

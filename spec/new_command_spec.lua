@@ -3,7 +3,7 @@
 -- C extension against the host's build tree); checks the generated
 -- deployment files and the errors that must touch nothing.
 local cli = require "spec.support.cli"
-local new_command = require "tamarco.new_command"
+local new_command = require "tamarco.cli.new"
 local yaml = require "tamarco.c.yaml"
 
 local function shell_quote(s)

@@ -7,7 +7,7 @@ local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
 local scheduler = require "tamarco.c.scheduler"
 local process = require "tamarco.c.process"
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local redis = require "tamarco.resources.redis"
 local c = require "tamarco.c.redis"
 local cjson = require "cjson"
@@ -301,7 +301,7 @@ describe("redis binding (tamarco.c.redis)", function()
     -- was silently dropped and tasks hung (log_sinks_spec, then this file).
     it("keeps connecting after the module is loaded again and the old copy collected", function()
         testing.run(function()
-            local tasks = require "tamarco.tasks"
+            local tasks = require "tamarco.core.tasks"
             -- a client owned by a task that is cancelled, then closed (what
             -- the Redis log sink does), with a fresh copy of the binding
             local saved = package.loaded["tamarco.c.redis"]

@@ -2,7 +2,7 @@
 -- (TAMARCO_TEST_ETCD_HOST / TAMARCO_TEST_ETCD_PORT).
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local etcd = require "tamarco.etcd"
+local etcd = require "tamarco.clients.etcd"
 local registry = require "tamarco.resources.registry"
 local process = require "tamarco.c.process"
 local timer = require "tamarco.c.timer"

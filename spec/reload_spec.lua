@@ -1,7 +1,7 @@
 -- Hot reload of service code (tamarco.reload), in-process and through SIGHUP.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local reload = require "tamarco.reload"
+local reload = require "tamarco.ops.reload"
 local cli = require "spec.support.cli"
 
 local function write(path, text)
@@ -32,7 +32,7 @@ return svc
 end
 
 local RESOURCE = [[
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local Probe = base.class("probe")
 local connections = 0
 function Probe:start() connections = connections + 1; self.connection = connections end

@@ -2,7 +2,7 @@
 -- restart policies.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local http_client = require "tamarco.resources.http_client"
 local cjson = require "cjson"
 local cli = require "spec.support.cli"
@@ -90,7 +90,7 @@ describe("report server", function()
     it("stops the service with exit 1 when a resource in restart_microservice_on_failure fails", function()
         local path = cli.write_temp([[
 local tamarco = require "tamarco"
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local Breaks = base.class("breaks")
 function Breaks:post_start()
     tamarco.spawn(function() tamarco.sleep(50); self:set_status(base.STATUS.FAILED) end)

@@ -2,7 +2,7 @@
 -- naming the key and where it comes from) and before a change is applied
 -- while it runs (refused, logged, the last good settings kept).
 local cli = require "spec.support.cli"
-local schema = require "tamarco.settings_schema"
+local schema = require "tamarco.core.settings_schema"
 
 local SERVICE = [[
 local tamarco = require "tamarco"

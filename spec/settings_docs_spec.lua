@@ -1,7 +1,7 @@
 -- The settings docs/resources/ documents are the settings the framework
 -- knows: a documented key that the checks would call "unknown" (or an
 -- undocumented one that users cannot find) is a defect of one or the other.
-local schema = require "tamarco.settings_schema"
+local schema = require "tamarco.core.settings_schema"
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.*)/spec/[^/]+$") or "."
 

@@ -3,9 +3,9 @@
 -- written through to the real etcd that scripts/test-services.sh starts.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local etcd = require "tamarco.etcd"
-local settings = require "tamarco.settings"
-local settings_etcd = require "tamarco.settings_etcd"
+local etcd = require "tamarco.clients.etcd"
+local settings = require "tamarco.core.settings"
+local settings_etcd = require "tamarco.ops.settings_etcd"
 local process = require "tamarco.c.process"
 local timer = require "tamarco.c.timer"
 
@@ -131,7 +131,7 @@ describe("settings:set and settings:delete with etcd", function()
             local running = assert(testing.start_service(svc))
             local store = running.settings
             assert(settings_etcd.attach(store, { client = c, retry = false }))
-            store.validate = require("tamarco.settings_schema").validator(svc)
+            store.validate = require("tamarco.core.settings_schema").validator(svc)
             store.log = function() end
             local ok, err = svc.settings:set("logging.file_backup_count", -1)
             assert.is_nil(ok)

@@ -1,7 +1,7 @@
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local settings = require "tamarco.settings"
-local errors = require "tamarco.errors"
+local settings = require "tamarco.core.settings"
+local errors = require "tamarco.core.errors"
 local process = require "tamarco.c.process"
 local uv = require "luv"
 

@@ -86,14 +86,14 @@ describe("systemd notify", function()
     end)
 
     it("is a no-op without NOTIFY_SOCKET, and reports a bad socket", function()
-        local systemd = require "tamarco.systemd"
+        local systemd = require "tamarco.ops.systemd"
         if os.getenv("NOTIFY_SOCKET") == nil then
             assert.is_false(systemd.notify("READY=1"))
         end
-        local native = require "tamarco.native"
+        local native = require "tamarco.core.native"
         local code, output = cli.run({ "test", cli.write_temp([[
             describe("x", function() it("y", function()
-                local ok, err = require("tamarco.systemd").notify("READY=1")
+                local ok, err = require("tamarco.ops.systemd").notify("READY=1")
                 assert.is_nil(ok)
                 assert.is_string(err)
             end) end)

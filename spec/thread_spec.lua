@@ -1,7 +1,7 @@
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
 local process = require "tamarco.c.process"
-local thread = require "tamarco.thread"
+local thread = require "tamarco.core.thread"
 
 -- Handles that other spec files left alive (a sleeping task's timer, say)
 -- are not the thread module's: count only what appears after this file starts.
@@ -38,7 +38,7 @@ describe("thread", function()
     end)
 
     it("gives a thread a logger whose records reach the service's sinks, with the service's level", function()
-        local logging = require "tamarco.logging"
+        local logging = require "tamarco.core.logging"
         logging.configure { service_name = "threads", deploy_name = "spec", instance_id = "i-7",
             profile = "PRODUCTION", stdout = false }
         local records = {}
@@ -46,7 +46,7 @@ describe("thread", function()
         local t = thread.start("logger", function(ctx)
             ctx.logger:info("from ctx.logger", { n = 1 })
             ctx.logger:debug("below the service's level")
-            local log = require("tamarco.logging").get_logger("threads.lib")
+            local log = require("tamarco.core.logging").get_logger("threads.lib")
             log:warning("from tamarco.logging", { password = "hunter2", fn = print })
             ctx.logger:exception("failed", "bad thing")
             ctx:send("done")
@@ -78,7 +78,7 @@ describe("thread", function()
     end)
 
     it("svc:thread's ctx.logger is <service>.<thread> and reaches the service's sinks", function()
-        local logging = require "tamarco.logging"
+        local logging = require "tamarco.core.logging"
         local records = {}
         local sink = { name = "mem", emit = function(_, r) if r.thread_name then records[#records + 1] = r end end }
         testing.run(function()

@@ -2,10 +2,10 @@
 -- /status.
 local tamarco = require "tamarco"
 local testing = require "tamarco.testing"
-local base = require "tamarco.resources.base"
-local errors = require "tamarco.errors"
-local logging = require "tamarco.logging"
-local secrets = require "tamarco.secrets"
+local base = require "tamarco.core.resource"
+local errors = require "tamarco.core.errors"
+local logging = require "tamarco.core.logging"
+local secrets = require "tamarco.core.secrets"
 local http_client = require "tamarco.resources.http_client"
 local cli = require "spec.support.cli"
 

@@ -2,7 +2,7 @@
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 local process = require "tamarco.c.process"
-local tasks = require "tamarco.tasks"
+local tasks = require "tamarco.core.tasks"
 
 local tamarco = {
     VERSION = process.version,
@@ -20,7 +20,7 @@ local tamarco = {
 
 --- Creates a service table: `tamarco.service { name = "hello", resources = {...} }`.
 function tamarco.service(definition)
-    return require("tamarco.service").new(definition)
+    return require("tamarco.core.service").new(definition)
 end
 
 return tamarco

@@ -57,7 +57,7 @@ function testing.wait_until(condition, ms, step_ms)
         local value = condition()
         if value then return value end
         if timer.now() >= deadline then return false end
-        require("tamarco.tasks").sleep(step_ms or 10)
+        require("tamarco.core.tasks").sleep(step_ms or 10)
     end
 end
 
@@ -90,10 +90,10 @@ Running.__index = Running
 -- `running.records` (and printed when options.log_stdout is true).
 function testing.start_service(svc, options)
     options = options or {}
-    local lifecycle = require "tamarco.lifecycle"
-    local logging = require "tamarco.logging"
-    local settings = require "tamarco.settings"
-    if type(svc) == "string" then svc = require("tamarco.service_file").load(svc) end
+    local lifecycle = require "tamarco.core.lifecycle"
+    local logging = require "tamarco.core.logging"
+    local settings = require "tamarco.core.settings"
+    if type(svc) == "string" then svc = require("tamarco.core.service_file").load(svc) end
     -- Test defaults < the service's own dict < the YAML file < the spec's
     -- settings. The report server takes a free port so that specs and a
     -- running service never compete for 5747.
@@ -127,7 +127,7 @@ end
 
 --- testing.start_failure(code, err) -> the failure start_service returns.
 function testing.start_failure(code, err)
-    local errors = require "tamarco.errors"
+    local errors = require "tamarco.core.errors"
     local message
     if errors.is(err) then
         message = err.message

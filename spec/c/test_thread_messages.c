@@ -68,7 +68,7 @@ int main(void)
     tamarco_host_attach(&host, L);
     check(tamarco_scheduler_init(&host) == 0, "scheduler");
     run(L,
-        "local thread = require 'tamarco.thread'\n"
+        "local thread = require 'tamarco.core.thread'\n"
         "local testing = require 'tamarco.testing'\n"
         "local echo = thread.start('echo', function(ctx)\n"
         "  local m = ctx:receive(); ctx:send({ back = m })\n"

@@ -6,8 +6,8 @@
 -- a channel error (no "ready"/"done" line), the resource is not STARTED.
 local testing = require "tamarco.testing"
 local amqp = require "tamarco.resources.amqp"
-local tasks = require "tamarco.tasks"
-local base = require "tamarco.resources.base"
+local tasks = require "tamarco.core.tasks"
+local base = require "tamarco.core.resource"
 local timer = require "tamarco.c.timer"
 local cjson = require "cjson"
 

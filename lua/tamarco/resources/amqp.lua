@@ -121,11 +121,11 @@
 -- `hosts` is not set.
 --
 -- The connection runs on its own I/O thread (see bindings/amqp.c for why).
-local base = require "tamarco.resources.base"
-local codecs = require "tamarco.codecs"
+local base = require "tamarco.core.resource"
+local codecs = require "tamarco.core.codecs"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
-local tasks = require "tamarco.tasks"
+local tasks = require "tamarco.core.tasks"
 
 local STATUS = base.STATUS
 local REPLY_TO = "amq.rabbitmq.reply-to"
@@ -194,7 +194,7 @@ function Client:init(options)
 end
 
 function Client:log()
-    if not self.logger then self.logger = require("tamarco.logging").get_logger("amqp") end
+    if not self.logger then self.logger = require("tamarco.core.logging").get_logger("amqp") end
     return self.logger
 end
 
@@ -635,7 +635,7 @@ local function meter(self, id, help, queue)
     local key = id .. "\0" .. queue
     local m = self.meters[key]
     if not m then
-        m = require("tamarco.metrics").counter(id, { help = help, labels = { queue = queue } })
+        m = require("tamarco.core.metrics").counter(id, { help = help, labels = { queue = queue } })
         self.meters[key] = m
     end
     return m

@@ -42,7 +42,7 @@
 -- without one): read once per service, then kept current by a watch, so a
 -- call costs no etcd round trip and a new instance gets calls as soon as it
 -- registers. Calls go round-robin over the instances whose circuit is not
--- open (see tamarco.discovery). When the connection to an instance fails
+-- open (see tamarco.clients.discovery). When the connection to an instance fails
 -- (refused, reset, no answer: not a timeout) an idempotent request (GET,
 -- HEAD, PUT, DELETE, OPTIONS, or any with `retry = true`; `retry = false`
 -- turns it off) is tried once more on another instance. Errors name the
@@ -54,11 +54,11 @@
 --
 -- It also works without a service: `require("tamarco.resources.http_client").new()`
 -- used inside any task.
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local c = require "tamarco.c.http_client"
-local json = require "tamarco.json"
-local discovery = require "tamarco.discovery"
-local metrics = require "tamarco.metrics"
+local json = require "tamarco.core.json"
+local discovery = require "tamarco.clients.discovery"
+local metrics = require "tamarco.core.metrics"
 local ctimer = require "tamarco.c.timer"
 
 local HttpClient = base.class("http_client")
@@ -216,7 +216,7 @@ function HttpClient:_directory()
         end
     end
     if not client then
-        local etcd = require "tamarco.etcd"
+        local etcd = require "tamarco.clients.etcd"
         local err
         client, err = etcd.from_env { store = type(self.settings) == "table" and self.settings.store or nil }
         if not client then

@@ -28,12 +28,12 @@
 -- otherwise, nil as an empty body. An error becomes a 500 with a JSON body
 -- (the traceback goes to the log); `http_server.error(status, message)`
 -- and `req:json()` on a bad body raise errors that become their own status.
-local base = require "tamarco.resources.base"
-local errors = require "tamarco.errors"
+local base = require "tamarco.core.resource"
+local errors = require "tamarco.core.errors"
 local chttp = require "tamarco.c.http_server"
 local timer = require "tamarco.c.timer"
 
-local json = require "tamarco.json"
+local json = require "tamarco.core.json"
 
 local hrtime = timer.hrtime
 local now_ms = timer.now
@@ -436,7 +436,7 @@ function HttpServer:_configure()
     end
     local reuse_default = os.getenv("TAMARCO_REUSE_PORT") == "1"
     c_options.reuse_port = self:setting("reuse_port", reuse_default) and true or false
-    -- a --workers worker's report server listens privately (tamarco.workers_report)
+    -- a --workers worker's report server listens privately (tamarco.ops.workers_report)
     local override = self.listen_override
     if override then
         self.public_host, self.public_port = c_options.host, c_options.port
@@ -518,7 +518,7 @@ local function capture_error(err)
     return { error = err, traceback = traceback(tostring(err), 2) }
 end
 
-local observe_http = require("tamarco.metrics").observe_http
+local observe_http = require("tamarco.core.metrics").observe_http
 
 local function account(self, stat, status, t0)
     local stats = self.stats

@@ -12,9 +12,9 @@
 --   interval_seconds           (10)
 --   file                       default /tmp/<service>_memory.jsonl
 --   warn_growth_mb             (0: never warn)
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local process = require "tamarco.c.process"
-local tasks = require "tamarco.tasks"
+local tasks = require "tamarco.core.tasks"
 local timer = require "tamarco.c.timer"
 local Profiler = require "tamarco.resources.profiler"
 
@@ -66,7 +66,7 @@ function Memory:write(sample)
         self.logger:warning("memory resource cannot write " .. self.file .. ": " .. tostring(err))
         return
     end
-    f:write(assert(require("tamarco.json").encode(record)), "\n")
+    f:write(assert(require("tamarco.core.json").encode(record)), "\n")
     f:close()
     if self.warn_growth_kb > 0 and record.rss_growth_kb > self.warn_growth_kb then
         self.logger:warning("RSS grew by " .. record.rss_growth_kb .. " kB since start", record)

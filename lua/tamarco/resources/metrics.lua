@@ -28,17 +28,17 @@
 -- carbon, file and stdout are on when their section is present and
 -- `enabled` is not false; prometheus is on unless `enabled` is false. A
 -- section may also be just `true` or `false` (`prometheus: false`).
--- Formats and paths: see tamarco.metrics.reporters.
+-- Formats and paths: see tamarco.core.metrics.reporters.
 --
 -- options of metrics_resource.new{...}: registry (default: the default
 -- registry), namespace (default: the service name), stdout_stream (in
 -- place of io.stdout, for tests).
-local base = require "tamarco.resources.base"
-local metrics = require "tamarco.metrics"
-local prometheus = require "tamarco.metrics.prometheus"
+local base = require "tamarco.core.resource"
+local metrics = require "tamarco.core.metrics"
+local prometheus = require "tamarco.core.metrics.prometheus"
 -- reporters load only when a service turns one on
-local reporters = setmetatable({}, { __index = function(_, k) return require("tamarco.metrics.reporters")[k] end })
-local tasks = require "tamarco.tasks"
+local reporters = setmetatable({}, { __index = function(_, k) return require("tamarco.core.metrics.reporters")[k] end })
+local tasks = require "tamarco.core.tasks"
 
 local Metrics = base.class("metrics")
 
@@ -126,7 +126,7 @@ function Metrics:pre_start()
 end
 
 --- The report server's `GET /metrics` answer (the route is defined with the
--- service, see tamarco.service.add_report_resources, so that it survives
+-- service, see tamarco.ops.default_resources, so that it survives
 -- hot reloads): 404 when the prometheus handler is disabled.
 function Metrics:http_response()
     if self.prometheus_enabled == false then return 404, { error = "prometheus metrics are disabled" } end

@@ -14,8 +14,8 @@
 --   top                          how many functions are written (30)
 --   sample_ms                    the sampling interval in ms (10)
 --   mode                         "function" (default) or "line"
-local base = require "tamarco.resources.base"
-local tasks = require "tamarco.tasks"
+local base = require "tamarco.core.resource"
+local tasks = require "tamarco.core.tasks"
 local timer = require "tamarco.c.timer"
 
 local Profiler = base.class("profiler")

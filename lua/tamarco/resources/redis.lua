@@ -67,11 +67,11 @@
 -- connect_to(options) takes the settings above as a table, connects once
 -- (returning nil, err when that fails, whatever fail_on_start says) and then
 -- reconnects in the background like the resource does.
-local base = require "tamarco.resources.base"
+local base = require "tamarco.core.resource"
 local c = require "tamarco.c.redis"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
-local tasks = require "tamarco.tasks"
+local tasks = require "tamarco.core.tasks"
 local sentinel = require "tamarco.resources.redis_sentinel"
 
 local STATUS = base.STATUS

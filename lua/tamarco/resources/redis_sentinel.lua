@@ -15,7 +15,7 @@
 local c = require "tamarco.c.redis"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
-local tasks = require "tamarco.tasks"
+local tasks = require "tamarco.core.tasks"
 
 local sentinel = {}
 

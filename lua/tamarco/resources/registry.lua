@@ -44,9 +44,9 @@
 --   port        default: the first HTTP server's port
 --   address     a table of extra fields for the registered value
 -- etcd user/password come from TAMARCO_ETCD_USER / TAMARCO_ETCD_PASSWORD.
-local base = require "tamarco.resources.base"
-local errors = require "tamarco.errors"
-local etcd = require "tamarco.etcd"
+local base = require "tamarco.core.resource"
+local errors = require "tamarco.core.errors"
+local etcd = require "tamarco.clients.etcd"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"

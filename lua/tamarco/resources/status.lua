@@ -5,7 +5,7 @@
 -- plus what the resource adds; never secrets). HTTP status: 200 when every
 -- resource is STARTED, 500 when any is STOPPED or FAILED, and 503 while any
 -- is still CONNECTING or STOPPING. `log_sinks` (when remote log sinks are
--- on) shows each sink's state; see tamarco.log_sinks. (Tamarco answered 102 in that case; 102 is
+-- on) shows each sink's state; see tamarco.ops.log_sinks. (Tamarco answered 102 in that case; 102 is
 -- an interim response in HTTP/1.1 that clients and Kubernetes probes wait
 -- past, so a final 503 says "not ready" without hanging them.)
 --
@@ -16,9 +16,10 @@
 --       (systemd, Kubernetes, --workers) to start it again;
 --   restart_resource_on_failure      list or "all": a FAILED resource is
 --       stopped and started again in place.
-local base = require "tamarco.resources.base"
-local logging = require "tamarco.logging"
-local tasks = require "tamarco.tasks"
+local base = require "tamarco.core.resource"
+local health = require "tamarco.core.health"
+local logging = require "tamarco.core.logging"
+local tasks = require "tamarco.core.tasks"
 
 local STATUS = base.STATUS
 
@@ -31,7 +32,7 @@ function Status:init(options)
 end
 
 --- The report server's `GET /status` answer (the route is defined with the
--- service, see tamarco.service.add_report_resources).
+-- service, see tamarco.ops.default_resources).
 function Status:http_response()
     return self:report()
 end
@@ -49,11 +50,13 @@ function Status:report()
         if code == STATUS.STOPPED or code == STATUS.FAILED then any_down = true end
         if code ~= STATUS.STARTED then all_started = false end
     end
-    -- the remote log sinks: shown, and unhealthy only when the settings say
-    -- so (system.logging.unhealthy_on_sink_failure)
-    local sinks, sinks_unhealthy = require("tamarco.log_sinks").report()
-    if sinks and body.log_sinks == nil then body.log_sinks = sinks end
-    if sinks_unhealthy then any_down = true end
+    -- the process's other parts (the remote log sinks: unhealthy only when
+    -- the settings say so, system.logging.unhealthy_on_sink_failure)
+    local parts, parts_unhealthy = health.report()
+    for name, part in pairs(parts or {}) do
+        if body[name] == nil then body[name] = part end
+    end
+    if parts_unhealthy then any_down = true end
     local http_status = any_down and 500 or (all_started and 200 or 503)
     return http_status, body
 end

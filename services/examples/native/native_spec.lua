@@ -42,7 +42,7 @@ describe("native example", function()
 
     setup(function()
         -- load the service once so its directory is on the module paths
-        require("tamarco.service_file").load(here .. "/service.lua")
+        require("tamarco.core.service_file").load(here .. "/service.lua")
         hashing = require "hashing"
     end)
 
