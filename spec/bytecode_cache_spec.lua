@@ -14,13 +14,13 @@ end
 describe("bytecode cache", function()
     it("caches the framework's modules next to an uninstalled host", function()
         cli.run({ "version" })
-        local source = process.lua_dir() .. "/tamarco/cli.lua"
+        local source = process.lua_dir() .. "/tamarco/cli/init.lua"
         local cached = cache_dir .. "/" .. source:gsub("/", "%%") .. ".ljbc"
         local f = assert(io.open(cached, "rb"), "no cached bytecode at " .. cached)
         assert.are.equal("\27LJ", f:read(3))   -- LuaJIT bytecode
         f:close()
         -- tracebacks still name the source file
-        assert.are.equal("@" .. process.lua_dir() .. "/tamarco/tasks.lua",
+        assert.are.equal("@" .. process.lua_dir() .. "/tamarco/core/tasks.lua",
             debug.getinfo(require("tamarco.core.tasks").sleep, "S").source)
     end)
 
@@ -32,7 +32,7 @@ describe("bytecode cache", function()
         assert.are.equal(0, code)
         assert.matches("^tamarco%-host ", out)
         -- edit the copy's CLI after its bytecode was cached
-        local path = copy .. "/tamarco/cli.lua"
+        local path = copy .. "/tamarco/cli/init.lua"
         local text = assert(io.open(path)):read("*a")
         local f = assert(io.open(path, "w"))
         f:write((text:gsub('print%("tamarco%-host " %.%. process%.version%)',
