@@ -92,15 +92,7 @@ end
 -- JSON values
 ---------------------------------------------------------------------------
 
-local function is_sequence(t)
-    if getmetatable(t) == yaml.sequence_mt then return true end
-    local n = #t
-    if n == 0 then return false end
-    for k in pairs(t) do
-        if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 then return false end
-    end
-    return true
-end
+local is_sequence = json.is_sequence
 etcd.is_sequence = is_sequence
 
 --- etcd.float(n) -> n boxed as a float (encoded as 1.0, not 1).

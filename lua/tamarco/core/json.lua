@@ -54,6 +54,19 @@ function json.object(t) return setmetatable(t or {}, json.object_mt) end
 --- json.is_array(v) -> true when v decoded from an array or was marked one.
 function json.is_array(v) return getmetatable(v) == json.array_mt end
 
+--- json.is_sequence(t) -> true when the table t is a list: marked as an
+-- array (json.array_mt, what YAML and JSON lists decode with) or with the
+-- keys 1..#t and no other (an empty unmarked table is not: it is a map).
+function json.is_sequence(t)
+    if getmetatable(t) == json.array_mt then return true end
+    local n = #t
+    if n == 0 then return false end
+    for k in pairs(t) do
+        if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 then return false end
+    end
+    return true
+end
+
 local Float = c.json_float_mt
 --- json.float(n) -> n boxed so that it encodes with a decimal point (1.0).
 function json.float(n)

@@ -61,6 +61,7 @@
 -- YAML null values are absent keys (so they do not override lower sources).
 local yaml = require "tamarco.c.yaml"
 local errors = require "tamarco.core.errors"
+local json = require "tamarco.core.json"
 
 local settings = {}
 
@@ -83,15 +84,7 @@ local spawn = require("tamarco.c.scheduler").spawn
 -- trees
 ---------------------------------------------------------------------------
 
-local function is_sequence(t)
-    if getmetatable(t) == yaml.sequence_mt then return true end
-    local n = #t
-    if n == 0 then return false end
-    for k in pairs(t) do
-        if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 then return false end
-    end
-    return true
-end
+local is_sequence = json.is_sequence
 
 local function is_map(v)
     return type(v) == "table" and not is_sequence(v)
