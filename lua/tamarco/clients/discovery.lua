@@ -77,19 +77,9 @@ function Directory:service(name)
     pool = setmetatable({ name = name, prefix = prefix, directory = self, instances = {}, order = {},
         next = 0, breakers = {}, loading = {} }, Pool)
     self.pools[name] = pool
-    local kvs, revision = self.client:range(prefix, { prefix = true })
-    local waiting = pool.loading
-    pool.loading = nil
-    if not kvs then
-        self.pools[name] = nil
-        for _, co in ipairs(waiting) do scheduler.wake(co) end
-        return nil, ("service '%s': cannot read its instances from etcd (%s)"):format(name, tostring(revision))
-    end
-    pool:_fill(kvs)
-    pool.watcher = self.client:watch(prefix, {
-        prefix = true,
-        start_revision = revision + 1,
-        on_events = function(events)
+    local watcher, err = self.client:follow(prefix, {
+        snapshot = function(kvs) pool:_fill(kvs) end,
+        events = function(events)
             for _, e in ipairs(events) do
                 local id = e.key:sub(#prefix + 1)
                 if e.type == "DELETE" then
@@ -101,14 +91,15 @@ function Directory:service(name)
             end
             pool:_reorder()
         end,
-        -- the history we would resume from is gone: read the instances again
-        on_compacted = function()
-            local fresh, at = self.client:range(prefix, { prefix = true })
-            if not fresh then return nil end
-            pool:_fill(fresh)
-            return at + 1
-        end,
     })
+    local waiting = pool.loading
+    pool.loading = nil
+    if not watcher then
+        self.pools[name] = nil
+        for _, co in ipairs(waiting) do scheduler.wake(co) end
+        return nil, ("service '%s': cannot read its instances from etcd (%s)"):format(name, tostring(err))
+    end
+    pool.watcher = watcher
     for _, co in ipairs(waiting) do scheduler.wake(co) end
     return pool
 end

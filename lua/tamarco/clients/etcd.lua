@@ -764,6 +764,29 @@ function Watcher:_run()
     end
 end
 
+--- client:follow(prefix, handlers) -> watcher | nil, err, kind: every key
+-- under prefix, then every change to them. `handlers.snapshot(kvs)` gets
+-- the keys of a full read (client:range); `handlers.events(events)` the
+-- changes after it, from the next revision on, so that none is missed or
+-- given twice. When that history was compacted meanwhile, the keys are read
+-- again and given to `snapshot` again. Yields for the first read.
+function Client:follow(prefix, handlers)
+    local kvs, revision, kind = self:range(prefix, { prefix = true })
+    if not kvs then return nil, revision, kind end
+    handlers.snapshot(kvs)
+    return self:watch(prefix, {
+        prefix = true,
+        start_revision = revision + 1,
+        on_events = function(events) handlers.events(events) end,
+        on_compacted = function()
+            local fresh, at = self:range(prefix, { prefix = true })
+            if not fresh then return nil end
+            handlers.snapshot(fresh)
+            return at + 1
+        end,
+    })
+end
+
 --- client:watch(key, opts) -> watcher. opts: prefix, start_revision,
 -- prev_kv, on_events(events, revision), on_compacted(compact_revision)
 -- -> revision to resume from, on_state(state, err), on_error(message).

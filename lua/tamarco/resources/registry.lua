@@ -259,28 +259,47 @@ end
 function Registry:watch(service_name, fn)
     assert(type(fn) == "function", "registry:watch: fn must be a function")
     local prefix = self:prefix(service_name)
-    local known = {}
+    local known = nil   -- instance ids, after the first read
     local handle = {}
-    -- the instances there now, and the revision to watch from
-    local kvs, revision, kind = self:client():range(prefix, { prefix = true })
-    if not kvs then return nil, revision, kind end
-    for _, kv in ipairs(kvs) do known[kv.key:sub(#prefix + 1)] = true end
-    local watcher = self:client():watch(prefix, {
-        prefix = true,
-        start_revision = revision + 1,
-        on_events = function(events)
+    local function arrived(id, kv)
+        known[id] = true
+        fn("arrived", id, decode_instance(kv, prefix))
+    end
+    local watcher, err, kind = self:client():follow(prefix, {
+        -- the first read: what is there now is not news; a read again
+        -- after a compaction: what changed meanwhile is
+        snapshot = function(kvs)
+            local now = {}
+            for _, kv in ipairs(kvs) do now[kv.key:sub(#prefix + 1)] = kv end
+            if not known then
+                known = {}
+                for id in pairs(now) do known[id] = true end
+                return
+            end
+            for id in pairs(known) do
+                if not now[id] then
+                    known[id] = nil
+                    fn("departed", id)
+                end
+            end
+            for _, kv in ipairs(kvs) do
+                local id = kv.key:sub(#prefix + 1)
+                if not known[id] then arrived(id, kv) end
+            end
+        end,
+        events = function(events)
             for _, e in ipairs(events) do
                 local id = e.key:sub(#prefix + 1)
                 if e.type == "DELETE" then
                     known[id] = nil
                     fn("departed", id)
                 elseif not known[id] then
-                    known[id] = true
-                    fn("arrived", id, decode_instance(e, prefix))
+                    arrived(id, e)
                 end
             end
         end,
     })
+    if not watcher then return nil, err, kind end
     handle.watcher = watcher
     function handle.cancel()
         watcher:close()
