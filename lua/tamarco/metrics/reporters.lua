@@ -223,6 +223,11 @@ function reporters.carbon(options)
     end
     local reconnect_min = options.reconnect_min or 0.5
     local reconnect_max = options.reconnect_max or 30
+    for name, value in pairs({ reconnect_min = reconnect_min, reconnect_max = reconnect_max }) do
+        if type(value) ~= "number" or value < 0 then
+            error("carbon reporter: " .. name .. " must be a number of seconds >= 0 (got " .. tostring(value) .. ")", 2)
+        end
+    end
     return setmetatable({
         name = "carbon",
         host = options.host or "127.0.0.1",
