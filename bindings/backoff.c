@@ -19,7 +19,7 @@
 static int l_new(lua_State *L)
 {
     int t = lua_isnoneornil(L, 1) ? 0 : (luaL_checktype(L, 1, LUA_TTABLE), 1);
-    double min_ms = tamarco_opt_number(L, t, "backoff.new", "min_ms", TAMARCO_BACKOFF_MIN_MS, 0.001, 1e12);
+    double min_ms = tamarco_opt_number(L, t, "backoff.new", "min_ms", TAMARCO_BACKOFF_MIN_MS, 0, 1e12);
     double max_ms = tamarco_opt_number(L, t, "backoff.new", "max_ms", TAMARCO_BACKOFF_MAX_MS, 0, 1e12);
     double factor = tamarco_opt_number(L, t, "backoff.new", "factor", TAMARCO_BACKOFF_FACTOR, 1, 1e6);
     double jitter = tamarco_opt_number(L, t, "backoff.new", "jitter", TAMARCO_BACKOFF_JITTER, 0, 1);

@@ -1,9 +1,10 @@
 /*
- * tamarco.c.process: the Lua side of the host's loop control (host/loop.c)
- * and shutdown watchdog (host/watchdog.c); the process's identity and
- * figures.
+ * tamarco.c.process: the Lua side of the host's loop control (host/loop.c),
+ * signals (host/signals.c) and shutdown watchdog (host/watchdog.c); the
+ * process's identity and figures.
  */
 #include "host.h"
+#include "lua_class.h"
 #include "task_guard.h"
 
 #include <stdio.h>
@@ -29,6 +30,73 @@ static int l_stop_loop(lua_State *L)
 {
     tamarco_loop_stop(tamarco_check_host(L, "the loop"));
     return 0;
+}
+
+/* ---- signals (host/signals.c): delivery is the host's, meaning is Lua's ---- */
+
+#define LISTENER_MT "tamarco.signal_listener"
+
+typedef struct signal_listener {
+    int sig;
+    int id;   /* 0 once closed */
+} signal_listener;
+
+static int check_signal(lua_State *L, int arg)
+{
+    const char *name = luaL_checkstring(L, arg);
+    int sig = tamarco_signal_find(name);
+    if (sig < 0)
+        return luaL_argerror(L, arg, lua_pushfstring(L, "unknown signal '%s' (one of %s)", name,
+                                                     tamarco_signal_names()));
+    return sig;
+}
+
+/* on_signal(name, fn) -> listener | nil, err. fn(name) runs as a new task at
+ * every delivery of the signal ("SIGTERM", ...) until listener:close(). */
+static int l_on_signal(lua_State *L)
+{
+    tamarco_host *host = tamarco_check_host(L, "process.on_signal");
+    int sig = check_signal(L, 1);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    int id = tamarco_signal_listen(host, L, sig, 2);
+    if (id < 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "cannot watch %s: %s", lua_tostring(L, 1), uv_strerror(id));
+        return 2;
+    }
+    signal_listener *l = lua_newuserdata(L, sizeof *l);
+    l->sig = sig;
+    l->id = id;
+    luaL_getmetatable(L, LISTENER_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* listener:close(): no more deliveries; the signal's default disposition is
+ * back once nobody listens to it. */
+static int l_listener_close(lua_State *L)
+{
+    signal_listener *l = luaL_checkudata(L, 1, LISTENER_MT);
+    if (l->id) {
+        tamarco_signal_unlisten(tamarco_check_host(L, "listener:close"), l->sig, l->id);
+        l->id = 0;
+    }
+    return 0;
+}
+
+/* wait_signal(name, ...) -> the name of the first of these signals to arrive.
+ * Yields the running task until then. */
+static int l_wait_signal(lua_State *L)
+{
+    tamarco_check_host(L, "process.wait_signal");
+    tamarco_check_task(L, "process.wait_signal");
+    int n = lua_gettop(L);
+    luaL_argcheck(L, n > 0, 1, "a signal name expected");
+    int sigs[32];
+    luaL_argcheck(L, n <= (int)(sizeof sigs / sizeof sigs[0]), 33, "too many signals");
+    for (int i = 0; i < n; i++)
+        sigs[i] = check_signal(L, i + 1);
+    return tamarco_signal_wait(L, sigs, n);
 }
 
 /* watchdog(seconds, message): ends the process with exit code 1 after
@@ -159,8 +227,15 @@ int luaopen_tamarco_c_process(lua_State *L)
         {"lua_dir", l_lua_dir},
         {"exepath", l_exepath},
         {"active_handles", l_active_handles},
+        {"on_signal", l_on_signal},
+        {"wait_signal", l_wait_signal},
         {NULL, NULL},
     };
+    static const luaL_Reg listener_methods[] = {
+        {"close", l_listener_close},
+        {NULL, NULL},
+    };
+    tamarco_class_register(L, LISTENER_MT, listener_methods, NULL, NULL);
     lua_newtable(L);
     luaL_register(L, NULL, funcs);
     lua_pushstring(L, TAMARCO_VERSION);

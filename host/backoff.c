@@ -7,7 +7,8 @@
 
 void tamarco_backoff_init(tamarco_backoff *b, double min_ms, double max_ms, double factor, double jitter)
 {
-    b->min_ms = min_ms > 0 ? min_ms : TAMARCO_BACKOFF_MIN_MS;
+    /* 0 is a policy too: retry at once, every time (a client's setting may say so) */
+    b->min_ms = min_ms >= 0 ? min_ms : TAMARCO_BACKOFF_MIN_MS;
     b->max_ms = max_ms >= b->min_ms ? max_ms : b->min_ms;
     b->factor = factor >= 1 ? factor : 1;
     b->jitter = jitter < 0 ? 0 : jitter > 1 ? 1 : jitter;

@@ -21,8 +21,8 @@ typedef struct tamarco_backoff {
 #define TAMARCO_BACKOFF_FACTOR 2.0
 #define TAMARCO_BACKOFF_JITTER 0.0
 
-/* Clamps its arguments into a usable policy (max >= min > 0, factor >= 1,
- * 0 <= jitter <= 1). */
+/* Clamps its arguments into a usable policy (max >= min >= 0, factor >= 1,
+ * 0 <= jitter <= 1); a negative min takes the default. */
 void tamarco_backoff_init(tamarco_backoff *b, double min_ms, double max_ms, double factor, double jitter);
 /* The delay to wait now, and the policy moves on to the next one. */
 double tamarco_backoff_next(tamarco_backoff *b);

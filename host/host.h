@@ -33,6 +33,7 @@ struct tamarco_host {
     struct tamarco_wait_note *wait_notes;
     int wait_notes_cap;    /* a power of two, or 0 */
     int wait_notes_count;
+    struct tamarco_signals *signals;   /* signals.c; NULL until Lua listens to one */
 };
 
 /* What a pending wait is for, for live introspection (/debug/tasks): kept in
@@ -69,6 +70,25 @@ void tamarco_loop_stop(tamarco_host *host);
 /* Ends the process (exit code 1, message on stderr) after `seconds` unless
  * it exits before. Returns 0 or an errno value. */
 int tamarco_watchdog_start(double seconds, const char *message);
+
+/* ---- signals.c: the process's signals, delivered to Lua through the scheduler ---- */
+
+/* The signals Lua can listen to are named "SIGHUP", "SIGINT", ...: the
+ * index of `name` among them (`sig` below), or -1; tamarco_signal_names()
+ * lists them for an error message. */
+int tamarco_signal_find(const char *name);
+const char *tamarco_signal_names(void);
+/* Runs the function at fn_index as a new task, with the signal's name, at
+ * every delivery of `sig` until tamarco_signal_unlisten. Returns the
+ * listener's id (> 0) or a negative libuv error. */
+int tamarco_signal_listen(tamarco_host *host, lua_State *L, int sig, int fn_index);
+void tamarco_signal_unlisten(tamarco_host *host, int sig, int listener_id);
+/* Suspends the running task (L must be one: check it first) until one of
+ * the n signals arrives; the task gets its name.
+ * `return tamarco_signal_wait(L, sigs, n);` */
+int tamarco_signal_wait(lua_State *L, const int *sigs, int n);
+/* At exit, after tamarco_scheduler_shutdown: closes the signal handles. */
+void tamarco_signals_close(tamarco_host *host);
 
 /* ---- lua_state.c ---- */
 

@@ -19,7 +19,8 @@ static int traceback(lua_State *L)
     return 1;
 }
 
-/* Cancels the operations of tasks still waiting, then closes the Lua state
+/* Cancels the operations of tasks still waiting, closes the signal handles
+ * (their signals get back their default dispositions), then closes the Lua state
  * so that finalizers run (files, modules' buffers). Close callbacks already
  * queued run first, while the state they may touch
  * is alive. Handles still open afterwards (a service's own luv handles) are
@@ -27,6 +28,7 @@ static int traceback(lua_State *L)
 static void shutdown_host(void)
 {
     tamarco_scheduler_shutdown(&host);
+    tamarco_signals_close(&host);
     uv_run(host.loop, UV_RUN_NOWAIT);
     lua_close(host.L);
     host.L = NULL;

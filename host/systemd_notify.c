@@ -2,7 +2,7 @@
  * systemd's notification protocol (sd_notify(3)) without libsystemd: one
  * datagram to $NOTIFY_SOCKET. Part of the public C API (tamarco.h); the
  * Lua side (tamarco.c.native.sd_notify) is what lua/tamarco/ops/systemd.lua
- * uses for READY=1, STOPPING=1 and the watchdog keep-alive.
+ * uses for READY=1 and STOPPING=1.
  */
 #include "host.h"
 

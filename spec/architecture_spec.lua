@@ -166,3 +166,41 @@ describe("the Lua package", function()
         assert.is_nil(cycle, cycle and ("require cycle: " .. table.concat(cycle, " -> ")))
     end)
 end)
+
+-- The calls through luv that would take the loop or the process's signals
+-- away from the host (host/loop.c, host/signals.c) in `code`: a list of
+-- "<call>" strings.
+local function loop_owner_calls(code)
+    local names, seen = {}, {}
+    for name in code:gmatch("local%s+([%w_]+)%s*=%s*require%s*%(?%s*[\"']luv[\"']") do
+        if not seen[name] then names[#names + 1], seen[name] = name, true end
+    end
+    local found = {}
+    local function look(prefix)
+        for _, call in ipairs({ "new_signal", "run", "stop" }) do
+            if code:find(prefix .. "%s*%.%s*" .. call .. "%f[^%w_]") then found[#found + 1] = call end
+        end
+    end
+    for _, name in ipairs(names) do look("%f[%w_]" .. name) end
+    look("require%s*%(?%s*[\"']luv[\"']%s*%)?")
+    return found
+end
+
+describe("the loop's owner", function()
+    it("finds a module's own luv signal and loop calls", function()
+        assert.are.same({ "new_signal", "run" }, loop_owner_calls(
+            'local uv = require "luv"\nlocal s = uv.new_signal()\nuv.run("once")\ns:stop()'))
+        assert.are.same({ "stop" }, loop_owner_calls('require("luv").stop()'))
+        assert.are.same({}, loop_owner_calls('local uv = require "luv"\nlocal t = uv.new_timer()\nt:stop()'))
+    end)
+
+    it("is the host: no module under lua/tamarco calls uv.new_signal, uv.run or uv.stop", function()
+        local offenders = {}
+        for _, path in pairs(modules()) do
+            local calls = loop_owner_calls(code_of(path))
+            if #calls > 0 then offenders[#offenders + 1] = path .. ": uv." .. table.concat(calls, ", uv.") end
+        end
+        table.sort(offenders)
+        assert.are.same({}, offenders)
+    end)
+end)

@@ -22,6 +22,11 @@ describe("tamarco.c.backoff", function()
         assert.are.equal(400, b:peek())
     end)
 
+    it("retries at once, every time, with a minimum of 0", function()
+        local b = backoff.new { min_ms = 0, max_ms = 1000 }
+        assert.are.same({ 0, 0, 0 }, { b:next(), b:next(), b:next() })
+    end)
+
     it("takes at most the jitter's fraction off each delay", function()
         local b = backoff.new { min_ms = 1000, max_ms = 1000, jitter = 0.5 }
         local below = 0

@@ -766,10 +766,14 @@ return svc
         assert.matches("etcd at http://127.0.0.1:1 is unreachable", out, 1, true)
     end)
 
-    it("keeps retrying when TAMARCO_ETCD_RETRY=1", function()
-        local code, out = cli.run_until({ "run", service_path }, "retrying in", "TERM",
+    it("keeps retrying when TAMARCO_ETCD_RETRY=1, waiting longer each time", function()
+        local code, out = cli.run_until({ "run", service_path }, "(attempt 3)", "TERM",
             { TAMARCO_ETCD_HOST = "127.0.0.1", TAMARCO_ETCD_PORT = "1", TAMARCO_ETCD_RETRY = "1" })
         assert.matches("is unreachable", out, 1, true)
+        -- the back-off of the settings source: 500 ms, doubled up to 5 s
+        assert.matches("retrying in 500 ms (attempt 1)", out, 1, true)
+        assert.matches("retrying in 1000 ms (attempt 2)", out, 1, true)
+        assert.matches("retrying in 2000 ms (attempt 3)", out, 1, true)
         -- SIGTERM ends the wait: a clean stop, nothing was started
         assert.equal(0, code, out)
         assert.matches("received SIGTERM while waiting for etcd", out, 1, true)

@@ -2,6 +2,7 @@
 -- service (see tamarco.ops.debug.console_server for the service side).
 local json = require "tamarco.core.json"
 local introspect = require "tamarco.c.introspect"
+local process = require "tamarco.c.process"
 local console_server = require "tamarco.ops.debug.console_server"
 
 local console_command = {}
@@ -107,7 +108,7 @@ local function connect(path)
         connected = true
         connect_err = err
     end)
-    while not connected do uv.run("once") end
+    while not connected do process.run_loop("once") end
     if connect_err then
         pipe:close()
         return nil, "cannot connect to " .. path .. ": " .. tostring(connect_err)
@@ -132,24 +133,22 @@ local function connect(path)
     function conn.receive()
         while #queue == 0 do
             if closed then return nil, "the service closed the connection" end
-            uv.run("once")
+            process.run_loop("once")
         end
         return table.remove(queue, 1)
     end
-    function conn.close() if not pipe:is_closing() then pipe:close() end uv.run("nowait") end
+    function conn.close() if not pipe:is_closing() then pipe:close() end process.run_loop("nowait") end
     return conn
 end
 
 -- Evaluates `code`; prints what it prints and its result. -> true | false (Lua
 -- error) | nil, message (connection lost).
 local function evaluate(conn, id, code)
-    local uv = require "luv"
     conn.send({ id = id, op = "eval", code = code })
-    local sigint = uv.new_signal()
-    sigint:start("sigint", function()
+    local sigint = assert(process.on_signal("SIGINT", function()
         io.stderr:write("^C cancelling\n")
         conn.send({ id = id, op = "cancel" })
-    end)
+    end))
     local result, err
     while true do
         local message

@@ -74,23 +74,20 @@ end
 local function attach_etcd(store, boot_logger)
     local settings_etcd = require "tamarco.ops.settings_etcd"
     local tasks = require "tamarco.core.tasks"
-    local uv = require "luv"
     local waiting, stop_signal
-    local handles = {}
-    for _, name in ipairs({ "sigint", "sigterm" }) do
-        local handle = uv.new_signal()
-        handle:start(name, function()
-            stop_signal = name:upper()
+    local listeners = {}
+    for _, name in ipairs({ "SIGINT", "SIGTERM" }) do
+        listeners[#listeners + 1] = assert(process.on_signal(name, function()
+            stop_signal = name
             if waiting then tasks.cancel(waiting) end
-        end)
-        handles[#handles + 1] = handle
+        end))
     end
     local ok, attached, err = pcall(require("tamarco.clients.etcd").run_sync, function()
         waiting = scheduler.current()
         return settings_etcd.attach(store, {
             log = function(level, message) boot_logger[level](boot_logger, message) end })
     end)
-    for _, handle in ipairs(handles) do handle:close() end
+    for _, listener in ipairs(listeners) do listener:close() end
     if stop_signal then return nil, nil, stop_signal end
     if not ok then error(attached, 0) end
     return attached, err
@@ -206,22 +203,21 @@ function run_command.main(args)
         return ok, code, err
     end
 
-    local uv = require "luv"
+    -- The host delivers the signals (each in a task of its own); what they
+    -- mean is decided here.
     local signals = {}
     local function on_signal(name, fn)
-        local handle = uv.new_signal()
-        handle:start(name, fn)
-        signals[#signals + 1] = handle
+        signals[#signals + 1] = assert(process.on_signal(name, fn))
     end
-    for _, name in ipairs({ "sigint", "sigterm" }) do
+    for _, name in ipairs({ "SIGINT", "SIGTERM" }) do
         on_signal(name, function()
-            cycle.service.logger:info("received " .. name:upper())
-            cycle:request_stop(name:upper())
+            cycle.service.logger:info("received " .. name)
+            cycle:request_stop(name)
         end)
     end
     -- Hot reload triggers: SIGHUP, the service's files (--watch or the
     -- setting hot_reload), settings listed in the service's reload_on.
-    on_signal("sighup", function() reload.request(cycle, options.file, "SIGHUP") end)
+    on_signal("SIGHUP", function() reload.request(cycle, options.file, "SIGHUP") end)
     cycle.request_reload = function(reason) reload.request(cycle, options.file, reason) end   -- the console's
     local file_watcher
     if options.watch or svc.settings:get("hot_reload", false) then
@@ -267,7 +263,7 @@ function run_command.main(args)
         process.stop_loop()
     end)
     process.run_loop()
-    for _, handle in ipairs(signals) do handle:close() end
+    for _, listener in ipairs(signals) do listener:close() end
     logging.flush()
     return exit_code
 end

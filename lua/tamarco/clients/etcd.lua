@@ -57,6 +57,7 @@
 -- that must keep the difference (etcd write-yml and read) box floats with
 -- etcd.float(n), which encodes with a decimal point, and decode with
 -- { floats = true }, which boxes every number written as a float.
+local backoff = require "tamarco.c.backoff"
 local c = require "tamarco.c.http_client"
 local json = require "tamarco.core.json"
 local process = require "tamarco.c.process"
@@ -569,7 +570,8 @@ end
 local Watcher = {}
 Watcher.__index = Watcher
 
-local BACKOFF_MIN, BACKOFF_MAX = 100, 1000
+-- The watch's reconnect delays, on the runtime's shared back-off.
+local WATCH_BACKOFF = { min_ms = 100, max_ms = 1000, factor = 2 }
 
 local function event_of(e)
     local kv = convert_kv(e.kv or {})
@@ -602,7 +604,7 @@ function Watcher:_message(msg)
     if type(result) ~= "table" then return end
     if result.created then
         self.connected = true
-        self.backoff = BACKOFF_MIN
+        self.backoff:reset()
         self.members_tried = 0
         if not self.next_revision then
             self.next_revision = header_revision(result) + 1
@@ -744,9 +746,8 @@ function Watcher:_run()
                     self:_report("on_error", "reload after compaction failed: " .. tostring(next_revision))
                     self.compacted = compact
                     self.sleeping = true
-                    timer.sleep(self.backoff)
+                    timer.sleep(self.backoff:next())
                     self.sleeping = false
-                    self.backoff = math.min(self.backoff * 2, BACKOFF_MAX)
                 end
             else
                 self:_report("on_error", reason .. "; events between were lost")
@@ -756,9 +757,8 @@ function Watcher:_run()
             self:_report("on_error", ("%s (%s)"):format(tostring(reason), url))
             if not try_next then
                 self.sleeping = true
-                timer.sleep(self.backoff)
+                timer.sleep(self.backoff:next())
                 self.sleeping = false
-                self.backoff = math.min(self.backoff * 2, BACKOFF_MAX)
             end
         end
     end
@@ -798,7 +798,7 @@ function Client:watch(key, opts)
         key = key,
         opts = opts,
         next_revision = opts.start_revision,
-        backoff = BACKOFF_MIN,
+        backoff = backoff.new(WATCH_BACKOFF),
         closed = false,
         connected = false,
     }, Watcher)

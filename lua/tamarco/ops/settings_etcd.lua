@@ -30,6 +30,7 @@
 -- a message naming the address and these variables. Once running, losing
 -- etcd keeps the last settings; the watch resumes from the last revision
 -- seen when etcd is back, and a compacted history means a full reload.
+local backoff = require "tamarco.c.backoff"
 local errors = require "tamarco.core.errors"
 local etcd = require "tamarco.clients.etcd"
 local tasks = require "tamarco.core.tasks"
@@ -262,17 +263,17 @@ function settings_etcd.attach(store, opts)
     end
 
     return run_in_task(function()
-        local backoff, attempts = 500, 0
+        local delays, attempts = backoff.new { min_ms = 500, max_ms = 5000, factor = 2 }, 0
         local function wait_or_fail(err, kind)
             if not (retry and UNREACHABLE[kind]) then
                 if UNREACHABLE[kind] then return nil, unreachable(err) end
                 return nil, errors.new("settings", "etcd settings: " .. tostring(err))
             end
             attempts = attempts + 1
+            local delay = delays:next()
             log("warning", ("etcd at %s is unreachable (%s); retrying in %d ms (attempt %d)")
-                :format(client:address(), tostring(err), backoff, attempts))
-            tasks.sleep(backoff)
-            backoff = math.min(backoff * 2, 5000)
+                :format(client:address(), tostring(err), delay, attempts))
+            tasks.sleep(delay)
             return true
         end
         if check_key then

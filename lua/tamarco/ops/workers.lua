@@ -18,6 +18,7 @@
 local backoff = require "tamarco.c.backoff"
 local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
+local timer = require "tamarco.c.timer"
 local systemd = require "tamarco.ops.systemd"
 local workers_report = require "tamarco.ops.workers_report"
 
@@ -117,7 +118,7 @@ function workers.supervise(count, worker_args, log)
         child.handle, child.pid, child.report_address = nil, nil, nil
         running = running - 1
         if stopping then
-            if running == 0 then uv.stop() end
+            if running == 0 then process.stop_loop() end
             return
         end
         -- A worker that could not start because of its service file, its
@@ -132,7 +133,7 @@ function workers.supervise(count, worker_args, log)
         end
         -- A worker that lived long was healthy: restart it at once; one that
         -- keeps dying is restarted less and less often.
-        local lived_ms = uv.now() - child.started_at
+        local lived_ms = timer.now() - child.started_at
         child.restarts = child.restarts or backoff.new { min_ms = RESTART_MIN_MS, max_ms = RESTART_MAX_MS }
         if lived_ms > 10000 then child.restarts:reset() end
         local delay = child.restarts:next()
@@ -159,19 +160,19 @@ function workers.supervise(count, worker_args, log)
         end
         if not handle then
             log("error", "cannot start worker " .. index .. ": " .. tostring(pid))
-            child.started_at = uv.now()
+            child.started_at = timer.now()
             child.last_pid = nil
             running = running + 1
             on_exit(index, nil, nil)
             return
         end
         local restarted = child.last_pid ~= nil
-        child.handle, child.pid, child.last_pid, child.started_at = handle, pid, pid, uv.now()
+        child.handle, child.pid, child.last_pid, child.started_at = handle, pid, pid, timer.now()
         running = running + 1
         log("info", ("worker %d %s (pid %d)"):format(index, restarted and "restarted" or "started", pid))
     end
 
-    local signals = {}
+    local listeners = {}
     stop_all = function(reason)
         if stopping then return end
         stopping = true
@@ -186,7 +187,7 @@ function workers.supervise(count, worker_args, log)
             if child.timer then child.timer:close() child.timer = nil end
             if child.handle then child.handle:kill("sigterm") end
         end
-        if running == 0 then uv.stop() end
+        if running == 0 then process.stop_loop() end
         -- the workers have their own watchdog; this one covers a worker
         -- that ignores SIGTERM altogether
         local guard = uv.new_timer()
@@ -197,25 +198,23 @@ function workers.supervise(count, worker_args, log)
         end)
         guard:unref()
     end
-    for _, name in ipairs({ "sigterm", "sigint" }) do
-        local handle = uv.new_signal()
-        handle:start(name, function() stop_all("received " .. name:upper()) end)
-        signals[#signals + 1] = handle
+    -- The host delivers the signals (each in a task of its own); here they
+    -- are forwarded to the workers.
+    for _, name in ipairs({ "SIGTERM", "SIGINT" }) do
+        listeners[#listeners + 1] = assert(process.on_signal(name, function() stop_all("received " .. name) end))
     end
     -- SIGHUP (systemctl reload): every worker reloads its code in place
-    local hup = uv.new_signal()
-    hup:start("sighup", function()
+    listeners[#listeners + 1] = assert(process.on_signal("SIGHUP", function()
         if stopping then return end
         log("info", "received SIGHUP: reloading the code of " .. running .. " workers")
         for _, child in pairs(children) do
             if child.handle then child.handle:kill("sighup") end
         end
-    end)
-    signals[#signals + 1] = hup
+    end))
 
     for index = 1, count do start_worker(index) end
-    uv.run()
-    for _, handle in ipairs(signals) do handle:close() end
+    process.run_loop()
+    for _, listener in ipairs(listeners) do listener:close() end
     log("info", "all workers stopped")
     return exit_code
 end

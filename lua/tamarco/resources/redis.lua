@@ -67,6 +67,7 @@
 -- connect_to(options) takes the settings above as a table, connects once
 -- (returning nil, err when that fails, whatever fail_on_start says) and then
 -- reconnects in the background like the resource does.
+local backoff = require "tamarco.c.backoff"
 local base = require "tamarco.core.resource"
 local c = require "tamarco.c.redis"
 local scheduler = require "tamarco.c.scheduler"
@@ -219,7 +220,7 @@ function Link:up(conn)
     self.address = self.next_address
     self.state = "up"
     self.last_error = nil
-    self.delay = nil
+    self.delays = nil   -- the next outage starts from reconnect_min_ms again
     self.owner:update_status()
 end
 
@@ -246,15 +247,20 @@ end
 
 function Link:reconnect_loop()
     local owner = self.owner
-    local min = tonumber(owner:setting("reconnect_min_ms")) or DEFAULTS.reconnect_min_ms
-    local max = tonumber(owner:setting("reconnect_max_ms")) or DEFAULTS.reconnect_max_ms
-    local delay = self.delay or min
+    if not self.delays then
+        self.delays = backoff.new {
+            min_ms = tonumber(owner:setting("reconnect_min_ms")) or DEFAULTS.reconnect_min_ms,
+            max_ms = tonumber(owner:setting("reconnect_max_ms")) or DEFAULTS.reconnect_max_ms,
+            factor = 2,
+        }
+    end
     local attempts = 0
     while not self.closed do
         self.state = "connecting"
         owner:update_status()
-        -- jitter spreads the reconnects of many instances
-        timer.sleep(delay * (0.8 + 0.4 * math.random()))
+        -- jitter spreads the reconnects of many instances: ±20 % around
+        -- the delay (the shared policy's jitter only shortens it)
+        timer.sleep(self.delays:next() * (0.8 + 0.4 * math.random()))
         if self.closed then return end
         attempts = attempts + 1
         local conn, err = self:open()
@@ -271,8 +277,6 @@ function Link:reconnect_loop()
         end
         self.last_error = err
         owner:log():debug(owner:label() .. ": reconnect failed: " .. err, { resource = owner.name, link = self.kind })
-        delay = math.min(delay * 2, max)
-        self.delay = delay
     end
 end
 

@@ -39,6 +39,7 @@
 -- no samples), a histogram `<id>_sum`, `<id>_count` and `<id>_bucket` with
 -- an `le_<bound>` label. The metrics resource makes the prefix Tamarco's
 -- `<deploy_name>.<service>.<hostname>` for carbon and stdout.
+local backoff = require "tamarco.c.backoff"
 local metrics = require "tamarco.core.metrics"
 local prometheus = require "tamarco.core.metrics.prometheus"
 local ctimer = require "tamarco.c.timer"
@@ -220,6 +221,13 @@ function reporters.carbon(options)
     if not port or port < 1 or port > 65535 or port ~= floor(port) then
         error("carbon reporter: port must be an integer in 1..65535 (got " .. tostring(options.port) .. ")", 2)
     end
+    local reconnect_min = options.reconnect_min or 0.5
+    local reconnect_max = options.reconnect_max or 30
+    for name, value in pairs({ reconnect_min = reconnect_min, reconnect_max = reconnect_max }) do
+        if type(value) ~= "number" or value < 0 then
+            error("carbon reporter: " .. name .. " must be a number of seconds >= 0 (got " .. tostring(value) .. ")", 2)
+        end
+    end
     return setmetatable({
         name = "carbon",
         host = options.host or "127.0.0.1",
@@ -228,10 +236,11 @@ function reporters.carbon(options)
         format = check_format(options.format, "carbon"),
         logger = options.logger,
         max_queue_bytes = options.max_queue_bytes or 4 * 1024 * 1024,
-        reconnect_min = options.reconnect_min or 0.5,
-        reconnect_max = options.reconnect_max or 30,
+        reconnect_min = reconnect_min,
+        reconnect_max = reconnect_max,
         state = "disconnected",    -- connecting, connected, waiting (backoff), closed
-        backoff = nil,
+        -- the settings are in seconds, the shared back-off counts milliseconds
+        backoff = backoff.new { min_ms = reconnect_min * 1000, max_ms = reconnect_max * 1000, factor = 2 },
         sent = 0,                  -- batches handed to the socket
         dropped = 0,               -- batches dropped
         connects = 0,
@@ -245,11 +254,10 @@ end
 function Carbon:_retry_later()
     if self.state == "closed" then return end
     self.state = "waiting"
-    local delay = self.backoff or self.reconnect_min
-    self.backoff = math.min(delay * 2, self.reconnect_max)
+    local delay_ms = self.backoff:next()
     local uv = require "luv"
     if not self.timer then self.timer = uv.new_timer() end
-    self.timer:start(floor(delay * 1000), 0, function()
+    self.timer:start(floor(delay_ms), 0, function()
         if self.state == "waiting" then self:open() end
     end)
 end
@@ -288,7 +296,7 @@ function Carbon:open()
                 if self.tcp ~= tcp then return end   -- closed meanwhile
                 if conn_err then return self:_failed("cannot connect to", conn_err) end
                 self.state = "connected"
-                self.backoff = nil
+                self.backoff:reset()
                 self.warned = false
                 self.connects = self.connects + 1
                 self:_log("info", "carbon reporter connected to " .. self.host .. ":" .. self.port,

@@ -20,6 +20,7 @@
 -- Records are counted in `logging_dropped_records_total{sink=...}` when they
 -- are dropped: queue full (10 000 records by default), refused, or still
 -- undelivered when the sink is closed at stop.
+local backoff = require "tamarco.c.backoff"
 local metrics = require "tamarco.core.metrics"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
@@ -28,7 +29,8 @@ local tasks = require "tamarco.core.tasks"
 local queue = {}
 
 queue.REPORT_INTERVAL_MS = 60000
-local MAX_BACKOFF_MS = 5000
+-- A failed send waits 100 ms, doubling up to 5 s, before the next one.
+local SEND_BACKOFF = { min_ms = 100, max_ms = 5000, factor = 2 }
 
 local Queue = {}
 Queue.__index = Queue
@@ -158,7 +160,7 @@ function Queue:delivered(count)
 end
 
 function Queue:run()
-    local backoff = 100
+    local delays = backoff.new(SEND_BACKOFF)
     local pending
     while true do
         if not pending then
@@ -182,14 +184,15 @@ function Queue:run()
             tasks.checkpoint()
             if ok then
                 self:delivered(#pending)
-                pending, backoff = nil, 100
+                pending = nil
+                delays:reset()
             else
                 self:failed(tostring(err), refused, #pending)
                 if refused then pending = nil end
+                local delay = delays:next()
                 self.backing_off = true
-                self:wait(self.flushing and 100 or backoff)
+                self:wait(self.flushing and 100 or delay)
                 self.backing_off = false
-                backoff = math.min(backoff * 2, MAX_BACKOFF_MS)
             end
         else
             pending = nil
