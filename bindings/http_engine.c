@@ -24,34 +24,22 @@
 
 /* ---------------------------------------------------------------- buffers */
 
-int tbuf_reserve(tbuf *b, size_t extra)
-{
-    if (b->len + extra <= b->cap)
-        return 0;
-    size_t cap = b->cap ? b->cap : 512;
-    while (cap < b->len + extra)
-        cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p)
-        return -1;
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
+#define BUF_LIT(b, lit) tamarco_buf_add((b), (lit), sizeof(lit) - 1)
 
-void tbuf_free(tbuf *b)
+/* Appends; -1 when out of memory. */
+static int buf_put(tamarco_buf *b, const void *s, size_t n)
 {
-    free(b->p);
-    b->p = NULL;
-    b->len = b->cap = 0;
+    tamarco_buf_add(b, s, n);
+    return b->oom ? -1 : 0;
 }
 
 /* Empties b; frees its memory when it grew beyond `keep`. */
-static void tbuf_reset(tbuf *b, size_t keep)
+static void buf_reset(tamarco_buf *b, size_t keep)
 {
-    b->len = 0;
     if (b->cap > keep)
-        tbuf_free(b);
+        tamarco_buf_free(b);
+    else
+        tamarco_buf_truncate(b, 0);
 }
 
 static char *put_uint(char *p, uint64_t v)
@@ -112,9 +100,9 @@ static void server_unref(hserver *srv);
 
 static void req_free_buffers(hreq *r)
 {
-    tbuf_free(&r->head);
-    tbuf_free(&r->body);
-    tbuf_free(&r->resp);
+    tamarco_buf_free(&r->head);
+    tamarco_buf_free(&r->body);
+    tamarco_buf_free(&r->resp);
     free(r->hdrs);
     r->hdrs = NULL;
     r->hdrs_cap = 0;
@@ -128,9 +116,9 @@ static void req_release(hreq *r)
     r->gen++;
     r->conn = NULL;
     r->srv = NULL;
-    tbuf_reset(&r->head, KEEP_HEAD_BYTES);
-    tbuf_reset(&r->body, KEEP_BODY_BYTES);
-    tbuf_reset(&r->resp, KEEP_RESP_BYTES);
+    buf_reset(&r->head, KEEP_HEAD_BYTES);
+    buf_reset(&r->body, KEEP_BODY_BYTES);
+    buf_reset(&r->resp, KEEP_RESP_BYTES);
     if (r->hdrs_cap > 64) {
         free(r->hdrs);
         r->hdrs = NULL;
@@ -257,46 +245,46 @@ static int status_has_body(int status)
 /* ---------------------------------------------------------------- response head */
 
 /* Writes the status line. Caller reserved >= 64 bytes. */
-static void put_status_line(tbuf *b, int status)
+static void put_status_line(tamarco_buf *b, int status)
 {
     const char *reason = reason_of(status);
     size_t rl = strlen(reason);
-    TBUF_LIT(b, "HTTP/1.1 ");
-    char *p = put_uint(b->p + b->len, (uint64_t)status);
-    b->len = (size_t)(p - b->p);
-    b->p[b->len++] = ' ';
-    tbuf_raw(b, reason, rl);
-    TBUF_LIT(b, "\r\n");
+    BUF_LIT(b, "HTTP/1.1 ");
+    char *p = put_uint(b->data + b->len, (uint64_t)status);
+    b->len = (size_t)(p - b->data);
+    b->data[b->len++] = ' ';
+    tamarco_buf_add(b, reason, rl);
+    BUF_LIT(b, "\r\n");
 }
 
 /* Writes the headers every response gets and the blank line. */
-static int put_common_headers(tbuf *b, hserver *srv, int status, size_t body_len, int close,
+static int put_common_headers(tamarco_buf *b, hserver *srv, int status, size_t body_len, int close,
                               int http10_keep_alive, const char *ctype, size_t ctlen,
                               const resp_flags *fl)
 {
     update_date();
-    if (tbuf_reserve(b, 160 + ctlen + srv->server_header_len + date_line_len) != 0)
+    if (!tamarco_buf_reserve(b, 160 + ctlen + srv->server_header_len + date_line_len))
         return -1;
     if (ctype && !fl->has_ctype) {
-        TBUF_LIT(b, "Content-Type: ");
-        tbuf_raw(b, ctype, ctlen);
-        TBUF_LIT(b, "\r\n");
+        BUF_LIT(b, "Content-Type: ");
+        tamarco_buf_add(b, ctype, ctlen);
+        BUF_LIT(b, "\r\n");
     }
     if (status >= 200 && status != 204 && status != 304) {
-        TBUF_LIT(b, "Content-Length: ");
-        char *p = put_uint(b->p + b->len, body_len);
-        b->len = (size_t)(p - b->p);
-        TBUF_LIT(b, "\r\n");
+        BUF_LIT(b, "Content-Length: ");
+        char *p = put_uint(b->data + b->len, body_len);
+        b->len = (size_t)(p - b->data);
+        BUF_LIT(b, "\r\n");
     }
     if (!fl->has_date)
-        tbuf_raw(b, date_line, date_line_len);
+        tamarco_buf_add(b, date_line, date_line_len);
     if (!fl->has_server && srv->server_header_len)
-        tbuf_raw(b, srv->server_header, srv->server_header_len);
+        tamarco_buf_add(b, srv->server_header, srv->server_header_len);
     if (close)
-        TBUF_LIT(b, "Connection: close\r\n");
+        BUF_LIT(b, "Connection: close\r\n");
     else if (http10_keep_alive)
-        TBUF_LIT(b, "Connection: keep-alive\r\n");
-    TBUF_LIT(b, "\r\n");
+        BUF_LIT(b, "Connection: keep-alive\r\n");
+    BUF_LIT(b, "\r\n");
     return 0;
 }
 
@@ -307,7 +295,7 @@ static void server_free(hserver *srv)
     if (srv->cb->on_free)
         srv->cb->on_free(srv);
     for (int i = 0; i < srv->npool; i++)
-        tbuf_free(&srv->pool[i]);
+        tamarco_buf_free(&srv->pool[i]);
     free(srv);
 }
 
@@ -323,29 +311,27 @@ static void on_server_handle_closed(uv_handle_t *handle)
 }
 
 /* Output buffers come from a per-server pool so idle connections hold none. */
-static inline int out_acquire(hserver *srv, tbuf *b)
+static inline int out_acquire(hserver *srv, tamarco_buf *b)
 {
-    if (b->p)
+    if (b->data)
         return 0;
     if (srv->npool > 0) {
         *b = srv->pool[--srv->npool];
-        b->len = 0;
         return 0;
     }
-    return tbuf_reserve(b, 4096);
+    return tamarco_buf_reserve(b, 4095) ? 0 : -1;   /* 4 KiB with the NUL byte */
 }
 
-static void out_release(hserver *srv, tbuf *b)
+static void out_release(hserver *srv, tamarco_buf *b)
 {
-    if (!b->p)
+    if (!b->data)
         return;
     if (srv->npool < MAX_POOLED_BUFFERS && b->cap <= KEEP_OUT_BYTES) {
-        b->len = 0;
+        tamarco_buf_truncate(b, 0);
         srv->pool[srv->npool++] = *b;
-        b->p = NULL;
-        b->len = b->cap = 0;
+        tamarco_buf_init(b);
     } else {
-        tbuf_free(b);
+        tamarco_buf_free(b);
     }
 }
 
@@ -390,7 +376,7 @@ static void on_conn_handle_closed(uv_handle_t *handle)
     hserver *srv = c->srv;
     out_release(srv, &c->out);
     out_release(srv, &c->wbuf);
-    tbuf_free(&c->stash);
+    tamarco_buf_free(&c->stash);
     free(c);
     srv->conn_structs--;
     trim_after_burst(srv);
@@ -538,11 +524,10 @@ static void conn_resume_reading(hconn *c)
     c->read_paused = 0;
     if (c->stash.len) {
         /* parse what was left over when reading paused */
-        tbuf stash = c->stash;
-        c->stash.p = NULL;
-        c->stash.len = c->stash.cap = 0;
-        conn_feed(c, stash.p, stash.len);
-        tbuf_free(&stash);
+        tamarco_buf stash = c->stash;
+        tamarco_buf_init(&c->stash);
+        conn_feed(c, stash.data, stash.len);
+        tamarco_buf_free(&stash);
         if (!c->closing)
             conn_flush(c);
         if (c->closing || c->finishing || c->read_paused || c->stop_reading)
@@ -600,7 +585,7 @@ static void conn_flush(hconn *c)
         conn_after_flush(c);
         return;
     }
-    uv_buf_t b = uv_buf_init(c->out.p, (unsigned)c->out.len);
+    uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
     int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
     if (n == (int)c->out.len) {
         srv->n_bytes_out += n;
@@ -618,9 +603,8 @@ static void conn_flush(hconn *c)
     srv->n_bytes_out += n;
     /* the rest goes through uv_write; new output accumulates in c->out */
     c->wbuf = c->out;
-    c->out.p = NULL;
-    c->out.len = c->out.cap = 0;
-    b = uv_buf_init(c->wbuf.p + n, (unsigned)(c->wbuf.len - (size_t)n));
+    tamarco_buf_init(&c->out);
+    b = uv_buf_init(c->wbuf.data + n, (unsigned)(c->wbuf.len - (size_t)n));
     c->wreq.data = c;
     if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
         conn_close(c);
@@ -637,7 +621,7 @@ static void conn_advance(hconn *c)
     hreq *r;
     while ((r = c->qhead) && r->responded) {
         if (r->resp.len) {
-            if (out_acquire(c->srv, &c->out) != 0 || tbuf_put(&c->out, r->resp.p, r->resp.len) != 0) {
+            if (out_acquire(c->srv, &c->out) != 0 || buf_put(&c->out, r->resp.data, r->resp.len) != 0) {
                 conn_close(c);
                 return;
             }
@@ -702,12 +686,12 @@ static void conn_reject(hconn *c, int status, const char *message)
     r->close_after = 1;
     char body[160];
     int blen = snprintf(body, sizeof body, "{\"error\":\"%s\"}", message);
-    tbuf *b = &r->resp;
+    tamarco_buf *b = &r->resp;
     static const resp_flags none = {0, 0, 0, 0};
-    if (tbuf_reserve(b, 64 + (size_t)blen) != 0 ||
+    if (!tamarco_buf_reserve(b, 64 + (size_t)blen) ||
         (put_status_line(b, status), 0) ||
         put_common_headers(b, srv, status, (size_t)blen, 1, 0, "application/json", 16, &none) != 0 ||
-        tbuf_put(b, body, (size_t)blen) != 0) {
+        buf_put(b, body, (size_t)blen) != 0) {
         req_release(r);
         conn_close(c);
         return;
@@ -761,7 +745,7 @@ static int on_url(http_parser *p, const char *at, size_t len)
     hreq *r = c->cur;
     if (head_account(c, len, 414))
         return -1;
-    if (tbuf_put(&r->head, at, len) != 0) {
+    if (buf_put(&r->head, at, len) != 0) {
         c->error_status = 503;
         return -1;
     }
@@ -797,7 +781,7 @@ static int on_header_field(http_parser *p, const char *at, size_t len)
         h->value_len = 0;
         c->in_field = 1;
     }
-    if (tbuf_put(&r->head, at, len) != 0) {
+    if (buf_put(&r->head, at, len) != 0) {
         c->error_status = 503;
         return -1;
     }
@@ -823,7 +807,7 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
         c->error_status = 400;
         return -1;
     }
-    if (tbuf_put(&r->head, at, len) != 0) {
+    if (buf_put(&r->head, at, len) != 0) {
         c->error_status = 503;
         return -1;
     }
@@ -834,7 +818,7 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
 
 int http_req_header_is(const hreq *r, const hdr *h, const char *name, size_t len)
 {
-    return h->name_len == len && strncasecmp(r->head.p + h->name_off, name, len) == 0;
+    return h->name_len == len && strncasecmp(r->head.data + h->name_off, name, len) == 0;
 }
 
 /* RFC 9110 token characters: what a field name is made of. */
@@ -878,8 +862,8 @@ static int check_head(http_parser *p, hreq *r)
     int hosts = 0, codings = 0;
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
-        if (!valid_field_name(r->head.p + h->name_off, h->name_len) ||
-            !valid_field_value(r->head.p + h->value_off, h->value_len))
+        if (!valid_field_name(r->head.data + h->name_off, h->name_len) ||
+            !valid_field_value(r->head.data + h->value_off, h->value_len))
             return 400;
         if (http_req_header_is(r, h, "host", 4))
             hosts++;
@@ -887,7 +871,7 @@ static int check_head(http_parser *p, hreq *r)
             /* chunked is the one transfer coding understood here */
             if (++codings > 1)
                 return 400;
-            const char *v = r->head.p + h->value_off;
+            const char *v = r->head.data + h->value_off;
             size_t n = h->value_len;
             while (n && (*v == ' ' || *v == '\t'))
                 v++, n--;
@@ -922,7 +906,7 @@ static int on_headers_complete(http_parser *p)
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
         if (http_req_header_is(r, h, "expect", 6)) {
-            if (h->value_len == 12 && strncasecmp(r->head.p + h->value_off, "100-continue", 12) == 0)
+            if (h->value_len == 12 && strncasecmp(r->head.data + h->value_off, "100-continue", 12) == 0)
                 r->expect_continue = 1;
             else {
                 c->error_status = 417;
@@ -933,7 +917,7 @@ static int on_headers_complete(http_parser *p)
     /* "100 Continue" only when nothing is waiting ahead of it on the wire */
     if (r->expect_continue && p->http_minor >= 1 && !c->qhead && !c->out.len && !c->writing) {
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        if (out_acquire(srv, &c->out) != 0 || tbuf_put(&c->out, cont, sizeof cont - 1) != 0) {
+        if (out_acquire(srv, &c->out) != 0 || buf_put(&c->out, cont, sizeof cont - 1) != 0) {
             c->error_status = 503;
             return -1;
         }
@@ -983,7 +967,7 @@ static int on_body(http_parser *p, const char *at, size_t len)
             }
         }
     }
-    if (tbuf_put(&r->body, at, len) != 0) {
+    if (buf_put(&r->body, at, len) != 0) {
         c->error_status = 503;
         return -1;
     }
@@ -1073,7 +1057,7 @@ static void conn_feed(hconn *c, const char *p, size_t len)
                 dispatch(c, r);
             if (len > 0 && c->inflight >= srv->max_pipeline && !c->closing && !c->stop_reading) {
                 /* too many requests in flight: keep the rest for later */
-                if (tbuf_put(&c->stash, p, len) != 0) {
+                if (buf_put(&c->stash, p, len) != 0) {
                     conn_close(c);
                     break;
                 }
@@ -1226,7 +1210,7 @@ int http_engine_pooled_requests(void)
 const char *http_req_url(const hreq *r, size_t *len)
 {
     *len = r->url_len;
-    return r->head.p ? r->head.p : "";
+    return r->head.data ? r->head.data : "";
 }
 
 /* Splits the URL into path and query (either may be empty). */
@@ -1299,7 +1283,7 @@ int http_valid_header_value(const char *s, size_t n)
     return 1;
 }
 
-const char *http_response_header(tbuf *b, const char *name, size_t nlen, const char *value, size_t vlen,
+const char *http_response_header(tamarco_buf *b, const char *name, size_t nlen, const char *value, size_t vlen,
                                  resp_flags *fl)
 {
     if (!http_valid_header_name(name, nlen))
@@ -1317,12 +1301,12 @@ const char *http_response_header(tbuf *b, const char *name, size_t nlen, const c
         if (strncasecmp(name, "content-type", 12) == 0) fl->has_ctype = 1;
         break;
     }
-    if (tbuf_reserve(b, nlen + vlen + 4) != 0)
+    if (!tamarco_buf_reserve(b, nlen + vlen + 4))
         return "out of memory";
-    tbuf_raw(b, name, nlen);
-    TBUF_LIT(b, ": ");
-    tbuf_raw(b, value, vlen);
-    TBUF_LIT(b, "\r\n");
+    tamarco_buf_add(b, name, nlen);
+    BUF_LIT(b, ": ");
+    tamarco_buf_add(b, value, vlen);
+    BUF_LIT(b, "\r\n");
     return NULL;
 }
 
@@ -1366,7 +1350,7 @@ static void drop_response(hreq *r)
     }
 }
 
-int http_response_begin(hreq *r, int status, tbuf **out, size_t *mark)
+int http_response_begin(hreq *r, int status, tamarco_buf **out, size_t *mark)
 {
     if (!http_req_connected(r)) {
         drop_response(r);
@@ -1374,23 +1358,23 @@ int http_response_begin(hreq *r, int status, tbuf **out, size_t *mark)
     }
     hconn *c = r->conn;
     int head_of_queue = (r == c->qhead);
-    tbuf *b = head_of_queue ? &c->out : &r->resp;
+    tamarco_buf *b = head_of_queue ? &c->out : &r->resp;
     if (head_of_queue && out_acquire(c->srv, b) != 0)
         return -1;
     *mark = b->len;
-    if (tbuf_reserve(b, 64) != 0)
+    if (!tamarco_buf_reserve(b, 64))
         return -1;
     put_status_line(b, status);
     *out = b;
     return 0;
 }
 
-void http_response_cancel(tbuf *b, size_t mark)
+void http_response_cancel(tamarco_buf *b, size_t mark)
 {
-    b->len = mark;
+    tamarco_buf_truncate(b, mark);
 }
 
-int http_response_end(hreq *r, tbuf *b, size_t mark, int status, const resp_flags *fl, const char *body,
+int http_response_end(hreq *r, tamarco_buf *b, size_t mark, int status, const resp_flags *fl, const char *body,
                       size_t blen, const char *ctype, size_t ctlen)
 {
     hconn *c = r->conn;
@@ -1399,8 +1383,8 @@ int http_response_end(hreq *r, tbuf *b, size_t mark, int status, const resp_flag
     /* a 1.0 client that asked for keep-alive must hear it confirmed */
     int http10_ka = !close && r->http_major == 1 && r->http_minor == 0;
     if (put_common_headers(b, c->srv, status, blen, close, http10_ka, ctype, ctlen, fl) != 0 ||
-        (!is_head && status_has_body(status) && blen && tbuf_put(b, body, blen) != 0)) {
-        b->len = mark;
+        (!is_head && status_has_body(status) && blen && buf_put(b, body, blen) != 0)) {
+        tamarco_buf_truncate(b, mark);
         return -1;
     }
     r->close_after = (unsigned char)close;
@@ -1410,7 +1394,7 @@ int http_response_end(hreq *r, tbuf *b, size_t mark, int status, const resp_flag
 
 int http_respond_error(hreq *r, int status, const char *message)
 {
-    tbuf *b;
+    tamarco_buf *b;
     size_t mark;
     int rc = http_response_begin(r, status, &b, &mark);
     if (rc != 0)

@@ -28,36 +28,9 @@
 #include <http_parser.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 #include <uv.h>
 
-/* ---------------------------------------------------------------- buffers */
-
-typedef struct tbuf {
-    char *p;
-    size_t len, cap;
-} tbuf;
-
-int tbuf_reserve(tbuf *b, size_t extra);
-void tbuf_free(tbuf *b);
-
-static inline int tbuf_put(tbuf *b, const void *s, size_t n)
-{
-    if (b->len + n > b->cap && tbuf_reserve(b, n) != 0)
-        return -1;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    return 0;
-}
-
-/* Appends without a capacity check: the caller reserved enough. */
-static inline void tbuf_raw(tbuf *b, const void *s, size_t n)
-{
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-}
-
-#define TBUF_LIT(b, lit) tbuf_raw((b), (lit), sizeof(lit) - 1)
+#include "byte_buffer.h"
 
 /* ---------------------------------------------------------------- types */
 
@@ -80,12 +53,12 @@ struct hreq {
     unsigned char keep_alive, responded, close_after, detached, expect_continue;
     unsigned char orphan; /* released beyond the pool: freed with its last handle */
     int handles;          /* handles pointing here (they read gen) */
-    tbuf head;            /* URL bytes, then header names and values */
+    tamarco_buf head;            /* URL bytes, then header names and values */
     uint32_t url_len;
     hdr *hdrs;
     int nhdrs, hdrs_cap;
-    tbuf body;
-    tbuf resp;            /* a response waiting for the earlier ones */
+    tamarco_buf body;
+    tamarco_buf resp;            /* a response waiting for the earlier ones */
 };
 
 struct hconn {
@@ -100,9 +73,9 @@ struct hconn {
     hreq *ready;          /* just completed by the parser, to dispatch */
     hreq *qhead, *qtail;  /* dispatched, in arrival order */
     int inflight;         /* requests in the queue */
-    tbuf out;             /* pending bytes, not yet handed to the kernel */
-    tbuf wbuf;            /* bytes of the uv_write in progress */
-    tbuf stash;           /* unparsed input kept while reading is paused */
+    tamarco_buf out;             /* pending bytes, not yet handed to the kernel */
+    tamarco_buf wbuf;            /* bytes of the uv_write in progress */
+    tamarco_buf stash;           /* unparsed input kept while reading is paused */
     size_t head_bytes;    /* size of the current request's head so far */
     const char *feed_start, *feed_end;   /* the bytes the parser is running over */
     const char *value_end;    /* where the last header value piece ended */
@@ -143,7 +116,7 @@ struct hserver {
     int conn_structs;     /* connection structs allocated (open or closing) */
     int peak_conns;       /* most of them since memory was last trimmed */
     int trim_at_zero;     /* trimmed at the end of a burst: once more at 0 */
-    tbuf pool[HTTP_ENGINE_MAX_POOLED_BUFFERS];   /* spare output buffers */
+    tamarco_buf pool[HTTP_ENGINE_MAX_POOLED_BUFFERS];   /* spare output buffers */
     int npool;
     /* limits (timeouts in ms, 0: none) */
     size_t max_header_size, max_body_size;
@@ -202,20 +175,20 @@ typedef struct resp_flags {
 /* Starts r's response with its status line. Returns 0 (append headers to
  * *out, then http_response_end), 1 when the client is gone (the response is
  * dropped, r is no longer the caller's), -1 out of memory. */
-int http_response_begin(hreq *r, int status, tbuf **out, size_t *mark);
+int http_response_begin(hreq *r, int status, tamarco_buf **out, size_t *mark);
 /* One "name: value" line; notes the fields the engine must know about in
  * fl. Returns an error message (nothing written) or NULL. */
-const char *http_response_header(tbuf *b, const char *name, size_t nlen, const char *value, size_t vlen,
+const char *http_response_header(tamarco_buf *b, const char *name, size_t nlen, const char *value, size_t vlen,
                                  resp_flags *fl);
 /* A header the engine writes itself (content-length, transfer-encoding,
  * connection): skip it. */
 int http_response_header_is_own(const char *name, size_t nlen);
 /* Adds the common headers and the body and queues the response: 0, or -1
  * out of memory (the response is rolled back to mark, r stays unanswered). */
-int http_response_end(hreq *r, tbuf *b, size_t mark, int status, const resp_flags *fl, const char *body,
+int http_response_end(hreq *r, tamarco_buf *b, size_t mark, int status, const resp_flags *fl, const char *body,
                       size_t blen, const char *ctype, size_t ctlen);
 /* Rolls a begun response back (r stays unanswered). */
-void http_response_cancel(tbuf *b, size_t mark);
+void http_response_cancel(tamarco_buf *b, size_t mark);
 /* A whole JSON error response {"error": message}; -1 when the client is gone. */
 int http_respond_error(hreq *r, int status, const char *message);
 

@@ -30,7 +30,7 @@ static void check(int ok, const char *what)
 
 static void answer(hreq *r, int status, const char *body)
 {
-    tbuf *b;
+    tamarco_buf *b;
     size_t mark;
     if (http_response_begin(r, status, &b, &mark) != 0)
         return;
