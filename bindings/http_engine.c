@@ -395,9 +395,11 @@ static void trim_after_burst(hserver *srv)
         trim_memory();
 }
 
-static void conn_unref(hconn *c)
+/* Frees the struct once its socket handle is closed and the resume list
+ * no longer points at it. */
+static void conn_free_if_done(hconn *c)
 {
-    if (--c->refs > 0)
+    if (!c->tcp_closed || c->resume_pending)
         return;
     hserver *srv = c->srv;
     out_release(srv, &c->out);
@@ -414,7 +416,9 @@ static void conn_unref(hconn *c)
 
 static void on_conn_handle_closed(uv_handle_t *handle)
 {
-    conn_unref(handle->data);
+    hconn *c = handle->data;
+    c->tcp_closed = 1;
+    conn_free_if_done(c);
 }
 
 /* ---------------------------------------------------------------- deadlines */
@@ -526,7 +530,7 @@ static void on_server_timer(uv_timer_t *timer)
         hconn *next = c->resume_next;
         c->resume_pending = 0;
         conn_resume_reading(c);
-        conn_unref(c);   /* the resume list's reference */
+        conn_free_if_done(c);   /* closed meanwhile */
         c = next;
     }
     uint64_t now = uv_now(srv->loop);
@@ -619,8 +623,7 @@ static void conn_schedule_resume(hconn *c)
     hserver *srv = c->srv;
     if (c->resume_pending || c->closing || srv->closed)
         return;
-    c->resume_pending = 1;
-    c->refs++;   /* the list's: a connection closed meanwhile stays until the timer */
+    c->resume_pending = 1;   /* a connection closed meanwhile stays until the timer */
     c->resume_next = srv->resume;
     srv->resume = c;
     timer_arm(srv, uv_now(srv->loop));
@@ -1265,7 +1268,6 @@ static int conn_open(hserver *srv, uv_stream_t *listener, uv_os_sock_t sock)
     c->srv = srv;
     srv->refs++;
     int rc = listener ? uv_accept(listener, (uv_stream_t *)&c->tcp) : uv_tcp_open(&c->tcp, sock);
-    c->refs = 1;   /* the socket handle */
     if (rc != 0) {
         c->closing = 1;
         uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
@@ -1637,7 +1639,7 @@ void http_server_close(hserver *srv)
     while (c) {
         hconn *next = c->resume_next;
         c->resume_pending = 0;
-        conn_unref(c);
+        conn_free_if_done(c);
         c = next;
     }
     uv_close((uv_handle_t *)&srv->timer, on_server_handle_closed);

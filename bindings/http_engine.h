@@ -109,11 +109,11 @@ struct hconn {
     tamarco_buf *stash;   /* unparsed input kept while reading is paused */
     uint64_t deadline;    /* loop time (ms); 0: none */
     int inflight;         /* requests in the queue */
-    int refs;             /* the socket handle, the resume list; freed at 0 */
     unsigned deadline_kind : 3;
     unsigned in_feed : 1, in_field : 1, closing : 1, finishing : 1, writing : 1;
     unsigned stop_reading : 1, read_paused : 1, close_after_flush : 1, eof : 1;
     unsigned resume_pending : 1, close_pending : 1;
+    unsigned tcp_closed : 1;   /* its close callback ran: freed unless resume_pending */
 };
 
 /* What the engine tells its owner. Every callback runs on the loop. */

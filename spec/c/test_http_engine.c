@@ -42,8 +42,28 @@ static void answer(hreq *r, int status, const char *body)
     check(http_response_end(r, b, mark, status, &fl, body, strlen(body), "text/plain", 10) == 0, "response end");
 }
 
+static hserver *shut_after_later;   /* shut down right after /later is answered */
+static int shut_result = -1;
+static uv_check_t answer_check;
+
+/* Answers /later and shuts its server down from a check callback: after
+ * the loop's timers, before its close callbacks. */
+static void on_answer_check(uv_check_t *h)
+{
+    uv_check_stop(h);
+    if (held)
+        answer(held, 200, "later");
+    held = NULL;
+    shut_result = http_server_shutdown(shut_after_later, 1000);
+    shut_after_later = NULL;
+}
+
 static void on_later(uv_timer_t *t)
 {
+    if (shut_after_later) {
+        uv_check_start(&answer_check, on_answer_check);
+        return;
+    }
     if (held)
         answer(held, 200, "later");
     held = NULL;
@@ -79,15 +99,20 @@ static void on_drained(hserver *s, int timed_out)
 
 static const http_engine_callbacks callbacks = {.on_request = on_request, .on_drained = on_drained};
 
-/* A new client: the server gets one end of a socket pair. */
-static int client(void)
+/* A new client of server s: it gets one end of a socket pair. */
+static int client_of(hserver *s)
 {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
         return -1;
-    check(http_server_adopt(srv, sv[0]) == 0, "adopt a socket");
+    check(http_server_adopt(s, sv[0]) == 0, "adopt a socket");
     fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK);
     return sv[1];
+}
+
+static int client(void)
+{
+    return client_of(srv);
 }
 
 static int count(const char *s, const char *what)
@@ -174,6 +199,7 @@ int main(void)
     uv_loop_init(&loop);
     uv_timer_init(&loop, &later);
     uv_timer_init(&loop, &slow);
+    uv_check_init(&loop, &answer_check);
     srv = http_server_new(&loop, &callbacks, NULL);
     check(srv != NULL, "server created");
     check(http_server_set_name(srv, "bad\r\nname") == -1, "a server name with CR LF is refused");
@@ -275,6 +301,21 @@ int main(void)
     close(busy);
     srv->idle_timeout = 60000;
 
+    /* a connection paused by its pipelining limit, whose reading was to
+     * resume on the server's timer when the server shut down: answered,
+     * closed, and freed once (ASan checks the resume after the close) */
+    hserver *paused = http_server_new(&loop, &callbacks, NULL);
+    paused->max_pipeline = 1;
+    fd = client_of(paused);
+    shut_after_later = paused;
+    send_all(fd, "GET /later HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    collect(fd, buf, sizeof buf, 0, &eof);
+    check(strstr(buf, "\r\n\r\nlater") != NULL, "the request before the pause is answered");
+    check(eof && count(buf, "HTTP/1.1 ") == 1, "then the shutdown closes the paused connection");
+    check(shut_result == 1, "nothing left to drain");
+    close(fd);
+    http_server_close(paused);
+
     /* graceful shutdown: the busy connection finishes, then on_drained */
     fd = client();
     send_all(fd, "GET /later HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -292,6 +333,7 @@ int main(void)
     http_server_close(srv);
     uv_close((uv_handle_t *)&later, NULL);
     uv_close((uv_handle_t *)&slow, NULL);
+    uv_close((uv_handle_t *)&answer_check, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     check(uv_loop_close(&loop) == 0, "every handle closed");
     if (failures)
