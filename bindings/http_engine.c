@@ -24,34 +24,22 @@
 
 /* ---------------------------------------------------------------- buffers */
 
-int tbuf_reserve(tbuf *b, size_t extra)
-{
-    if (b->len + extra <= b->cap)
-        return 0;
-    size_t cap = b->cap ? b->cap : 512;
-    while (cap < b->len + extra)
-        cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p)
-        return -1;
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
+#define BUF_LIT(b, lit) tamarco_buf_add((b), (lit), sizeof(lit) - 1)
 
-void tbuf_free(tbuf *b)
+/* Appends; -1 when out of memory. */
+static int buf_put(tamarco_buf *b, const void *s, size_t n)
 {
-    free(b->p);
-    b->p = NULL;
-    b->len = b->cap = 0;
+    tamarco_buf_add(b, s, n);
+    return b->oom ? -1 : 0;
 }
 
 /* Empties b; frees its memory when it grew beyond `keep`. */
-static void tbuf_reset(tbuf *b, size_t keep)
+static void buf_reset(tamarco_buf *b, size_t keep)
 {
-    b->len = 0;
     if (b->cap > keep)
-        tbuf_free(b);
+        tamarco_buf_free(b);
+    else
+        tamarco_buf_truncate(b, 0);
 }
 
 static char *put_uint(char *p, uint64_t v)
@@ -105,6 +93,9 @@ static hreq *req_alloc(hserver *srv, hconn *c)
     r->url_len = 0;
     r->nhdrs = 0;
     r->head.len = r->body.len = r->resp.len = 0;
+    r->head_bytes = 0;
+    r->chunk_left = 0;
+    r->crlf_left = 0;
     return r;
 }
 
@@ -112,9 +103,9 @@ static void server_unref(hserver *srv);
 
 static void req_free_buffers(hreq *r)
 {
-    tbuf_free(&r->head);
-    tbuf_free(&r->body);
-    tbuf_free(&r->resp);
+    tamarco_buf_free(&r->head);
+    tamarco_buf_free(&r->body);
+    tamarco_buf_free(&r->resp);
     free(r->hdrs);
     r->hdrs = NULL;
     r->hdrs_cap = 0;
@@ -128,9 +119,9 @@ static void req_release(hreq *r)
     r->gen++;
     r->conn = NULL;
     r->srv = NULL;
-    tbuf_reset(&r->head, KEEP_HEAD_BYTES);
-    tbuf_reset(&r->body, KEEP_BODY_BYTES);
-    tbuf_reset(&r->resp, KEEP_RESP_BYTES);
+    buf_reset(&r->head, KEEP_HEAD_BYTES);
+    buf_reset(&r->body, KEEP_BODY_BYTES);
+    buf_reset(&r->resp, KEEP_RESP_BYTES);
     if (r->hdrs_cap > 64) {
         free(r->hdrs);
         r->hdrs = NULL;
@@ -257,57 +248,63 @@ static int status_has_body(int status)
 /* ---------------------------------------------------------------- response head */
 
 /* Writes the status line. Caller reserved >= 64 bytes. */
-static void put_status_line(tbuf *b, int status)
+static void put_status_line(tamarco_buf *b, int status)
 {
     const char *reason = reason_of(status);
     size_t rl = strlen(reason);
-    TBUF_LIT(b, "HTTP/1.1 ");
-    char *p = put_uint(b->p + b->len, (uint64_t)status);
-    b->len = (size_t)(p - b->p);
-    b->p[b->len++] = ' ';
-    tbuf_raw(b, reason, rl);
-    TBUF_LIT(b, "\r\n");
+    BUF_LIT(b, "HTTP/1.1 ");
+    char *p = put_uint(b->data + b->len, (uint64_t)status);
+    b->len = (size_t)(p - b->data);
+    b->data[b->len++] = ' ';
+    tamarco_buf_add(b, reason, rl);
+    BUF_LIT(b, "\r\n");
 }
 
 /* Writes the headers every response gets and the blank line. */
-static int put_common_headers(tbuf *b, hserver *srv, int status, size_t body_len, int close,
+static int put_common_headers(tamarco_buf *b, hserver *srv, int status, size_t body_len, int close,
                               int http10_keep_alive, const char *ctype, size_t ctlen,
                               const resp_flags *fl)
 {
     update_date();
-    if (tbuf_reserve(b, 160 + ctlen + srv->server_header_len + date_line_len) != 0)
+    if (!tamarco_buf_reserve(b, 160 + ctlen + srv->server_header_len + date_line_len))
         return -1;
     if (ctype && !fl->has_ctype) {
-        TBUF_LIT(b, "Content-Type: ");
-        tbuf_raw(b, ctype, ctlen);
-        TBUF_LIT(b, "\r\n");
+        BUF_LIT(b, "Content-Type: ");
+        tamarco_buf_add(b, ctype, ctlen);
+        BUF_LIT(b, "\r\n");
     }
     if (status >= 200 && status != 204 && status != 304) {
-        TBUF_LIT(b, "Content-Length: ");
-        char *p = put_uint(b->p + b->len, body_len);
-        b->len = (size_t)(p - b->p);
-        TBUF_LIT(b, "\r\n");
+        BUF_LIT(b, "Content-Length: ");
+        char *p = put_uint(b->data + b->len, body_len);
+        b->len = (size_t)(p - b->data);
+        BUF_LIT(b, "\r\n");
     }
     if (!fl->has_date)
-        tbuf_raw(b, date_line, date_line_len);
+        tamarco_buf_add(b, date_line, date_line_len);
     if (!fl->has_server && srv->server_header_len)
-        tbuf_raw(b, srv->server_header, srv->server_header_len);
+        tamarco_buf_add(b, srv->server_header, srv->server_header_len);
     if (close)
-        TBUF_LIT(b, "Connection: close\r\n");
+        BUF_LIT(b, "Connection: close\r\n");
     else if (http10_keep_alive)
-        TBUF_LIT(b, "Connection: keep-alive\r\n");
-    TBUF_LIT(b, "\r\n");
+        BUF_LIT(b, "Connection: keep-alive\r\n");
+    BUF_LIT(b, "\r\n");
     return 0;
 }
 
 /* ---------------------------------------------------------------- server refs */
+
+static void hout_free(hout *o)
+{
+    tamarco_buf_free(&o->buf);
+    free(o);
+}
 
 static void server_free(hserver *srv)
 {
     if (srv->cb->on_free)
         srv->cb->on_free(srv);
     for (int i = 0; i < srv->npool; i++)
-        tbuf_free(&srv->pool[i]);
+        hout_free(srv->pool[i]);
     free(srv);
 }
 
@@ -322,31 +319,47 @@ static void on_server_handle_closed(uv_handle_t *handle)
     server_unref(handle->data);
 }
 
-/* Output buffers come from a per-server pool so idle connections hold none. */
-static inline int out_acquire(hserver *srv, tbuf *b)
+/* Output buffers (and the write request that goes with each) come from a
+ * per-server pool, so that idle connections hold none. *slot is NULL or
+ * already one. */
+static int io_acquire(hserver *srv, hout **slot)
 {
-    if (b->p)
+    if (*slot)
         return 0;
-    if (srv->npool > 0) {
-        *b = srv->pool[--srv->npool];
-        b->len = 0;
-        return 0;
-    }
-    return tbuf_reserve(b, 4096);
+    hout *o = srv->npool > 0 ? srv->pool[--srv->npool] : calloc(1, sizeof *o);
+    if (!o)
+        return -1;
+    *slot = o;
+    return 0;
 }
 
-static void out_release(hserver *srv, tbuf *b)
+/* The same, with room for output. */
+static int out_acquire(hserver *srv, hout **slot)
 {
-    if (!b->p)
+    if (io_acquire(srv, slot) != 0)
+        return -1;
+    if ((*slot)->buf.data)
+        return 0;
+    return tamarco_buf_reserve(&(*slot)->buf, 4095) ? 0 : -1;   /* 4 KiB with the NUL byte */
+}
+
+static void out_release(hserver *srv, hout **slot)
+{
+    hout *o = *slot;
+    if (!o)
         return;
-    if (srv->npool < MAX_POOLED_BUFFERS && b->cap <= KEEP_OUT_BYTES) {
-        b->len = 0;
-        srv->pool[srv->npool++] = *b;
-        b->p = NULL;
-        b->len = b->cap = 0;
+    *slot = NULL;
+    if (srv->npool < MAX_POOLED_BUFFERS && o->buf.cap <= KEEP_OUT_BYTES) {
+        tamarco_buf_truncate(&o->buf, 0);
+        srv->pool[srv->npool++] = o;
     } else {
-        tbuf_free(b);
+        hout_free(o);
     }
+}
+
+static int conn_has_output(const hconn *c)
+{
+    return c->out && c->out->buf.len;
 }
 
 /* ---------------------------------------------------------------- connections */
@@ -362,7 +375,7 @@ static void drain_check(hserver *srv);
  * burst is over (connection structs down to a sixteenth of the peak, and
  * again when the last is freed) the free pages go back to the system.
  * Structs, not open connections, are counted: a closed connection's memory
- * is freed by its handles' close callbacks, later in the loop turn. */
+ * is freed by its handle's close callback, later in the loop turn. */
 static void trim_after_burst(hserver *srv)
 {
     if (srv->conn_structs == 0 && srv->trim_at_zero) {
@@ -382,80 +395,161 @@ static void trim_after_burst(hserver *srv)
         trim_memory();
 }
 
-static void on_conn_handle_closed(uv_handle_t *handle)
+/* Frees the struct once its socket handle is closed and the resume list
+ * no longer points at it. */
+static void conn_free_if_done(hconn *c)
 {
-    hconn *c = handle->data;
-    if (--c->handles > 0)
+    if (!c->tcp_closed || c->resume_pending)
         return;
     hserver *srv = c->srv;
     out_release(srv, &c->out);
-    out_release(srv, &c->wbuf);
-    tbuf_free(&c->stash);
+    out_release(srv, &c->io);
+    if (c->stash) {
+        tamarco_buf_free(c->stash);
+        free(c->stash);
+    }
     free(c);
     srv->conn_structs--;
     trim_after_burst(srv);
     server_unref(srv);
 }
 
-static void on_conn_timer(uv_timer_t *timer);
+static void on_conn_handle_closed(uv_handle_t *handle)
+{
+    hconn *c = handle->data;
+    c->tcp_closed = 1;
+    conn_free_if_done(c);
+}
+
+/* ---------------------------------------------------------------- deadlines */
+
+static void on_server_timer(uv_timer_t *timer);
 static void conn_reject(hconn *c, int status, const char *message);
 static const char *message_for_status(int status);
 
-/* Sets the connection's deadline to now + ms (0: none). The timer is only
- * restarted when it is not running or would fire too late. */
-static void conn_deadline(hconn *c, uint64_t ms)
+static uint64_t timeout_of(const hserver *srv, enum http_deadline kind)
 {
-    if (c->closing)
-        return;
-    if (!ms) {
-        c->deadline = 0;
-        return;
-    }
-    uint64_t due = uv_now(c->srv->loop) + ms;
-    c->deadline = due;
-    if (!uv_is_active((uv_handle_t *)&c->timer) || due < c->timer_due) {
-        c->timer_due = due;
-        uv_timer_start(&c->timer, on_conn_timer, ms, 0);
+    switch (kind) {
+    case HTTP_DEADLINE_HEADER: return srv->header_timeout;
+    case HTTP_DEADLINE_BODY: return srv->body_timeout;
+    case HTTP_DEADLINE_IDLE: return srv->idle_timeout;
+    case HTTP_DEADLINE_SEND: return srv->send_timeout;
+    default: return 0;
     }
 }
 
-static void conn_resume_reading(hconn *c);
-
-static void on_conn_timer(uv_timer_t *timer)
+static void deadline_unlink(hserver *srv, hconn *c)
 {
-    hconn *c = timer->data;
+    int k = c->deadline_kind;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->deadline_head[k] = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    else
+        srv->deadline_tail[k] = c->prev;
+    c->prev = c->next = NULL;
+}
+
+/* Into kind's list, after the last connection due no later than c: the
+ * tail but for a timeout changed while connections wait. */
+static void deadline_link(hserver *srv, hconn *c, enum http_deadline kind)
+{
+    hconn *after = srv->deadline_tail[kind];
+    while (after && after->deadline > c->deadline)
+        after = after->prev;
+    c->deadline_kind = kind;
+    c->prev = after;
+    c->next = after ? after->next : srv->deadline_head[kind];
+    if (c->next)
+        c->next->prev = c;
+    else
+        srv->deadline_tail[kind] = c;
+    if (after)
+        after->next = c;
+    else
+        srv->deadline_head[kind] = c;
+}
+
+/* The timer fires at `due` (loop time), unless it fires earlier already. */
+static void timer_arm(hserver *srv, uint64_t due)
+{
+    if (srv->in_timer || srv->closed)
+        return;   /* it re-arms itself at the end of its callback; or it is closed */
+    if (uv_is_active((uv_handle_t *)&srv->timer) && srv->timer_due <= due)
+        return;
+    uint64_t now = uv_now(srv->loop);
+    srv->timer_due = due;
+    uv_timer_start(&srv->timer, on_server_timer, due > now ? due - now : 0, 0);
+}
+
+/* The connection now waits for `kind` (its timeout from now on), or for
+ * nothing (HTTP_DEADLINE_NONE, or a kind whose timeout is 0). */
+static void conn_deadline(hconn *c, enum http_deadline kind)
+{
     if (c->closing)
         return;
-    if (c->resume_pending) {
-        c->resume_pending = 0;
-        conn_resume_reading(c);
-        if (c->closing)
-            return;
-        if (c->deadline && !uv_is_active((uv_handle_t *)&c->timer)) {
-            uint64_t now = uv_now(c->srv->loop);
-            c->timer_due = c->deadline;
-            uv_timer_start(&c->timer, on_conn_timer, c->deadline > now ? c->deadline - now : 0, 0);
-        }
+    hserver *srv = c->srv;
+    uint64_t ms = timeout_of(srv, kind);
+    deadline_unlink(srv, c);
+    if (!ms) {
+        c->deadline = 0;
+        deadline_link(srv, c, HTTP_DEADLINE_NONE);
         return;
     }
-    if (!c->deadline)
-        return;
-    uint64_t now = uv_now(c->srv->loop);
-    if (now < c->deadline) {
-        c->timer_due = c->deadline;
-        uv_timer_start(&c->timer, on_conn_timer, c->deadline - now, 0);
-        return;
-    }
-    c->srv->n_timeouts++;
+    c->deadline = uv_now(srv->loop) + ms;
+    deadline_link(srv, c, kind);
+    timer_arm(srv, c->deadline);
+}
+
+/* The deadline passed: a request that came in part gets a 408 (the send
+ * deadline then bounds the wait for the responses queued before it), any
+ * other connection is closed. */
+static void conn_expire(hconn *c)
+{
+    hserver *srv = c->srv;
+    srv->n_timeouts++;
     if (c->cur && !c->writing && !c->finishing) {
-        /* part of a request came, too slowly: say so, then close (the send
-         * deadline bounds the wait for the responses queued before it) */
         conn_reject(c, 408, message_for_status(408));
-        conn_deadline(c, c->srv->send_timeout ? c->srv->send_timeout : c->srv->header_timeout);
+        conn_deadline(c, srv->send_timeout ? HTTP_DEADLINE_SEND : HTTP_DEADLINE_HEADER);
         return;
     }
     conn_close(c);
 }
+
+static void conn_resume_reading(hconn *c);
+
+static void on_server_timer(uv_timer_t *timer)
+{
+    hserver *srv = timer->data;
+    srv->in_timer = 1;
+    hconn *c = srv->resume;
+    srv->resume = NULL;
+    while (c) {
+        hconn *next = c->resume_next;
+        c->resume_pending = 0;
+        conn_resume_reading(c);
+        conn_free_if_done(c);   /* closed meanwhile */
+        c = next;
+    }
+    uint64_t now = uv_now(srv->loop);
+    for (int k = HTTP_DEADLINE_NONE + 1; k < HTTP_DEADLINE_KINDS; k++) {
+        /* an expired connection leaves this list (closed, or a new
+         * deadline that is later than now) */
+        while ((c = srv->deadline_head[k]) && c->deadline <= now)
+            conn_expire(c);
+    }
+    srv->in_timer = 0;
+    uint64_t due = srv->resume ? now : UINT64_MAX;
+    for (int k = HTTP_DEADLINE_NONE + 1; k < HTTP_DEADLINE_KINDS; k++)
+        if ((c = srv->deadline_head[k]) && c->deadline < due)
+            due = c->deadline;
+    if (due != UINT64_MAX)
+        timer_arm(srv, due);
+}
+
+/* ---------------------------------------------------------------- connection state */
 
 /* Closes the connection now. Requests whose handlers still run are
  * detached: their response is dropped when it comes. While the parser
@@ -473,12 +567,7 @@ static void conn_close(hconn *c)
     }
     hserver *srv = c->srv;
     c->closing = 1;
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        srv->conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
+    deadline_unlink(srv, c);
     srv->nconns--;
     if (c->cur) {
         req_release(c->cur);
@@ -496,14 +585,15 @@ static void conn_close(hconn *c)
     c->qhead = c->qtail = NULL;
     c->inflight = 0;
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
-    uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
     if (srv->draining)
         drain_check(srv);
 }
 
 static void on_shutdown(uv_shutdown_t *req, int status)
 {
-    conn_close(req->data);
+    hconn *c = req->data;
+    out_release(c->srv, &c->io);
+    conn_close(c);
 }
 
 /* Closes after the pending output reached the kernel (FIN, then close). */
@@ -513,22 +603,30 @@ static void conn_finish(hconn *c)
         return;
     c->finishing = 1;
     uv_read_stop((uv_stream_t *)&c->tcp);
-    c->sreq.data = c;
-    if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) != 0)
+    if (io_acquire(c->srv, &c->io) != 0) {
         conn_close(c);
+        return;
+    }
+    c->io->req.shutdown.data = c;
+    if (uv_shutdown(&c->io->req.shutdown, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+        out_release(c->srv, &c->io);
+        conn_close(c);
+    }
 }
 
 static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);
 
-/* Reading resumes from a loop callback (the connection's timer), never
- * from inside a handler's respond(): dispatching starts tasks. */
+/* Reading resumes from a loop callback (the server's timer), never from
+ * inside a handler's respond(): dispatching starts tasks. */
 static void conn_schedule_resume(hconn *c)
 {
-    if (c->resume_pending || c->closing)
+    hserver *srv = c->srv;
+    if (c->resume_pending || c->closing || srv->closed)
         return;
-    c->resume_pending = 1;
-    c->timer_due = uv_now(c->srv->loop);
-    uv_timer_start(&c->timer, on_conn_timer, 0, 0);
+    c->resume_pending = 1;   /* a connection closed meanwhile stays until the timer */
+    c->resume_next = srv->resume;
+    srv->resume = c;
+    timer_arm(srv, uv_now(srv->loop));
 }
 
 static void conn_resume_reading(hconn *c)
@@ -536,13 +634,13 @@ static void conn_resume_reading(hconn *c)
     if (c->closing || c->finishing || c->stop_reading || !c->read_paused)
         return;
     c->read_paused = 0;
-    if (c->stash.len) {
+    if (c->stash) {
         /* parse what was left over when reading paused */
-        tbuf stash = c->stash;
-        c->stash.p = NULL;
-        c->stash.len = c->stash.cap = 0;
-        conn_feed(c, stash.p, stash.len);
-        tbuf_free(&stash);
+        tamarco_buf *stash = c->stash;
+        c->stash = NULL;
+        conn_feed(c, stash->data, stash->len);
+        tamarco_buf_free(stash);
+        free(stash);
         if (!c->closing)
             conn_flush(c);
         if (c->closing || c->finishing || c->read_paused || c->stop_reading)
@@ -567,9 +665,9 @@ static void conn_after_flush(hconn *c)
             conn_finish(c);
             return;
         }
-        conn_deadline(c, srv->idle_timeout);
+        conn_deadline(c, HTTP_DEADLINE_IDLE);
     } else if (!c->cur) {
-        conn_deadline(c, 0);   /* handlers are running: no read deadline */
+        conn_deadline(c, HTTP_DEADLINE_NONE);   /* handlers are running: no read deadline */
     }
     if (c->read_paused && !c->in_feed && c->inflight < srv->max_pipeline)
         conn_schedule_resume(c);
@@ -579,12 +677,12 @@ static void on_write(uv_write_t *req, int status)
 {
     hconn *c = req->data;
     c->writing = 0;
-    out_release(c->srv, &c->wbuf);
+    out_release(c->srv, &c->io);
     if (status < 0 || c->closing) {
         conn_close(c);
         return;
     }
-    if (c->out.len)
+    if (conn_has_output(c))
         conn_flush(c);
     else
         conn_after_flush(c);
@@ -592,19 +690,19 @@ static void on_write(uv_write_t *req, int status)
 
 static void conn_flush(hconn *c)
 {
-    if (c->closing || c->close_pending || c->writing)
-        return;
+    if (c->closing || c->close_pending || c->writing || c->finishing)
+        return;   /* (finishing: nothing is written after the shutdown) */
     hserver *srv = c->srv;
-    if (!c->out.len) {
+    if (!conn_has_output(c)) {
         out_release(srv, &c->out);
         conn_after_flush(c);
         return;
     }
-    uv_buf_t b = uv_buf_init(c->out.p, (unsigned)c->out.len);
+    tamarco_buf *out = &c->out->buf;
+    uv_buf_t b = uv_buf_init(out->data, (unsigned)out->len);
     int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
-    if (n == (int)c->out.len) {
+    if (n == (int)out->len) {
         srv->n_bytes_out += n;
-        c->out.len = 0;
         out_release(srv, &c->out);
         conn_after_flush(c);
         return;
@@ -616,19 +714,19 @@ static void conn_flush(hconn *c)
     if (n < 0)
         n = 0;
     srv->n_bytes_out += n;
-    /* the rest goes through uv_write; new output accumulates in c->out */
-    c->wbuf = c->out;
-    c->out.p = NULL;
-    c->out.len = c->out.cap = 0;
-    b = uv_buf_init(c->wbuf.p + n, (unsigned)(c->wbuf.len - (size_t)n));
-    c->wreq.data = c;
-    if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
+    /* the rest goes through uv_write; new output accumulates in a new c->out */
+    c->io = c->out;
+    c->out = NULL;
+    b = uv_buf_init(out->data + n, (unsigned)(out->len - (size_t)n));
+    c->io->req.write.data = c;
+    if (uv_write(&c->io->req.write, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
+        out_release(srv, &c->io);
         conn_close(c);
         return;
     }
     c->writing = 1;
     srv->n_bytes_out += (double)b.len;
-    conn_deadline(c, srv->send_timeout);
+    conn_deadline(c, HTTP_DEADLINE_SEND);
 }
 
 /* Moves finished responses at the head of the queue into the output. */
@@ -637,7 +735,7 @@ static void conn_advance(hconn *c)
     hreq *r;
     while ((r = c->qhead) && r->responded) {
         if (r->resp.len) {
-            if (out_acquire(c->srv, &c->out) != 0 || tbuf_put(&c->out, r->resp.p, r->resp.len) != 0) {
+            if (out_acquire(c->srv, &c->out) != 0 || buf_put(&c->out->buf, r->resp.data, r->resp.len) != 0) {
                 conn_close(c);
                 return;
             }
@@ -702,12 +800,12 @@ static void conn_reject(hconn *c, int status, const char *message)
     r->close_after = 1;
     char body[160];
     int blen = snprintf(body, sizeof body, "{\"error\":\"%s\"}", message);
-    tbuf *b = &r->resp;
+    tamarco_buf *b = &r->resp;
     static const resp_flags none = {0, 0, 0, 0};
-    if (tbuf_reserve(b, 64 + (size_t)blen) != 0 ||
+    if (!tamarco_buf_reserve(b, 64 + (size_t)blen) ||
         (put_status_line(b, status), 0) ||
         put_common_headers(b, srv, status, (size_t)blen, 1, 0, "application/json", 16, &none) != 0 ||
-        tbuf_put(b, body, (size_t)blen) != 0) {
+        buf_put(b, body, (size_t)blen) != 0) {
         req_release(r);
         conn_close(c);
         return;
@@ -729,11 +827,22 @@ static void dispatch(hconn *c, hreq *r)
 
 /* ---------------------------------------------------------------- parser callbacks */
 
-static int head_account(hconn *c, size_t n, int status)
+/* What the parser callbacks share while conn_feed runs (on its stack; the
+ * parser's data points at it). */
+typedef struct feed {
+    hconn *c;
+    const char *start, *end;   /* the bytes the parser is running over */
+    const char *value_end;     /* where the last header value piece ended */
+    hreq *ready;               /* just completed by the parser, to dispatch */
+    int error_status;          /* set by a callback that rejects the request */
+} feed;
+
+static int head_account(feed *f, size_t n, int status)
 {
-    c->head_bytes += n;
-    if (c->head_bytes > c->srv->max_header_size) {
-        c->error_status = status;
+    hreq *r = f->c->cur;
+    r->head_bytes += n;
+    if (r->head_bytes > f->c->srv->max_header_size) {
+        f->error_status = status;
         return -1;
     }
     return 0;
@@ -741,28 +850,29 @@ static int head_account(hconn *c, size_t n, int status)
 
 static int on_message_begin(http_parser *p)
 {
-    hconn *c = p->data;
+    feed *f = p->data;
+    hconn *c = f->c;
     if (c->cur)
         req_release(c->cur);
     c->cur = req_alloc(c->srv, c);
     if (!c->cur) {
-        c->error_status = 503;
+        f->error_status = 503;
         return -1;
     }
-    c->head_bytes = 0;
     c->in_field = 0;
-    conn_deadline(c, c->srv->header_timeout);
+    conn_deadline(c, HTTP_DEADLINE_HEADER);
     return 0;
 }
 
 static int on_url(http_parser *p, const char *at, size_t len)
 {
-    hconn *c = p->data;
+    feed *f = p->data;
+    hconn *c = f->c;
     hreq *r = c->cur;
-    if (head_account(c, len, 414))
+    if (head_account(f, len, 414))
         return -1;
-    if (tbuf_put(&r->head, at, len) != 0) {
-        c->error_status = 503;
+    if (buf_put(&r->head, at, len) != 0) {
+        f->error_status = 503;
         return -1;
     }
     r->url_len += (uint32_t)len;
@@ -771,20 +881,21 @@ static int on_url(http_parser *p, const char *at, size_t len)
 
 static int on_header_field(http_parser *p, const char *at, size_t len)
 {
-    hconn *c = p->data;
+    feed *f = p->data;
+    hconn *c = f->c;
     hreq *r = c->cur;
-    if (head_account(c, len + 4, 431))
+    if (head_account(f, len + 4, 431))
         return -1;
     if (!c->in_field) {
         if (r->nhdrs >= c->srv->max_headers) {
-            c->error_status = 431;
+            f->error_status = 431;
             return -1;
         }
         if (r->nhdrs == r->hdrs_cap) {
             int cap = r->hdrs_cap ? r->hdrs_cap * 2 : 16;
             hdr *h = realloc(r->hdrs, (size_t)cap * sizeof *h);
             if (!h) {
-                c->error_status = 503;
+                f->error_status = 503;
                 return -1;
             }
             r->hdrs = h;
@@ -797,8 +908,8 @@ static int on_header_field(http_parser *p, const char *at, size_t len)
         h->value_len = 0;
         c->in_field = 1;
     }
-    if (tbuf_put(&r->head, at, len) != 0) {
-        c->error_status = 503;
+    if (buf_put(&r->head, at, len) != 0) {
+        f->error_status = 503;
         return -1;
     }
     r->hdrs[r->nhdrs - 1].name_len += (uint32_t)len;
@@ -807,9 +918,10 @@ static int on_header_field(http_parser *p, const char *at, size_t len)
 
 static int on_header_value(http_parser *p, const char *at, size_t len)
 {
-    hconn *c = p->data;
+    feed *f = p->data;
+    hconn *c = f->c;
     hreq *r = c->cur;
-    if (head_account(c, len, 431))
+    if (head_account(f, len, 431))
         return -1;
     if (!r->nhdrs)
         return 0;
@@ -817,24 +929,24 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
     if (c->in_field) {
         c->in_field = 0;
         h->value_off = (uint32_t)r->head.len;
-    } else if (at != c->value_end && at != c->feed_start) {
+    } else if (at != f->value_end && at != f->start) {
         /* the value goes on after a line break (obs-fold, which the lenient
          * parser joins): refused, as RFC 9112 lets a server do */
-        c->error_status = 400;
+        f->error_status = 400;
         return -1;
     }
-    if (tbuf_put(&r->head, at, len) != 0) {
-        c->error_status = 503;
+    if (buf_put(&r->head, at, len) != 0) {
+        f->error_status = 503;
         return -1;
     }
     h->value_len += (uint32_t)len;
-    c->value_end = at + len;
+    f->value_end = at + len;
     return 0;
 }
 
 int http_req_header_is(const hreq *r, const hdr *h, const char *name, size_t len)
 {
-    return h->name_len == len && strncasecmp(r->head.p + h->name_off, name, len) == 0;
+    return h->name_len == len && strncasecmp(r->head.data + h->name_off, name, len) == 0;
 }
 
 /* RFC 9110 token characters: what a field name is made of. */
@@ -878,8 +990,8 @@ static int check_head(http_parser *p, hreq *r)
     int hosts = 0, codings = 0;
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
-        if (!valid_field_name(r->head.p + h->name_off, h->name_len) ||
-            !valid_field_value(r->head.p + h->value_off, h->value_len))
+        if (!valid_field_name(r->head.data + h->name_off, h->name_len) ||
+            !valid_field_value(r->head.data + h->value_off, h->value_len))
             return 400;
         if (http_req_header_is(r, h, "host", 4))
             hosts++;
@@ -887,7 +999,7 @@ static int check_head(http_parser *p, hreq *r)
             /* chunked is the one transfer coding understood here */
             if (++codings > 1)
                 return 400;
-            const char *v = r->head.p + h->value_off;
+            const char *v = r->head.data + h->value_off;
             size_t n = h->value_len;
             while (n && (*v == ' ' || *v == '\t'))
                 v++, n--;
@@ -904,87 +1016,89 @@ static int check_head(http_parser *p, hreq *r)
 
 static int on_headers_complete(http_parser *p)
 {
-    hconn *c = p->data;
+    feed *f = p->data;
+    hconn *c = f->c;
     hreq *r = c->cur;
     hserver *srv = c->srv;
     c->in_field = 0;
     int bad = check_head(p, r);
     if (bad) {
-        c->error_status = bad;
+        f->error_status = bad;
         return -1;
     }
     if ((p->flags & F_CONTENTLENGTH) && p->content_length > srv->max_body_size) {
-        c->error_status = 413;
+        f->error_status = 413;
         return -1;
     }
-    c->chunk_left = 0;
-    c->crlf_left = 0;
+    r->chunk_left = 0;
+    r->crlf_left = 0;
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
         if (http_req_header_is(r, h, "expect", 6)) {
-            if (h->value_len == 12 && strncasecmp(r->head.p + h->value_off, "100-continue", 12) == 0)
+            if (h->value_len == 12 && strncasecmp(r->head.data + h->value_off, "100-continue", 12) == 0)
                 r->expect_continue = 1;
             else {
-                c->error_status = 417;
+                f->error_status = 417;
                 return -1;
             }
         }
     }
     /* "100 Continue" only when nothing is waiting ahead of it on the wire */
-    if (r->expect_continue && p->http_minor >= 1 && !c->qhead && !c->out.len && !c->writing) {
+    if (r->expect_continue && p->http_minor >= 1 && !c->qhead && !conn_has_output(c) && !c->writing) {
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        if (out_acquire(srv, &c->out) != 0 || tbuf_put(&c->out, cont, sizeof cont - 1) != 0) {
-            c->error_status = 503;
+        if (out_acquire(srv, &c->out) != 0 || buf_put(&c->out->buf, cont, sizeof cont - 1) != 0) {
+            f->error_status = 503;
             return -1;
         }
         conn_flush(c);   /* now: the client waits for it before sending the body */
         if (c->close_pending)
             return -1;   /* the write failed: the connection closes after the parser returns */
     }
-    conn_deadline(c, srv->body_timeout);
+    conn_deadline(c, HTTP_DEADLINE_BODY);
     return 0;
 }
 
 /* Checks the CRLF that must follow chunk data (the lenient parser takes
- * any two bytes) against the bytes from *at up to the end of the input. */
-static int check_chunk_crlf(hconn *c, const char *at)
+ * any two bytes) against the bytes from at up to end. */
+static int check_chunk_crlf(hreq *r, const char *at, const char *end)
 {
-    while (c->crlf_left && at < c->feed_end) {
-        if (*at != (c->crlf_left == 2 ? '\r' : '\n'))
+    while (r->crlf_left && at < end) {
+        if (*at != (r->crlf_left == 2 ? '\r' : '\n'))
             return -1;
         at++;
-        c->crlf_left--;
+        r->crlf_left--;
     }
     return 0;
 }
 
 static int on_chunk_header(http_parser *p)
 {
-    hconn *c = p->data;
-    c->chunk_left = p->content_length;
+    feed *f = p->data;
+    f->c->cur->chunk_left = p->content_length;
     return 0;
 }
 
 static int on_body(http_parser *p, const char *at, size_t len)
 {
-    hconn *c = p->data;
+    feed *f = p->data;
+    hconn *c = f->c;
     hreq *r = c->cur;
     if (r->body.len + len > c->srv->max_body_size) {
-        c->error_status = 413;
+        f->error_status = 413;
         return -1;
     }
-    if ((p->flags & F_CHUNKED) && len && c->chunk_left) {
-        c->chunk_left -= len <= c->chunk_left ? len : c->chunk_left;
-        if (c->chunk_left == 0) {
-            c->crlf_left = 2;
-            if (check_chunk_crlf(c, at + len) != 0) {
-                c->error_status = 400;
+    if ((p->flags & F_CHUNKED) && len && r->chunk_left) {
+        r->chunk_left -= len <= r->chunk_left ? len : r->chunk_left;
+        if (r->chunk_left == 0) {
+            r->crlf_left = 2;
+            if (check_chunk_crlf(r, at + len, f->end) != 0) {
+                f->error_status = 400;
                 return -1;
             }
         }
     }
-    if (tbuf_put(&r->body, at, len) != 0) {
-        c->error_status = 503;
+    if (buf_put(&r->body, at, len) != 0) {
+        f->error_status = 503;
         return -1;
     }
     return 0;
@@ -992,7 +1106,8 @@ static int on_body(http_parser *p, const char *at, size_t len)
 
 static int on_message_complete(http_parser *p)
 {
-    hconn *c = p->data;
+    feed *f = p->data;
+    hconn *c = f->c;
     hreq *r = c->cur;
     c->cur = NULL;
     r->method = (unsigned char)p->method;
@@ -1005,8 +1120,8 @@ static int on_message_complete(http_parser *p)
     if (!r->keep_alive)
         c->stop_reading = 1;
     conn_enqueue(c, r);
-    c->ready = r;
-    conn_deadline(c, 0);
+    f->ready = r;
+    conn_deadline(c, HTTP_DEADLINE_NONE);
     http_parser_pause(p, 1);
     return 0;
 }
@@ -1022,10 +1137,10 @@ static const struct http_parser_settings parser_settings = {
     .on_chunk_header = on_chunk_header,
 };
 
-static int status_for_parse_error(hconn *c, enum http_errno err)
+static int status_for_parse_error(const feed *f, enum http_errno err)
 {
-    if (c->error_status)
-        return c->error_status;
+    if (f->error_status)
+        return f->error_status;
     switch (err) {
     case HPE_HEADER_OVERFLOW: return 431;
     case HPE_INVALID_VERSION: return 505;
@@ -1052,28 +1167,30 @@ static const char *message_for_status(int status)
 static void conn_feed(hconn *c, const char *p, size_t len)
 {
     hserver *srv = c->srv;
+    feed f = {.c = c, .end = p + len};
+    c->parser.data = &f;
     c->in_feed = 1;
-    c->feed_end = p + len;
     while (len > 0 && !c->closing && !c->stop_reading) {
-        if (c->crlf_left && check_chunk_crlf(c, p) != 0) {
+        if (c->cur && c->cur->crlf_left && check_chunk_crlf(c->cur, p, f.end) != 0) {
             /* chunk data that ran to the end of the previous read */
             conn_reject(c, 400, message_for_status(400));
             break;
         }
-        c->feed_start = p;
+        f.start = p;
         size_t n = http_parser_execute(&c->parser, &parser_settings, p, len);
         enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
         if (err == HPE_PAUSED) {
             http_parser_pause(&c->parser, 0);
             p += n;
             len -= n;
-            hreq *r = c->ready;
-            c->ready = NULL;
+            hreq *r = f.ready;
+            f.ready = NULL;
             if (r)
                 dispatch(c, r);
             if (len > 0 && c->inflight >= srv->max_pipeline && !c->closing && !c->stop_reading) {
                 /* too many requests in flight: keep the rest for later */
-                if (tbuf_put(&c->stash, p, len) != 0) {
+                if ((!c->stash && !(c->stash = calloc(1, sizeof *c->stash))) ||
+                    buf_put(c->stash, p, len) != 0) {
                     conn_close(c);
                     break;
                 }
@@ -1086,7 +1203,7 @@ static void conn_feed(hconn *c, const char *p, size_t len)
         if (c->close_pending)
             break;
         if (err != HPE_OK) {
-            int status = status_for_parse_error(c, err);
+            int status = status_for_parse_error(&f, err);
             conn_reject(c, status, message_for_status(status));
             break;
         }
@@ -1096,6 +1213,7 @@ static void conn_feed(hconn *c, const char *p, size_t len)
             break;
     }
     c->in_feed = 0;
+    c->parser.data = NULL;
     if (c->close_pending) {
         c->close_pending = 0;
         conn_close(c);
@@ -1122,7 +1240,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
             req_release(c->cur);
             c->cur = NULL;
         }
-        if (nread == UV_EOF && (c->qhead || c->writing || c->out.len))
+        if (nread == UV_EOF && (c->qhead || c->writing || conn_has_output(c)))
             c->close_after_flush = 1;   /* half-closed: answer, then close */
         else
             conn_close(c);
@@ -1151,19 +1269,12 @@ static int conn_open(hserver *srv, uv_stream_t *listener, uv_os_sock_t sock)
     srv->refs++;
     int rc = listener ? uv_accept(listener, (uv_stream_t *)&c->tcp) : uv_tcp_open(&c->tcp, sock);
     if (rc != 0) {
-        c->handles = 1;
         c->closing = 1;
         uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
         return rc;
     }
-    uv_timer_init(srv->loop, &c->timer);
-    c->timer.data = c;
-    c->handles = 2;
     /* link first, so that conn_close can unlink */
-    c->next = srv->conns;
-    if (srv->conns)
-        srv->conns->prev = c;
-    srv->conns = c;
+    deadline_link(srv, c, HTTP_DEADLINE_NONE);
     srv->nconns++;
     if (srv->nconns > srv->max_connections) {
         srv->n_rejected++;
@@ -1173,8 +1284,7 @@ static int conn_open(hserver *srv, uv_stream_t *listener, uv_os_sock_t sock)
     srv->n_accepted++;
     uv_tcp_nodelay(&c->tcp, 1);
     http_parser_init(&c->parser, HTTP_REQUEST);
-    c->parser.data = c;
-    conn_deadline(c, srv->header_timeout);
+    conn_deadline(c, HTTP_DEADLINE_HEADER);
     rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     if (rc != 0)
         conn_close(c);
@@ -1226,7 +1336,7 @@ int http_engine_pooled_requests(void)
 const char *http_req_url(const hreq *r, size_t *len)
 {
     *len = r->url_len;
-    return r->head.p ? r->head.p : "";
+    return r->head.data ? r->head.data : "";
 }
 
 /* Splits the URL into path and query (either may be empty). */
@@ -1299,7 +1409,7 @@ int http_valid_header_value(const char *s, size_t n)
     return 1;
 }
 
-const char *http_response_header(tbuf *b, const char *name, size_t nlen, const char *value, size_t vlen,
+const char *http_response_header(tamarco_buf *b, const char *name, size_t nlen, const char *value, size_t vlen,
                                  resp_flags *fl)
 {
     if (!http_valid_header_name(name, nlen))
@@ -1317,12 +1427,12 @@ const char *http_response_header(tbuf *b, const char *name, size_t nlen, const c
         if (strncasecmp(name, "content-type", 12) == 0) fl->has_ctype = 1;
         break;
     }
-    if (tbuf_reserve(b, nlen + vlen + 4) != 0)
+    if (!tamarco_buf_reserve(b, nlen + vlen + 4))
         return "out of memory";
-    tbuf_raw(b, name, nlen);
-    TBUF_LIT(b, ": ");
-    tbuf_raw(b, value, vlen);
-    TBUF_LIT(b, "\r\n");
+    tamarco_buf_add(b, name, nlen);
+    BUF_LIT(b, ": ");
+    tamarco_buf_add(b, value, vlen);
+    BUF_LIT(b, "\r\n");
     return NULL;
 }
 
@@ -1366,31 +1476,34 @@ static void drop_response(hreq *r)
     }
 }
 
-int http_response_begin(hreq *r, int status, tbuf **out, size_t *mark)
+int http_response_begin(hreq *r, int status, tamarco_buf **out, size_t *mark)
 {
     if (!http_req_connected(r)) {
         drop_response(r);
         return 1;
     }
     hconn *c = r->conn;
-    int head_of_queue = (r == c->qhead);
-    tbuf *b = head_of_queue ? &c->out : &r->resp;
-    if (head_of_queue && out_acquire(c->srv, b) != 0)
-        return -1;
+    tamarco_buf *b = &r->resp;
+    if (r == c->qhead) {
+        /* the head of the queue writes straight into the output */
+        if (out_acquire(c->srv, &c->out) != 0)
+            return -1;
+        b = &c->out->buf;
+    }
     *mark = b->len;
-    if (tbuf_reserve(b, 64) != 0)
+    if (!tamarco_buf_reserve(b, 64))
         return -1;
     put_status_line(b, status);
     *out = b;
     return 0;
 }
 
-void http_response_cancel(tbuf *b, size_t mark)
+void http_response_cancel(tamarco_buf *b, size_t mark)
 {
-    b->len = mark;
+    tamarco_buf_truncate(b, mark);
 }
 
-int http_response_end(hreq *r, tbuf *b, size_t mark, int status, const resp_flags *fl, const char *body,
+int http_response_end(hreq *r, tamarco_buf *b, size_t mark, int status, const resp_flags *fl, const char *body,
                       size_t blen, const char *ctype, size_t ctlen)
 {
     hconn *c = r->conn;
@@ -1399,8 +1512,8 @@ int http_response_end(hreq *r, tbuf *b, size_t mark, int status, const resp_flag
     /* a 1.0 client that asked for keep-alive must hear it confirmed */
     int http10_ka = !close && r->http_major == 1 && r->http_minor == 0;
     if (put_common_headers(b, c->srv, status, blen, close, http10_ka, ctype, ctlen, fl) != 0 ||
-        (!is_head && status_has_body(status) && blen && tbuf_put(b, body, blen) != 0)) {
-        b->len = mark;
+        (!is_head && status_has_body(status) && blen && buf_put(b, body, blen) != 0)) {
+        tamarco_buf_truncate(b, mark);
         return -1;
     }
     r->close_after = (unsigned char)close;
@@ -1410,7 +1523,7 @@ int http_response_end(hreq *r, tbuf *b, size_t mark, int status, const resp_flag
 
 int http_respond_error(hreq *r, int status, const char *message)
 {
-    tbuf *b;
+    tamarco_buf *b;
     size_t mark;
     int rc = http_response_begin(r, status, &b, &mark);
     if (rc != 0)
@@ -1447,7 +1560,9 @@ hserver *http_server_new(uv_loop_t *loop, const http_engine_callbacks *cb, void 
     http_server_set_name(srv, "tamarco");
     uv_timer_init(loop, &srv->drain_timer);
     srv->drain_timer.data = srv;
-    srv->refs = 2;   /* the owner and the drain timer */
+    uv_timer_init(loop, &srv->timer);
+    srv->timer.data = srv;
+    srv->refs = 3;   /* the owner and the two timers */
     return srv;
 }
 
@@ -1493,15 +1608,19 @@ void http_server_stop_accepting(hserver *srv)
     uv_close((uv_handle_t *)&srv->listener, on_server_handle_closed);
 }
 
-/* Closes every connection (one being parsed right now closes when its
- * parser returns, so this walks the list instead of emptying it). */
-static void close_all(hserver *srv)
+/* Closes every connection, or only the idle ones. One being parsed right
+ * now closes when its parser returns (and stays in its list till then), so
+ * this walks the lists instead of emptying them. */
+static void close_all(hserver *srv, int idle_only)
 {
-    hconn *c = srv->conns;
-    while (c) {
-        hconn *next = c->next;
-        conn_close(c);
-        c = next;
+    for (int k = 0; k < HTTP_DEADLINE_KINDS; k++) {
+        hconn *c = srv->deadline_head[k];
+        while (c) {
+            hconn *next = c->next;
+            if (!idle_only || (!c->cur && !c->qhead && !c->writing && !conn_has_output(c)))
+                conn_close(c);
+            c = next;
+        }
     }
 }
 
@@ -1513,7 +1632,17 @@ void http_server_close(hserver *srv)
         return;
     http_server_stop_accepting(srv);
     srv->closed = 1;
-    close_all(srv);
+    close_all(srv, 0);
+    /* the timer closes: the connections it was to resume are closed too */
+    hconn *c = srv->resume;
+    srv->resume = NULL;
+    while (c) {
+        hconn *next = c->resume_next;
+        c->resume_pending = 0;
+        conn_free_if_done(c);
+        c = next;
+    }
+    uv_close((uv_handle_t *)&srv->timer, on_server_handle_closed);
     if (srv->drain_waiting)
         uv_timer_start(&srv->drain_timer, on_drain_timer, 0, 0);   /* reports, then closes */
     else
@@ -1525,7 +1654,7 @@ static void on_drain_timer(uv_timer_t *timer)
 {
     hserver *srv = timer->data;
     int timed_out = srv->nconns > 0;
-    close_all(srv);
+    close_all(srv, 0);
     int closed = srv->closed;
     if (srv->drain_waiting) {
         srv->drain_waiting = 0;
@@ -1554,13 +1683,7 @@ int http_server_shutdown(hserver *srv, uint64_t drain_ms)
 {
     http_server_stop_accepting(srv);
     srv->draining = 1;
-    hconn *c = srv->conns;
-    while (c) {
-        hconn *next = c->next;
-        if (!c->cur && !c->qhead && !c->writing && !c->out.len)
-            conn_close(c);
-        c = next;
-    }
+    close_all(srv, 1);
     if (srv->nconns == 0)
         return 1;
     srv->drain_waiting = 1;
@@ -1571,7 +1694,8 @@ int http_server_shutdown(hserver *srv, uint64_t drain_ms)
 int http_server_in_flight(const hserver *srv)
 {
     int n = 0;
-    for (const hconn *c = srv->conns; c; c = c->next)
-        n += c->inflight;
+    for (int k = 0; k < HTTP_DEADLINE_KINDS; k++)
+        for (const hconn *c = srv->deadline_head[k]; c; c = c->next)
+            n += c->inflight;
     return n;
 }

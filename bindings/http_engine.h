@@ -5,10 +5,20 @@
  * the functions below; what a request means is decided by whoever handles
  * on_request.
  *
- * Per connection: a uv_tcp_t, one uv_timer_t (header, body, keep-alive and
- * send deadlines, re-armed lazily), an http_parser, a queue of requests in
- * arrival order and an output buffer. Requests are parsed into a
- * per-request buffer (URL and header bytes) plus an array of offsets.
+ * Per connection: a uv_tcp_t, an http_parser, a queue of requests in
+ * arrival order and a deadline; an idle keep-alive connection holds nothing
+ * else. Output buffers, with the libuv request that writes them (or shuts
+ * the connection down), are lent from a per-server pool while there is
+ * output; input is read into one shared buffer and parsed at once (only what
+ * a paused connection could not parse yet is copied). Requests are parsed
+ * into a per-request buffer (URL and header bytes) plus an array of offsets.
+ *
+ * Deadlines (header, body, keep-alive idle, send) share one timer per
+ * server. Each kind of deadline has its own timeout, the same for every
+ * connection, so a connection whose deadline is (re)set goes to the tail of
+ * its kind's list and every list stays ordered by deadline: the timer walks
+ * the heads. Every open connection is in one of these lists (the ones
+ * without a deadline in a list of their own).
  *
  * Responses are written strictly in request order (pipelining): a response
  * for the request at the head of the queue goes straight into the output
@@ -28,40 +38,23 @@
 #include <http_parser.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 #include <uv.h>
 
-/* ---------------------------------------------------------------- buffers */
-
-typedef struct tbuf {
-    char *p;
-    size_t len, cap;
-} tbuf;
-
-int tbuf_reserve(tbuf *b, size_t extra);
-void tbuf_free(tbuf *b);
-
-static inline int tbuf_put(tbuf *b, const void *s, size_t n)
-{
-    if (b->len + n > b->cap && tbuf_reserve(b, n) != 0)
-        return -1;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    return 0;
-}
-
-/* Appends without a capacity check: the caller reserved enough. */
-static inline void tbuf_raw(tbuf *b, const void *s, size_t n)
-{
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-}
-
-#define TBUF_LIT(b, lit) tbuf_raw((b), (lit), sizeof(lit) - 1)
+#include "byte_buffer.h"
 
 /* ---------------------------------------------------------------- types */
 
 #define HTTP_ENGINE_MAX_POOLED_BUFFERS 64
+
+/* What a connection waits for, each kind with the server's timeout for it. */
+enum http_deadline {
+    HTTP_DEADLINE_NONE,     /* handlers are running: no timeout */
+    HTTP_DEADLINE_HEADER,   /* the (rest of the) request head */
+    HTTP_DEADLINE_BODY,     /* the request body */
+    HTTP_DEADLINE_IDLE,     /* the next request on a kept-alive connection */
+    HTTP_DEADLINE_SEND,     /* the kernel to take what was written */
+    HTTP_DEADLINE_KINDS
+};
 
 typedef struct hdr {
     uint32_t name_off, name_len, value_off, value_len;
@@ -80,40 +73,47 @@ struct hreq {
     unsigned char keep_alive, responded, close_after, detached, expect_continue;
     unsigned char orphan; /* released beyond the pool: freed with its last handle */
     int handles;          /* handles pointing here (they read gen) */
-    tbuf head;            /* URL bytes, then header names and values */
+    tamarco_buf head;     /* URL bytes, then header names and values */
     uint32_t url_len;
     hdr *hdrs;
     int nhdrs, hdrs_cap;
-    tbuf body;
-    tbuf resp;            /* a response waiting for the earlier ones */
+    tamarco_buf body;
+    tamarco_buf resp;     /* a response waiting for the earlier ones */
+    /* parser state while the request comes in */
+    size_t head_bytes;    /* size of the head so far */
+    uint64_t chunk_left;  /* data bytes left in the current chunk */
+    int crlf_left;        /* bytes of the CRLF after chunk data not yet seen */
 };
+
+/* Output bytes and the libuv request that writes them or, at the end, shuts
+ * the connection down: from the server's pool, held by a connection only
+ * while it has output or a write or shutdown is in flight. */
+typedef struct hout {
+    union {
+        uv_write_t write;
+        uv_shutdown_t shutdown;
+    } req;
+    tamarco_buf buf;
+} hout;
 
 struct hconn {
     uv_tcp_t tcp;
-    uv_timer_t timer;
-    uv_write_t wreq;
-    uv_shutdown_t sreq;
     http_parser parser;
     hserver *srv;
-    hconn *prev, *next;   /* the server's list */
+    hconn *prev, *next;   /* the server's list of this kind of deadline */
+    hconn *resume_next;   /* the server's list of connections to resume */
     hreq *cur;            /* being parsed */
-    hreq *ready;          /* just completed by the parser, to dispatch */
     hreq *qhead, *qtail;  /* dispatched, in arrival order */
+    hout *out;            /* pending bytes, not yet handed to the kernel */
+    hout *io;             /* the write or shutdown in flight */
+    tamarco_buf *stash;   /* unparsed input kept while reading is paused */
+    uint64_t deadline;    /* loop time (ms); 0: none */
     int inflight;         /* requests in the queue */
-    tbuf out;             /* pending bytes, not yet handed to the kernel */
-    tbuf wbuf;            /* bytes of the uv_write in progress */
-    tbuf stash;           /* unparsed input kept while reading is paused */
-    size_t head_bytes;    /* size of the current request's head so far */
-    const char *feed_start, *feed_end;   /* the bytes the parser is running over */
-    const char *value_end;    /* where the last header value piece ended */
-    uint64_t chunk_left;  /* data bytes left in the current chunk */
-    int crlf_left;        /* bytes of the CRLF after chunk data not yet seen */
-    uint64_t deadline, timer_due;
-    int handles;          /* open libuv handles; freed at 0 */
-    int error_status;     /* set by a parser callback that rejects a request */
+    unsigned deadline_kind : 3;
     unsigned in_feed : 1, in_field : 1, closing : 1, finishing : 1, writing : 1;
     unsigned stop_reading : 1, read_paused : 1, close_after_flush : 1, eof : 1;
     unsigned resume_pending : 1, close_pending : 1;
+    unsigned tcp_closed : 1;   /* its close callback ran: freed unless resume_pending */
 };
 
 /* What the engine tells its owner. Every callback runs on the loop. */
@@ -135,15 +135,20 @@ struct hserver {
     void *user;           /* the owner's */
     uv_tcp_t listener;
     uv_timer_t drain_timer;
+    uv_timer_t timer;     /* the connections' deadlines and resumes */
+    uint64_t timer_due;   /* when it fires, while active */
+    int in_timer;         /* its callback runs: it re-arms itself at the end */
     int refs;             /* owner + open handles + connections + detached requests */
     int listening, draining, closed;
     int drain_waiting;    /* a shutdown waits for on_drained */
-    hconn *conns;
+    /* the open connections, by kind of deadline, each list in deadline order */
+    hconn *deadline_head[HTTP_DEADLINE_KINDS], *deadline_tail[HTTP_DEADLINE_KINDS];
+    hconn *resume;        /* connections whose reading resumes on the timer */
     int nconns;
     int conn_structs;     /* connection structs allocated (open or closing) */
     int peak_conns;       /* most of them since memory was last trimmed */
     int trim_at_zero;     /* trimmed at the end of a burst: once more at 0 */
-    tbuf pool[HTTP_ENGINE_MAX_POOLED_BUFFERS];   /* spare output buffers */
+    hout *pool[HTTP_ENGINE_MAX_POOLED_BUFFERS];   /* spare output buffers */
     int npool;
     /* limits (timeouts in ms, 0: none) */
     size_t max_header_size, max_body_size;
@@ -202,20 +207,20 @@ typedef struct resp_flags {
 /* Starts r's response with its status line. Returns 0 (append headers to
  * *out, then http_response_end), 1 when the client is gone (the response is
  * dropped, r is no longer the caller's), -1 out of memory. */
-int http_response_begin(hreq *r, int status, tbuf **out, size_t *mark);
+int http_response_begin(hreq *r, int status, tamarco_buf **out, size_t *mark);
 /* One "name: value" line; notes the fields the engine must know about in
  * fl. Returns an error message (nothing written) or NULL. */
-const char *http_response_header(tbuf *b, const char *name, size_t nlen, const char *value, size_t vlen,
+const char *http_response_header(tamarco_buf *b, const char *name, size_t nlen, const char *value, size_t vlen,
                                  resp_flags *fl);
 /* A header the engine writes itself (content-length, transfer-encoding,
  * connection): skip it. */
 int http_response_header_is_own(const char *name, size_t nlen);
 /* Adds the common headers and the body and queues the response: 0, or -1
  * out of memory (the response is rolled back to mark, r stays unanswered). */
-int http_response_end(hreq *r, tbuf *b, size_t mark, int status, const resp_flags *fl, const char *body,
+int http_response_end(hreq *r, tamarco_buf *b, size_t mark, int status, const resp_flags *fl, const char *body,
                       size_t blen, const char *ctype, size_t ctlen);
 /* Rolls a begun response back (r stays unanswered). */
-void http_response_cancel(tbuf *b, size_t mark);
+void http_response_cancel(tamarco_buf *b, size_t mark);
 /* A whole JSON error response {"error": message}; -1 when the client is gone. */
 int http_respond_error(hreq *r, int status, const char *message);
 

@@ -190,7 +190,7 @@ static int l_req_header(lua_State *L)
         if (!http_req_header_is(r, h, name, nlen))
             continue;
         if (found == 0) {
-            lua_pushlstring(L, r->head.p + h->value_off, h->value_len);
+            lua_pushlstring(L, r->head.data + h->value_off, h->value_len);
         } else {
             if (found == 1) {
                 luaL_buffinit(L, &b);
@@ -198,7 +198,7 @@ static int l_req_header(lua_State *L)
                 luaL_addvalue(&b);
             }
             luaL_addlstring(&b, ", ", 2);
-            luaL_addlstring(&b, r->head.p + h->value_off, h->value_len);
+            luaL_addlstring(&b, r->head.data + h->value_off, h->value_len);
         }
         found++;
     }
@@ -215,7 +215,7 @@ static int l_req_headers(lua_State *L)
     char name[256];
     for (int i = 0; i < r->nhdrs; i++) {
         hdr *h = &r->hdrs[i];
-        const char *raw = r->head.p + h->name_off;
+        const char *raw = r->head.data + h->name_off;
         if (h->name_len <= sizeof name) {
             for (size_t k = 0; k < h->name_len; k++)
                 name[k] = (raw[k] >= 'A' && raw[k] <= 'Z') ? (char)(raw[k] + 32) : raw[k];
@@ -232,10 +232,10 @@ static int l_req_headers(lua_State *L)
         lua_rawget(L, -3);
         if (lua_isnil(L, -1)) {
             lua_pop(L, 1);
-            lua_pushlstring(L, r->head.p + h->value_off, h->value_len);
+            lua_pushlstring(L, r->head.data + h->value_off, h->value_len);
         } else {
             lua_pushliteral(L, ", ");
-            lua_pushlstring(L, r->head.p + h->value_off, h->value_len);
+            lua_pushlstring(L, r->head.data + h->value_off, h->value_len);
             lua_concat(L, 3);
         }
         lua_rawset(L, -3);
@@ -246,7 +246,7 @@ static int l_req_headers(lua_State *L)
 static int l_req_body(lua_State *L)
 {
     hreq *r = check_req(L);
-    lua_pushlstring(L, r->body.p ? r->body.p : "", r->body.len);
+    lua_pushlstring(L, r->body.data ? r->body.data : "", r->body.len);
     return 1;
 }
 
@@ -299,7 +299,7 @@ static int l_req_connected(lua_State *L)
 
 /* Writes the user's headers from the table at `idx`; skips the ones the
  * engine owns (content-length, transfer-encoding, connection). */
-static const char *put_user_headers(lua_State *L, int idx, tbuf *b, resp_flags *fl)
+static const char *put_user_headers(lua_State *L, int idx, tamarco_buf *b, resp_flags *fl)
 {
     lua_pushnil(L);
     while (lua_next(L, idx)) {
@@ -363,7 +363,7 @@ static int l_req_respond(lua_State *L)
     const char *body = lua_isnoneornil(L, 4) ? "" : luaL_checklstring(L, 4, &blen);
     size_t ctlen = 0;
     const char *ctype = lua_isnoneornil(L, 5) ? NULL : luaL_checklstring(L, 5, &ctlen);
-    tbuf *b;
+    tamarco_buf *b;
     size_t mark;
     int rc = http_response_begin(r, status, &b, &mark);
     if (rc == 1) {

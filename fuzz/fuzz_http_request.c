@@ -32,7 +32,7 @@ static int nheld;
 
 static void answer(hreq *r)
 {
-    tbuf *b;
+    tamarco_buf *b;
     size_t mark;
     if (http_response_begin(r, 200, &b, &mark) != 0)
         return;   /* gone: dropped (and released) by the engine */

@@ -30,6 +30,15 @@ const char *tamarco_buf_cstr(tamarco_buf *b);
  * the buffer empty; NULL as well when out of memory (the bytes are freed). */
 char *tamarco_buf_take(tamarco_buf *b, size_t *len);
 
+/* Cuts the buffer back to its first len bytes (a length read earlier) and
+ * clears oom: whatever an allocation failure dropped came after them. */
+static inline void tamarco_buf_truncate(tamarco_buf *b, size_t len)
+{
+    if (len < b->len)
+        b->len = len;
+    b->oom = 0;
+}
+
 /* Appends are inline: encoders call them once or more per byte run. */
 static inline int tamarco_buf_reserve(tamarco_buf *b, size_t extra)
 {

@@ -42,6 +42,18 @@ static void test_byte_buffer(void)
     tamarco_buf_add(&b, "y", 1);
     CHECK(b.len == 1);
     CHECK(tamarco_buf_take(&b, &len) == NULL && len == 0);
+    /* truncating back to a mark taken before a failed add clears oom */
+    tamarco_buf_adds(&b, "keep");
+    size_t mark = b.len;
+    tamarco_buf_add(&b, "x", (size_t)-1 / 2 + 1);
+    CHECK(b.oom && b.len == mark);
+    tamarco_buf_truncate(&b, mark);
+    tamarco_buf_adds(&b, "!");
+    CHECK(!b.oom && b.len == 5 && memcmp(b.data, "keep!", 5) == 0);
+    tamarco_buf_truncate(&b, 2);
+    CHECK(b.len == 2 && b.cap >= 5);
+    tamarco_buf_truncate(&b, 10);   /* never grows it */
+    CHECK(b.len == 2);
     tamarco_buf_free(&b);
 }
 
