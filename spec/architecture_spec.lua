@@ -161,6 +161,20 @@ describe("the Lua package", function()
         assert.are.same({}, layer_violations(graph))
     end)
 
+    it("names modules by their path (a public or former name would hide the edge from these checks)", function()
+        local mods = modules()
+        local aliased = {}
+        for module, path in pairs(mods) do
+            for name in code_of(path):gmatch("require%s*%(?%s*[\"']([%w_%.]+)[\"']") do
+                if name:match("^tamarco%.") and not name:match("^tamarco%.c%.") and not mods[name] then
+                    aliased[#aliased + 1] = module .. " requires " .. name
+                end
+            end
+        end
+        table.sort(aliased)
+        assert.are.same({}, aliased)
+    end)
+
     it("has no require cycle", function()
         local cycle = find_cycle(require_graph())
         assert.is_nil(cycle, cycle and ("require cycle: " .. table.concat(cycle, " -> ")))
