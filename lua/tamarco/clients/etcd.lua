@@ -222,11 +222,13 @@ function etcd.new(opts)
     }, Client)
 end
 
+--- etcd.env(name) -> the environment variable's value, nil when unset or empty.
 local function env(name)
     local v = os.getenv(name)
     if v == "" then return nil end
     return v
 end
+etcd.env = env
 
 --- etcd.locate([store]) -> options for etcd.new ({endpoints =} or {host =,
 -- port =}) | nil when etcd is not configured | nil, err for a bad list.

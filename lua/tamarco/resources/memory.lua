@@ -85,9 +85,7 @@ end
 -- Hot reload: nothing of its own to take over; it keeps running.
 Memory.adopt = base.keep_on_reload
 
---- Memory:status() -> { status, enabled, file }.
-function Memory:status()
-    return { status = self.status_code, enabled = self.file ~= nil, file = self.file }
-end
+--- Memory:status() -> { status, enabled, file } (as the profiler's).
+Memory.status = Profiler.status
 
 return Memory

@@ -64,11 +64,7 @@ function Registry:init(options)
     self.watchers = {}
 end
 
-local function env(name)
-    local v = os.getenv(name)
-    if v == "" then return nil end
-    return v
-end
+local env = etcd.env
 
 --- The etcd client (created on first use from the settings).
 function Registry:client()
