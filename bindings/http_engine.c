@@ -89,6 +89,7 @@ static hreq *req_alloc(hserver *srv, hconn *c)
     r->conn = c;
     r->srv = srv;
     r->responded = r->close_after = r->detached = r->expect_continue = 0;
+    r->in_trailers = 0;
     r->keep_alive = 0;
     r->url_len = 0;
     r->nhdrs = 0;
@@ -886,6 +887,11 @@ static int on_header_field(http_parser *p, const char *at, size_t len)
     hreq *r = c->cur;
     if (head_account(f, len + 4, 431))
         return -1;
+    /* Trailer fields of a chunked body are counted against the head's
+     * limit and dropped: merged into the headers they would bypass the
+     * head's checks (a second Host, a Content-Length after the body). */
+    if (r->in_trailers)
+        return 0;
     if (!c->in_field) {
         if (r->nhdrs >= c->srv->max_headers) {
             f->error_status = 431;
@@ -923,7 +929,7 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
     hreq *r = c->cur;
     if (head_account(f, len, 431))
         return -1;
-    if (!r->nhdrs)
+    if (!r->nhdrs || r->in_trailers)
         return 0;
     hdr *h = &r->hdrs[r->nhdrs - 1];
     if (c->in_field) {
@@ -1026,6 +1032,7 @@ static int on_headers_complete(http_parser *p)
         f->error_status = bad;
         return -1;
     }
+    r->in_trailers = 1;
     if ((p->flags & F_CONTENTLENGTH) && p->content_length > srv->max_body_size) {
         f->error_status = 413;
         return -1;

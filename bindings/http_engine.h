@@ -71,6 +71,7 @@ struct hreq {
     uint32_t gen;         /* moves on at respond/release: stale handles notice */
     unsigned char method, http_major, http_minor;
     unsigned char keep_alive, responded, close_after, detached, expect_continue;
+    unsigned char in_trailers; /* past the head: fields now are a chunked body's trailer */
     unsigned char orphan; /* released beyond the pool: freed with its last handle */
     int handles;          /* handles pointing here (they read gen) */
     tamarco_buf head;     /* URL bytes, then header names and values */

@@ -196,6 +196,20 @@ describe("a service under hostile clients", function()
         end)
     end
 
+    it("drops the trailer fields of a chunked body: they never join the headers", function()
+        testing.run(function()
+            local r = exchange(child, "POST /headers HTTP/1.1\r\nHost: good\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .. "5\r\nhello\r\n0\r\nHost: evil\r\nX-Trailer: 1\r\nContent-Length: 99\r\n\r\n")
+            assert.is_not_nil(r, describe_exit(child))
+            assert.are.equal(200, r.status, r.body)
+            local seen = cjson.decode(r.body)
+            assert.are.equal("good", seen.host)
+            assert.are.equal("hello", seen.body)
+            assert.are.same({ "host", "transfer-encoding" }, seen.names)
+            assert_serving(child)
+        end)
+    end)
+
     it("still answers HTTP/1.0 requests without Host", function()
         testing.run(function()
             local r = exchange(child, "GET /hello HTTP/1.0\r\n\r\n")
