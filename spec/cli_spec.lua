@@ -35,6 +35,33 @@ describe("tamarco-host CLI", function()
         assert.matches("usage: tamarco-host test", out, 1, true)
     end)
 
+    it("test removes the scratch directory of a killed run, not that of a running one", function()
+        local base = os.tmpname()
+        os.remove(base)
+        assert(os.execute("mkdir -p " .. base .. "/tamarco-test-Dead01 " .. base .. "/tamarco-test-Live01 "
+            .. base .. "/project/spec") == 0)
+        -- a pid no process has (above the kernel's pid_max) and this process's own
+        local function owner(dir, pid)
+            local f = assert(io.open(base .. "/" .. dir .. "/.owner_pid", "w"))
+            f:write(pid, "\n")
+            f:close()
+        end
+        owner("tamarco-test-Dead01", 4194305)
+        owner("tamarco-test-Live01", require("luv").os_getpid())
+        local spec = assert(io.open(base .. "/project/spec/one_spec.lua", "w"))
+        spec:write('it("runs", function() assert.is_true(true) end)\n')
+        spec:close()
+        local code, out = cli.run({ "test", "--no-build" }, { TMPDIR = base }, base .. "/project")
+        local dead = io.open(base .. "/tamarco-test-Dead01/.owner_pid")
+        local live = io.open(base .. "/tamarco-test-Live01/.owner_pid")
+        if dead then dead:close() end
+        if live then live:close() end
+        os.execute("rm -rf " .. base)
+        assert.are.equal(0, code, out)
+        assert.is_nil(dead, "the killed run's directory is still there")
+        assert.is_truthy(live, "the running run's directory was removed")
+    end)
+
     it("rejects an unknown command and an unknown option with exit 2", function()
         local code, out = cli.run({ "frobnicate" })
         assert.are.equal(2, code)

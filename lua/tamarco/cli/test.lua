@@ -57,12 +57,38 @@ end
 -- which LuaJIT always puts in /tmp. A run gets one private directory instead
 -- (TMPDIR for child processes too), removed when the run ends, so a suite
 -- leaves /tmp as it found it whatever a spec forgets to clean.
+local OWNER_FILE = ".owner_pid"
+
+-- A run killed by a signal cannot remove its directory; the next run does,
+-- when the process that made it is gone (its pid is in the directory).
+local function remove_abandoned(base)
+    local uv = require "luv"
+    local scan = uv.fs_scandir(base)
+    while scan do
+        local name = uv.fs_scandir_next(scan)
+        if not name then break end
+        if name:match("^tamarco%-test%-%w%w%w%w%w%w$") then
+            local dir = base .. "/" .. name
+            local f = io.open(dir .. "/" .. OWNER_FILE)
+            local pid = f and tonumber(f:read("*l"))
+            if f then f:close() end
+            local alive, err = true, nil
+            if pid then alive, err = uv.kill(pid, 0) end
+            if not alive and tostring(err):match("ESRCH") then os.execute("rm -rf " .. shell_quote(dir)) end
+        end
+    end
+end
+
 local function private_tmpdir()
     local uv = require "luv"
     local base = os.getenv("TMPDIR") or "/tmp"
+    remove_abandoned(base)
     local dir = assert(uv.fs_mkdtemp(base .. "/tamarco-test-XXXXXX"))
     -- traversable like /tmp itself: specs run clients as other users
     assert(uv.fs_chmod(dir, tonumber("755", 8)))
+    local owner = assert(io.open(dir .. "/" .. OWNER_FILE, "w"))
+    owner:write(uv.os_getpid(), "\n")
+    owner:close()
     uv.os_setenv("TMPDIR", dir)
     local counter = 0
     os.tmpname = function()
