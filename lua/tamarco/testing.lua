@@ -6,6 +6,7 @@
 local scheduler = require "tamarco.c.scheduler"
 local process = require "tamarco.c.process"
 local timer = require "tamarco.c.timer"
+local tasks = require "tamarco.core.tasks"
 
 local testing = {}
 
@@ -16,30 +17,11 @@ testing.timeout_ms = 20000
 --- testing.run(fn, ...) -> fn's results. Runs fn(...) as a task and turns the loop until it
 -- returns; raises its error (with the task's traceback), or after `testing.timeout_ms`.
 function testing.run(fn, ...)
-    local done, ok, results = false, nil, nil
-    local co = scheduler.spawn(fn, ...)
-    scheduler.on_exit(co, function(success, ...)
-        done, ok, results = true, success, { n = select("#", ...), ... }
-    end)
-    local deadline = timer.hrtime() + testing.timeout_ms * 1e6
-    -- a timer at the deadline makes sure the loop turns then, even when the
-    -- task waits on something that never comes
-    local uv = require "luv"
-    local alarm = uv.new_timer()
-    alarm:start(testing.timeout_ms, 0, function() end)
-    while not done do
-        if timer.hrtime() > deadline then
-            alarm:close()
-            scheduler.interrupt(co, nil, "timeout")
-            error(("testing.run: task did not finish within %d ms"):format(testing.timeout_ms), 2)
-        end
-        process.run_loop("once")
+    local ok, results, traceback = tasks.run_until_done(fn, testing.timeout_ms, ...)
+    if ok == nil then
+        error(("testing.run: task did not finish within %d ms"):format(testing.timeout_ms), 2)
     end
-    alarm:close()
-    if not ok then
-        local err, tb = results[1], results[2]
-        error(tostring(err) .. "\n" .. tostring(tb), 0)
-    end
+    if not ok then error(tostring(results) .. "\n" .. tostring(traceback), 0) end
     return unpack(results, 1, results.n)
 end
 

@@ -64,6 +64,7 @@ local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 local yaml = require "tamarco.c.yaml"
+local tasks = require "tamarco.core.tasks"
 
 local etcd = {}
 
@@ -823,15 +824,9 @@ end
 -- loop until it ends; its error is raised again.
 function etcd.run_sync(fn, ...)
     if scheduler.current() then return fn(...) end
-    local done, results = false, nil
-    local co = scheduler.spawn(fn, ...)
-    scheduler.on_exit(co, function(success, ...)
-        done = true
-        results = { n = select("#", ...) + 1, success, ... }
-    end)
-    while not done do process.run_loop("once") end
-    if not results[1] then error(results[2], 0) end
-    return unpack(results, 2, results.n)
+    local ok, results = tasks.run_until_done(fn, nil, ...)
+    if not ok then error(results, 0) end
+    return unpack(results, 1, results.n)
 end
 
 return etcd

@@ -5,6 +5,7 @@
 -- every resource call that yields) raises `tasks.CANCELLED`, which ends the
 -- task quietly. Any other error ends the task with a log line and leaves the
 -- service running.
+local process = require "tamarco.c.process"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
 
@@ -163,6 +164,38 @@ function tasks.timer_body(options, fn, ...)
             tasks.sleep(interval)
         end
     end
+end
+
+--- tasks.run_until_done(fn, timeout_ms, ...) -> true, results | false,
+-- err, traceback | nil, "timeout". For code outside the loop (a command, a
+-- test): runs fn(...) as a task and turns the loop until the task ends;
+-- `results` is the list of its return values (with `n`). With a timeout
+-- (milliseconds, nil for none) the task is interrupted when it runs out.
+function tasks.run_until_done(fn, timeout_ms, ...)
+    local done, ok, results = false, nil, nil
+    local co = scheduler.spawn(fn, ...)
+    scheduler.on_exit(co, function(success, ...)
+        done, ok, results = true, success, { n = select("#", ...), ... }
+    end)
+    local deadline, alarm = nil, nil
+    if timeout_ms then
+        deadline = timer.hrtime() + timeout_ms * 1e6
+        -- a timer at the deadline makes the loop turn then, even when the
+        -- task waits on something that never comes
+        alarm = require("luv").new_timer()
+        alarm:start(timeout_ms, 0, function() end)
+    end
+    while not done do
+        if deadline and timer.hrtime() > deadline then
+            alarm:close()
+            scheduler.interrupt(co, nil, "timeout")
+            return nil, "timeout"
+        end
+        process.run_loop("once")
+    end
+    if alarm then alarm:close() end
+    if not ok then return false, results[1], results[2] end
+    return true, results
 end
 
 return tasks
