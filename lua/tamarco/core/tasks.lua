@@ -177,16 +177,16 @@ function tasks.run_until_done(fn, timeout_ms, ...)
     scheduler.on_exit(co, function(success, ...)
         done, ok, results = true, success, { n = select("#", ...), ... }
     end)
-    local deadline, alarm = nil, nil
+    local timed_out, alarm = false, nil
     if timeout_ms then
-        deadline = timer.hrtime() + timeout_ms * 1e6
-        -- a timer at the deadline makes the loop turn then, even when the
-        -- task waits on something that never comes
+        -- the alarm both marks the timeout and makes the loop turn then,
+        -- even when the task waits on something that never comes (a clock
+        -- read after the turn could fall a hair short of the deadline)
         alarm = require("luv").new_timer()
-        alarm:start(timeout_ms, 0, function() end)
+        alarm:start(timeout_ms, 0, function() timed_out = true end)
     end
     while not done do
-        if deadline and timer.hrtime() > deadline then
+        if timed_out then
             alarm:close()
             scheduler.interrupt(co, nil, "timeout")
             return nil, "timeout"
