@@ -121,6 +121,7 @@
 -- `hosts` is not set.
 --
 -- The connection runs on its own I/O thread (see bindings/amqp.c for why).
+local backoff = require "tamarco.c.backoff"
 local base = require "tamarco.core.resource"
 local codecs = require "tamarco.core.codecs"
 local scheduler = require "tamarco.c.scheduler"
@@ -499,7 +500,8 @@ function Client:setup_all(epoch)
 end
 
 function Client:setup_loop(epoch)
-    local backoff = self:setting("reconnect_backoff_ms")
+    local delays = backoff.new { min_ms = self:setting("reconnect_backoff_ms"),
+                                 max_ms = self:setting("reconnect_backoff_max_ms") }
     local attempt = 0
     while true do
         self.setup_again = false
@@ -521,8 +523,9 @@ function Client:setup_loop(epoch)
         self.setup_error = first.setup_error
         self.last_error = first.setup_error
         self:set_status(STATUS.FAILED)
+        local delay = delays:next()
         local text = ("%s (%s '%s'); the amqp resource is FAILED, retrying in %d ms"):format(first.setup_error,
-            first.kind, first.name, backoff)
+            first.kind, first.name, delay)
         if attempt == 1 or first.setup_error ~= self.logged_setup_error then
             self:log():error(text, { queue = first.queue, exchange = first.exchange, pattern = first.kind,
                 failed_consumers = #failed })
@@ -531,8 +534,7 @@ function Client:setup_loop(epoch)
         end
         self.logged_setup_error = first.setup_error
         wake_all(self.ready_waiters, nil, first.setup_error)
-        suspend_for(backoff, self.ready_waiters)   -- stop ends the wait
-        backoff = math.min(backoff * 2, self:setting("reconnect_backoff_max_ms"))
+        suspend_for(delay, self.ready_waiters)   -- stop ends the wait
         if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return false end
         -- declarations are made afresh (a refused one may have been fixed)
         self.declared = {}

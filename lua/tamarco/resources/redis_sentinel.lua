@@ -12,6 +12,7 @@
 -- master turned replica) does the same. While no master is known, calls
 -- fail at once with "redis <name>: not connected (<why>)", and work again
 -- as soon as the new master is connected: no restart needed.
+local backoff = require "tamarco.c.backoff"
 local c = require "tamarco.c.redis"
 local scheduler = require "tamarco.c.scheduler"
 local timer = require "tamarco.c.timer"
@@ -140,7 +141,7 @@ function sentinel.watch(owner)
     local handle = { closed = false }
     local name = tostring(owner:setting("master_name"))
     local function run()
-        local backoff = 100
+        local delays = backoff.new { min_ms = 100, max_ms = 2000 }
         while not handle.closed do
             local lost = false
             for _, s in ipairs(ordered(owner)) do
@@ -163,7 +164,7 @@ function sentinel.watch(owner)
                         if master == name then sentinel.on_switch(owner, host, tonumber(port)) end
                     end)
                     conn:send_pubsub("SUBSCRIBE", "+switch-master")
-                    backoff = 100
+                    delays:reset()
                     while not handle.closed and not lost do
                         handle.sleeping = true
                         timer.sleep(60000)
@@ -175,9 +176,8 @@ function sentinel.watch(owner)
             end
             if handle.closed then return end
             handle.sleeping = true
-            timer.sleep(backoff)
+            timer.sleep(delays:next())
             handle.sleeping = false
-            backoff = math.min(backoff * 2, 2000)
         end
     end
     handle.task = scheduler.spawn(run)
