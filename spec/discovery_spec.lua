@@ -148,7 +148,7 @@ describe("calling services by name", function()
                 return calls_meter(service, victim_id, "connect") + calls_meter(service, victim_id, "error")
                     + calls_meter(service, victim_id, "protocol")
             end
-            local after_departure = 0
+            local after_departure, before_departure = 0, 0
             assert(wait_until(function()
                 local id, call_err = whoami(svc.web, service)
                 calls = calls + 1
@@ -159,16 +159,20 @@ describe("calling services by name", function()
                 if not open_at_failures and pool:state(victim_id) == "open" then
                     open_at_failures = victim_failures()
                 end
-                if not departed_at_failures and not pool.instances[victim_id] then
-                    departed_at_failures = victim_failures()
+                -- its series go when it leaves the registry: read them while it is there
+                if pool.instances[victim_id] then
+                    before_departure = victim_failures()
+                elseif not departed_at_failures then
+                    departed_at_failures = before_departure
                 end
                 if departed_at_failures then after_departure = after_departure + 1 end
                 return after_departure >= 50   -- 50 calls after its lease expired
             end, 30000), "the killed instance never left the registry")
             figures.calls_during_kill, figures.failed_during_kill = calls, failed
-            figures.victim_failures = victim_failures()
-            figures.failures_after_open = victim_failures() - (open_at_failures or 0)
-            figures.failures_after_departure = victim_failures() - departed_at_failures
+            -- after the departure its series are gone: any count now is a call made after it
+            figures.victim_failures = departed_at_failures + victim_failures()
+            figures.failures_after_open = figures.victim_failures - (open_at_failures or 0)
+            figures.failures_after_departure = victim_failures()
 
             -- a fourth instance gets calls once it registers
             instances[4] = start_instance(service)
@@ -254,6 +258,35 @@ describe("calling services by name", function()
             server:close()
             running:stop()
             client:delete(key)
+        end)
+    end)
+
+    it("drops an instance's call series when the instance leaves the registry", function()
+        local service = unique("leaving")
+        local port = net.free_port()
+        local client = etcd.new { host = HOST, port = PORT }
+        testing.run(function()
+            local key = "/system/discovery/" .. service .. "/gone"
+            assert(client:put(key, cjson.encode({ host = "127.0.0.1", port = port })))
+            local server = tiny_server(port)
+            local svc, running = start_caller()
+            assert.equal(200, (svc.web:get("tamarco://" .. service .. "/")))
+            local family = metrics.counter("http_client_service_calls_total", {
+                help = "Calls to other services by name, per target service, instance and outcome" }).family
+            local function series_of_instance()
+                local n = 0
+                for _, s in pairs(family.children) do
+                    if s.label_set.target == service and s.label_set.instance == "gone" then n = n + 1 end
+                end
+                return n
+            end
+            assert.equal(1, series_of_instance())
+            assert(client:delete(key))
+            local pool = svc.web._discovery.pools[service]
+            assert.is_truthy(wait_until(function() return pool:count() == 0 end, 5000), "the departure was not seen")
+            assert.equal(0, series_of_instance())
+            server:close()
+            running:stop()
         end)
     end)
 

@@ -13,6 +13,7 @@
 -- seen within milliseconds of etcd's change, no etcd round trip per call).
 -- An instance is { id, url, info } where url is "http://host:port" from its
 -- registered value (or its `endpoints[endpoint]` when asked for one).
+-- `pool.on_departed(instance)`, when set, hears of each instance that left.
 --
 -- CIRCUIT BREAKER, per instance: `failures_to_open` (3) failures in a row
 -- open it — a refused connection opens it at once (nothing listens there) —
@@ -83,8 +84,7 @@ function Directory:service(name)
             for _, e in ipairs(events) do
                 local id = e.key:sub(#prefix + 1)
                 if e.type == "DELETE" then
-                    pool.instances[id] = nil
-                    pool.breakers[id] = nil
+                    pool:_depart(id)
                 else
                     pool.instances[id] = decode(e, prefix)
                 end
@@ -121,11 +121,23 @@ function Pool:_fill(kvs)
         local instance = decode(kv, self.prefix)
         if instance then instances[instance.id] = instance end
     end
+    for id in pairs(self.instances) do
+        if not instances[id] then self:_depart(id) end
+    end
     for id in pairs(self.breakers) do
         if not instances[id] then self.breakers[id] = nil end
     end
     self.instances = instances
     self:_reorder()
+end
+
+-- an instance left the registry: forget it, and tell on_departed (the
+-- caller's hook, e.g. to drop the instance's metric series)
+function Pool:_depart(id)
+    local instance = self.instances[id]
+    self.instances[id] = nil
+    self.breakers[id] = nil
+    if instance and self.on_departed then self.on_departed(instance) end
 end
 
 function Pool:_reorder()

@@ -253,6 +253,13 @@ local function count_call(name, instance, outcome)
     meter:inc()
 end
 
+-- an instance that left the registry takes its series with it: restarts
+-- give new instance ids, which would otherwise add series without end
+local function forget_meters(instance)
+    for _, meter in pairs(instance.meters or {}) do meter:remove() end
+    instance.meters = nil
+end
+
 local function instance_url(instance, endpoint)
     if endpoint then
         local endpoints = instance.info.endpoints
@@ -275,6 +282,7 @@ function HttpClient:_request_service(opts)
     local pool
     pool, err = directory:service(name)
     if not pool then return nil, err, "no_instance" end
+    pool.on_departed = forget_meters
     local method = (opts.method or "GET"):upper()
     local retry = opts.retry
     if retry == nil then retry = IDEMPOTENT[method] or false end

@@ -131,9 +131,20 @@ local function labels_method(self, extra)
     return child
 end
 
+-- Drops this series from its family: it is no longer exposed (a label
+-- value that will not come back, e.g. an instance that left). A meter kept
+-- and used again after this counts on its own, unexposed.
+local function remove_method(self)
+    local family = self.family
+    if family.children[self.label_str] == self then
+        family.children[self.label_str] = nil
+        family.sorted = nil
+    end
+end
+
 local function new_class(kind)
     -- a series' own labels are in `self.label_set` (name -> string value)
-    local class = { kind = kind, labels = labels_method }
+    local class = { kind = kind, labels = labels_method, remove = remove_method }
     class.__index = class
     return class
 end
