@@ -71,6 +71,28 @@ describe("debug tasks", function()
         end)
     end)
 
+    it("lists the longest-waiting tasks up to a limit and counts the others by what they wait on", function()
+        testing.run(function()
+            local group = tasks.group()
+            local old = group:spawn("oldest", function() tasks.sleep(60000) end)
+            tasks.sleep(30)   -- the others start waiting later
+            for i = 1, 50 do group:spawn("young" .. i, function() tasks.sleep(60000) end) end
+            tasks.sleep(5)
+            local all = debug_tasks.snapshot(nil, { tracebacks = false })
+            local entries, omitted = debug_tasks.snapshot(nil, { tracebacks = false, limit = 10 })
+            assert.are.equal(10, #entries)
+            assert.are.equal(#all - 10, omitted.count)
+            assert.is_true(omitted.by_wait.sleep >= 40)
+            assert.is_truthy(entry_of(entries, old), "the longest wait is not listed")
+            assert.matches("^%d+ more not listed %(waiting shortest%): .*sleep %d+",
+                debug_tasks.describe_omitted(omitted))
+            assert.matches("more not listed", debug_tasks.to_text(entries, omitted), 1, true)
+            assert.is_nil(select(2, debug_tasks.snapshot(nil, { tracebacks = false, limit = #all + 5 })))
+            group:cancel_all()
+            assert(group:wait(2000))
+        end)
+    end)
+
     it("keeps the book-keeping right through thousands of waits that come and go", function()
         testing.run(function()
             local before = scheduler.stats().waits   -- waits of other specs' tasks

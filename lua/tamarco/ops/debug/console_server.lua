@@ -102,7 +102,7 @@ end
 
 builtins.tasks = function(session)
     local debug_tasks = require "tamarco.ops.debug.tasks"
-    return debug_tasks.to_text(debug_tasks.snapshot(session:service()))
+    return debug_tasks.to_text(debug_tasks.snapshot(session:service(), { limit = 1000 }))
 end
 
 builtins.heap = function(session)

@@ -2,7 +2,8 @@
 --
 --   GET /debug/                 HTML page: tasks table, heap figures, "profile 10 s"
 --   GET /debug/tasks            JSON (?format=text: a goroutine-style dump;
---                               ?tracebacks=0: without tracebacks, cheaper)
+--                               ?tracebacks=0: without tracebacks, cheaper;
+--                               ?limit=N: the N longest-waiting (1000; 0: all))
 --   GET /debug/profile?seconds=N[&mode=f|l][&format=folded]   flame graph SVG
 --   GET /debug/heap             JSON (?format=text)
 --   GET /debug/settings         JSON (?format=text; ?key=prefix)
@@ -68,11 +69,22 @@ local function guard(svc, handler)
     end
 end
 
+-- How many coroutines a page lists by default (?limit=N, 0 for all): the
+-- ones that have waited longest, the others counted by what they wait on.
+local TASKS_LIMIT = 1000
+
+local function tasks_limit(req, default)
+    local limit = tonumber(req.query.limit)
+    if limit == 0 then return nil end
+    return limit and math.max(1, math.floor(limit)) or default
+end
+
 local function tasks_page(svc, req)
     -- ?tracebacks=0: the cheap listing (no traceback string per task)
-    local entries = debug_tasks.snapshot(svc, { tracebacks = req.query.tracebacks ~= "0" })
+    local entries, omitted = debug_tasks.snapshot(svc, { tracebacks = req.query.tracebacks ~= "0",
+        limit = tasks_limit(req, TASKS_LIMIT) })
     if req.query.format == "text" then
-        return 200, debug_tasks.to_text(entries), { ["Content-Type"] = TEXT }
+        return 200, debug_tasks.to_text(entries, omitted), { ["Content-Type"] = TEXT }
     end
     local list = {}
     for i, e in ipairs(entries) do
@@ -83,7 +95,8 @@ local function tasks_page(svc, req)
         e.traceback = nil
         list[i] = e
     end
-    return json({ service = svc.name, count = #list, tasks = tamarco_json.array(list) })
+    return json({ service = svc.name, count = #list + (omitted and omitted.count or 0),
+        tasks = tamarco_json.array(list), omitted = omitted })
 end
 
 local function profile_page(svc, req)
@@ -135,7 +148,7 @@ button{font-size:14px} nav a{margin-right:1em} #flame svg{max-width:100%;height:
 ]]
 
 local function html_page(svc, req, state)
-    local entries = debug_tasks.snapshot(svc)
+    local entries, omitted = debug_tasks.snapshot(svc, { limit = tasks_limit(req, TASKS_LIMIT) })
     local figures = heap.figures(svc)
     local out = {
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" .. escape(svc.name) .. " — debug</title>",
@@ -164,8 +177,10 @@ local function html_page(svc, req, state)
     row("pending waits", figures.scheduler.waits)
     row("ready to resume", figures.scheduler.ready)
     out[#out + 1] = "</table>"
-    out[#out + 1] = ("<h2>Tasks (%d)</h2><table id='tasks'><tr><th>kind</th><th>name</th><th>state</th>"
-        .. "<th>waits on</th><th>for (ms)</th><th>traceback</th></tr>"):format(#entries)
+    out[#out + 1] = ("<h2>Tasks (%d)</h2>"):format(#entries + (omitted and omitted.count or 0))
+    if omitted then out[#out + 1] = "<p id='omitted'>" .. escape(debug_tasks.describe_omitted(omitted)) .. "</p>" end
+    out[#out + 1] = "<table id='tasks'><tr><th>kind</th><th>name</th><th>state</th>"
+        .. "<th>waits on</th><th>for (ms)</th><th>traceback</th></tr>"
     for _, e in ipairs(entries) do
         out[#out + 1] = ("<tr class='task'><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td class='num'>%s</td>"
             .. "<td><pre>%s</pre></td></tr>"):format(escape(e.kind), escape(e.name), escape(e.state),

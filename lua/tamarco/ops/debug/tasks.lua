@@ -70,17 +70,38 @@ local function round(ms)
     return math.floor(ms + 0.5)
 end
 
+-- The `limit` items that have waited longest (a stuck task is what one
+-- looks for), and a count by wait of the others: naming a coroutine walks
+-- its stack, and 10 000 walks would hold the loop for a noticeable time.
+local function longest_waiting(items, limit)
+    if not limit or #items <= limit then return items, nil end
+    table.sort(items, function(a, b) return (a.waited_ms or -1) > (b.waited_ms or -1) end)
+    local shown, omitted = {}, { count = #items - limit, by_wait = {} }
+    for i, item in ipairs(items) do
+        if i <= limit then
+            shown[i] = item
+        else
+            local wait = item.wait or item.state
+            omitted.by_wait[wait] = (omitted.by_wait[wait] or 0) + 1
+        end
+    end
+    return shown, omitted
+end
+
 --- debug_tasks.snapshot(svc[, options]) -> list of entries, sorted by kind
 -- and name: { id, kind ("task" | "timer" | "handler" | "coroutine" |
--- "thread"), name, state, wait, detail, waited_ms, remaining_ms, traceback }.
--- options.tracebacks = false leaves the tracebacks out.
+-- "thread"), name, state, wait, detail, waited_ms, remaining_ms, traceback },
+-- and nil or what was left out: { count, by_wait = { wait = count } }.
+-- options.tracebacks = false leaves the tracebacks out; options.limit
+-- lists only that many coroutines (those that have waited longest).
 function debug_tasks.snapshot(svc, options)
     options = options or {}
     local with_tracebacks = options.tracebacks ~= false
     local names = tasks_module.names
     local task_kinds = svc and svc.task_names or {}
     local entries = {}
-    for _, item in ipairs(scheduler.list()) do
+    local items, omitted = longest_waiting(scheduler.list(), options.limit)
+    for _, item in ipairs(items) do
         local co = item.co
         local name, kind = names[co], nil
         if name then
@@ -114,7 +135,16 @@ function debug_tasks.snapshot(svc, options)
         if a.name ~= b.name then return a.name < b.name end
         return a.id < b.id
     end)
-    return entries
+    return entries, omitted
+end
+
+--- A line saying what a limited snapshot left out, or nil.
+function debug_tasks.describe_omitted(omitted)
+    if not omitted then return nil end
+    local waits = {}
+    for wait, n in pairs(omitted.by_wait) do waits[#waits + 1] = ("%s %d"):format(wait, n) end
+    table.sort(waits)
+    return ("%d more not listed (waiting shortest): %s"):format(omitted.count, table.concat(waits, ", "))
 end
 
 --- A one-line description of what an entry waits on.
@@ -126,9 +156,14 @@ function debug_tasks.describe_wait(entry)
     return table.concat(parts, " ")
 end
 
---- Text form, like Go's goroutine dump: one block per entry.
-function debug_tasks.to_text(entries)
-    local out = { ("%d live tasks, handlers and threads"):format(#entries), "" }
+--- Text form, like Go's goroutine dump: one block per entry (and a line for
+-- what a limited snapshot left out).
+function debug_tasks.to_text(entries, omitted)
+    local out = { ("%d live tasks, handlers and threads"):format(#entries + (omitted and omitted.count or 0)), "" }
+    if omitted then
+        out[#out + 1] = debug_tasks.describe_omitted(omitted)
+        out[#out + 1] = ""
+    end
     for _, e in ipairs(entries) do
         local head = ("%s %s [%s] %s"):format(e.kind, e.name, e.id, e.state)
         if e.wait then
