@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #define BUF_MT "tamarco.log.buf"
+#define LAYOUT_MT "tamarco.log.layout"
 #define FILE_MT "tamarco.log.file"
 
 /* ---- the encoding buffer ----
@@ -26,6 +27,12 @@
 static int buf_gc(lua_State *L)
 {
     tamarco_buf_free(lua_touserdata(L, 1));
+    return 0;
+}
+
+static int layout_gc(lua_State *L)
+{
+    tamarco_logstash_layout_free(lua_touserdata(L, 1));
     return 0;
 }
 
@@ -79,9 +86,13 @@ static int l_encode_logstash(lua_State *L)
     if (!lua_isnoneornil(L, 5))
         luaL_checktype(L, 5, LUA_TTABLE);
 
+    /* the layout of this call, in the memory of the last one */
+    tamarco_logstash_layout *layout = lua_touserdata(L, lua_upvalueindex(2));
+    if (!tamarco_logstash_layout_set(layout, L, version, host, host_len, type, type_len,
+                                     lua_istable(L, 5) ? 5 : 0))
+        return luaL_error(L, "tamarco.c.log: out of memory while encoding a record");
     tamarco_buf *b = scratch(L);
-    tamarco_log_logstash(b, L, 1, version, host, host_len, type, type_len,
-                         lua_istable(L, 5) ? 5 : 0);
+    tamarco_log_logstash(b, L, 1, layout);
     return push_scratch(L, b);
 }
 
@@ -204,6 +215,24 @@ static int l_format_text(lua_State *L)
             tamarco_buf_adds(b, "\x1b[0m");
     }
     return push_scratch(L, b);
+}
+
+/* caller(level) -> source_path, line | nothing: where the function `level`
+ * frames up the stack (1: the one calling caller) is: its file (the chunk
+ * name without its '@', else the short source) and current line (nil when
+ * unknown). What debug.getinfo(level, "Sl") says, without making its table:
+ * logging asks for every record. */
+static int l_caller(lua_State *L)
+{
+    lua_Debug ar;
+    if (!lua_getstack(L, luaL_checkint(L, 1), &ar) || !lua_getinfo(L, "Sl", &ar))
+        return 0;
+    lua_pushstring(L, ar.source[0] == '@' ? ar.source + 1 : ar.short_src);
+    if (ar.currentline > 0)
+        lua_pushinteger(L, ar.currentline);
+    else
+        lua_pushnil(L);
+    return 2;
 }
 
 /* timestamp(seconds) -> "2026-11-29T10:00:00.123Z" (UTC). */
@@ -564,6 +593,7 @@ int luaopen_tamarco_c_log(lua_State *L)
         {"encode_logstash", l_encode_logstash},
         {"format_text", l_format_text},
         {"timestamp", l_timestamp},
+        {"caller", l_caller},
         {"open_file", l_open_file},
         {NULL, NULL},
     };
@@ -579,14 +609,20 @@ int luaopen_tamarco_c_log(lua_State *L)
     };
 
     tamarco_class_register(L, BUF_MT, NULL, buf_gc, NULL);
+    tamarco_class_register(L, LAYOUT_MT, NULL, layout_gc, NULL);
     tamarco_class_register(L, FILE_MT, file_methods, l_file_close, l_file_tostring);
 
-    /* the functions share one encoding buffer, their upvalue */
+    /* the functions share one encoding buffer and one logstash layout,
+     * their upvalues */
     lua_newtable(L);
     tamarco_buf *b = lua_newuserdata(L, sizeof *b);
     tamarco_buf_init(b);
     luaL_getmetatable(L, BUF_MT);
     lua_setmetatable(L, -2);
-    luaL_openlib(L, NULL, funcs, 1);
+    tamarco_logstash_layout *layout = lua_newuserdata(L, sizeof *layout);
+    tamarco_logstash_layout_init(layout);
+    luaL_getmetatable(L, LAYOUT_MT);
+    lua_setmetatable(L, -2);
+    luaL_openlib(L, NULL, funcs, 2);
     return 1;
 }

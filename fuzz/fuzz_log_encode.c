@@ -26,6 +26,9 @@ static void must_decode(lua_State *L, tamarco_buf *b, const char *what)
     lua_pop(L, 2);
 }
 
+/* Reused by every run (its memory stays reachable, not leaked). */
+static tamarco_logstash_layout layout;
+
 /* Runs protected: memory errors of the Lua state unwind to lua_cpcall. */
 static int encode_all(lua_State *L)
 {
@@ -54,8 +57,18 @@ static int encode_all(lua_State *L)
     tamarco_log_json_value(&b, L, 1, 0);
     if (!b.oom) must_decode(L, &b, "json value");
     b.len = 0;
-    tamarco_log_logstash(&b, L, 1, version, "fuzz-host", 9, "logstash", 8, tags);
-    if (!b.oom) must_decode(L, &b, "logstash record");
+    /* the sink's host: mostly a plain name, sometimes bytes of the input
+     * (invalid UTF-8 too, which v0's @source cannot escape ahead) */
+    const char *host = "fuzz-host";
+    size_t host_len = 9;
+    if (j->size > 2 && (j->data[0] & 2)) {
+        host = (const char *)j->data + 1;
+        host_len = j->data[1] % 8 < j->size - 1 ? j->data[1] % 8 : j->size - 1;
+    }
+    if (tamarco_logstash_layout_set(&layout, L, version, host, host_len, "logstash", 8, tags)) {
+        tamarco_log_logstash(&b, L, 1, &layout);
+        if (!b.oom) must_decode(L, &b, "logstash record");
+    }
     b.len = 0;
     tamarco_log_json_string(&b, (const char *)j->data, j->size);
     if (!b.oom) must_decode(L, &b, "json string");

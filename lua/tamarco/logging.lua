@@ -226,7 +226,7 @@ function logging.make_record(name, level_name, message, extra, traceback)
 end
 local make_record = logging.make_record
 
-local getinfo = debug.getinfo
+local caller = clog.caller
 
 -- Called by the logger methods only: level 3 is the code that logged.
 local function log(name, level_name, message, extra, traceback)
@@ -236,11 +236,10 @@ local function log(name, level_name, message, extra, traceback)
         return
     end
     if state.wants_source then
-        local info = getinfo(3, "Sl")
-        if info then
-            local source = info.source
-            record.source_path = source:sub(1, 1) == "@" and source:sub(2) or info.short_src
-            if info.currentline and info.currentline > 0 then record.source_line = info.currentline end
+        local path, line = caller(3)
+        if path then
+            record.source_path = path
+            record.source_line = line
         end
     end
     dispatch(record)

@@ -11,27 +11,28 @@ local log_udp = require "tamarco.c.log_udp"
 
 local udp = {}
 
--- A sender to host (a name is resolved once, at configuration).
-local function open_sender(host, port)
-    local sender = log_udp.open(host, port)
+-- A sender to host:port writing records in the given layout (a name is
+-- resolved once, at configuration).
+local function open_sender(host, port, version, source_host, message_type, tags)
+    local sender = log_udp.open(host, port, version, source_host, message_type, tags)
     if sender then return sender end
     local infos = require("luv").getaddrinfo(host, tostring(port), { socktype = "dgram" })
     if type(infos) ~= "table" or not infos[1] then
         error("logstash sink: cannot resolve " .. tostring(host), 0)
     end
-    return assert(log_udp.open(infos[1].addr, port))
+    return assert(log_udp.open(infos[1].addr, port, version, source_host, message_type, tags))
 end
 
 --- udp.new(section[, defaults]): defaults.version is the version when the
 -- section has none (Tamarco read `system.logging.version` for this sink).
+-- The host, type and tags written in every record are encoded once, here.
 function udp.new(section, defaults)
     local host, port = section.host or "127.0.0.1", section.port or 5959
     local version = require("tamarco.log_sinks").logstash_version(section, "logstash",
         defaults and defaults.version or 1)
     local source_host = require("tamarco.log_sinks").host_name(section)
-    local message_type = section.message_type or "logstash"
-    local tags = section.tags or {}
-    local sender = open_sender(host, port)
+    local sender = open_sender(host, port, version, source_host, section.message_type or "logstash",
+        section.tags or {})
     local dropped = require("tamarco.log_sinks.queue").dropped_counter("logstash")
     local sink = { name = "logstash", wants_source = true }
 
@@ -39,7 +40,8 @@ function udp.new(section, defaults)
         if lost > 0 then dropped:inc(lost) end
     end
     function sink:emit(record)
-        count(sender:send_logstash(record, version, source_host, message_type, tags))
+        local lost = sender:send_logstash(record)
+        if lost > 0 then dropped:inc(lost) end
     end
     function sink:flush()
         count(sender:flush())
