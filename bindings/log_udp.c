@@ -146,25 +146,57 @@ static int send_batch(udp_sender *s)
     return dropped;
 }
 
-/* sender:send_logstash(record) -> dropped
- * Encodes the record in the sender's layout into the batch; sends the batch
- * when full. dropped: datagrams lost in that send (0 mostly). */
-static int l_send_logstash(lua_State *L)
+/* Adds the datagram encoded after the batch's last one; sends the batch
+ * when full. Returns the datagrams lost in that send (0 mostly). */
+static int commit_datagram(lua_State *L, udp_sender *s)
 {
-    udp_sender *s = check_sender(L);
-    luaL_checktype(L, 2, LUA_TTABLE);
-    if (s->fd < 0)
-        return luaL_error(L, "udp sender is closed");
-    /* a memory error may have unwound an earlier call halfway */
-    s->data.len = s->count ? s->ends[s->count - 1] : 0;
-    tamarco_log_logstash(&s->data, L, 2, &s->layout);
     if (s->data.oom) {
         s->data.oom = 0;
         s->data.len = s->count ? s->ends[s->count - 1] : 0;
         return luaL_error(L, "udp: out of memory while encoding a record");
     }
     s->ends[s->count++] = s->data.len;
-    lua_pushinteger(L, s->count == BATCH ? send_batch(s) : 0);
+    return s->count == BATCH ? send_batch(s) : 0;
+}
+
+/* The sender at 1, open, its batch buffer holding whole datagrams only (a
+ * memory error may have unwound an earlier call halfway). */
+static udp_sender *open_sender(lua_State *L)
+{
+    udp_sender *s = check_sender(L);
+    if (s->fd < 0)
+        luaL_error(L, "udp sender is closed");
+    s->data.len = s->count ? s->ends[s->count - 1] : 0;
+    return s;
+}
+
+/* sender:send_logstash(record) -> dropped
+ * Encodes the record in the sender's layout into the batch; sends the batch
+ * when full. dropped: datagrams lost in that send (0 mostly). */
+static int l_send_logstash(lua_State *L)
+{
+    luaL_checktype(L, 2, LUA_TTABLE);
+    udp_sender *s = open_sender(L);
+    tamarco_log_logstash(&s->data, L, 2, &s->layout);
+    lua_pushinteger(L, commit_datagram(L, s));
+    return 1;
+}
+
+/* sender:send_parts(timestamp, level, logger, message, extra, source_path,
+ *                   service_name, deploy_name, service_instance_id)
+ *   -> dropped | false
+ * The same datagram as send_logstash for the record with those fields,
+ * without its table (see tamarco_log_logstash_parts); false, sending
+ * nothing, when the parts need the record's table. */
+static int l_send_parts(lua_State *L)
+{
+    udp_sender *s = open_sender(L);
+    lua_settop(L, 10);
+    if (!tamarco_log_logstash_parts(&s->data, L, 2, &s->layout)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    lua_pushinteger(L, commit_datagram(L, s));
     return 1;
 }
 
@@ -201,6 +233,7 @@ int luaopen_tamarco_c_log_udp(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"send_logstash", l_send_logstash},
+        {"send_parts", l_send_parts},
         {"flush", l_flush},
         {"close", l_close},
         {NULL, NULL},

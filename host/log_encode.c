@@ -781,33 +781,17 @@ static void record_tags(tamarco_buf *b, lua_State *L, int value_idx, int n)
     tamarco_log_json_value(b, L, value_idx, 0);
 }
 
-void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
-                          const tamarco_logstash_layout *l)
+#define N_ROLES (FIELD_THREAD_NAME + 1)
+#define N_IDENTITY 3
+
+/* Writes a record: the values the layout places at the stack indexes in at
+ * (0: missing), the identity fields at identity (when given: the record
+ * is in parts, see tamarco_log_logstash_parts), then the first `extras`
+ * keys of f, whose values are in the table at idx. */
+static void write_record(tamarco_buf *b, lua_State *L, const tamarco_logstash_layout *l,
+                         const int at[N_ROLES], const int *identity,
+                         field_list *f, size_t extras, int idx)
 {
-    if (idx < 0 && idx > LUA_REGISTRYINDEX)
-        idx = lua_gettop(L) + idx + 1;
-    int base = lua_gettop(L);
-    field_list f;
-    /* room for the values of a big record looked up below, and a walk */
-    if (!lua_checkstack(L, 16) || !gather_fields(L, idx, 1, &f)) {
-        b->oom = 1;
-        return;
-    }
-
-    /* One look at each key: the fields the layout places are noted, the
-     * extra ones are kept (in place) to be sorted and written. */
-    int at[FIELD_THREAD_NAME + 1] = { 0 };   /* a value's stack index per role */
-    size_t extras = 0;
-    for (size_t i = 0; i < f.n; i++) {
-        int role = field_role(&f.keys[i]);
-        if (role != FIELD_EXTRA)
-            at[role] = field_value(L, idx, &f.keys[i]);
-        if (role == FIELD_EXTRA || role >= FIELD_TRACEBACK) {
-            f.keys[i].role = role;
-            f.keys[extras++] = f.keys[i];
-        }
-    }
-
     size_t ts_len, msg_len, level_len, logger_len, path_len;
     char now[40];
     const char *ts = string_value(L, at[FIELD_TIMESTAMP], NULL, &ts_len);
@@ -848,10 +832,22 @@ void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
     part(b, l, PART_LOGGER);
     tamarco_log_json_string(b, logger, logger_len);
 
-    /* the extra fields (@fields in v0, the top level in v1) */
-    sort_keys(f.keys, extras);
+    /* the extra fields (@fields in v0, the top level in v1): a record in
+     * parts has its identity fields apart, and they sort first anyway */
+    static const char *const identity_names[N_IDENTITY] = {
+        "service_name", "deploy_name", "service_instance_id",
+    };
+    for (int i = 0; identity && i < N_IDENTITY; i++) {
+        if (!identity[i])
+            continue;
+        tamarco_buf_addc(b, ',');
+        tamarco_log_json_string(b, identity_names[i], strlen(identity_names[i]));
+        tamarco_buf_addc(b, ':');
+        field_json(b, L, identity[i]);
+    }
+    sort_keys(f->keys, extras);
     for (size_t i = 0; i < extras; i++) {
-        const json_key *k = &f.keys[i];
+        const json_key *k = &f->keys[i];
         const char *key = KEY_TEXT(k);
         tamarco_buf_addc(b, ',');
         if (k->role == FIELD_TRACEBACK) {
@@ -887,5 +883,88 @@ void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
             tamarco_buf_adds(b, ",\"thread_name\":\"MainThread\"");
     }
     tamarco_buf_add(b, l->version == 0 ? "}}" : "}", l->version == 0 ? 2 : 1);
+}
+
+void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
+                          const tamarco_logstash_layout *l)
+{
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    int base = lua_gettop(L);
+    field_list f;
+    /* room for the values of a big record looked up below, and a walk */
+    if (!lua_checkstack(L, 16) || !gather_fields(L, idx, 1, &f)) {
+        b->oom = 1;
+        return;
+    }
+    /* One look at each key: the fields the layout places are noted, the
+     * extra ones are kept (in place) to be sorted and written. */
+    int at[N_ROLES] = { 0 };
+    size_t extras = 0;
+    for (size_t i = 0; i < f.n; i++) {
+        int role = field_role(&f.keys[i]);
+        if (role != FIELD_EXTRA)
+            at[role] = field_value(L, idx, &f.keys[i]);
+        if (role == FIELD_EXTRA || role >= FIELD_TRACEBACK) {
+            f.keys[i].role = role;
+            f.keys[extras++] = f.keys[i];
+        }
+    }
+    write_record(b, L, l, at, NULL, &f, extras, idx);
     lua_settop(L, base);
+}
+
+int tamarco_log_logstash_parts(tamarco_buf *b, lua_State *L, int first,
+                               const tamarco_logstash_layout *l)
+{
+    enum { TS, LEVEL, LOGGER, MESSAGE, EXTRA, SOURCE_PATH, IDENTITY };
+    int base = lua_gettop(L);
+    for (int i = TS; i <= MESSAGE; i++)
+        if (lua_type(L, first + i) != LUA_TSTRING)
+            return 0;
+    int at[N_ROLES] = { 0 };
+    at[FIELD_TIMESTAMP] = first + TS;
+    at[FIELD_LEVEL] = first + LEVEL;
+    at[FIELD_LOGGER] = first + LOGGER;
+    at[FIELD_MESSAGE] = first + MESSAGE;
+    if (!lua_isnil(L, first + SOURCE_PATH))
+        at[FIELD_SOURCE_PATH] = first + SOURCE_PATH;
+    int identity[N_IDENTITY];
+    for (int i = 0; i < N_IDENTITY; i++)
+        identity[i] = lua_isnil(L, first + IDENTITY + i) ? 0 : first + IDENTITY + i;
+
+    field_list f;
+    f.keys = f.small;
+    f.n = 0;
+    size_t extras = 0;
+    int extra = first + EXTRA;
+    if (lua_istable(L, extra)) {
+        if (!lua_checkstack(L, 16) || !gather_fields(L, extra, 1, &f)) {
+            b->oom = 1;
+            return 1;
+        }
+        /* Its keys become record fields as they are, unless a key is not a
+         * string or names a field the record has or the layout places
+         * (the record then has a field of another name, or none, or one
+         * the layout puts elsewhere): such parts need the record's table. */
+        for (size_t i = 0; i < f.n; i++) {
+            int role = field_role(&f.keys[i]);
+            if (f.keys[i].type != LUA_TSTRING || f.keys[i].rank != N_STANDARD ||
+                (role != FIELD_EXTRA && role != FIELD_TAGS && role < FIELD_LINENO)) {
+                lua_settop(L, base);
+                return 0;
+            }
+            if (role == FIELD_TAGS) {
+                at[FIELD_TAGS] = field_value(L, extra, &f.keys[i]);
+                continue;
+            }
+            f.keys[i].role = role;
+            f.keys[extras++] = f.keys[i];
+        }
+    } else if (!lua_isnil(L, extra)) {
+        return 0;
+    }
+    write_record(b, L, l, at, identity, &f, extras, extra);
+    lua_settop(L, base);
+    return 1;
 }

@@ -90,4 +90,15 @@ void tamarco_logstash_layout_free(tamarco_logstash_layout *layout);
 void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
                           const tamarco_logstash_layout *layout);
 
+/* The same bytes for a record given in parts instead of a table: the values
+ * at first .. first + 8 are its @timestamp, level, logger and message
+ * (strings), its extra fields (a table or nil), source_path, service_name,
+ * deploy_name and service_instance_id (each may be nil). The extra fields
+ * are taken as the record has them: the caller has masked what needed it.
+ * Returns 0, writing nothing, for parts a table would hold differently (a
+ * non-string key, or one naming a standard field, traceback or source_*):
+ * encode the record's table then. */
+int tamarco_log_logstash_parts(tamarco_buf *b, lua_State *L, int first,
+                               const tamarco_logstash_layout *layout);
+
 #endif

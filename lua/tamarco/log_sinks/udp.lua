@@ -3,7 +3,9 @@
 --
 -- No queue and no sender task: emit() encodes the record in C into a batch
 -- of up to 64 datagrams, sent with one sendmmsg(2) when full and at the end
--- of every loop turn. The socket is non-blocking: what the kernel cannot
+-- of every loop turn. emit_parts() writes the same datagram from the
+-- record's parts, without its table (tamarco.logging uses it while every
+-- active sink has one). The socket is non-blocking: what the kernel cannot
 -- take now is dropped and counted in logging_dropped_records_total, never
 -- waited for. The batch bounds the memory (queue_size does not apply).
 local logging = require "tamarco.logging"
@@ -42,6 +44,13 @@ function udp.new(section, defaults)
     function sink:emit(record)
         local lost = sender:send_logstash(record)
         if lost > 0 then dropped:inc(lost) end
+    end
+    -- the same datagram from the record's parts (see tamarco.logging)
+    function sink:emit_parts(...)
+        local lost = sender:send_parts(...)
+        if not lost then return false end
+        if lost > 0 then dropped:inc(lost) end
+        return true
     end
     function sink:flush()
         count(sender:flush())
