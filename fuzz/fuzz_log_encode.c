@@ -2,11 +2,13 @@
  * JSON lines and the logstash v0/v1 layouts, fed arbitrary records built
  * from the fuzz bytes (fuzz_push_value), and its JSON string escaping fed
  * the raw bytes. Whatever the record holds, the output must be JSON that
- * the strict decoder (tamarco.c.codec's json_decode) accepts. */
+ * the strict decoder (tamarco.c.codec's json_decode) accepts, and a record
+ * given in parts must encode as its table does. */
 #include "fuzz_lua.h"
 #include "log_encode.h"
 
 #include <lauxlib.h>
+#include <stdio.h>
 #include <string.h>
 
 typedef struct job {
@@ -28,6 +30,58 @@ static void must_decode(lua_State *L, tamarco_buf *b, const char *what)
 
 /* Reused by every run (its memory stays reachable, not leaked). */
 static tamarco_logstash_layout layout;
+
+/* The table at 1 as the extra fields of a record given in parts: when the
+ * parts encoder takes them, it must write the bytes the record's table
+ * gives. */
+static void same_in_parts(lua_State *L, tamarco_buf *b, int with_source)
+{
+    int first = lua_gettop(L) + 1;
+    lua_pushliteral(L, "2026-11-30T10:00:00.000Z");
+    lua_pushliteral(L, "INFO");
+    lua_pushliteral(L, "fuzz.logger");
+    lua_pushliteral(L, "a message");
+    lua_pushvalue(L, 1);
+    if (with_source)
+        lua_pushliteral(L, "/srv/fuzz.lua");
+    else
+        lua_pushnil(L);
+    lua_pushliteral(L, "svc");
+    lua_pushnil(L);   /* no deploy_name */
+    lua_pushliteral(L, "i-1");
+    if (!tamarco_log_logstash_parts(b, L, first, &layout) || b->oom) {
+        lua_settop(L, first - 1);
+        return;
+    }
+    /* the record: the extra fields, then the parts' own */
+    static const char *const names[] = {
+        "@timestamp", "level", "logger", "message", NULL, "source_path",
+        "service_name", "deploy_name", "service_instance_id",
+    };
+    lua_newtable(L);
+    int record = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, record);
+    }
+    for (int i = 0; i < 9; i++) {
+        if (names[i]) {
+            lua_pushvalue(L, first + i);
+            lua_setfield(L, record, names[i]);
+        }
+    }
+    tamarco_buf whole;
+    tamarco_buf_init(&whole);
+    tamarco_log_logstash(&whole, L, record, &layout);
+    if (!whole.oom && (whole.len != b->len || memcmp(whole.data, b->data, b->len) != 0)) {
+        fprintf(stderr, "in parts: %s\n", tamarco_buf_cstr(b));
+        fuzz_fail("a record in parts encodes differently from its table", tamarco_buf_cstr(&whole));
+    }
+    tamarco_buf_free(&whole);
+    lua_settop(L, first - 1);
+}
 
 /* Runs protected: memory errors of the Lua state unwind to lua_cpcall. */
 static int encode_all(lua_State *L)
@@ -58,7 +112,7 @@ static int encode_all(lua_State *L)
     if (!b.oom) must_decode(L, &b, "json value");
     b.len = 0;
     /* the sink's host: mostly a plain name, sometimes bytes of the input
-     * (invalid UTF-8 too, which v0's @source cannot escape ahead) */
+     * (invalid UTF-8 too: v0 escapes "<type>://<host>/" once, ahead) */
     const char *host = "fuzz-host";
     size_t host_len = 9;
     if (j->size > 2 && (j->data[0] & 2)) {
@@ -68,6 +122,8 @@ static int encode_all(lua_State *L)
     if (tamarco_logstash_layout_set(&layout, L, version, host, host_len, "logstash", 8, tags)) {
         tamarco_log_logstash(&b, L, 1, &layout);
         if (!b.oom) must_decode(L, &b, "logstash record");
+        b.len = 0;
+        same_in_parts(L, &b, j->size > 1 && (j->data[1] & 1));
     }
     b.len = 0;
     tamarco_log_json_string(&b, (const char *)j->data, j->size);
