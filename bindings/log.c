@@ -96,6 +96,22 @@ static int l_encode_logstash(lua_State *L)
     return push_scratch(L, b);
 }
 
+/* encode_json_parts(timestamp, level, logger, message, extra, source_path,
+ *                   source_line, service_name, deploy_name,
+ *                   service_instance_id) -> JSON line | false
+ * encode_json of the record with those fields, without its table (see
+ * log_encode.h); false when the parts need the table. */
+static int l_encode_json_parts(lua_State *L)
+{
+    lua_settop(L, 10);
+    tamarco_buf *b = scratch(L);
+    if (!tamarco_log_json_parts(b, L, 1)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    return push_scratch(L, b);
+}
+
 /* ---- human text for DEVELOP ---- */
 
 static const char *level_color(const char *level)
@@ -518,6 +534,26 @@ static int l_file_write_json(lua_State *L)
     return push_write_result(L, f, commit_line(f, start));
 }
 
+/* file:write_json_parts(timestamp, level, logger, message, extra,
+ *     source_path, source_line, service_name, deploy_name,
+ *     service_instance_id) -> true | nil, message | false
+ * write_json of the record with those fields, without its table (see
+ * log_encode.h); false, writing nothing, when the parts need the table. */
+static int l_file_write_json_parts(lua_State *L)
+{
+    lua_settop(L, 11);
+    log_file *f = writable(L);
+    if (!f)
+        return 2;
+    size_t start = f->out.len;
+    if (!tamarco_log_json_parts(&f->out, L, 2)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    tamarco_buf_addc(&f->out, '\n');
+    return push_write_result(L, f, commit_line(f, start));
+}
+
 /* file:flush() -> true | nil, message: writes the buffered lines. */
 static int l_file_flush(lua_State *L)
 {
@@ -590,6 +626,7 @@ int luaopen_tamarco_c_log(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
         {"encode_json", l_encode_json},
+        {"encode_json_parts", l_encode_json_parts},
         {"encode_logstash", l_encode_logstash},
         {"format_text", l_format_text},
         {"timestamp", l_timestamp},
@@ -600,6 +637,7 @@ int luaopen_tamarco_c_log(lua_State *L)
     static const luaL_Reg file_methods[] = {
         {"write", l_file_write},
         {"write_json", l_file_write_json},
+        {"write_json_parts", l_file_write_json_parts},
         {"flush", l_file_flush},
         {"reopen", l_file_reopen},
         {"size", l_file_size},

@@ -183,15 +183,15 @@ static int l_send_logstash(lua_State *L)
 }
 
 /* sender:send_parts(timestamp, level, logger, message, extra, source_path,
- *                   service_name, deploy_name, service_instance_id)
- *   -> dropped | false
+ *                   source_line, service_name, deploy_name,
+ *                   service_instance_id) -> dropped | false
  * The same datagram as send_logstash for the record with those fields,
- * without its table (see tamarco_log_logstash_parts); false, sending
- * nothing, when the parts need the record's table. */
+ * without its table (see log_encode.h); false, sending nothing, when the
+ * parts need the record's table. */
 static int l_send_parts(lua_State *L)
 {
     udp_sender *s = open_sender(L);
-    lua_settop(L, 10);
+    lua_settop(L, 11);
     if (!tamarco_log_logstash_parts(&s->data, L, 2, &s->layout)) {
         lua_pushboolean(L, 0);
         return 1;

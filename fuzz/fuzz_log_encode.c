@@ -31,10 +31,20 @@ static void must_decode(lua_State *L, tamarco_buf *b, const char *what)
 /* Reused by every run (its memory stays reachable, not leaked). */
 static tamarco_logstash_layout layout;
 
-/* The table at 1 as the extra fields of a record given in parts: when the
- * parts encoder takes them, it must write the bytes the record's table
- * gives. */
-static void same_in_parts(lua_State *L, tamarco_buf *b, int with_source)
+/* Fails unless got (made from a record's parts) is whole (made from its table). */
+static void must_match(tamarco_buf *got, tamarco_buf *whole, const char *what)
+{
+    if (got->oom || whole->oom)
+        return;
+    if (whole->len != got->len || memcmp(whole->data, got->data, got->len) != 0) {
+        fprintf(stderr, "in parts: %s\n", tamarco_buf_cstr(got));
+        fuzz_fail(what, tamarco_buf_cstr(whole));
+    }
+}
+
+/* The table at 1 as the extra fields of a record given in parts: when an
+ * encoder takes them, it must write the bytes the record's table gives. */
+static void same_in_parts(lua_State *L, int with_source)
 {
     int first = lua_gettop(L) + 1;
     lua_pushliteral(L, "2026-11-30T10:00:00.000Z");
@@ -42,44 +52,53 @@ static void same_in_parts(lua_State *L, tamarco_buf *b, int with_source)
     lua_pushliteral(L, "fuzz.logger");
     lua_pushliteral(L, "a message");
     lua_pushvalue(L, 1);
-    if (with_source)
+    if (with_source) {
         lua_pushliteral(L, "/srv/fuzz.lua");
-    else
+        lua_pushinteger(L, 42);
+    } else {
         lua_pushnil(L);
+        lua_pushnil(L);
+    }
     lua_pushliteral(L, "svc");
     lua_pushnil(L);   /* no deploy_name */
     lua_pushliteral(L, "i-1");
-    if (!tamarco_log_logstash_parts(b, L, first, &layout) || b->oom) {
-        lua_settop(L, first - 1);
-        return;
-    }
-    /* the record: the extra fields, then the parts' own */
-    static const char *const names[] = {
-        "@timestamp", "level", "logger", "message", NULL, "source_path",
-        "service_name", "deploy_name", "service_instance_id",
-    };
-    lua_newtable(L);
-    int record = lua_gettop(L);
-    lua_pushnil(L);
-    while (lua_next(L, 1)) {
-        lua_pushvalue(L, -2);
-        lua_insert(L, -2);
-        lua_rawset(L, record);
-    }
-    for (int i = 0; i < 9; i++) {
-        if (names[i]) {
-            lua_pushvalue(L, first + i);
-            lua_setfield(L, record, names[i]);
+    tamarco_buf logstash, json;
+    tamarco_buf_init(&logstash);
+    tamarco_buf_init(&json);
+    int in_parts = tamarco_log_logstash_parts(&logstash, L, first, &layout);
+    if (tamarco_log_json_parts(&json, L, first) != in_parts)
+        fuzz_fail("the encoders disagree on which parts need the table", "");
+    if (in_parts) {
+        /* the record: the extra fields, then the parts' own */
+        static const char *const names[] = {
+            "@timestamp", "level", "logger", "message", NULL, "source_path", "source_line",
+            "service_name", "deploy_name", "service_instance_id",
+        };
+        lua_newtable(L);
+        int record = lua_gettop(L);
+        lua_pushnil(L);
+        while (lua_next(L, 1)) {
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_rawset(L, record);
         }
+        for (int i = 0; i < 10; i++) {
+            if (names[i]) {
+                lua_pushvalue(L, first + i);
+                lua_setfield(L, record, names[i]);
+            }
+        }
+        tamarco_buf whole;
+        tamarco_buf_init(&whole);
+        tamarco_log_logstash(&whole, L, record, &layout);
+        must_match(&logstash, &whole, "a record in parts encodes differently from its table (logstash)");
+        whole.len = 0;
+        tamarco_log_json_value(&whole, L, record, 1);
+        must_match(&json, &whole, "a record in parts encodes differently from its table (json)");
+        tamarco_buf_free(&whole);
     }
-    tamarco_buf whole;
-    tamarco_buf_init(&whole);
-    tamarco_log_logstash(&whole, L, record, &layout);
-    if (!whole.oom && (whole.len != b->len || memcmp(whole.data, b->data, b->len) != 0)) {
-        fprintf(stderr, "in parts: %s\n", tamarco_buf_cstr(b));
-        fuzz_fail("a record in parts encodes differently from its table", tamarco_buf_cstr(&whole));
-    }
-    tamarco_buf_free(&whole);
+    tamarco_buf_free(&logstash);
+    tamarco_buf_free(&json);
     lua_settop(L, first - 1);
 }
 
@@ -122,8 +141,7 @@ static int encode_all(lua_State *L)
     if (tamarco_logstash_layout_set(&layout, L, version, host, host_len, "logstash", 8, tags)) {
         tamarco_log_logstash(&b, L, 1, &layout);
         if (!b.oom) must_decode(L, &b, "logstash record");
-        b.len = 0;
-        same_in_parts(L, &b, j->size > 1 && (j->data[1] & 1));
+        same_in_parts(L, j->size > 1 && (j->data[1] & 1));
     }
     b.len = 0;
     tamarco_log_json_string(&b, (const char *)j->data, j->size);

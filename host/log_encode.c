@@ -347,7 +347,7 @@ static int read_key(lua_State *L, int key_idx, json_key *k, int top)
 typedef struct field_list {
     json_key *keys;
     size_t n;
-    json_key small[SMALL_TABLE];
+    json_key small[SMALL_TABLE + 2];   /* + the source fields of a record in parts */
 } field_list;
 
 /* Gathers the keys of the table at idx (an absolute index) into f. The
@@ -914,57 +914,146 @@ void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
     lua_settop(L, base);
 }
 
+/* ---- records in parts ----
+ *
+ * The logging module hands a record whose fields need no masking to the
+ * encoders in parts, without building its table: the values at first ..
+ * first + 9 are its @timestamp, level, logger and message (strings), its
+ * extra fields (a table or nil), source_path, source_line, service_name,
+ * deploy_name and service_instance_id (each may be nil). */
+enum { ARG_TS, ARG_LEVEL, ARG_LOGGER, ARG_MESSAGE, ARG_EXTRA, ARG_SOURCE_PATH,
+       ARG_SOURCE_LINE, ARG_IDENTITY };
+
+/* Gathers the extra fields (the table at idx, or nil) into f with their
+ * roles. 0 when a key would not be that same field in the record's table
+ * (a key that is not a string, names a standard field, traceback or a
+ * source field): such parts need the table. The caller restores the stack. */
+static int gather_extra(lua_State *L, int idx, field_list *f)
+{
+    f->keys = f->small;
+    f->n = 0;
+    if (lua_isnil(L, idx))
+        return 1;
+    if (!lua_istable(L, idx) || !lua_checkstack(L, 16) || !gather_fields(L, idx, 1, f))
+        return 0;
+    for (size_t i = 0; i < f->n; i++) {
+        json_key *k = &f->keys[i];
+        k->role = field_role(k);
+        if (k->type != LUA_TSTRING || k->rank != N_STANDARD || k->role == FIELD_TRACEBACK ||
+            (k->role >= FIELD_TIMESTAMP && k->role <= FIELD_SOURCE_LINE))
+            return 0;
+    }
+    return 1;
+}
+
+static int parts_are_strings(lua_State *L, int first)
+{
+    for (int i = ARG_TS; i <= ARG_MESSAGE; i++)
+        if (lua_type(L, first + i) != LUA_TSTRING)
+            return 0;
+    return 1;
+}
+
+/* The stack indexes of the identity values (0: nil). */
+static void identity_parts(lua_State *L, int first, int identity[N_IDENTITY])
+{
+    for (int i = 0; i < N_IDENTITY; i++)
+        identity[i] = lua_isnil(L, first + ARG_IDENTITY + i) ? 0 : first + ARG_IDENTITY + i;
+}
+
 int tamarco_log_logstash_parts(tamarco_buf *b, lua_State *L, int first,
                                const tamarco_logstash_layout *l)
 {
-    enum { TS, LEVEL, LOGGER, MESSAGE, EXTRA, SOURCE_PATH, IDENTITY };
     int base = lua_gettop(L);
-    for (int i = TS; i <= MESSAGE; i++)
-        if (lua_type(L, first + i) != LUA_TSTRING)
-            return 0;
-    int at[N_ROLES] = { 0 };
-    at[FIELD_TIMESTAMP] = first + TS;
-    at[FIELD_LEVEL] = first + LEVEL;
-    at[FIELD_LOGGER] = first + LOGGER;
-    at[FIELD_MESSAGE] = first + MESSAGE;
-    if (!lua_isnil(L, first + SOURCE_PATH))
-        at[FIELD_SOURCE_PATH] = first + SOURCE_PATH;
-    int identity[N_IDENTITY];
-    for (int i = 0; i < N_IDENTITY; i++)
-        identity[i] = lua_isnil(L, first + IDENTITY + i) ? 0 : first + IDENTITY + i;
-
     field_list f;
-    f.keys = f.small;
-    f.n = 0;
-    size_t extras = 0;
-    int extra = first + EXTRA;
-    if (lua_istable(L, extra)) {
-        if (!lua_checkstack(L, 16) || !gather_fields(L, extra, 1, &f)) {
-            b->oom = 1;
-            return 1;
-        }
-        /* Its keys become record fields as they are, unless a key is not a
-         * string or names a field the record has or the layout places
-         * (the record then has a field of another name, or none, or one
-         * the layout puts elsewhere): such parts need the record's table. */
-        for (size_t i = 0; i < f.n; i++) {
-            int role = field_role(&f.keys[i]);
-            if (f.keys[i].type != LUA_TSTRING || f.keys[i].rank != N_STANDARD ||
-                (role != FIELD_EXTRA && role != FIELD_TAGS && role < FIELD_LINENO)) {
-                lua_settop(L, base);
-                return 0;
-            }
-            if (role == FIELD_TAGS) {
-                at[FIELD_TAGS] = field_value(L, extra, &f.keys[i]);
-                continue;
-            }
-            f.keys[i].role = role;
-            f.keys[extras++] = f.keys[i];
-        }
-    } else if (!lua_isnil(L, extra)) {
+    if (!parts_are_strings(L, first) || !gather_extra(L, first + ARG_EXTRA, &f)) {
+        lua_settop(L, base);
         return 0;
     }
-    write_record(b, L, l, at, identity, &f, extras, extra);
+    int at[N_ROLES] = { 0 };
+    at[FIELD_TIMESTAMP] = first + ARG_TS;
+    at[FIELD_LEVEL] = first + ARG_LEVEL;
+    at[FIELD_LOGGER] = first + ARG_LOGGER;
+    at[FIELD_MESSAGE] = first + ARG_MESSAGE;
+    if (!lua_isnil(L, first + ARG_SOURCE_PATH))
+        at[FIELD_SOURCE_PATH] = first + ARG_SOURCE_PATH;
+    int identity[N_IDENTITY];
+    identity_parts(L, first, identity);
+    /* the user's tags are placed by the layout, the rest are extra fields */
+    size_t extras = 0;
+    for (size_t i = 0; i < f.n; i++) {
+        if (f.keys[i].role == FIELD_TAGS)
+            at[FIELD_TAGS] = field_value(L, first + ARG_EXTRA, &f.keys[i]);
+        else
+            f.keys[extras++] = f.keys[i];
+    }
+    write_record(b, L, l, at, identity, &f, extras, first + ARG_EXTRA);
+    lua_settop(L, base);
+    return 1;
+}
+
+/* A field made up for a record in parts, its value at value_idx. */
+static void add_part_field(field_list *f, const char *name, int value_idx)
+{
+    json_key *k = &f->keys[f->n++];
+    k->s = name;
+    k->len = strlen(name);
+    k->type = LUA_TSTRING;
+    k->rank = N_STANDARD;
+    k->role = FIELD_EXTRA;
+    k->value_idx = value_idx;
+}
+
+int tamarco_log_json_parts(tamarco_buf *b, lua_State *L, int first)
+{
+    int base = lua_gettop(L);
+    field_list f;
+    if (!parts_are_strings(L, first) || !gather_extra(L, first + ARG_EXTRA, &f)) {
+        lua_settop(L, base);
+        return 0;
+    }
+    /* A big table's keys are in a userdata of their exact number: the
+     * source fields need a bigger one. */
+    if (f.keys != f.small) {
+        json_key *keys = lua_newuserdata(L, (f.n + 2) * sizeof *keys);
+        memcpy(keys, f.keys, f.n * sizeof *keys);
+        f.keys = keys;
+    }
+    if (!lua_isnil(L, first + ARG_SOURCE_PATH))
+        add_part_field(&f, "source_path", first + ARG_SOURCE_PATH);
+    if (!lua_isnil(L, first + ARG_SOURCE_LINE))
+        add_part_field(&f, "source_line", first + ARG_SOURCE_LINE);
+    int identity[N_IDENTITY];
+    identity_parts(L, first, identity);
+
+    /* as tamarco_log_json_value writes the record's table: the standard
+     * fields in their order, then the rest sorted */
+    static const char *const standard[] = { "{\"@timestamp\":", ",\"level\":", ",\"logger\":", ",\"message\":" };
+    for (int i = ARG_TS; i <= ARG_MESSAGE; i++) {
+        size_t len;
+        const char *s = lua_tolstring(L, first + i, &len);
+        tamarco_buf_adds(b, standard[i]);
+        tamarco_log_json_string(b, s, len);
+    }
+    static const char *const identity_keys[N_IDENTITY] = {
+        ",\"service_name\":", ",\"deploy_name\":", ",\"service_instance_id\":",
+    };
+    for (int i = 0; i < N_IDENTITY; i++) {
+        if (identity[i]) {
+            tamarco_buf_adds(b, identity_keys[i]);
+            field_json(b, L, identity[i]);
+        }
+    }
+    sort_keys(f.keys, f.n);
+    for (size_t i = 0; i < f.n; i++) {
+        tamarco_buf_addc(b, ',');
+        tamarco_log_json_string(b, KEY_TEXT(&f.keys[i]), f.keys[i].len);
+        tamarco_buf_addc(b, ':');
+        int top = lua_gettop(L);
+        field_json(b, L, field_value(L, first + ARG_EXTRA, &f.keys[i]));
+        lua_settop(L, top);
+    }
+    tamarco_buf_addc(b, '}');
     lua_settop(L, base);
     return 1;
 }

@@ -90,15 +90,18 @@ void tamarco_logstash_layout_free(tamarco_logstash_layout *layout);
 void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
                           const tamarco_logstash_layout *layout);
 
-/* The same bytes for a record given in parts instead of a table: the values
- * at first .. first + 8 are its @timestamp, level, logger and message
- * (strings), its extra fields (a table or nil), source_path, service_name,
- * deploy_name and service_instance_id (each may be nil). The extra fields
- * are taken as the record has them: the caller has masked what needed it.
- * Returns 0, writing nothing, for parts a table would hold differently (a
- * non-string key, or one naming a standard field, traceback or source_*):
- * encode the record's table then. */
+/* Records in parts: the logging module hands a record whose fields need no
+ * masking to the encoders without building its table. The values at
+ * first .. first + 9 are its @timestamp, level, logger and message
+ * (strings), its extra fields (a table or nil), source_path, source_line,
+ * service_name, deploy_name and service_instance_id (each may be nil). The
+ * extra fields are taken as the record has them: the caller has masked
+ * what needed it. Each encoder writes the bytes it writes for the record's
+ * table, or returns 0, writing nothing, for parts the table would hold
+ * differently (an extra key that is not a string or names a standard
+ * field, traceback or a source field): encode the table then. */
 int tamarco_log_logstash_parts(tamarco_buf *b, lua_State *L, int first,
                                const tamarco_logstash_layout *layout);
+int tamarco_log_json_parts(tamarco_buf *b, lua_State *L, int first);
 
 #endif

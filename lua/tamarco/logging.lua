@@ -16,14 +16,15 @@
 --       flush = function(self) end, close = function(self) end }
 -- (flush and close optional) added with logging.add_sink. A sink may also
 -- have emit_parts(self, timestamp, level, logger, message, extra,
--- source_path, service_name, deploy_name, service_instance_id) -> true |
--- false: while every active sink has one, records whose message and extra
--- fields need no masking reach them in these parts, without a record table
--- (false: this one needs the table after all). stdout and the
+-- source_path, source_line, service_name, deploy_name, service_instance_id)
+-- -> true | false: while every active sink has one, records whose message
+-- and extra fields need no masking reach them in these parts, without a
+-- record table (false: this one needs the table after all). stdout and the
 -- rotating file are sinks made here; remote sinks (UDP logstash, Redis, HTTP)
 -- plug in the same way. A sink that raises is disabled with one line on
 -- stderr; logging never raises into its caller.
 local clog = require "tamarco.c.log"
+local encode_json_parts = clog.encode_json_parts
 local timer = require "tamarco.c.timer"
 local errors = require "tamarco.errors"
 local mask_urls = require("tamarco.secrets").mask_urls
@@ -266,7 +267,7 @@ local function dispatch_parts(name, level_name, message, extra, path, line)
     local record
     for i = 1, n do
         local sink = sinks[i]
-        local ok, done = pcall(sink.emit_parts, sink, ts, level_name, name, message, extra, path,
+        local ok, done = pcall(sink.emit_parts, sink, ts, level_name, name, message, extra, path, line,
             state.service_name, state.deploy_name, state.instance_id)
         if ok and not done then
             if not record then
@@ -410,6 +411,15 @@ function logging.stdout_sink(opts)
         self.stream:write(line, "\n")
         if self.tty then self.stream:flush() end
     end
+    -- the same line from a record's parts (see add_sink)
+    function sink:emit_parts(...)
+        local line = self.format == "json" and encode_json_parts(...)
+        if not line then return false end
+        self.stream:write(line, "\n")
+        if self.tty then self.stream:flush() end
+        return true
+    end
+    if sink.format ~= "json" then sink.emit_parts = nil end
     function sink:flush() self.stream:flush() end
     function sink:close() self.stream:flush() end
     return sink
@@ -531,6 +541,22 @@ function logging.file_sink(opts)
         local ok, werr = file:write_json(record)
         if not ok then return failed(werr) end
         if urgent then try_flush() end
+    end
+    -- the same line from a record's parts (see add_sink)
+    function sink:emit_parts(ts, level, ...)
+        local urgent = level == "ERROR" or level == "CRITICAL"
+        if not urgent and backing_off() then
+            skipped = skipped + 1
+            return true
+        end
+        local ok, werr = file:write_json_parts(ts, level, ...)
+        if ok == false then return false end
+        if not ok then
+            failed(werr)
+        elseif urgent then
+            try_flush()
+        end
+        return true
     end
     function sink:flush() try_flush() end
     --- sink:dropped() -> records lost since the sink was made.
