@@ -46,9 +46,20 @@ size_t tamarco_utf8_sequence(const unsigned char *s, size_t avail)
 }
 
 /* 1 for the bytes written as they are: printable ASCII but '"' and '\\'. */
+#define PLAIN(c) ((c) >= 0x20 && (c) < 0x7F && (c) != '"' && (c) != '\\')
+#define PLAIN_16(c) PLAIN(c), PLAIN(c + 1), PLAIN(c + 2), PLAIN(c + 3), PLAIN(c + 4), \
+    PLAIN(c + 5), PLAIN(c + 6), PLAIN(c + 7), PLAIN(c + 8), PLAIN(c + 9), PLAIN(c + 10), \
+    PLAIN(c + 11), PLAIN(c + 12), PLAIN(c + 13), PLAIN(c + 14), PLAIN(c + 15)
+static const unsigned char plain_bytes[256] = {
+    PLAIN_16(0x00), PLAIN_16(0x10), PLAIN_16(0x20), PLAIN_16(0x30),
+    PLAIN_16(0x40), PLAIN_16(0x50), PLAIN_16(0x60), PLAIN_16(0x70),
+    PLAIN_16(0x80), PLAIN_16(0x90), PLAIN_16(0xA0), PLAIN_16(0xB0),
+    PLAIN_16(0xC0), PLAIN_16(0xD0), PLAIN_16(0xE0), PLAIN_16(0xF0),
+};
+
 static inline int plain_byte(unsigned char c)
 {
-    return c >= 0x20 && c < 0x7F && c != '"' && c != '\\';
+    return plain_bytes[c];
 }
 
 #define BYTES_OF(c) (0x0101010101010101ULL * (c))
@@ -784,6 +795,11 @@ static void record_tags(tamarco_buf *b, lua_State *L, int value_idx, int n)
 #define N_ROLES (FIELD_THREAD_NAME + 1)
 #define N_IDENTITY 3
 
+/* The keys of the identity fields of a record in parts, in their order. */
+static const char *const identity_members[N_IDENTITY] = {
+    ",\"service_name\":", ",\"deploy_name\":", ",\"service_instance_id\":",
+};
+
 /* Writes a record: the values the layout places at the stack indexes in at
  * (0: missing), the identity fields at identity (when given: the record
  * is in parts, see tamarco_log_logstash_parts), then the first `extras`
@@ -834,16 +850,11 @@ static void write_record(tamarco_buf *b, lua_State *L, const tamarco_logstash_la
 
     /* the extra fields (@fields in v0, the top level in v1): a record in
      * parts has its identity fields apart, and they sort first anyway */
-    static const char *const identity_names[N_IDENTITY] = {
-        "service_name", "deploy_name", "service_instance_id",
-    };
     for (int i = 0; identity && i < N_IDENTITY; i++) {
-        if (!identity[i])
-            continue;
-        tamarco_buf_addc(b, ',');
-        tamarco_log_json_string(b, identity_names[i], strlen(identity_names[i]));
-        tamarco_buf_addc(b, ':');
-        field_json(b, L, identity[i]);
+        if (identity[i]) {
+            tamarco_buf_adds(b, identity_members[i]);
+            field_json(b, L, identity[i]);
+        }
     }
     sort_keys(f->keys, extras);
     for (size_t i = 0; i < extras; i++) {
@@ -1035,12 +1046,9 @@ int tamarco_log_json_parts(tamarco_buf *b, lua_State *L, int first)
         tamarco_buf_adds(b, standard[i]);
         tamarco_log_json_string(b, s, len);
     }
-    static const char *const identity_keys[N_IDENTITY] = {
-        ",\"service_name\":", ",\"deploy_name\":", ",\"service_instance_id\":",
-    };
     for (int i = 0; i < N_IDENTITY; i++) {
         if (identity[i]) {
-            tamarco_buf_adds(b, identity_keys[i]);
+            tamarco_buf_adds(b, identity_members[i]);
             field_json(b, L, identity[i]);
         }
     }

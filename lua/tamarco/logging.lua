@@ -250,7 +250,9 @@ local function plain_parts(message, extra)
     if extra == nil then return true end
     if type(extra) ~= "table" then return false end
     for k, v in pairs(extra) do
-        if type(k) ~= "string" or is_secret_key(k) then return false end
+        if type(k) ~= "string" then return false end
+        local secret = secret_cache[k]   -- is_secret_key, its cache first
+        if secret or (secret == nil and is_secret_key(k)) then return false end
         local t = type(v)
         if t == "table" or (t == "string" and find(v, "://", 1, true)) then return false end
     end
