@@ -3,7 +3,7 @@
 # host against Python's standard logging doing the same, in one run. Prints
 # the ratios (ours / theirs; target >= 10).
 #
-#   sh bench/logging_throughput.sh            # RECORDS=200000 ROUNDS=3
+#   sh bench/logging_throughput.sh            # RECORDS=200000 ROUNDS=5
 #
 # The two take turns ROUNDS times and each side's best round counts: on a
 # shared machine a round is sometimes slowed by others, and taking turns
@@ -13,7 +13,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOST_BIN=${TAMARCO_HOST:-$ROOT/build/tamarco-host}
 [ -x "$HOST_BIN" ] || { echo "build first: no $HOST_BIN" >&2; exit 1; }
 export RECORDS=${RECORDS:-200000}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 TMP=$(mktemp -d /tmp/tamarco-logbench.XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 export UDP_PORT=${UDP_PORT:-25959}
