@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #define BUF_MT "tamarco.log.buf"
+#define LAYOUT_MT "tamarco.log.layout"
 #define FILE_MT "tamarco.log.file"
 
 /* ---- the encoding buffer ----
@@ -26,6 +27,12 @@
 static int buf_gc(lua_State *L)
 {
     tamarco_buf_free(lua_touserdata(L, 1));
+    return 0;
+}
+
+static int layout_gc(lua_State *L)
+{
+    tamarco_logstash_layout_free(lua_touserdata(L, 1));
     return 0;
 }
 
@@ -79,9 +86,29 @@ static int l_encode_logstash(lua_State *L)
     if (!lua_isnoneornil(L, 5))
         luaL_checktype(L, 5, LUA_TTABLE);
 
+    /* the layout of this call, in the memory of the last one */
+    tamarco_logstash_layout *layout = lua_touserdata(L, lua_upvalueindex(2));
+    if (!tamarco_logstash_layout_set(layout, L, version, host, host_len, type, type_len,
+                                     lua_istable(L, 5) ? 5 : 0))
+        return luaL_error(L, "tamarco.c.log: out of memory while encoding a record");
     tamarco_buf *b = scratch(L);
-    tamarco_log_logstash(b, L, 1, version, host, host_len, type, type_len,
-                         lua_istable(L, 5) ? 5 : 0);
+    tamarco_log_logstash(b, L, 1, layout);
+    return push_scratch(L, b);
+}
+
+/* encode_json_parts(timestamp, level, logger, message, extra, source_path,
+ *                   source_line, service_name, deploy_name,
+ *                   service_instance_id) -> JSON line | false
+ * encode_json of the record with those fields, without its table (see
+ * log_encode.h); false when the parts need the table. */
+static int l_encode_json_parts(lua_State *L)
+{
+    lua_settop(L, 10);
+    tamarco_buf *b = scratch(L);
+    if (!tamarco_log_json_parts(b, L, 1)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
     return push_scratch(L, b);
 }
 
@@ -204,6 +231,24 @@ static int l_format_text(lua_State *L)
             tamarco_buf_adds(b, "\x1b[0m");
     }
     return push_scratch(L, b);
+}
+
+/* caller(level) -> source_path, line | nothing: where the function `level`
+ * frames up the stack (1: the one calling caller) is: its file (the chunk
+ * name without its '@', else the short source) and current line (nil when
+ * unknown). What debug.getinfo(level, "Sl") says, without making its table:
+ * logging asks for every record. */
+static int l_caller(lua_State *L)
+{
+    lua_Debug ar;
+    if (!lua_getstack(L, luaL_checkint(L, 1), &ar) || !lua_getinfo(L, "Sl", &ar))
+        return 0;
+    lua_pushstring(L, ar.source[0] == '@' ? ar.source + 1 : ar.short_src);
+    if (ar.currentline > 0)
+        lua_pushinteger(L, ar.currentline);
+    else
+        lua_pushnil(L);
+    return 2;
 }
 
 /* timestamp(seconds) -> "2026-11-29T10:00:00.123Z" (UTC). */
@@ -489,6 +534,26 @@ static int l_file_write_json(lua_State *L)
     return push_write_result(L, f, commit_line(f, start));
 }
 
+/* file:write_json_parts(timestamp, level, logger, message, extra,
+ *     source_path, source_line, service_name, deploy_name,
+ *     service_instance_id) -> true | nil, message | false
+ * write_json of the record with those fields, without its table (see
+ * log_encode.h); false, writing nothing, when the parts need the table. */
+static int l_file_write_json_parts(lua_State *L)
+{
+    lua_settop(L, 11);
+    log_file *f = writable(L);
+    if (!f)
+        return 2;
+    size_t start = f->out.len;
+    if (!tamarco_log_json_parts(&f->out, L, 2)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    tamarco_buf_addc(&f->out, '\n');
+    return push_write_result(L, f, commit_line(f, start));
+}
+
 /* file:flush() -> true | nil, message: writes the buffered lines. */
 static int l_file_flush(lua_State *L)
 {
@@ -561,15 +626,18 @@ int luaopen_tamarco_c_log(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
         {"encode_json", l_encode_json},
+        {"encode_json_parts", l_encode_json_parts},
         {"encode_logstash", l_encode_logstash},
         {"format_text", l_format_text},
         {"timestamp", l_timestamp},
+        {"caller", l_caller},
         {"open_file", l_open_file},
         {NULL, NULL},
     };
     static const luaL_Reg file_methods[] = {
         {"write", l_file_write},
         {"write_json", l_file_write_json},
+        {"write_json_parts", l_file_write_json_parts},
         {"flush", l_file_flush},
         {"reopen", l_file_reopen},
         {"size", l_file_size},
@@ -579,14 +647,20 @@ int luaopen_tamarco_c_log(lua_State *L)
     };
 
     tamarco_class_register(L, BUF_MT, NULL, buf_gc, NULL);
+    tamarco_class_register(L, LAYOUT_MT, NULL, layout_gc, NULL);
     tamarco_class_register(L, FILE_MT, file_methods, l_file_close, l_file_tostring);
 
-    /* the functions share one encoding buffer, their upvalue */
+    /* the functions share one encoding buffer and one logstash layout,
+     * their upvalues */
     lua_newtable(L);
     tamarco_buf *b = lua_newuserdata(L, sizeof *b);
     tamarco_buf_init(b);
     luaL_getmetatable(L, BUF_MT);
     lua_setmetatable(L, -2);
-    luaL_openlib(L, NULL, funcs, 1);
+    tamarco_logstash_layout *layout = lua_newuserdata(L, sizeof *layout);
+    tamarco_logstash_layout_init(layout);
+    luaL_getmetatable(L, LAYOUT_MT);
+    lua_setmetatable(L, -2);
+    luaL_openlib(L, NULL, funcs, 2);
     return 1;
 }

@@ -1,6 +1,8 @@
 /* tamarco.c.log_udp: logstash records as UDP datagrams, sent in batches.
  *
- * The logstash sink encodes each record straight into a batch buffer here;
+ * The logstash sink encodes each record straight into a batch buffer here,
+ * around the parts of the layout every record shares (encoded once, when
+ * the sender is opened);
  * a full batch (64 datagrams) goes out in one sendmmsg(2), a partial one at
  * the end of the loop turn (the sink's flush). The socket is non-blocking:
  * a datagram the kernel cannot take now (EAGAIN, ENOBUFS) is dropped and
@@ -34,6 +36,7 @@ typedef struct udp_sender {
     int count;
     int last_errno;          /* of the last failed send other than EAGAIN */
     int connected;           /* connect(2)ed to addr: no address per datagram */
+    tamarco_logstash_layout layout;
 } udp_sender;
 
 static udp_sender *check_sender(lua_State *L)
@@ -41,18 +44,31 @@ static udp_sender *check_sender(lua_State *L)
     return luaL_checkudata(L, 1, SENDER_MT);
 }
 
-/* open(ip, port) -> sender | nil, message. ip is numeric (v4 or v6). */
+/* open(ip, port, version, host, message_type[, tags]) -> sender | nil, message
+ * ip is numeric (v4 or v6). The rest is the logstash layout of every record
+ * (see encode_logstash): version 0 or 1, the host and type written in each,
+ * and the sink's own tags when a table (taken now: a later change of the
+ * table does not show). */
 static int l_open(lua_State *L)
 {
     const char *ip = luaL_checkstring(L, 1);
     int port = luaL_checkint(L, 2);
     luaL_argcheck(L, port > 0 && port < 65536, 2, "port must be in 1..65535");
+    int version = luaL_checkint(L, 3);
+    luaL_argcheck(L, version == 0 || version == 1, 3, "logstash version must be 0 or 1");
+    size_t host_len, type_len;
+    const char *host = luaL_checklstring(L, 4, &host_len);
+    const char *type = luaL_checklstring(L, 5, &type_len);
     udp_sender *s = lua_newuserdata(L, sizeof *s);
     memset(s, 0, sizeof *s);
     s->fd = -1;
     tamarco_buf_init(&s->data);
+    tamarco_logstash_layout_init(&s->layout);
     luaL_getmetatable(L, SENDER_MT);
     lua_setmetatable(L, -2);
+    if (!tamarco_logstash_layout_set(&s->layout, L, version, host, host_len, type, type_len,
+                                     lua_istable(L, 6) ? 6 : 0))
+        return luaL_error(L, "udp: out of memory");
 
     struct sockaddr_in *v4 = (struct sockaddr_in *)&s->addr;
     struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&s->addr;
@@ -130,31 +146,57 @@ static int send_batch(udp_sender *s)
     return dropped;
 }
 
-/* sender:send_logstash(record, version, host, message_type, tags) -> dropped
- * Encodes the record (see encode_logstash) into the batch; sends the batch
- * when full. dropped: datagrams lost in that send (0 mostly). */
-static int l_send_logstash(lua_State *L)
+/* Adds the datagram encoded after the batch's last one; sends the batch
+ * when full. Returns the datagrams lost in that send (0 mostly). */
+static int commit_datagram(lua_State *L, udp_sender *s)
 {
-    udp_sender *s = check_sender(L);
-    luaL_checktype(L, 2, LUA_TTABLE);
-    int version = luaL_checkint(L, 3);
-    luaL_argcheck(L, version == 0 || version == 1, 3, "logstash version must be 0 or 1");
-    size_t host_len, type_len;
-    const char *host = luaL_checklstring(L, 4, &host_len);
-    const char *type = luaL_optlstring(L, 5, "Logstash", &type_len);
-    if (s->fd < 0)
-        return luaL_error(L, "udp sender is closed");
-    /* a memory error may have unwound an earlier call halfway */
-    s->data.len = s->count ? s->ends[s->count - 1] : 0;
-    tamarco_log_logstash(&s->data, L, 2, version, host, host_len, type, type_len,
-                         lua_istable(L, 6) ? 6 : 0);
     if (s->data.oom) {
         s->data.oom = 0;
         s->data.len = s->count ? s->ends[s->count - 1] : 0;
         return luaL_error(L, "udp: out of memory while encoding a record");
     }
     s->ends[s->count++] = s->data.len;
-    lua_pushinteger(L, s->count == BATCH ? send_batch(s) : 0);
+    return s->count == BATCH ? send_batch(s) : 0;
+}
+
+/* The sender at 1, open, its batch buffer holding whole datagrams only (a
+ * memory error may have unwound an earlier call halfway). */
+static udp_sender *open_sender(lua_State *L)
+{
+    udp_sender *s = check_sender(L);
+    if (s->fd < 0)
+        luaL_error(L, "udp sender is closed");
+    s->data.len = s->count ? s->ends[s->count - 1] : 0;
+    return s;
+}
+
+/* sender:send_logstash(record) -> dropped
+ * Encodes the record in the sender's layout into the batch; sends the batch
+ * when full. dropped: datagrams lost in that send (0 mostly). */
+static int l_send_logstash(lua_State *L)
+{
+    luaL_checktype(L, 2, LUA_TTABLE);
+    udp_sender *s = open_sender(L);
+    tamarco_log_logstash(&s->data, L, 2, &s->layout);
+    lua_pushinteger(L, commit_datagram(L, s));
+    return 1;
+}
+
+/* sender:send_parts(timestamp, level, logger, message, extra, source_path,
+ *                   source_line, service_name, deploy_name,
+ *                   service_instance_id) -> dropped | false
+ * The same datagram as send_logstash for the record with those fields,
+ * without its table (see log_encode.h); false, sending nothing, when the
+ * parts need the record's table. */
+static int l_send_parts(lua_State *L)
+{
+    udp_sender *s = open_sender(L);
+    lua_settop(L, 11);
+    if (!tamarco_log_logstash_parts(&s->data, L, 2, &s->layout)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    lua_pushinteger(L, commit_datagram(L, s));
     return 1;
 }
 
@@ -182,6 +224,7 @@ static int l_close(lua_State *L)
         s->fd = -1;
     }
     tamarco_buf_free(&s->data);
+    tamarco_logstash_layout_free(&s->layout);
     s->count = 0;
     return 0;
 }
@@ -190,6 +233,7 @@ int luaopen_tamarco_c_log_udp(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"send_logstash", l_send_logstash},
+        {"send_parts", l_send_parts},
         {"flush", l_flush},
         {"close", l_close},
         {NULL, NULL},

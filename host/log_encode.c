@@ -46,28 +46,69 @@ size_t tamarco_utf8_sequence(const unsigned char *s, size_t avail)
 }
 
 /* 1 for the bytes written as they are: printable ASCII but '"' and '\\'. */
+#define PLAIN(c) ((c) >= 0x20 && (c) < 0x7F && (c) != '"' && (c) != '\\')
+#define PLAIN_16(c) PLAIN(c), PLAIN(c + 1), PLAIN(c + 2), PLAIN(c + 3), PLAIN(c + 4), \
+    PLAIN(c + 5), PLAIN(c + 6), PLAIN(c + 7), PLAIN(c + 8), PLAIN(c + 9), PLAIN(c + 10), \
+    PLAIN(c + 11), PLAIN(c + 12), PLAIN(c + 13), PLAIN(c + 14), PLAIN(c + 15)
+static const unsigned char plain_bytes[256] = {
+    PLAIN_16(0x00), PLAIN_16(0x10), PLAIN_16(0x20), PLAIN_16(0x30),
+    PLAIN_16(0x40), PLAIN_16(0x50), PLAIN_16(0x60), PLAIN_16(0x70),
+    PLAIN_16(0x80), PLAIN_16(0x90), PLAIN_16(0xA0), PLAIN_16(0xB0),
+    PLAIN_16(0xC0), PLAIN_16(0xD0), PLAIN_16(0xE0), PLAIN_16(0xF0),
+};
+
 static inline int plain_byte(unsigned char c)
 {
-    return c >= 0x20 && c < 0x7F && c != '"' && c != '\\';
+    return plain_bytes[c];
 }
 
-void tamarco_log_json_string(tamarco_buf *b, const char *str, size_t len)
+#define BYTES_OF(c) (0x0101010101010101ULL * (c))
+#define HIGH_BITS BYTES_OF(0x80)
+
+/* 1 when one of the 8 bytes in x may need escaping (a control character,
+ * '"', '\\', DEL or a byte of a multibyte sequence). Never misses one;
+ * may flag a word that holds none (the byte loop then decides). */
+static inline int word_has_special(uint64_t x)
+{
+    uint64_t control = (x - BYTES_OF(0x20)) & ~x;
+    uint64_t quote = x ^ BYTES_OF('"'), backslash = x ^ BYTES_OF('\\');
+    uint64_t found = control | ((quote - BYTES_OF(1)) & ~quote) |
+                     ((backslash - BYTES_OF(1)) & ~backslash) | (x + BYTES_OF(1)) | x;
+    return (found & HIGH_BITS) != 0;
+}
+
+/* Length of the run of plain bytes s starts with: a word at a time, as
+ * nearly every string of a record is plain; the last bytes of a string of
+ * 8 or more in one more word, read back from its end. */
+static inline size_t plain_prefix(const unsigned char *s, size_t len)
+{
+    size_t i = 0;
+    uint64_t x;
+    for (; i + 8 <= len; i += 8) {
+        memcpy(&x, s + i, 8);
+        if (word_has_special(x))
+            goto bytes;
+    }
+    if (i == len)
+        return len;
+    if (len >= 8) {
+        memcpy(&x, s + len - 8, 8);
+        if (!word_has_special(x))
+            return len;
+    }
+bytes:
+    while (i < len && plain_byte(s[i]))
+        i++;
+    return i;
+}
+
+/* Appends the escaped bytes of s (no quotes); the first `plain` of them are
+ * known to need no escaping. */
+static void json_escape_from(tamarco_buf *b, const char *str, size_t len, size_t plain)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0, run = 0;   /* run: start of bytes copied as they are */
-    while (i < len && plain_byte(s[i]))
-        i++;
-    if (i == len && tamarco_buf_reserve(b, len + 2)) {
-        /* the common case: nothing to escape, one copy */
-        char *out = b->data + b->len;
-        out[0] = '"';
-        memcpy(out + 1, str, len);
-        out[len + 1] = '"';
-        b->len += len + 2;
-        return;
-    }
-    tamarco_buf_addc(b, '"');
+    size_t i = plain, run = 0;   /* run: start of bytes copied as they are */
     while (i < len) {
         unsigned char c = s[i];
         const char *esc = NULL;
@@ -111,7 +152,29 @@ void tamarco_log_json_string(tamarco_buf *b, const char *str, size_t len)
         run = i;
     }
     tamarco_buf_add(b, str + run, i - run);
+}
+
+void tamarco_log_json_string(tamarco_buf *b, const char *str, size_t len)
+{
+    size_t plain = plain_prefix((const unsigned char *)str, len);
+    if (plain == len && tamarco_buf_reserve(b, len + 2)) {
+        /* the common case: nothing to escape, one copy */
+        char *out = b->data + b->len;
+        out[0] = '"';
+        memcpy(out + 1, str, len);
+        out[len + 1] = '"';
+        b->len += len + 2;
+        return;
+    }
     tamarco_buf_addc(b, '"');
+    json_escape_from(b, str, len, plain);
+    tamarco_buf_addc(b, '"');
+}
+
+/* The inside of a JSON string: escaped bytes without the quotes. */
+static void json_string_body(tamarco_buf *b, const char *str, size_t len)
+{
+    json_escape_from(b, str, len, plain_prefix((const unsigned char *)str, len));
 }
 
 /* ---- JSON numbers ---- */
@@ -131,15 +194,16 @@ void tamarco_log_json_number(tamarco_buf *b, double n)
         tamarco_buf_add(b, "null", 4);
         return;
     }
-    if (n == floor(n) && fabs(n) < 9.2e18) {
+    if (fabs(n) < 9.2e18 && (double)(long long)n == n) {
         /* integral: exact, without ".0" or exponent ("-0" becomes "0");
          * digits by hand, snprintf costs more than the rest of a field */
-        unsigned long long u = n < 0 ? (unsigned long long)-(long long)n : (unsigned long long)n;
+        long long i = (long long)n;
+        unsigned long long u = i < 0 ? (unsigned long long)-i : (unsigned long long)i;
         char *end = tmp + sizeof tmp, *p = end;
         do
             *--p = (char)('0' + u % 10);
         while ((u /= 10) != 0);
-        if (n < 0)
+        if (i < 0)
             *--p = '-';
         tamarco_buf_add(b, p, (size_t)(end - p));
         return;
@@ -200,6 +264,7 @@ typedef struct json_key {
     size_t len;
     int type;           /* LUA_TSTRING, LUA_TNUMBER or LUA_TBOOLEAN */
     int rank;           /* standard field order, or N_STANDARD for the rest */
+    int role;           /* what the field is to a logstash layout */
     int value_idx;      /* stack slot of the value, 0: fetch it with rawget */
     lua_Number n;
     char num[40];
@@ -289,20 +354,27 @@ static int read_key(lua_State *L, int key_idx, json_key *k, int top)
  * leaves each key/value pair on the stack (no second lookup per key). */
 #define SMALL_TABLE 48
 
-int tamarco_log_each_field(lua_State *L, int idx, int top,
-                           tamarco_log_field_fn fn, void *ud)
+/* The keys of one table, in the order lua_next gave them. */
+typedef struct field_list {
+    json_key *keys;
+    size_t n;
+    json_key small[SMALL_TABLE + 2];   /* + the source fields of a record in parts */
+} field_list;
+
+/* Gathers the keys of the table at idx (an absolute index) into f. The
+ * values of a small table stay on the stack (value_idx); those of a big one
+ * are looked up again (value_idx 0, see field_value). The caller restores
+ * the stack top. 0 when the Lua stack cannot grow. */
+static int gather_fields(lua_State *L, int idx, int top, field_list *f)
 {
-    if (idx < 0 && idx > LUA_REGISTRYINDEX)
-        idx = lua_gettop(L) + idx + 1;
     int base = lua_gettop(L);
-    json_key small[SMALL_TABLE];
-    json_key *keys = small;
+    json_key *keys = f->small;
     size_t n = 0;
 
     /* One pass: every pair stays on the stack (k1 v1 k2 v2 ...), the key
      * copied on top for lua_next to continue from. */
     if (!lua_checkstack(L, 2 * SMALL_TABLE + 4))
-        return -1;
+        return 0;
     size_t pairs = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
@@ -336,20 +408,39 @@ int tamarco_log_each_field(lua_State *L, int idx, int top,
             }
         }
     }
-    sort_keys(keys, n);
-    for (size_t i = 0; i < n; i++) {
-        int value_idx = keys[i].value_idx;
-        if (value_idx == 0) {
-            push_key(L, &keys[i]);
-            lua_rawget(L, idx);
-            value_idx = lua_gettop(L);
-        }
-        fn(ud, L, KEY_TEXT(&keys[i]), keys[i].len, value_idx);
-        if (keys[i].value_idx == 0)
-            lua_pop(L, 1);
+    f->keys = keys;
+    f->n = n;
+    return 1;
+}
+
+/* The stack index of the value of key k of the table at idx: where
+ * gather_fields left it, or pushed now (the caller pops it). */
+static int field_value(lua_State *L, int idx, const json_key *k)
+{
+    if (k->value_idx)
+        return k->value_idx;
+    push_key(L, k);
+    lua_rawget(L, idx);
+    return lua_gettop(L);
+}
+
+int tamarco_log_each_field(lua_State *L, int idx, int top,
+                           tamarco_log_field_fn fn, void *ud)
+{
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    int base = lua_gettop(L);
+    field_list f;
+    if (!gather_fields(L, idx, top, &f))
+        return -1;
+    sort_keys(f.keys, f.n);
+    for (size_t i = 0; i < f.n; i++) {
+        int top_before = lua_gettop(L);
+        fn(ud, L, KEY_TEXT(&f.keys[i]), f.keys[i].len, field_value(L, idx, &f.keys[i]));
+        lua_settop(L, top_before);
     }
     lua_settop(L, base);
-    return (int)n;
+    return (int)f.n;
 }
 
 static void object_field(void *ud, lua_State *L, const char *key, size_t len, int value_idx)
@@ -474,81 +565,29 @@ int tamarco_log_is_standard_field(const char *key, size_t len)
     return standard_rank(key, len) < (int)N_STANDARD;
 }
 
-/* ---- logstash layouts (Tamarco's formatters, versions 0 and 1) ---- */
+/* ---- logstash layouts (Tamarco's formatters, versions 0 and 1) ----
+ *
+ * version 1: {"@timestamp":T,"@version":"1","message":M,"host":H,"path":P,
+ *             "tags":[...],"type":Y,"level":L,"logger_name":N, extra fields}
+ * version 0: {"@timestamp":T,"@message":M,"@source":"Y://H/P",
+ *             "@source_host":H,"@source_path":P,"@tags":[...],"@type":Y,
+ *             "@fields":{"levelname":L,"logger":N, extra fields}}
+ * A layout holds the text between the record's own values, encoded once:
+ * its parts, written in this order around the record's values. */
+enum {
+    PART_HEAD,      /* after @timestamp, up to the message */
+    PART_SOURCE,    /* v0: ,"@source":" and the escaped "<type>://<host>/" */
+    PART_HOST,      /* up to the path */
+    PART_TAGS,      /* the tags' key and the sink's own tags */
+    PART_TYPE,      /* after the tags, up to the level */
+    PART_LOGGER,    /* up to the logger name */
+    N_PARTS
+};
 
-typedef struct logstash_ctx {
-    tamarco_buf *b;
-    int version;
-} logstash_ctx;
-
-static int key_is(const char *key, size_t len, const char *name)
+static void part(tamarco_buf *b, const tamarco_logstash_layout *l, int which)
 {
-    return strlen(name) == len && memcmp(name, key, len) == 0;
-}
-
-static int is_reserved_logstash(int version, const char *key, size_t len)
-{
-    static const char *const v0[] = { "levelname", "stack_trace", NULL };
-    static const char *const v1[] = {
-        "@timestamp", "@version", "message", "host", "path", "type",
-        "level", "logger_name", "stack_trace", NULL,
-    };
-    for (const char *const *r = version == 0 ? v0 : v1; *r; r++)
-        if (key_is(key, len, *r))
-            return 1;
-    return 0;
-}
-
-/* Record fields the layout places itself (or drops): the first four
- * standard fields, the caller's source (path, lineno) and the user's tags. */
-static int placed_by_layout(const char *key, size_t len)
-{
-    return standard_rank(key, len) <= 3 || key_is(key, len, "source_path") ||
-           key_is(key, len, "source_line") || key_is(key, len, "tags");
-}
-
-/* Every record field but the ones the layout places itself goes to the extra
- * fields (@fields in v0, the top level in v1); traceback is stack_trace. */
-static void logstash_extra(void *ud, lua_State *L, const char *key, size_t len, int value_idx)
-{
-    logstash_ctx *c = ud;
-    if (placed_by_layout(key, len))
-        return;
-    tamarco_buf_addc(c->b, ',');
-    if (key_is(key, len, "traceback")) {
-        tamarco_buf_adds(c->b, "\"stack_trace\"");
-    } else if (is_reserved_logstash(c->version, key, len)) {
-        char prefixed[32];   /* reserved names are short */
-        memcpy(prefixed, "extra_", 6);
-        memcpy(prefixed + 6, key, len);
-        tamarco_log_json_string(c->b, prefixed, len + 6);
-    } else {
-        tamarco_log_json_string(c->b, key, len);
-    }
-    tamarco_buf_addc(c->b, ':');
-    tamarco_log_json_value(c->b, L, value_idx, 0);
-}
-
-static void add_member(tamarco_buf *b, const char *key, const char *value, size_t len, int comma)
-{
-    if (comma)
-        tamarco_buf_addc(b, ',');
-    tamarco_log_json_string(b, key, strlen(key));
-    tamarco_buf_addc(b, ':');
-    tamarco_log_json_string(b, value, len);
-}
-
-const char *tamarco_log_string_field(lua_State *L, int idx, const char *name,
-                                     const char *def, size_t *len)
-{
-    const char *s = def;
-    lua_getfield(L, idx, name);
-    if (lua_type(L, -1) == LUA_TSTRING)
-        s = lua_tolstring(L, -1, len);   /* kept alive by the record */
-    else
-        *len = def ? strlen(def) : 0;
-    lua_pop(L, 1);
-    return s;
+    size_t start = which ? l->ends[which - 1] : 0;
+    tamarco_buf_add(b, l->text.data + start, l->ends[which] - start);
 }
 
 /* Appends the elements of the array at idx (n elements written so far). */
@@ -565,78 +604,213 @@ static int append_elements(tamarco_buf *b, lua_State *L, int idx, int n)
     return n;
 }
 
-/* The tags array: the sink's own tags, then the record's `tags` (an array
+void tamarco_logstash_layout_init(tamarco_logstash_layout *layout)
+{
+    memset(layout, 0, sizeof *layout);
+    tamarco_buf_init(&layout->text);
+}
+
+void tamarco_logstash_layout_free(tamarco_logstash_layout *layout)
+{
+    tamarco_buf_free(&layout->text);
+}
+
+int tamarco_logstash_layout_set(tamarco_logstash_layout *layout, lua_State *L,
+                                int version, const char *host, size_t host_len,
+                                const char *type, size_t type_len, int tags_idx)
+{
+    tamarco_buf *t = &layout->text;
+    if (tags_idx < 0 && tags_idx > LUA_REGISTRYINDEX)
+        tags_idx = lua_gettop(L) + tags_idx + 1;
+    t->len = 0;
+    t->oom = 0;
+    layout->version = version;
+    layout->sink_tags = 0;
+    if (version == 0) {
+        tamarco_buf_adds(t, ",\"@message\":");
+        layout->ends[PART_HEAD] = t->len;
+        /* "<type>://<host>/" escaped: it ends in '/', so the escaping of the
+         * path after it is the same as that of the whole */
+        tamarco_buf_adds(t, ",\"@source\":\"");
+        json_string_body(t, type, type_len);
+        tamarco_buf_add(t, "://", 3);
+        json_string_body(t, host, host_len);
+        tamarco_buf_addc(t, '/');
+        layout->ends[PART_SOURCE] = t->len;
+        tamarco_buf_adds(t, ",\"@source_host\":");
+        tamarco_log_json_string(t, host, host_len);
+        tamarco_buf_adds(t, ",\"@source_path\":");
+        layout->ends[PART_HOST] = t->len;
+        tamarco_buf_adds(t, ",\"@tags\":[");
+    } else {
+        tamarco_buf_adds(t, ",\"@version\":\"1\",\"message\":");
+        layout->ends[PART_HEAD] = t->len;
+        layout->ends[PART_SOURCE] = t->len;
+        tamarco_buf_adds(t, ",\"host\":");
+        tamarco_log_json_string(t, host, host_len);
+        tamarco_buf_adds(t, ",\"path\":");
+        layout->ends[PART_HOST] = t->len;
+        tamarco_buf_adds(t, ",\"tags\":[");
+    }
+    if (tags_idx != 0 && lua_istable(L, tags_idx))
+        layout->sink_tags = append_elements(t, L, tags_idx, 0);
+    layout->ends[PART_TAGS] = t->len;
+    tamarco_buf_adds(t, version == 0 ? "],\"@type\":" : "],\"type\":");
+    tamarco_log_json_string(t, type, type_len);
+    tamarco_buf_adds(t, version == 0 ? ",\"@fields\":{\"levelname\":" : ",\"level\":");
+    layout->ends[PART_TYPE] = t->len;
+    tamarco_buf_adds(t, version == 0 ? ",\"logger\":" : ",\"logger_name\":");
+    layout->ends[PART_LOGGER] = t->len;
+    if (!t->oom)
+        return 1;
+    tamarco_buf_free(t);
+    return 0;
+}
+
+const char *tamarco_log_string_field(lua_State *L, int idx, const char *name,
+                                     const char *def, size_t *len)
+{
+    const char *s = def;
+    lua_getfield(L, idx, name);
+    if (lua_type(L, -1) == LUA_TSTRING)
+        s = lua_tolstring(L, -1, len);   /* kept alive by the record */
+    else
+        *len = def ? strlen(def) : 0;
+    lua_pop(L, 1);
+    return s;
+}
+
+/* What a record field is to the layout. */
+enum {
+    FIELD_EXTRA,        /* an extra field, written as it is */
+    FIELD_TIMESTAMP,    /* placed by the layout (not an extra field) ... */
+    FIELD_MESSAGE,
+    FIELD_LEVEL,
+    FIELD_LOGGER,
+    FIELD_SOURCE_PATH,
+    FIELD_SOURCE_LINE,
+    FIELD_TAGS,         /* ... up to here */
+    FIELD_TRACEBACK,    /* an extra field written as stack_trace */
+    FIELD_LINENO,       /* extra fields that replace a debug field */
+    FIELD_PROCESS,
+    FIELD_THREAD_NAME,
+};
+
+#define NAME_IS(key, len, lit) ((len) == sizeof(lit) - 1 && memcmp((key), (lit), (len)) == 0)
+
+static int field_role(const json_key *k)
+{
+    if (k->type != LUA_TSTRING)
+        return FIELD_EXTRA;
+    const char *s = k->s;
+    switch (k->len) {
+    case 4: return NAME_IS(s, 4, "tags") ? FIELD_TAGS : FIELD_EXTRA;
+    case 5: return NAME_IS(s, 5, "level") ? FIELD_LEVEL : FIELD_EXTRA;
+    case 6:
+        if (NAME_IS(s, 6, "logger"))
+            return FIELD_LOGGER;
+        return NAME_IS(s, 6, "lineno") ? FIELD_LINENO : FIELD_EXTRA;
+    case 7:
+        if (NAME_IS(s, 7, "message"))
+            return FIELD_MESSAGE;
+        return NAME_IS(s, 7, "process") ? FIELD_PROCESS : FIELD_EXTRA;
+    case 9: return NAME_IS(s, 9, "traceback") ? FIELD_TRACEBACK : FIELD_EXTRA;
+    case 10: return NAME_IS(s, 10, "@timestamp") ? FIELD_TIMESTAMP : FIELD_EXTRA;
+    case 11:
+        if (NAME_IS(s, 11, "source_path"))
+            return FIELD_SOURCE_PATH;
+        if (NAME_IS(s, 11, "source_line"))
+            return FIELD_SOURCE_LINE;
+        return NAME_IS(s, 11, "thread_name") ? FIELD_THREAD_NAME : FIELD_EXTRA;
+    default: return FIELD_EXTRA;
+    }
+}
+
+/* Extra field names the layout uses itself: they get an extra_ prefix. */
+static int is_reserved_logstash(int version, const char *key, size_t len)
+{
+    if (version == 0)
+        return NAME_IS(key, len, "levelname") || NAME_IS(key, len, "stack_trace");
+    switch (len) {
+    case 4: return NAME_IS(key, len, "host") || NAME_IS(key, len, "path") || NAME_IS(key, len, "type");
+    case 5: return NAME_IS(key, len, "level");
+    case 7: return NAME_IS(key, len, "message");
+    case 8: return NAME_IS(key, len, "@version");
+    case 10: return NAME_IS(key, len, "@timestamp");
+    case 11: return NAME_IS(key, len, "logger_name") || NAME_IS(key, len, "stack_trace");
+    default: return 0;
+    }
+}
+
+/* The string value at value_idx (its length in *len), or def. */
+static const char *string_value(lua_State *L, int value_idx, const char *def, size_t *len)
+{
+    if (value_idx && lua_type(L, value_idx) == LUA_TSTRING)
+        return lua_tolstring(L, value_idx, len);
+    *len = def ? strlen(def) : 0;
+    return def;
+}
+
+/* A field's value as JSON: strings and numbers straight, the rest through
+ * the value walk (the same bytes either way). */
+static void field_json(tamarco_buf *b, lua_State *L, int value_idx)
+{
+    switch (lua_type(L, value_idx)) {
+    case LUA_TSTRING: {
+        size_t len;
+        const char *s = lua_tolstring(L, value_idx, &len);
+        tamarco_log_json_string(b, s, len);
+        break;
+    }
+    case LUA_TNUMBER:
+        tamarco_log_json_number(b, lua_tonumber(L, value_idx));
+        break;
+    default:
+        tamarco_log_json_value(b, L, value_idx, 0);
+    }
+}
+
+/* The tags after the sink's own (n of them): the record's `tags` (an array
  * is spliced in, any other value is one more tag), as Tamarco takes the
  * tags of a record from its extra fields. */
-static void logstash_tags(tamarco_buf *b, lua_State *L, int idx, int tags_idx)
+static void record_tags(tamarco_buf *b, lua_State *L, int value_idx, int n)
 {
-    int n = 0;
-    tamarco_buf_addc(b, '[');
-    if (tags_idx != 0 && lua_istable(L, tags_idx))
-        n = append_elements(b, L, tags_idx, n);
-    lua_getfield(L, idx, "tags");
-    int top = lua_gettop(L);
-    if (lua_istable(L, top) && lua_objlen(L, top) > 0) {
-        append_elements(b, L, top, n);
-    } else if (!lua_isnil(L, top)) {
-        int empty_table = 0;
-        if (lua_istable(L, top)) {
-            lua_pushnil(L);
-            empty_table = !lua_next(L, top);
-            lua_settop(L, top);
-        }
-        if (!empty_table) {
-            if (n)
-                tamarco_buf_addc(b, ',');
-            tamarco_log_json_value(b, L, top, 0);
-        }
+    if (lua_istable(L, value_idx) && lua_objlen(L, value_idx) > 0) {
+        append_elements(b, L, value_idx, n);
+        return;
     }
-    lua_pop(L, 1);
-    tamarco_buf_addc(b, ']');
+    if (lua_istable(L, value_idx)) {
+        int top = lua_gettop(L);
+        lua_pushnil(L);
+        int empty_table = !lua_next(L, value_idx);
+        lua_settop(L, top);
+        if (empty_table)
+            return;
+    }
+    if (n)
+        tamarco_buf_addc(b, ',');
+    tamarco_log_json_value(b, L, value_idx, 0);
 }
 
-static int has_field(lua_State *L, int idx, const char *name)
-{
-    lua_getfield(L, idx, name);
-    int present = !lua_isnil(L, -1);
-    lua_pop(L, 1);
-    return present;
-}
+#define N_ROLES (FIELD_THREAD_NAME + 1)
+#define N_IDENTITY 3
 
-/* Tamarco's debug fields of a record with an exception: the line of the
- * logging call, the process id and the thread's name (unless the record
- * has fields of those names already). */
-static void logstash_debug_fields(tamarco_buf *b, lua_State *L, int idx)
-{
-    char num[24];
-    if (!has_field(L, idx, "lineno")) {
-        lua_getfield(L, idx, "source_line");
-        if (lua_type(L, -1) == LUA_TNUMBER) {
-            tamarco_buf_adds(b, ",\"lineno\":");
-            tamarco_log_json_number(b, lua_tonumber(L, -1));
-        }
-        lua_pop(L, 1);
-    }
-    if (!has_field(L, idx, "process")) {
-        snprintf(num, sizeof num, "%ld", (long)getpid());
-        tamarco_buf_adds(b, ",\"process\":");
-        tamarco_buf_adds(b, num);
-    }
-    if (!has_field(L, idx, "thread_name"))
-        tamarco_buf_adds(b, ",\"thread_name\":\"MainThread\"");
-}
+/* The keys of the identity fields of a record in parts, in their order. */
+static const char *const identity_members[N_IDENTITY] = {
+    ",\"service_name\":", ",\"deploy_name\":", ",\"service_instance_id\":",
+};
 
-void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx, int version,
-                          const char *host, size_t host_len,
-                          const char *type, size_t type_len, int tags_idx)
+/* Writes a record: the values the layout places at the stack indexes in at
+ * (0: missing), the identity fields at identity (when given: the record
+ * is in parts, see tamarco_log_logstash_parts), then the first `extras`
+ * keys of f, whose values are in the table at idx. */
+static void write_record(tamarco_buf *b, lua_State *L, const tamarco_logstash_layout *l,
+                         const int at[N_ROLES], const int *identity,
+                         field_list *f, size_t extras, int idx)
 {
     size_t ts_len, msg_len, level_len, logger_len, path_len;
     char now[40];
-    if (idx < 0 && idx > LUA_REGISTRYINDEX)
-        idx = lua_gettop(L) + idx + 1;
-    if (tags_idx < 0 && tags_idx > LUA_REGISTRYINDEX)
-        tags_idx = lua_gettop(L) + tags_idx + 1;
-    const char *ts = tamarco_log_string_field(L, idx, "@timestamp", NULL, &ts_len);
+    const char *ts = string_value(L, at[FIELD_TIMESTAMP], NULL, &ts_len);
     if (!ts) {
         struct timeval tv;
         gettimeofday(&tv, NULL);
@@ -645,65 +819,249 @@ void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx, int version,
         ts = now;
         ts_len = strlen(now);
     }
-    const char *message = tamarco_log_string_field(L, idx, "message", "", &msg_len);
-    const char *level = tamarco_log_string_field(L, idx, "level", "INFO", &level_len);
-    const char *logger = tamarco_log_string_field(L, idx, "logger", "", &logger_len);
+    const char *message = string_value(L, at[FIELD_MESSAGE], "", &msg_len);
+    const char *level = string_value(L, at[FIELD_LEVEL], "INFO", &level_len);
+    const char *logger = string_value(L, at[FIELD_LOGGER], "", &logger_len);
     /* the source file of the logging call; the logger name when unknown */
-    const char *path = tamarco_log_string_field(L, idx, "source_path", NULL, &path_len);
+    const char *path = string_value(L, at[FIELD_SOURCE_PATH], NULL, &path_len);
     if (!path) {
         path = logger;
         path_len = logger_len;
     }
-    int has_traceback = has_field(L, idx, "traceback");
 
-    logstash_ctx ctx = { b, version };
-    tamarco_buf_addc(b, '{');
-    add_member(b, "@timestamp", ts, ts_len, 0);
-    if (version == 0) {
-        /* @source is "<type>://<host>/<path>" */
-        char small[256];
-        size_t n = type_len + 3 + host_len + 1 + path_len;
-        char *source = n <= sizeof small ? small : malloc(n);
-        if (!source) {
-            b->oom = 1;
-            return;
-        }
-        memcpy(source, type, type_len);
-        memcpy(source + type_len, "://", 3);
-        memcpy(source + type_len + 3, host, host_len);
-        source[type_len + 3 + host_len] = '/';
-        memcpy(source + type_len + 4 + host_len, path, path_len);
-        add_member(b, "@message", message, msg_len, 1);
-        add_member(b, "@source", source, n, 1);
-        if (source != small)
-            free(source);
-        add_member(b, "@source_host", host, host_len, 1);
-        add_member(b, "@source_path", path, path_len, 1);
-        tamarco_buf_adds(b, ",\"@tags\":");
-    } else {
-        tamarco_buf_adds(b, ",\"@version\":\"1\"");
-        add_member(b, "message", message, msg_len, 1);
-        add_member(b, "host", host, host_len, 1);
-        add_member(b, "path", path, path_len, 1);
-        tamarco_buf_adds(b, ",\"tags\":");
+    tamarco_buf_add(b, "{\"@timestamp\":", 14);
+    tamarco_log_json_string(b, ts, ts_len);
+    part(b, l, PART_HEAD);
+    tamarco_log_json_string(b, message, msg_len);
+    if (l->version == 0) {
+        part(b, l, PART_SOURCE);
+        json_string_body(b, path, path_len);
+        tamarco_buf_addc(b, '"');
     }
-    logstash_tags(b, L, idx, tags_idx);
-    if (version == 0) {
-        add_member(b, "@type", type, type_len, 1);
-        tamarco_buf_adds(b, ",\"@fields\":{");
-        add_member(b, "levelname", level, level_len, 0);
-        add_member(b, "logger", logger, logger_len, 1);
-        tamarco_log_each_field(L, idx, 1, logstash_extra, &ctx);
-        if (has_traceback)
-            logstash_debug_fields(b, L, idx);
-        tamarco_buf_addc(b, '}');
-    } else {
-        add_member(b, "type", type, type_len, 1);
-        add_member(b, "level", level, level_len, 1);
-        add_member(b, "logger_name", logger, logger_len, 1);
-        tamarco_log_each_field(L, idx, 1, logstash_extra, &ctx);
-        if (has_traceback)
-            logstash_debug_fields(b, L, idx);
+    part(b, l, PART_HOST);
+    tamarco_log_json_string(b, path, path_len);
+    part(b, l, PART_TAGS);
+    if (at[FIELD_TAGS])
+        record_tags(b, L, at[FIELD_TAGS], l->sink_tags);
+    part(b, l, PART_TYPE);
+    tamarco_log_json_string(b, level, level_len);
+    part(b, l, PART_LOGGER);
+    tamarco_log_json_string(b, logger, logger_len);
+
+    /* the extra fields (@fields in v0, the top level in v1): a record in
+     * parts has its identity fields apart, and they sort first anyway */
+    for (int i = 0; identity && i < N_IDENTITY; i++) {
+        if (identity[i]) {
+            tamarco_buf_adds(b, identity_members[i]);
+            field_json(b, L, identity[i]);
+        }
+    }
+    sort_keys(f->keys, extras);
+    for (size_t i = 0; i < extras; i++) {
+        const json_key *k = &f->keys[i];
+        const char *key = KEY_TEXT(k);
+        tamarco_buf_addc(b, ',');
+        if (k->role == FIELD_TRACEBACK) {
+            tamarco_buf_add(b, "\"stack_trace\"", 13);
+        } else if (is_reserved_logstash(l->version, key, k->len)) {
+            char prefixed[32];   /* reserved names are short */
+            memcpy(prefixed, "extra_", 6);
+            memcpy(prefixed + 6, key, k->len);
+            tamarco_log_json_string(b, prefixed, k->len + 6);
+        } else {
+            tamarco_log_json_string(b, key, k->len);
+        }
+        tamarco_buf_addc(b, ':');
+        int top = lua_gettop(L);
+        field_json(b, L, field_value(L, idx, k));
+        lua_settop(L, top);
+    }
+
+    /* Tamarco's debug fields of a record with an exception: the line of the
+     * logging call, the process id and the thread's name (unless the record
+     * has fields of those names already) */
+    if (at[FIELD_TRACEBACK]) {
+        if (!at[FIELD_LINENO] && at[FIELD_SOURCE_LINE] &&
+            lua_type(L, at[FIELD_SOURCE_LINE]) == LUA_TNUMBER) {
+            tamarco_buf_add(b, ",\"lineno\":", 10);
+            tamarco_log_json_number(b, lua_tonumber(L, at[FIELD_SOURCE_LINE]));
+        }
+        if (!at[FIELD_PROCESS]) {
+            tamarco_buf_add(b, ",\"process\":", 11);
+            tamarco_log_json_number(b, (double)getpid());
+        }
+        if (!at[FIELD_THREAD_NAME])
+            tamarco_buf_adds(b, ",\"thread_name\":\"MainThread\"");
+    }
+    tamarco_buf_add(b, l->version == 0 ? "}}" : "}", l->version == 0 ? 2 : 1);
+}
+
+void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
+                          const tamarco_logstash_layout *l)
+{
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    int base = lua_gettop(L);
+    field_list f;
+    /* room for the values of a big record looked up below, and a walk */
+    if (!lua_checkstack(L, 16) || !gather_fields(L, idx, 1, &f)) {
+        b->oom = 1;
+        return;
+    }
+    /* One look at each key: the fields the layout places are noted, the
+     * extra ones are kept (in place) to be sorted and written. */
+    int at[N_ROLES] = { 0 };
+    size_t extras = 0;
+    for (size_t i = 0; i < f.n; i++) {
+        int role = field_role(&f.keys[i]);
+        if (role != FIELD_EXTRA)
+            at[role] = field_value(L, idx, &f.keys[i]);
+        if (role == FIELD_EXTRA || role >= FIELD_TRACEBACK) {
+            f.keys[i].role = role;
+            f.keys[extras++] = f.keys[i];
+        }
+    }
+    write_record(b, L, l, at, NULL, &f, extras, idx);
+    lua_settop(L, base);
+}
+
+/* ---- records in parts ----
+ *
+ * The logging module hands a record whose fields need no masking to the
+ * encoders in parts, without building its table: the values at first ..
+ * first + 9 are its @timestamp, level, logger and message (strings), its
+ * extra fields (a table or nil), source_path, source_line, service_name,
+ * deploy_name and service_instance_id (each may be nil). */
+enum { ARG_TS, ARG_LEVEL, ARG_LOGGER, ARG_MESSAGE, ARG_EXTRA, ARG_SOURCE_PATH,
+       ARG_SOURCE_LINE, ARG_IDENTITY };
+
+/* Gathers the extra fields (the table at idx, or nil) into f with their
+ * roles. 0 when a key would not be that same field in the record's table
+ * (a key that is not a string, names a standard field, traceback or a
+ * source field): such parts need the table. The caller restores the stack. */
+static int gather_extra(lua_State *L, int idx, field_list *f)
+{
+    f->keys = f->small;
+    f->n = 0;
+    if (lua_isnil(L, idx))
+        return 1;
+    if (!lua_istable(L, idx) || !lua_checkstack(L, 16) || !gather_fields(L, idx, 1, f))
+        return 0;
+    for (size_t i = 0; i < f->n; i++) {
+        json_key *k = &f->keys[i];
+        k->role = field_role(k);
+        if (k->type != LUA_TSTRING || k->rank != N_STANDARD || k->role == FIELD_TRACEBACK ||
+            (k->role >= FIELD_TIMESTAMP && k->role <= FIELD_SOURCE_LINE))
+            return 0;
+    }
+    return 1;
+}
+
+static int parts_are_strings(lua_State *L, int first)
+{
+    for (int i = ARG_TS; i <= ARG_MESSAGE; i++)
+        if (lua_type(L, first + i) != LUA_TSTRING)
+            return 0;
+    return 1;
+}
+
+/* The stack indexes of the identity values (0: nil). */
+static void identity_parts(lua_State *L, int first, int identity[N_IDENTITY])
+{
+    for (int i = 0; i < N_IDENTITY; i++)
+        identity[i] = lua_isnil(L, first + ARG_IDENTITY + i) ? 0 : first + ARG_IDENTITY + i;
+}
+
+int tamarco_log_logstash_parts(tamarco_buf *b, lua_State *L, int first,
+                               const tamarco_logstash_layout *l)
+{
+    int base = lua_gettop(L);
+    field_list f;
+    if (!parts_are_strings(L, first) || !gather_extra(L, first + ARG_EXTRA, &f)) {
+        lua_settop(L, base);
+        return 0;
+    }
+    int at[N_ROLES] = { 0 };
+    at[FIELD_TIMESTAMP] = first + ARG_TS;
+    at[FIELD_LEVEL] = first + ARG_LEVEL;
+    at[FIELD_LOGGER] = first + ARG_LOGGER;
+    at[FIELD_MESSAGE] = first + ARG_MESSAGE;
+    if (!lua_isnil(L, first + ARG_SOURCE_PATH))
+        at[FIELD_SOURCE_PATH] = first + ARG_SOURCE_PATH;
+    int identity[N_IDENTITY];
+    identity_parts(L, first, identity);
+    /* the user's tags are placed by the layout, the rest are extra fields */
+    size_t extras = 0;
+    for (size_t i = 0; i < f.n; i++) {
+        if (f.keys[i].role == FIELD_TAGS)
+            at[FIELD_TAGS] = field_value(L, first + ARG_EXTRA, &f.keys[i]);
+        else
+            f.keys[extras++] = f.keys[i];
+    }
+    write_record(b, L, l, at, identity, &f, extras, first + ARG_EXTRA);
+    lua_settop(L, base);
+    return 1;
+}
+
+/* A field made up for a record in parts, its value at value_idx. */
+static void add_part_field(field_list *f, const char *name, int value_idx)
+{
+    json_key *k = &f->keys[f->n++];
+    k->s = name;
+    k->len = strlen(name);
+    k->type = LUA_TSTRING;
+    k->rank = N_STANDARD;
+    k->role = FIELD_EXTRA;
+    k->value_idx = value_idx;
+}
+
+int tamarco_log_json_parts(tamarco_buf *b, lua_State *L, int first)
+{
+    int base = lua_gettop(L);
+    field_list f;
+    if (!parts_are_strings(L, first) || !gather_extra(L, first + ARG_EXTRA, &f)) {
+        lua_settop(L, base);
+        return 0;
+    }
+    /* A big table's keys are in a userdata of their exact number: the
+     * source fields need a bigger one. */
+    if (f.keys != f.small) {
+        json_key *keys = lua_newuserdata(L, (f.n + 2) * sizeof *keys);
+        memcpy(keys, f.keys, f.n * sizeof *keys);
+        f.keys = keys;
+    }
+    if (!lua_isnil(L, first + ARG_SOURCE_PATH))
+        add_part_field(&f, "source_path", first + ARG_SOURCE_PATH);
+    if (!lua_isnil(L, first + ARG_SOURCE_LINE))
+        add_part_field(&f, "source_line", first + ARG_SOURCE_LINE);
+    int identity[N_IDENTITY];
+    identity_parts(L, first, identity);
+
+    /* as tamarco_log_json_value writes the record's table: the standard
+     * fields in their order, then the rest sorted */
+    static const char *const standard[] = { "{\"@timestamp\":", ",\"level\":", ",\"logger\":", ",\"message\":" };
+    for (int i = ARG_TS; i <= ARG_MESSAGE; i++) {
+        size_t len;
+        const char *s = lua_tolstring(L, first + i, &len);
+        tamarco_buf_adds(b, standard[i]);
+        tamarco_log_json_string(b, s, len);
+    }
+    for (int i = 0; i < N_IDENTITY; i++) {
+        if (identity[i]) {
+            tamarco_buf_adds(b, identity_members[i]);
+            field_json(b, L, identity[i]);
+        }
+    }
+    sort_keys(f.keys, f.n);
+    for (size_t i = 0; i < f.n; i++) {
+        tamarco_buf_addc(b, ',');
+        tamarco_log_json_string(b, KEY_TEXT(&f.keys[i]), f.keys[i].len);
+        tamarco_buf_addc(b, ':');
+        int top = lua_gettop(L);
+        field_json(b, L, field_value(L, first + ARG_EXTRA, &f.keys[i]));
+        lua_settop(L, top);
     }
     tamarco_buf_addc(b, '}');
+    lua_settop(L, base);
+    return 1;
 }

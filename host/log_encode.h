@@ -63,11 +63,45 @@ const char *tamarco_log_string_field(lua_State *L, int idx, const char *name,
 /* 1 when key is one of the standard record fields listed above. */
 int tamarco_log_is_standard_field(const char *key, size_t len);
 
+/* What every record of one logstash sink shares (its layout version, host,
+ * message type and own tags), JSON-encoded once when the sink is made:
+ * a record then costs only its own fields. */
+typedef struct tamarco_logstash_layout {
+    int version;            /* 0 or 1 */
+    int sink_tags;          /* how many tags the sink puts before the record's */
+    tamarco_buf text;       /* the parts (see log_encode.c), back to back */
+    size_t ends[6];         /* end offset of each part in text */
+} tamarco_logstash_layout;
+
+/* An empty layout: set it before use, free it after. */
+void tamarco_logstash_layout_init(tamarco_logstash_layout *layout);
+
+/* (Re)fills layout for version 0 or 1, host, type and the tags table at
+ * tags_idx (0: none), reusing its memory. Returns 0 when out of memory.
+ * Encoding the tags may raise a memory error of the Lua state: the layout
+ * keeps what it holds, for its owner to free. */
+int tamarco_logstash_layout_set(tamarco_logstash_layout *layout, lua_State *L,
+                                int version, const char *host, size_t host_len,
+                                const char *type, size_t type_len, int tags_idx);
+void tamarco_logstash_layout_free(tamarco_logstash_layout *layout);
+
 /* Appends the record at idx in Tamarco's logstash layout, version 0 or 1
- * (python-logstash's formatters; see encode_logstash in log.c). tags_idx is
- * a table of tags or 0 for none. */
-void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx, int version,
-                          const char *host, size_t host_len,
-                          const char *type, size_t type_len, int tags_idx);
+ * (python-logstash's formatters; see encode_logstash in log.c). */
+void tamarco_log_logstash(tamarco_buf *b, lua_State *L, int idx,
+                          const tamarco_logstash_layout *layout);
+
+/* Records in parts: the logging module hands a record whose fields need no
+ * masking to the encoders without building its table. The values at
+ * first .. first + 9 are its @timestamp, level, logger and message
+ * (strings), its extra fields (a table or nil), source_path, source_line,
+ * service_name, deploy_name and service_instance_id (each may be nil). The
+ * extra fields are taken as the record has them: the caller has masked
+ * what needed it. Each encoder writes the bytes it writes for the record's
+ * table, or returns 0, writing nothing, for parts the table would hold
+ * differently (an extra key that is not a string or names a standard
+ * field, traceback or a source field): encode the table then. */
+int tamarco_log_logstash_parts(tamarco_buf *b, lua_State *L, int first,
+                               const tamarco_logstash_layout *layout);
+int tamarco_log_json_parts(tamarco_buf *b, lua_State *L, int first);
 
 #endif

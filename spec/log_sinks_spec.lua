@@ -88,6 +88,80 @@ describe("remote log sinks", function()
         end, "system.logging.logstash.version: must be 0 or 1, not 3")
     end)
 
+    it("sends the same UDP datagrams whether a record reaches the sink in parts or as a table", function()
+        -- The UDP sink alone takes plain records in parts (emit_parts, no
+        -- record table); with a second sink that needs tables, every record
+        -- is a table. The datagrams must not differ by one byte.
+        local many = {}
+        for i = 1, 60 do many["k" .. i] = i end   -- more keys than the encoder keeps on the stack
+        local cases = {   -- message, extra, taken in parts?
+            { "plain", { user = "alice", n = 7, path = "/hello", ok = true, ratio = 1.5, big = 2 ^ 53 }, true },
+            { "no extra fields", nil, true },
+            { "escapes \"q\"\n\t", { quote = 'a"b', nl = "x\ny", utf = "caf\195\169", bad = "\255",
+                                      sep = "\226\128\168" }, true },
+            { "layout names", { host = "h", type = "t", lineno = 3, process = 9, thread_name = "w",
+                                tags = "solo", levelname = "l", stack_trace = "s", logger_name = "n" }, true },
+            { "many fields", many, true },
+            { "tags array", { tags = { "a", "b" } }, false },            -- a table: masked copy
+            { "secret", { password = "hunter2", user = "bob" }, false },
+            { "url http://user:pw@db:5432/x", { n = 1 }, false },
+            { "url value", { dsn = "redis://:pw@cache:6379/0" }, false },
+            { "standard names", { message = "m2", level = "x", service_name = "s" }, true },   -- the sink says no
+            { "source fields", { source_path = "mine", source_line = 1 }, true },                -- the sink says no
+            { "traceback field", { traceback = "tb" }, true },                                     -- the sink says no
+            { "number key", { [1] = "one", [2.5] = "x" }, false },
+            { 42, { n = 1 }, false },                                                            -- not a string
+        }
+        local function run(version, source_path, with_table_sink)
+            local server, port, received = udp_listener()
+            local in_parts, as_tables = 0, 0
+            testing.run(function()
+                local sinks = log_sinks.configure_from_settings(view_with { source_path = source_path,
+                    logstash = { enabled = true, host = "127.0.0.1", port = port, version = version,
+                                 message_type = "mt", tags = { "svc" } } }, logging)
+                local udp_sink = sinks[1]
+                local emit, emit_parts = udp_sink.emit, udp_sink.emit_parts
+                function udp_sink:emit(record) as_tables = as_tables + 1 return emit(self, record) end
+                function udp_sink:emit_parts(...)
+                    local done = emit_parts(self, ...)
+                    if done then in_parts = in_parts + 1 end
+                    return done
+                end
+                local table_sink = with_table_sink and logging.add_sink { name = "tables", emit = function() end }
+                local log = logging.get_logger("sinky.parts")
+                for _, case in ipairs(cases) do log:info(case[1], case[2]) end
+                log:error("an error", { n = 1 })
+                testing.wait_until(function() return #received >= #cases + 1 end)
+                if table_sink then logging.remove_sink(table_sink) end
+                log_sinks.close(sinks, logging)
+            end)
+            server:close()
+            for i, datagram in ipairs(received) do   -- records of different milliseconds
+                received[i] = datagram:gsub('^{"@timestamp":"[^"]*"', '{"@timestamp":"T"')
+            end
+            return received, in_parts, as_tables
+        end
+        local taken_in_parts = 0
+        for _, case in ipairs(cases) do
+            if case[3] and not (case[2] and (case[2].message or case[2].source_path or case[2].traceback)) then
+                taken_in_parts = taken_in_parts + 1
+            end
+        end
+        for _, version in ipairs({ 0, 1 }) do
+            for _, source_path in ipairs({ true, false }) do
+                local parts, in_parts, as_tables = run(version, source_path, false)
+                local tables, none_in_parts = run(version, source_path, true)
+                assert.are.equal(#cases + 1, #parts)
+                assert.are.equal(taken_in_parts + 1, in_parts)     -- the error record too
+                assert.are.equal(#cases - taken_in_parts, as_tables)
+                assert.are.equal(0, none_in_parts)
+                for i = 1, #cases + 1 do
+                    assert.are.equal(tables[i], parts[i])
+                end
+            end
+        end
+    end)
+
     it("pushes logstash records to a Redis list", function()
         local host, port = os.getenv("TAMARCO_TEST_REDIS_HOST"), tonumber(os.getenv("TAMARCO_TEST_REDIS_PORT"))
         assert(host and port, "needs TAMARCO_TEST_REDIS_HOST/PORT (scripts/test.sh starts Redis)")

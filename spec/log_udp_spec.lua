@@ -15,13 +15,13 @@ describe("logstash UDP sender", function()
         local port = probe:getsockname().port
         probe:close()
 
-        local sender = assert(log_udp.open("127.0.0.1", port))
+        local sender = assert(log_udp.open("127.0.0.1", port, 1, "host", "Logstash", {}))
         local record = { ["@timestamp"] = "2026-11-30T10:00:00.000Z", level = "INFO", logger = "udp",
                          message = "nobody listens" }
         local refused
         testing.run(function()
             for _ = 1, 3 do
-                for _ = 1, 10 do sender:send_logstash(record, 1, "host", "Logstash", {}) end
+                for _ = 1, 10 do sender:send_logstash(record) end
                 local _, err = sender:flush()
                 refused = refused or err
                 tamarco.sleep(20)   -- the ICMP answers arrive
@@ -35,7 +35,7 @@ describe("logstash UDP sender", function()
         server:recv_start(function(_, data) if data then received[#received + 1] = data end end)
         record.message = "heard"
         testing.run(function()
-            for _ = 1, 100 do sender:send_logstash(record, 1, "host", "Logstash", {}) end
+            for _ = 1, 100 do sender:send_logstash(record) end
             local dropped = sender:flush()
             assert.are.equal(0, dropped)
             local waited = 0

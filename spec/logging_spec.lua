@@ -503,6 +503,90 @@ describe("tamarco.logging", function()
         os.remove(path)
     end)
 
+    it("writes an ERROR record given in parts to the file at once, INFO within the loop turn", function()
+        local path = os.tmpname()
+        os.remove(path)
+        local sink = assert(logging.file_sink { path = path })
+        local function lines() return select(2, (read_file(path) or ""):gsub("\n", "")) end
+        local ts = "2026-11-30T10:00:00.000Z"
+        assert.is_true(sink:emit_parts(ts, "INFO", "file", "buffered", { n = 1 }))
+        assert.are.equal(0, lines())      -- a loop turn has not ended yet
+        assert.is_true(sink:emit_parts(ts, "ERROR", "file", "at once", nil, "/x.lua", 3, "svc"))
+        assert.are.equal(2, lines())      -- the error, and what was before it
+        -- parts a table would hold differently are refused, not written
+        assert.is_false(sink:emit_parts(ts, "INFO", "file", "no", { level = "x" }))
+        sink:close()
+        assert.are.equal(2, lines())
+        os.remove(path)
+    end)
+
+    it("writes the same stdout and file lines whether records reach the sinks in parts or as tables", function()
+        local many = {}
+        for i = 1, 60 do many["k" .. i] = i end   -- more keys than the encoder keeps on the stack
+        local cases = {   -- message, extra
+            { "plain", { user = "alice", n = 7, path = "/hello", ok = true, ratio = 1.5, tags = "t" } },
+            { "no extra fields" },
+            { "escapes \"q\"\n", { quote = 'a"b', utf = "caf\195\169", bad = "\255", zz = "\226\128\168" } },
+            { "many fields", many },
+            { "sorted with the source fields", { source_pat = 1, source_paths = 2, sourc = 3, t = 4 } },
+            { "a table value", { tags = { "a", "b" } } },
+            { "secret", { password = "hunter2" } },
+            { "url http://user:pw@db/x" },
+            { "standard names", { message = "m2", level = "x", deploy_name = "d" } },
+            { "source fields", { source_path = "mine", source_line = 1 } },
+            { "traceback field", { traceback = "tb" } },
+            { "number key", { [1] = "one" } },
+            { 42, { n = 1 } },
+        }
+        local function run(with_table_sink, with_source)
+            local path = os.tmpname()
+            os.remove(path)
+            local out = configure_json("TESTING", { file_path = path })
+            local in_parts = 0
+            for _, sink in ipairs(logging.sinks()) do
+                local emit_parts = sink.emit_parts
+                sink.emit_parts = function(...)
+                    local done = emit_parts(...)
+                    if done then in_parts = in_parts + 1 end
+                    return done
+                end
+            end
+            -- a sink that wants the caller's file in the records, and one that needs tables
+            local extra_sinks = {}
+            if with_source then
+                extra_sinks[#extra_sinks + 1] = logging.add_sink { name = "source", wants_source = true,
+                    emit = function() end, emit_parts = function() return true end }
+            end
+            if with_table_sink then
+                extra_sinks[#extra_sinks + 1] = logging.add_sink { name = "tables", emit = function() end }
+            end
+            local log = logging.get_logger("hello.parts")
+            for _, case in ipairs(cases) do log:info(case[1], case[2]) end
+            log:exception("failed", "boom", "stack traceback:\n\tx.lua:1")
+            for _, sink in ipairs(extra_sinks) do logging.remove_sink(sink) end
+            logging.close()
+            local file_lines = {}
+            for line in read_file(path):gmatch("[^\n]+") do file_lines[#file_lines + 1] = line end
+            os.remove(path)
+            local function same_time(lines)
+                for i, line in ipairs(lines) do lines[i] = line:gsub('^{"@timestamp":"[^"]*"', '{"@timestamp":"T"') end
+                return lines
+            end
+            return same_time(out.lines), same_time(file_lines), in_parts
+        end
+        for _, with_source in ipairs({ false, true }) do
+            local out_parts, file_parts, in_parts = run(false, with_source)
+            local out_tables, file_tables, none_in_parts = run(true, with_source)
+            assert.are.equal(#cases + 1, #file_parts)
+            assert.are.equal(2 * 5, in_parts)   -- the 5 plain cases, by stdout and the file
+            assert.are.equal(0, none_in_parts)
+            assert.are.same(out_tables, out_parts)
+            assert.are.same(file_tables, file_parts)
+            assert.are.same(file_parts, out_parts)
+            if with_source then assert.matches('"source_path":"', file_parts[1], 1, true) end
+        end
+    end)
+
     it("configures from a settings view with Tamarco's keys", function()
         local asked = {}
         local values = { ["logging.profile"] = "PRODUCTION", ["logging.stdout"] = false }

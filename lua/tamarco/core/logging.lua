@@ -14,11 +14,17 @@
 -- extra_<name> (extra `message` -> `extra_message`). A sink is any table
 --     { name = "...", emit = function(self, record) end,
 --       flush = function(self) end, close = function(self) end }
--- (flush and close optional) added with logging.add_sink. stdout and the
+-- (flush and close optional) added with logging.add_sink. A sink may also
+-- have emit_parts(self, timestamp, level, logger, message, extra,
+-- source_path, source_line, service_name, deploy_name, service_instance_id)
+-- -> true | false: while every active sink has one, records whose message
+-- and extra fields need no masking reach them in these parts, without a
+-- record table (false: this one needs the table after all). stdout and the
 -- rotating file are sinks made here; remote sinks (UDP logstash, Redis, HTTP)
 -- plug in the same way. A sink that raises is disabled with one line on
 -- stderr; logging never raises into its caller.
 local clog = require "tamarco.c.log"
+local encode_json_parts = clog.encode_json_parts
 local timer = require "tamarco.c.timer"
 local errors = require "tamarco.core.errors"
 local mask_urls = require("tamarco.core.secrets").mask_urls
@@ -53,17 +59,20 @@ local state = {
     builtin = {},           -- the sinks configure() made: { stdout = s, file = s }
     flush_interval_ms = logging.DEFAULT_FLUSH_INTERVAL_MS,
     wants_source = false,   -- an active sink places the caller's file (logstash layouts)
+    by_parts = false,       -- every active sink takes records in parts (emit_parts)
 }
 
 -- A sink with `wants_source = true` gets source_path and source_line (the
 -- file and line of the logging call) in every record. Looking them up costs
 -- more than the rest of a record, so only while such a sink is active.
 local function refresh_wants_source()
-    local wants = false
+    local wants, by_parts = false, #state.sinks > 0
     for _, s in ipairs(state.sinks) do
-        if s.wants_source then wants = true break end
+        if s.wants_source then wants = true end
+        if type(s.emit_parts) ~= "function" then by_parts = false end
     end
     state.wants_source = wants
+    state.by_parts = by_parts
 end
 
 local function stderr_line(text)
@@ -190,11 +199,10 @@ local function timestamp()
     return last_timestamp
 end
 
---- logging.make_record(logger_name, level_name, message[, extra[, traceback]])
--- -> record table (secrets masked; extra can't override standard fields).
-function logging.make_record(name, level_name, message, extra, traceback)
+-- The record made at time `ts` (a timestamp string), see make_record.
+local function record_at(ts, name, level_name, message, extra, traceback)
     local record = {
-        ["@timestamp"] = timestamp(),
+        ["@timestamp"] = ts,
         level = level_name,
         logger = name,
         message = mask_urls(type(message) == "string" and message or tostring(message)),
@@ -224,23 +232,75 @@ function logging.make_record(name, level_name, message, extra, traceback)
     if traceback ~= nil then record.traceback = mask_urls(tostring(traceback)) end
     return record
 end
+
+--- logging.make_record(logger_name, level_name, message[, extra[, traceback]])
+-- -> record table (secrets masked; extra can't override standard fields).
+function logging.make_record(name, level_name, message, extra, traceback)
+    return record_at(timestamp(), name, level_name, message, extra, traceback)
+end
 local make_record = logging.make_record
 
-local getinfo = debug.getinfo
+local find = string.find
+
+-- true when record_at would take message and extra as they are: no URL
+-- credentials to mask, no secret-named key, no table to copy, no key to
+-- turn into a string. Such a record can go to the sinks in parts.
+local function plain_parts(message, extra)
+    if type(message) ~= "string" or find(message, "://", 1, true) then return false end
+    if extra == nil then return true end
+    if type(extra) ~= "table" then return false end
+    for k, v in pairs(extra) do
+        if type(k) ~= "string" then return false end
+        local secret = secret_cache[k]   -- is_secret_key, its cache first
+        if secret or (secret == nil and is_secret_key(k)) then return false end
+        local t = type(v)
+        if t == "table" or (t == "string" and find(v, "://", 1, true)) then return false end
+    end
+    return true
+end
+
+-- The record in parts to every sink (all have emit_parts); one that says
+-- it needs the table gets it, made once.
+local function dispatch_parts(name, level_name, message, extra, path, line)
+    local ts = timestamp()
+    local sinks = state.sinks
+    local n = #sinks
+    if n > 1 then sinks = { unpack(sinks, 1, n) } end   -- a failing sink leaves the list
+    local record
+    for i = 1, n do
+        local sink = sinks[i]
+        local ok, done = pcall(sink.emit_parts, sink, ts, level_name, name, message, extra, path, line,
+            state.service_name, state.deploy_name, state.instance_id)
+        if ok and not done then
+            if not record then
+                record = record_at(ts, name, level_name, message, extra)
+                if path then record.source_path, record.source_line = path, line end
+            end
+            ok, done = pcall(sink.emit, sink, record)
+        end
+        if not ok then disable_sink(sink, "emit", done) end
+    end
+end
+
+local caller = clog.caller
 
 -- Called by the logger methods only: level 3 is the code that logged.
 local function log(name, level_name, message, extra, traceback)
+    if state.by_parts and traceback == nil and plain_parts(message, extra) then
+        local path, line
+        if state.wants_source then path, line = caller(3) end
+        return dispatch_parts(name, level_name, message, extra, path, line)
+    end
     local ok, record = pcall(make_record, name, level_name, message, extra, traceback)
     if not ok then
         stderr_line("cannot build a log record: " .. tostring(record))
         return
     end
     if state.wants_source then
-        local info = getinfo(3, "Sl")
-        if info then
-            local source = info.source
-            record.source_path = source:sub(1, 1) == "@" and source:sub(2) or info.short_src
-            if info.currentline and info.currentline > 0 then record.source_line = info.currentline end
+        local path, line = caller(3)
+        if path then
+            record.source_path = path
+            record.source_line = line
         end
     end
     dispatch(record)
@@ -353,6 +413,15 @@ function logging.stdout_sink(opts)
         self.stream:write(line, "\n")
         if self.tty then self.stream:flush() end
     end
+    -- the same line from a record's parts (see add_sink)
+    function sink:emit_parts(...)
+        local line = self.format == "json" and encode_json_parts(...)
+        if not line then return false end
+        self.stream:write(line, "\n")
+        if self.tty then self.stream:flush() end
+        return true
+    end
+    if sink.format ~= "json" then sink.emit_parts = nil end
     function sink:flush() self.stream:flush() end
     function sink:close() self.stream:flush() end
     return sink
@@ -474,6 +543,22 @@ function logging.file_sink(opts)
         local ok, werr = file:write_json(record)
         if not ok then return failed(werr) end
         if urgent then try_flush() end
+    end
+    -- the same line from a record's parts (see add_sink)
+    function sink:emit_parts(ts, level, ...)
+        local urgent = level == "ERROR" or level == "CRITICAL"
+        if not urgent and backing_off() then
+            skipped = skipped + 1
+            return true
+        end
+        local ok, werr = file:write_json_parts(ts, level, ...)
+        if ok == false then return false end
+        if not ok then
+            failed(werr)
+        elseif urgent then
+            try_flush()
+        end
+        return true
     end
     function sink:flush() try_flush() end
     --- sink:dropped() -> records lost since the sink was made.
