@@ -35,12 +35,25 @@ local function code_of(path)
     return (text:gsub("%-%-[^\n]*", ""))
 end
 
+-- The module names a piece of code requires: `require "x"`, `require("x")`
+-- and `pcall(require, "x")`.
+local function requires_in(code)
+    local names = {}
+    for name in code:gmatch("require%s*%(?%s*[\"']([%w_%.]+)[\"']") do names[#names + 1] = name end
+    for name in code:gmatch("pcall%s*%(%s*require%s*,%s*[\"']([%w_%.]+)[\"']") do names[#names + 1] = name end
+    local i = 0
+    return function()
+        i = i + 1
+        return names[i]
+    end
+end
+
 local function require_graph()
     local mods = modules()
     local graph = {}
     for module, path in pairs(mods) do
         local deps = {}
-        for name in code_of(path):gmatch("require%s*%(?%s*[\"']([%w_%.]+)[\"']") do
+        for name in requires_in(code_of(path)) do
             if mods[name] and name ~= module then deps[name] = true end
         end
         graph[module] = deps
@@ -165,7 +178,7 @@ describe("the Lua package", function()
         local mods = modules()
         local aliased = {}
         for module, path in pairs(mods) do
-            for name in code_of(path):gmatch("require%s*%(?%s*[\"']([%w_%.]+)[\"']") do
+            for name in requires_in(code_of(path)) do
                 if name:match("^tamarco%.") and not name:match("^tamarco%.c%.") and not mods[name] then
                     aliased[#aliased + 1] = module .. " requires " .. name
                 end

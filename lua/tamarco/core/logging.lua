@@ -23,6 +23,7 @@
 -- rotating file are sinks made here; remote sinks (UDP logstash, Redis, HTTP)
 -- plug in the same way. A sink that raises is disabled with one line on
 -- stderr; logging never raises into its caller.
+local backoff = require "tamarco.c.backoff"
 local clog = require "tamarco.c.log"
 local encode_json_parts = clog.encode_json_parts
 local timer = require "tamarco.c.timer"
@@ -478,13 +479,14 @@ function logging.file_sink(opts)
     if not file then return nil, err end
     local sink = { name = "file", path = opts.path, file = file }
     local skipped = 0          -- records not even tried during a back-off
-    local retry_at, backoff    -- set while failing
+    local retry_at             -- set while failing
+    local delays = backoff.new { min_ms = logging.FILE_RETRY_MIN_MS, max_ms = logging.FILE_RETRY_MAX_MS }
     local reported = 0         -- drops already counted in the metric
 
     local function count_drops()
         local total = skipped + file:dropped()
         if total > reported then
-            local ok, metrics = pcall(require, "tamarco.metrics")
+            local ok, metrics = pcall(require, "tamarco.core.metrics")
             if ok then
                 metrics.counter("logging_dropped_records_total", {
                     help = "Log records dropped because a remote sink's queue was full",
@@ -497,14 +499,12 @@ function logging.file_sink(opts)
     local function failed(werr)
         count_drops()
         if not retry_at then
-            backoff = logging.FILE_RETRY_MIN_MS
+            delays:reset()
             stderr_line(("sink \"file\" failing (records are dropped, retried with back-off): %s")
                 :format(tostring(werr)))
-        else
-            backoff = math.min(backoff * 2, logging.FILE_RETRY_MAX_MS)
         end
         sink.failure = tostring(werr)
-        retry_at = timer.now() + backoff
+        retry_at = timer.now() + delays:next()
     end
     local function written()
         if not retry_at then return end

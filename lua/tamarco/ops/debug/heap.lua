@@ -112,7 +112,7 @@ local function resource_figures(svc)
 end
 
 local function sink_figures()
-    local ok, logging = pcall(require, "tamarco.logging")
+    local ok, logging = pcall(require, "tamarco.core.logging")
     if not ok then return {} end
     local out = {}
     for _, sink in ipairs(logging.sinks()) do
