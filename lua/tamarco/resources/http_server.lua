@@ -39,6 +39,7 @@ local hrtime = timer.hrtime
 local now_ms = timer.now
 local setmetatable, rawget, rawset, type, tostring, pairs, ipairs, xpcall, pcall =
     setmetatable, rawget, rawset, type, tostring, pairs, ipairs, xpcall, pcall
+local find, sub = string.find, string.sub
 local traceback = debug.traceback
 
 local HttpServer = base.class("http_server")
@@ -228,39 +229,35 @@ local function parse_pattern(pattern)
     return segments, names
 end
 
-local function split_path(path)
-    local segs, n, pos = {}, 0, 2
-    while true do
-        local slash = path:find("/", pos, true)
-        n = n + 1
-        if not slash then
-            segs[n] = path:sub(pos)
-            return segs, n
-        end
-        segs[n] = path:sub(pos, slash - 1)
-        pos = slash + 1
-    end
-end
-
 -- Depth-first with backtracking: a literal child wins over a parameter.
-local function walk(node, segs, i, n, captured)
-    if i > n then
-        if node.nmethods > 0 then return node end
-        return nil
-    end
-    local seg = segs[i]
+-- The segment of `node` starts at `pos` (after a '/') and runs to the next
+-- '/' or the end; the parameters met on the way go to captured[depth + 1...].
+-- Positions, not a table of segments: no table per request, and the loop
+-- stays one trace.
+local function walk(node, path, pos, captured, depth)
+    local slash = find(path, "/", pos, true)
+    local seg = sub(path, pos, (slash or 0) - 1)
     local child = node.children[seg]
     if child then
-        local found = walk(child, segs, i + 1, n, captured)
+        local found
+        if slash then
+            found = walk(child, path, slash + 1, captured, depth)
+        elseif child.nmethods > 0 then
+            found = child
+        end
         if found then return found end
     end
     local pchild = node.param
     if pchild and seg ~= "" then
-        local depth = #captured + 1
-        captured[depth] = seg
-        local found = walk(pchild, segs, i + 1, n, captured)
+        captured[depth + 1] = seg
+        local found
+        if slash then
+            found = walk(pchild, path, slash + 1, captured, depth + 1)
+        elseif pchild.nmethods > 0 then
+            found = pchild
+        end
         if found then return found end
-        captured[depth] = nil
+        captured[depth + 1] = nil
     end
     return nil
 end
@@ -329,9 +326,8 @@ end
 function HttpServer:match(path)
     local node = self._static[path]
     if node then return node, nil end
-    local segs, n = split_path(path)
     local captured = {}
-    node = walk(self._root, segs, 1, n, captured)
+    node = walk(self._root, path, 2, captured, 0)
     return node, captured
 end
 
@@ -679,9 +675,8 @@ function HttpServer:_dispatch(h)
 
     local node, captured = self._static[path], nil
     if not node then
-        local segs, n = split_path(path)
         captured = {}
-        node = walk(self._root, segs, 1, n, captured)
+        node = walk(self._root, path, 2, captured, 0)
     end
     local route = node and (node.methods[method] or (method == "HEAD" and node.methods.GET))
     if not route then
