@@ -667,29 +667,36 @@ function HttpServer:_not_routed(h, method, path, node, stat, t0)
     end
 end
 
+-- The parameters of the route being matched: filled and emptied before any
+-- handler runs, so one table serves every request.
+local captured = {}
+
 function HttpServer:_dispatch(h)
     local t0 = hrtime()
     local stats = self.stats
     stats.in_flight = stats.in_flight + 1
     local method, path = h:info()
 
-    local node, captured = self._static[path], nil
-    if not node then
-        captured = {}
-        node = walk(self._root, path, 2, captured, 0)
-    end
+    local node = self._static[path]
+    if not node then node = walk(self._root, path, 2, captured, 0) end
     local route = node and (node.methods[method] or (method == "HEAD" and node.methods.GET))
+    local params
+    if route then
+        local names = route.param_names
+        local n = #names
+        if n > 0 then
+            params = {}
+            for i = 1, n do params[names[i]] = url_decode(captured[i]) end
+        end
+    end
+    for i = #captured, 1, -1 do captured[i] = nil end
     if not route then
         return self:_not_routed(h, method, path, node, stats.unmatched, t0)
     end
 
-    local req = setmetatable({ _h = h, method = method, path = path, route = route.pattern }, request_mt)
-    local names = route.param_names
-    if #names > 0 then
-        local params = {}
-        for i = 1, #names do params[names[i]] = url_decode(captured[i]) end
-        req.params = params
-    end
+    -- params in the constructor: the table is made with room for it
+    local req = setmetatable({ _h = h, method = method, path = path, route = route.pattern, params = params },
+        request_mt)
 
     local cache_key, cors = nil, self._cors
     if route.cache_ttl and (method == "GET" or method == "HEAD") and self:_cacheable_request(h, route) then
