@@ -33,6 +33,7 @@ struct tamarco_host {
     int next_wait_id;
     int idle_tasks;        /* coroutines in the pool of tamarco_start_task */
     int sched_refs[TAMARCO_SCHED_TABLES];   /* registry refs of the scheduler's tables */
+    lua_State *running_task;   /* the task tamarco_resume runs now, or NULL */
     /* what each pending wait is for (see tamarco_wait_note) */
     struct tamarco_wait_note *wait_notes;
     int wait_notes_cap;    /* a power of two, or 0 */

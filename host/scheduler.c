@@ -179,6 +179,8 @@ TAMARCO_API void tamarco_wait_note(tamarco_host *host, int wait_id, const char *
 
 static int in_task(tamarco_host *host, lua_State *L)
 {
+    if (L == host->running_task)   /* the usual case: a task calling a binding */
+        return 1;
     if (lua_pushthread(L)) {   /* main thread */
         lua_pop(L, 1);
         return 0;
@@ -369,7 +371,11 @@ int tamarco_resume(tamarco_host *host, lua_State *co, int nargs)
 {
     lua_State *L = host->L;
     int base = lua_gettop(L);
+    /* only tasks come here (started, woken or queued by this file) */
+    lua_State *outer = host->running_task;
+    host->running_task = co;
     int status = lua_resume(co, nargs);
+    host->running_task = outer;
     if (status == LUA_YIELD) {
         /* Suspended in an operation (or a bare coroutine.yield, whose values
          * nobody receives). Whoever holds its wait id resumes it later. */
@@ -499,6 +505,7 @@ int tamarco_scheduler_init(tamarco_host *host)
     host->next_wait_id = 0;
     host->ready_idle_active = 0;
     host->idle_tasks = 0;
+    host->running_task = NULL;
     host->wait_notes = NULL;
     host->wait_notes_cap = host->wait_notes_count = 0;
     host->ready_idle.data = host;
