@@ -637,11 +637,11 @@ local function with_header(headers, name, value)
     return out
 end
 
-function HttpServer:_not_routed(h, method, path, node, stat, t0)
+function HttpServer:_not_routed(h, method, path, origin, node, stat, t0)
     local cors = self._cors
     local status, headers
     if node then
-        local origin = cors and h:header("origin")
+        origin = cors and origin
         if method == "OPTIONS" then
             -- CORS preflight, or a plain OPTIONS: 204 with what the path allows
             if origin and h:header("access-control-request-method") then
@@ -671,11 +671,12 @@ end
 -- handler runs, so one table serves every request.
 local captured = {}
 
-function HttpServer:_dispatch(h)
+-- h: the request handle; method, path (without the query) and the Origin
+-- header (or nil) come with it from C.
+function HttpServer:_dispatch(h, method, path, origin)
     local t0 = hrtime()
     local stats = self.stats
     stats.in_flight = stats.in_flight + 1
-    local method, path = h:info()
 
     local node = self._static[path]
     if not node then node = walk(self._root, path, 2, captured, 0) end
@@ -691,7 +692,7 @@ function HttpServer:_dispatch(h)
     end
     for i = #captured, 1, -1 do captured[i] = nil end
     if not route then
-        return self:_not_routed(h, method, path, node, stats.unmatched, t0)
+        return self:_not_routed(h, method, path, origin, node, stats.unmatched, t0)
     end
 
     -- params in the constructor: the table is made with room for it
@@ -705,8 +706,7 @@ function HttpServer:_dispatch(h)
         if hit and hit.expires > now_ms() then
             stats.cache_hits = stats.cache_hits + 1
             local headers = with_header(hit.headers, "x-cache", "HIT")
-            local origin = cors and h:header("origin")
-            if origin then headers = cors_headers(cors, origin, headers) end
+            if cors and origin then headers = cors_headers(cors, origin, headers) end
             local status = respond(self, h, hit.status, headers, hit.body, hit.ctype)
             return account(self, route.stat, status, t0)
         end
@@ -753,10 +753,7 @@ function HttpServer:_dispatch(h)
         headers = with_header(headers, "x-cache", "MISS")
     end
 
-    if cors then
-        local origin = h:header("origin")
-        if origin then headers = cors_headers(cors, origin, headers) end
-    end
+    if cors and origin then headers = cors_headers(cors, origin, headers) end
     status = respond(self, h, status, headers, body, ctype)
     account(self, route.stat, status, t0)
     if self.access_log then
@@ -773,7 +770,9 @@ end
 -- exit 11) and records the bound host and port.
 function HttpServer:start()
     local c_options = self:_configure()
-    local server, err, code = chttp.listen(c_options, function(h) return self:_dispatch(h) end)
+    local server, err, code = chttp.listen(c_options, function(h, method, path, origin)
+        return self:_dispatch(h, method, path, origin)
+    end)
     if not server then
         errors.raise("bind", "http server '" .. tostring(self.name) .. "': " .. tostring(err), { code = code })
     end
