@@ -57,6 +57,9 @@ struct tamarco_wait_note {
 };
 
 
+/* The host when L is the task the scheduler is running now, else NULL: the
+ * quick answer of tamarco_host_of for a binding called by a task. */
+tamarco_host *tamarco_host_of_running_task(lua_State *L);
 /* Initialises the scheduler's handles on host->loop; host->L must be set. */
 int tamarco_scheduler_init(tamarco_host *host);
 /* At exit: cancels every pending wait (their operations release what they

@@ -177,6 +177,9 @@ void tamarco_host_attach(tamarco_host *host, lua_State *L)
 
 tamarco_host *tamarco_host_of(lua_State *L)
 {
+    tamarco_host *running = tamarco_host_of_running_task(L);
+    if (running)
+        return running;
     lua_pushlightuserdata(L, HOST_KEY);
     lua_rawget(L, LUA_REGISTRYINDEX);
     tamarco_host *host = lua_touserdata(L, -1);

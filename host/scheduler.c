@@ -177,6 +177,14 @@ TAMARCO_API void tamarco_wait_note(tamarco_host *host, int wait_id, const char *
 
 /* ---- waits ---- */
 
+/* The host whose task tamarco_resume runs now (NULL between resumes). */
+static tamarco_host *resuming_host;
+
+tamarco_host *tamarco_host_of_running_task(lua_State *L)
+{
+    return resuming_host && resuming_host->running_task == L ? resuming_host : NULL;
+}
+
 static int in_task(tamarco_host *host, lua_State *L)
 {
     if (L == host->running_task)   /* the usual case: a task calling a binding */
@@ -373,9 +381,12 @@ int tamarco_resume(tamarco_host *host, lua_State *co, int nargs)
     int base = lua_gettop(L);
     /* only tasks come here (started, woken or queued by this file) */
     lua_State *outer = host->running_task;
+    tamarco_host *outer_host = resuming_host;
     host->running_task = co;
+    resuming_host = host;
     int status = lua_resume(co, nargs);
     host->running_task = outer;
+    resuming_host = outer_host;
     if (status == LUA_YIELD) {
         /* Suspended in an operation (or a bare coroutine.yield, whose values
          * nobody receives). Whoever holds its wait id resumes it later. */
