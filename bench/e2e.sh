@@ -8,10 +8,14 @@
 #       with setkeepalive (bench/peers/e2e_nginx.conf),
 #   (c) Python aiohttp + redis.asyncio (Debian's python3-redis).
 # Unpinned, then pinned (servers on CPU 1; wrk and redis-server on CPU 0).
-# Prints requests/s, p99, RSS and the ratios ours / theirs.
+# All servers listen at once and are measured in turn, ROUNDS times, so that
+# a change in what else runs on the machine falls on every server alike.
+# Prints the median requests/s and p99 of each server over the rounds, its
+# RSS, and the ratios ours / theirs: requests/s as the median of the rounds'
+# ratios (each round's listed), p99 and RSS of the medians.
 #
-#   sh bench/e2e.sh                    # wrk -t2 -c50 -d10s --latency
-#   DURATION=30s CONNECTIONS=100 sh bench/e2e.sh
+#   sh bench/e2e.sh                    # 3 rounds of wrk -t2 -c50 -d5s --latency
+#   ROUNDS=5 DURATION=10s CONNECTIONS=100 sh bench/e2e.sh
 #   MODES="0" sh bench/e2e.sh          # unpinned only ("1": pinned only)
 #   PEERS="node nginx" sh bench/e2e.sh # a subset of node nginx aiohttp
 #   BUILD_DIR=build-release sh bench/e2e.sh
@@ -24,7 +28,8 @@ set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-bench}
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-2}
 MODES=${MODES:-0 1}
@@ -120,19 +125,22 @@ rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 errors() { awk '/Socket errors|Non-2xx/ { sub(/^ +/, ""); printf "%s; ", $0 }' "$1"; }
 stop() { for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 
-# bench NAME PORT PID_FOR_RSS: wrk against a started server, a line of results
-bench() {
+# check NAME PORT: the server answers the expected body
+check() {
     body=$(curl -fs "http://127.0.0.1:$2$URL_PATH" | sed 's/": /":/g; s/", "/","/g')
     case "$body" in
         *'"name":"Ada Lovelace"'*'"id":"42"'* | *'"id":"42"'*'"name":"Ada Lovelace"'*) ;;
         *) echo "$1 answered $body" >&2; exit 1 ;;
     esac
-    $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "http://127.0.0.1:$2$URL_PATH" >/dev/null   # warm-up
+}
+
+# bench ROUND NAME PORT: wrk against a started server, a line of results
+bench() {
     $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
-        "http://127.0.0.1:$2$URL_PATH" > "$WORK/wrk-$1.txt"
-    echo "$1 $(rps "$WORK/wrk-$1.txt") $(p99_ms "$WORK/wrk-$1.txt") $(rss_kb "$3")" >> "$WORK/results"
-    e=$(errors "$WORK/wrk-$1.txt")
-    [ -z "$e" ] || echo "$1: $e" >&2
+        "http://127.0.0.1:$3$URL_PATH" > "$WORK/wrk-$2.txt"
+    echo "$1 $2 $(rps "$WORK/wrk-$2.txt") $(p99_ms "$WORK/wrk-$2.txt")" >> "$WORK/results"
+    e=$(errors "$WORK/wrk-$2.txt")
+    [ -z "$e" ] || echo "$2: $e" >&2
 }
 
 run_mode() {   # PIN
@@ -141,6 +149,7 @@ run_mode() {   # PIN
         server_cpu="taskset -c 1" wrk_cpu="taskset -c 0" redis_cpu="taskset -c 0"
     fi
     : > "$WORK/results"
+    : > "$WORK/servers"
     $redis_cpu redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
         --dir "$WORK" --logfile "$WORK/redis.log" &
     redis=$!
@@ -151,12 +160,12 @@ run_mode() {   # PIN
     done
     redis-cli -p "$REDIS_PORT" set user:42 "Ada Lovelace" >/dev/null
 
+    # every server listens from now on: NAME PORT PID_FOR_RSS PID_TO_STOP per line
     $server_cpu "$HOST_BIN" run "$WORK/service.lua" --settings "$WORK/settings.yml" > "$WORK/tamarco.log" 2>&1 &
     pid=$!
     PIDS="$PIDS $pid"
     wait_port "$OUR_PORT"
-    bench tamarco-host "$OUR_PORT" "$pid"
-    stop "$pid"
+    echo "tamarco-host $OUR_PORT $pid $pid" >> "$WORK/servers"
 
     case " $PEERS " in *" node "*)
         $server_cpu env NODE_PATH="$WORK/node/node_modules" node "$ROOT/bench/peers/e2e_node.js" \
@@ -164,8 +173,7 @@ run_mode() {   # PIN
         pid=$!
         PIDS="$PIDS $pid"
         wait_port "$NODE_PORT"
-        bench node+ioredis "$NODE_PORT" "$pid"
-        stop "$pid"
+        echo "node+ioredis $NODE_PORT $pid $pid" >> "$WORK/servers"
     esac
 
     case " $PEERS " in *" nginx "*)
@@ -177,8 +185,7 @@ run_mode() {   # PIN
         pid=$!
         PIDS="$PIDS $pid"
         wait_port "$NGINX_PORT"
-        bench nginx+lua "$NGINX_PORT" "$(pgrep -P "$pid" | head -n1)"
-        stop "$pid"
+        echo "nginx+lua $NGINX_PORT $(pgrep -P "$pid" | head -n1) $pid" >> "$WORK/servers"
     esac
 
     case " $PEERS " in *" aiohttp "*)
@@ -187,24 +194,64 @@ run_mode() {   # PIN
         pid=$!
         PIDS="$PIDS $pid"
         wait_port "$AIOHTTP_PORT"
-        bench aiohttp+redis "$AIOHTTP_PORT" "$pid"
-        stop "$pid"
+        echo "aiohttp+redis $AIOHTTP_PORT $pid $pid" >> "$WORK/servers"
     esac
+
+    while read -r name port _ _; do
+        check "$name" "$port"
+        $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port$URL_PATH" >/dev/null   # warm-up
+    done < "$WORK/servers"
+    round=1
+    while [ "$round" -le "$ROUNDS" ]; do
+        while read -r name port _ _; do bench "$round" "$name" "$port"; done < "$WORK/servers"
+        round=$((round + 1))
+    done
+    : > "$WORK/rss"
+    while read -r name _ rss_pid stop_pid; do
+        echo "$name $(rss_kb "$rss_pid")" >> "$WORK/rss"
+        stop "$stop_pid"
+    done < "$WORK/servers"
     stop "$redis"
 
     echo
-    echo "== GET $URL_PATH -> redis GET -> JSON: wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (pinned: $1)"
-    awk '
-        { name[NR] = $1; r[NR] = $2; p[NR] = $3; m[NR] = $4 }
+    echo "== GET $URL_PATH -> redis GET -> JSON: $ROUNDS rounds of wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (pinned: $1)"
+    awk -v rounds="$ROUNDS" '
+        function median(a, n,    i, j, t) {   # sorts a[1..n]
+            for (i = 2; i <= n; i++)
+                for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        FILENAME ~ /rss$/ { rss[$1] = $2; next }
+        {
+            if (!($2 in seen)) { seen[$2] = 1; order[++ns] = $2 }
+            r[$2, $1] = $3; p[$2, $1] = $4
+        }
         END {
+            for (i = 1; i <= ns; i++) {
+                s = order[i]
+                for (k = 1; k <= rounds; k++) { a[k] = r[s, k]; b[k] = p[s, k] }
+                mr[s] = median(a, rounds); mp[s] = median(b, rounds)
+            }
+            ours = order[1]
+            for (i = 2; i <= ns; i++) {
+                s = order[i]
+                for (k = 1; k <= rounds; k++) a[k] = r[ours, k] / r[s, k]
+                ratio[s] = median(a, rounds)
+            }
             printf "%-16s %12s %10s %10s %16s\n", "server", "requests/s", "p99 ms", "RSS KiB", "ours/theirs req/s"
-            for (i = 1; i <= NR; i++)
-                printf "%-16s %12s %10s %10s %16s\n", name[i], r[i], p[i], m[i],
-                    i == 1 ? "" : sprintf("%.2fx", r[1] / r[i])
-            for (i = 2; i <= NR; i++)
-                printf "ratios vs %-14s requests/s %.2fx, p99 %.2fx, RSS %.2fx\n", name[i] ":",
-                    r[1] / r[i], p[1] / p[i], m[1] / m[i]
-        }' "$WORK/results"
+            for (i = 1; i <= ns; i++) {
+                s = order[i]
+                printf "%-16s %12.0f %10.2f %10s %16s\n", s, mr[s], mp[s], rss[s],
+                    i == 1 ? "" : sprintf("%.2fx", ratio[s])
+            }
+            for (i = 2; i <= ns; i++) {
+                s = order[i]
+                line = ""
+                for (k = 1; k <= rounds; k++) line = line sprintf(" %.2fx", r[ours, k] / r[s, k])
+                printf "ratios vs %-14s requests/s %.2fx (rounds:%s), p99 %.2fx, RSS %.2fx\n", s ":",
+                    ratio[s], line, mp[ours] / mp[s], rss[ours] / rss[s]
+            }
+        }' "$WORK/results" "$WORK/rss"
 }
 
 echo "machine: $(nproc) CPUs, $(uname -r); redis $(redis-server --version | awk '{print $3}'); node $(node --version 2>/dev/null)"

@@ -3,11 +3,15 @@
 # with Debian's Lua module (content_by_lua_block) and Python aiohttp, all on
 # loopback, measured with wrk in the same run, with one worker each and then
 # two (tamarco-host --workers 2, nginx worker_processes 2, two aiohttp
-# processes on one port). Prints requests/s, p99 and the ratios (ours /
-# theirs), and the resident memory of each server (per worker).
+# processes on one port). The three servers listen at once and are measured
+# in turn, ROUNDS times, so that a change in what else runs on the machine
+# falls on every server alike. Prints the median requests/s and p99 of each
+# server over the rounds, the ratios (ours / theirs: requests/s as the
+# median of the rounds' ratios, each round's listed; p99 of the medians), and
+# the resident memory of each server (per worker).
 #
-#   sh bench/http_hello.sh                 # wrk -t2 -c50 -d10s --latency
-#   DURATION=30s CONNECTIONS=100 sh bench/http_hello.sh
+#   sh bench/http_hello.sh                 # 3 rounds of wrk -t2 -c50 -d5s --latency
+#   ROUNDS=5 DURATION=10s CONNECTIONS=100 sh bench/http_hello.sh
 #   BUILD_DIR=build-release sh bench/http_hello.sh
 #   PIN=1 sh bench/http_hello.sh           # servers on CPU 1, wrk on CPU 0
 #   BENCH_LUA_DIR=DIR sh bench/http_hello.sh  # run the service with another Lua tree
@@ -19,7 +23,8 @@ set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-bench}
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-2}
 OUR_PORT=${OUR_PORT:-18080}
@@ -83,15 +88,11 @@ p99_ms() {
 }
 rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-run_wrk() {   # file port
-    $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "http://127.0.0.1:$2$URL_PATH" >/dev/null   # warm-up
-    $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
-        "http://127.0.0.1:$2$URL_PATH" > "$1"
-}
 stop() { for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 
 bench_workers() {   # N
     n=$1
+    : > "$WORK/results-$n"
     # tamarco-host
     if [ "$n" = 1 ]; then
         $server_cpu env ${BENCH_LUA_DIR:+TAMARCO_LUA_DIR=$BENCH_LUA_DIR} "$HOST_BIN" run \
@@ -103,10 +104,6 @@ bench_workers() {   # N
     our=$!
     PIDS="$PIDS $our"
     wait_port "$OUR_PORT"
-    sleep 0.5   # every worker listening
-    run_wrk "$WORK/wrk-tamarco-$n.txt" "$OUR_PORT"
-    if [ "$n" = 1 ]; then our_rss=$(rss_kb "$our"); else our_rss=$(rss_kb "$(pgrep -P "$our" | head -n1)"); fi
-    stop "$our"
 
     # nginx + Lua
     mkdir -p "$WORK/nginx$n/logs" "$WORK/nginx$n/client_body"
@@ -117,9 +114,6 @@ bench_workers() {   # N
     ngx=$!
     PIDS="$PIDS $ngx"
     wait_port "$NGINX_PORT"
-    run_wrk "$WORK/wrk-nginx-$n.txt" "$NGINX_PORT"
-    ngx_rss=$(rss_kb "$(pgrep -P "$ngx" | head -n1)")
-    stop "$ngx"
 
     # aiohttp: n processes on one port
     aio=""
@@ -131,24 +125,61 @@ bench_workers() {   # N
     done
     PIDS="$PIDS $aio"
     wait_port "$AIOHTTP_PORT"
-    sleep 0.5
-    run_wrk "$WORK/wrk-aiohttp-$n.txt" "$AIOHTTP_PORT"
+    sleep 0.5   # every worker listening
+
+    for port in "$OUR_PORT" "$NGINX_PORT" "$AIOHTTP_PORT"; do
+        $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port$URL_PATH" >/dev/null   # warm-up
+    done
+    round=1
+    while [ "$round" -le "$ROUNDS" ]; do
+        for server in "tamarco-host:$OUR_PORT" "nginx+lua:$NGINX_PORT" "aiohttp:$AIOHTTP_PORT"; do
+            $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
+                "http://127.0.0.1:${server#*:}$URL_PATH" > "$WORK/wrk.txt"
+            echo "$round ${server%%:*} $(rps "$WORK/wrk.txt") $(p99_ms "$WORK/wrk.txt")" >> "$WORK/results-$n"
+            grep -h -E "Socket errors|Non-2xx" "$WORK/wrk.txt" | sed "s/^/${server%%:*}: /" >&2 || true
+        done
+        round=$((round + 1))
+    done
+
+    if [ "$n" = 1 ]; then our_rss=$(rss_kb "$our"); else our_rss=$(rss_kb "$(pgrep -P "$our" | head -n1)"); fi
+    ngx_rss=$(rss_kb "$(pgrep -P "$ngx" | head -n1)")
     aio_rss=$(rss_kb "$(echo $aio | cut -d' ' -f1)")
-    stop $aio
+    stop "$our" "$ngx" $aio
 
     echo
-    echo "== $n worker(s): wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency http://127.0.0.1:PORT$URL_PATH (pinned: $PIN)"
-    printf '%-22s %12s %10s %14s\n' "server" "requests/s" "p99 ms" "RSS KiB/worker"
-    printf '%-22s %12s %10s %14s\n' "tamarco-host (hello)" "$(rps "$WORK/wrk-tamarco-$n.txt")" "$(p99_ms "$WORK/wrk-tamarco-$n.txt")" "$our_rss"
-    printf '%-22s %12s %10s %14s\n' "nginx+lua" "$(rps "$WORK/wrk-nginx-$n.txt")" "$(p99_ms "$WORK/wrk-nginx-$n.txt")" "$ngx_rss"
-    printf '%-22s %12s %10s %14s\n' "python aiohttp" "$(rps "$WORK/wrk-aiohttp-$n.txt")" "$(p99_ms "$WORK/wrk-aiohttp-$n.txt")" "$aio_rss"
-    awk -v a="$(rps "$WORK/wrk-tamarco-$n.txt")" -v b="$(rps "$WORK/wrk-nginx-$n.txt")" -v c="$(rps "$WORK/wrk-aiohttp-$n.txt")" \
-        -v d="$(p99_ms "$WORK/wrk-tamarco-$n.txt")" -v e="$(p99_ms "$WORK/wrk-nginx-$n.txt")" -v f="$(p99_ms "$WORK/wrk-aiohttp-$n.txt")" \
-        -v g="$our_rss" -v h="$ngx_rss" 'BEGIN {
-        printf "ratios vs nginx+lua: requests/s %.2fx, p99 %.2fx, RSS %.2fx\n", a / b, d / e, g / h
-        printf "ratios vs aiohttp:   requests/s %.2fx, p99 %.2fx\n", a / c, d / f
-    }'
-    grep -h -E "Socket errors|Non-2xx" "$WORK"/wrk-*-"$n".txt || true
+    echo "== $n worker(s): $ROUNDS rounds of wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency http://127.0.0.1:PORT$URL_PATH (pinned: $PIN)"
+    awk -v rounds="$ROUNDS" -v rss_ours="$our_rss" -v rss_nginx="$ngx_rss" -v rss_aio="$aio_rss" '
+        function median(a, n,    i, j, t) {   # sorts a[1..n]
+            for (i = 2; i <= n; i++)
+                for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        { r[$2, $1] = $3; p[$2, $1] = $4 }
+        END {
+            split("tamarco-host nginx+lua aiohttp", names, " ")
+            rss["tamarco-host"] = rss_ours; rss["nginx+lua"] = rss_nginx; rss["aiohttp"] = rss_aio
+            for (i = 1; i <= 3; i++) {
+                s = names[i]
+                for (k = 1; k <= rounds; k++) { a[k] = r[s, k]; b[k] = p[s, k] }
+                mr[s] = median(a, rounds); mp[s] = median(b, rounds)
+            }
+            printf "%-22s %12s %10s %14s\n", "server", "requests/s", "p99 ms", "RSS KiB/worker"
+            for (i = 1; i <= 3; i++)
+                printf "%-22s %12.0f %10.2f %14s\n", names[i] == "tamarco-host" ? "tamarco-host (hello)" : names[i],
+                    mr[names[i]], mp[names[i]], rss[names[i]]
+            for (i = 2; i <= 3; i++) {
+                s = names[i]
+                line = ""
+                for (k = 1; k <= rounds; k++) { a[k] = r["tamarco-host", k] / r[s, k]; line = line sprintf(" %.2fx", a[k]) }
+                ratio = median(a, rounds)
+                line2 = ""
+                for (k = 1; k <= rounds; k++) line2 = line2 sprintf(" %.2fx", p["tamarco-host", k] / p[s, k])
+                printf "ratios vs %-11s requests/s %.2fx (rounds:%s), p99 %.2fx (rounds:%s)", s ":", ratio, line,
+                    mp["tamarco-host"] / mp[s], line2
+                if (s == "nginx+lua") printf ", RSS %.2fx", rss_ours / rss_nginx
+                printf "\n"
+            }
+        }' "$WORK/results-$n"
 }
 
 bench_workers 1

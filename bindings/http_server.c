@@ -8,14 +8,15 @@
  *
  *   local hs = require "tamarco.c.http_server"
  *   local server, err, code = hs.listen({ host = "127.0.0.1", port = 8080 }, dispatch)
- *   -- dispatch(req) runs in a new task for every complete request
- *   function dispatch(req)
- *       local method, path = req:info()
+ *   -- dispatch(req, method, path, origin) runs in a new task for every
+ *   -- complete request (path without the query; origin: the Origin header or nil)
+ *   function dispatch(req, method, path, origin)
  *       req:respond(200, { ["x-a"] = "b" }, "body", "text/plain")
  *   end
  *   server:shutdown(5000)   -- yields: stop accepting, drain, close
  *
- * Lua strings are only made when an accessor asks. A request handle (a
+ * Besides the method, path and Origin every request is given, Lua strings
+ * are only made when an accessor asks. A request handle (a
  * small userdata holding the struct and its generation) is always safe to
  * use: after respond() the generation moves on and the handle reports
  * "request already answered".
@@ -55,6 +56,8 @@ typedef struct req_handle {
 
 /* ---------------------------------------------------------------- engine callbacks */
 
+static int push_header(lua_State *L, hreq *r, const char *name, size_t nlen);
+
 static void on_request(hserver *srv, hreq *r)
 {
     lua_server *ls = srv->user;
@@ -67,8 +70,17 @@ static void on_request(hserver *srv, hreq *r)
     lua_rawgeti(L, LUA_REGISTRYINDEX, ls->req_mt_ref);
     lua_setmetatable(L, -2);
     http_req_hold(r);
+    /* what every request needs, given at once rather than asked for
+     * by three calls back into C: method, path, Origin (for CORS) */
+    const char *path, *query;
+    size_t plen, qlen;
+    http_req_split_url(r, &path, &plen, &query, &qlen);
+    lua_pushstring(L, http_method_str((enum http_method)r->method));
+    lua_pushlstring(L, path, plen);
+    if (!push_header(L, r, "origin", 6))
+        lua_pushnil(L);
     uint32_t gen = r->gen;
-    if (tamarco_start_task(host, 1) != 0 && r->gen == gen) {
+    if (tamarco_start_task(host, 4) != 0 && r->gen == gen) {
         /* the dispatcher itself failed (already logged): answer for it */
         http_respond_error(r, 500, "internal server error");
     }
@@ -177,12 +189,10 @@ static int l_req_query_string(lua_State *L)
     return 1;
 }
 
-/* header(name) -> value or nil; case-insensitive; repeated fields joined by ", " */
-static int l_req_header(lua_State *L)
+/* Pushes the value of header `name` (case-insensitive; repeated fields
+ * joined by ", ") and returns 1, or pushes nothing and returns 0. */
+static int push_header(lua_State *L, hreq *r, const char *name, size_t nlen)
 {
-    hreq *r = check_req(L);
-    size_t nlen;
-    const char *name = luaL_checklstring(L, 2, &nlen);
     int found = 0;
     luaL_Buffer b;
     for (int i = 0; i < r->nhdrs; i++) {
@@ -205,6 +215,15 @@ static int l_req_header(lua_State *L)
     if (found > 1)
         luaL_pushresult(&b);
     return found ? 1 : 0;
+}
+
+/* header(name) -> value or nil; case-insensitive; repeated fields joined by ", " */
+static int l_req_header(lua_State *L)
+{
+    hreq *r = check_req(L);
+    size_t nlen;
+    const char *name = luaL_checklstring(L, 2, &nlen);
+    return push_header(L, r, name, nlen);
 }
 
 /* headers() -> { lowercased-name = value } (repeated fields joined by ", ") */

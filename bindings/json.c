@@ -649,6 +649,9 @@ static int encode_value(encoder *e, int idx, int depth, int as_float);
 /* Table at idx: 1 when it is a plain sequence 1..n (n > 0), with *n set. */
 static int plain_sequence(lua_State *L, int idx, size_t *n)
 {
+    /* without t[1] (length 0) it is no sequence: objects skip the key walk */
+    if (lua_objlen(L, idx) == 0)
+        return 0;
     size_t count = 0;
     double max = 0;
     lua_pushnil(L);

@@ -781,11 +781,14 @@ static size_t resp_header(char *out, char c, size_t n)
 }
 
 /* The command's arguments (a table at 2, or the values from 2 on) in RESP,
- * in resp.p; returns its length. Raises on a bad argument. */
-static size_t format_command(lua_State *L)
+ * in resp.p; returns its length. Raises on a bad argument. The arguments
+ * stay on the stack, as strings, from *first on (*argc of them). */
+static size_t format_command(lua_State *L, int *first_out, int *argc_out)
 {
     int first;
     int argc = command_args(L, &first);
+    *first_out = first;
+    *argc_out = argc;
     size_t need = 24;
     for (int i = 0; i < argc; i++) {
         int t = lua_type(L, first + i);
@@ -813,27 +816,22 @@ static size_t format_command(lua_State *L)
 }
 
 /* For /debug/tasks: the command and its first argument (usually a key),
- * read back from the RESP just formatted ("*N\r\n$len\r\nNAME\r\n$len\r\nKEY..."). */
-static void note_command(rconn *rc, int wait_id, const char *resp, size_t len)
+ * from the arguments format_command left on the stack. */
+static void note_command(rconn *rc, int wait_id, lua_State *L, int first, int argc)
 {
     char what[TAMARCO_WAIT_DETAIL_MAX];
     size_t out = 0;
-    const char *p = memchr(resp, '\n', len), *end = resp + len;
-    for (int part = 0; part < 2 && p && p + 1 < end && p[1] == '$'; part++) {
-        size_t n = (size_t)strtoul(p + 2, NULL, 10);
-        const char *data = memchr(p + 1, '\n', (size_t)(end - p - 1));
-        if (!data || (size_t)(end - data - 1) < n)
-            break;
-        data++;
-        if (out + 2 >= sizeof what)
-            break;
-        size_t room = sizeof what - 1 - out - (part ? 1 : 0);
-        size_t take = n < room ? n : room;
+    for (int part = 0; part < 2 && part < argc; part++) {
+        size_t n;
+        const char *data = lua_tolstring(L, first + part, &n);
         if (part)
             what[out++] = ' ';
+        size_t room = sizeof what - 1 - out;
+        size_t take = n < room ? n : room;
         memcpy(what + out, data, take);
         out += take;
-        p = data + n + 1;   /* the '\n' of the CRLF after the data */
+        if (out + 2 >= sizeof what)
+            break;
     }
     what[out] = '\0';
     tamarco_wait_note(rc->host, wait_id, "redis", what, 0);
@@ -852,10 +850,11 @@ static int l_command(lua_State *L)
         return 3;
     }
     tamarco_check_task(L, "a redis command");
-    size_t len = format_command(L);
+    int first, argc;
+    size_t len = format_command(L, &first, &argc);
     /* no cancel function: a reply for a cancelled task finds a stale id */
     int wait_id = tamarco_wait_begin(L, NULL, NULL);
-    note_command(rc, wait_id, resp.p, len);
+    note_command(rc, wait_id, L, first, argc);
     if (redisAsyncFormattedCommand(rc->ac, on_reply, (void *)(intptr_t)wait_id, resp.p, len) == REDIS_OK)
         rc->pending++;
     else   /* not after the checks above; the task is told on the next turn all the same */

@@ -19,6 +19,9 @@
  * tamarco_host_of and the extension API: one definition for both. */
 #include "tamarco.h"
 
+/* The scheduler's Lua tables (host/scheduler.c). */
+#define TAMARCO_SCHED_TABLES 7
+
 /* One per OS process: the loop and the main Lua state that owns it. */
 struct tamarco_host {
     uv_loop_t *loop;
@@ -29,6 +32,8 @@ struct tamarco_host {
     int ready_idle_active;
     int next_wait_id;
     int idle_tasks;        /* coroutines in the pool of tamarco_start_task */
+    int sched_refs[TAMARCO_SCHED_TABLES];   /* registry refs of the scheduler's tables */
+    lua_State *running_task;   /* the task tamarco_resume runs now, or NULL */
     /* what each pending wait is for (see tamarco_wait_note) */
     struct tamarco_wait_note *wait_notes;
     int wait_notes_cap;    /* a power of two, or 0 */
@@ -47,10 +52,15 @@ struct tamarco_wait_note {
     const char *kind;      /* a static string: "sleep", "redis", "http", ... */
     double since_ms;       /* the loop's clock when the wait began */
     double deadline_ms;    /* when it ends by itself (sleep), or 0 */
+    tamarco_cancel_fn cancel;   /* what tamarco_wait_begin was given */
+    void *cancel_ud;
     char detail[TAMARCO_WAIT_DETAIL_MAX];
 };
 
 
+/* The host when L is the task the scheduler is running now, else NULL: the
+ * quick answer of tamarco_host_of for a binding called by a task. */
+tamarco_host *tamarco_host_of_running_task(lua_State *L);
 /* Initialises the scheduler's handles on host->loop; host->L must be set. */
 int tamarco_scheduler_init(tamarco_host *host);
 /* At exit: cancels every pending wait (their operations release what they

@@ -11,7 +11,11 @@
 #include <stdint.h>
 #include <sys/random.h>
 
-static const char HOST_KEY[] = "tamarco.host";
+/* The host is found in the registry under this byte's address: bindings ask
+ * at every call, and a lightuserdata key is not hashed and interned as a
+ * string key would be. */
+static const char host_key;
+#define HOST_KEY ((void *)&host_key)
 
 static const luaL_Reg preloaded_bindings[] = {
     {"tamarco.c.scheduler", luaopen_tamarco_c_scheduler},
@@ -183,15 +187,20 @@ static int open_luv_on_host_loop(lua_State *L)
 
 void tamarco_host_attach(tamarco_host *host, lua_State *L)
 {
+    lua_pushlightuserdata(L, HOST_KEY);
     lua_pushlightuserdata(L, host);
-    lua_setfield(L, LUA_REGISTRYINDEX, HOST_KEY);
+    lua_rawset(L, LUA_REGISTRYINDEX);
     /* luv must share the host's loop: it is opened lazily on first require. */
     preload(L, "luv", open_luv_on_host_loop);
 }
 
 tamarco_host *tamarco_host_of(lua_State *L)
 {
-    lua_getfield(L, LUA_REGISTRYINDEX, HOST_KEY);
+    tamarco_host *running = tamarco_host_of_running_task(L);
+    if (running)
+        return running;
+    lua_pushlightuserdata(L, HOST_KEY);
+    lua_rawget(L, LUA_REGISTRYINDEX);
     tamarco_host *host = lua_touserdata(L, -1);
     lua_pop(L, 1);
     return host;

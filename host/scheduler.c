@@ -11,19 +11,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The scheduler's registry entries are keyed by the addresses of these
- * bytes (lightuserdata), not by strings: a string key is hashed and interned
- * at every lookup, and a wait and its wake look several tables up. */
-static const char reg_tasks, reg_waits, reg_wait_of, reg_cancels, reg_exits, reg_ready, reg_on_error, reg_pool, reg_unseen;
-#define REG_TASKS ((void *)&reg_tasks)
-#define REG_WAITS ((void *)&reg_waits)
-#define REG_WAIT_OF ((void *)&reg_wait_of)
-#define REG_CANCELS ((void *)&reg_cancels)
-#define REG_EXITS ((void *)&reg_exits)
-#define REG_READY ((void *)&reg_ready)
+/* The scheduler's tables live in the registry at integer references made
+ * once (host->sched_refs): a wait and its wake look several of them up, and
+ * an integer key is an array slot, where a string or lightuserdata key
+ * would be a hash lookup. */
+enum { T_TASKS, T_WAITS, T_WAIT_OF, T_EXITS, T_READY, T_POOL, T_UNSEEN };
+static const char *const table_modes[TAMARCO_SCHED_TABLES] = {
+    [T_TASKS] = "k", [T_WAIT_OF] = "k", [T_EXITS] = "k", [T_UNSEEN] = "k",
+};
+/* The error handler is set once and read on failures only. */
+static const char reg_on_error;
 #define REG_ON_ERROR ((void *)&reg_on_error)
-#define REG_POOL ((void *)&reg_pool)
-#define REG_UNSEEN ((void *)&reg_unseen)
 #define POOL_MAX 64
 
 struct pending_cancel {
@@ -46,21 +44,23 @@ static void registry_set(lua_State *L, void *key)
     lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
-static void push_registry_table(lua_State *L, void *key, const char *mode)
+static void push_table(tamarco_host *host, lua_State *L, int which)
 {
-    registry_get(L, key);
-    if (!lua_isnil(L, -1))
-        return;
-    lua_pop(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, host->sched_refs[which]);
+}
+
+/* A fresh table for `which` (made at start, replaced by the ready queue's
+ * swap and at shutdown). */
+static void new_table(tamarco_host *host, lua_State *L, int which)
+{
     lua_newtable(L);
-    if (mode) {
-        lua_newtable(L);
-        lua_pushstring(L, mode);
+    if (table_modes[which]) {
+        lua_createtable(L, 0, 1);
+        lua_pushstring(L, table_modes[which]);
         lua_setfield(L, -2, "__mode");
         lua_setmetatable(L, -2);
     }
-    lua_pushvalue(L, -1);
-    registry_set(L, key);
+    lua_rawseti(L, LUA_REGISTRYINDEX, host->sched_refs[which]);
 }
 
 static tamarco_host *checked_host(lua_State *L)
@@ -119,26 +119,27 @@ static int notes_reserve(tamarco_host *host)
     return 0;
 }
 
-static void note_add(tamarco_host *host, int id)
+/* Returns -1 when out of memory (nothing is noted then). */
+static int note_add(tamarco_host *host, int id, tamarco_cancel_fn cancel, void *ud)
 {
     if (notes_reserve(host) != 0)
-        return;   /* out of memory: the wait works, it is only not described */
+        return -1;
     struct tamarco_wait_note *n = note_slot_for(host->wait_notes, host->wait_notes_cap, id);
     n->id = id;
     n->kind = "io";
     n->since_ms = (double)uv_now(host->loop);
     n->deadline_ms = 0;
     n->detail[0] = '\0';
+    n->cancel = cancel;
+    n->cancel_ud = ud;
     host->wait_notes_count++;
+    return 0;
 }
 
 /* Linear probing: removal shifts the following run back instead of leaving
  * a tombstone, so lookups stay short however many waits came and went. */
-static void note_remove(tamarco_host *host, int id)
+static void note_remove(tamarco_host *host, struct tamarco_wait_note *n)
 {
-    struct tamarco_wait_note *n = note_find(host, id);
-    if (!n)
-        return;
     unsigned mask = (unsigned)host->wait_notes_cap - 1;
     unsigned hole = (unsigned)(n - host->wait_notes);
     n->id = 0;
@@ -176,13 +177,23 @@ TAMARCO_API void tamarco_wait_note(tamarco_host *host, int wait_id, const char *
 
 /* ---- waits ---- */
 
-int tamarco_in_task(lua_State *L)
+/* The host whose task tamarco_resume runs now (NULL between resumes). */
+static tamarco_host *resuming_host;
+
+tamarco_host *tamarco_host_of_running_task(lua_State *L)
 {
+    return resuming_host && resuming_host->running_task == L ? resuming_host : NULL;
+}
+
+static int in_task(tamarco_host *host, lua_State *L)
+{
+    if (L == host->running_task)   /* the usual case: a task calling a binding */
+        return 1;
     if (lua_pushthread(L)) {   /* main thread */
         lua_pop(L, 1);
         return 0;
     }
-    push_registry_table(L, REG_TASKS, "k");
+    push_table(host, L, T_TASKS);
     lua_pushvalue(L, -2);
     lua_rawget(L, -2);
     int yes = lua_toboolean(L, -1);
@@ -190,34 +201,35 @@ int tamarco_in_task(lua_State *L)
     return yes;
 }
 
+int tamarco_in_task(lua_State *L)
+{
+    tamarco_host *host = tamarco_host_of(L);
+    return host ? in_task(host, L) : 0;   /* no host: a thread's state, no tasks */
+}
+
 int tamarco_wait_begin(lua_State *L, tamarco_cancel_fn cancel, void *ud)
 {
     tamarco_host *host = checked_host(L);
-    tamarco_check_task(L, "this call");
-    int id = ++host->next_wait_id;
+    if (!in_task(host, L))
+        tamarco_check_task(L, "this call");   /* raises */
+    int id = host->next_wait_id + 1;
     if (id <= 0)   /* wrapped after 2^31 waits */
-        id = host->next_wait_id = 1;
+        id = 1;
+    /* the note holds the cancel: it must exist before the wait does */
+    if (note_add(host, id, cancel, ud) != 0)
+        luaL_error(L, "out of memory");
+    host->next_wait_id = id;
 
-    push_registry_table(L, REG_WAITS, NULL);
+    push_table(host, L, T_WAITS);
     lua_pushthread(L);
     lua_rawseti(L, -2, id);
     lua_pop(L, 1);
 
-    push_registry_table(L, REG_WAIT_OF, "k");
+    push_table(host, L, T_WAIT_OF);
     lua_pushthread(L);
     lua_pushinteger(L, id);
     lua_rawset(L, -3);
     lua_pop(L, 1);
-
-    if (cancel) {
-        push_registry_table(L, REG_CANCELS, NULL);
-        struct pending_cancel *pc = lua_newuserdata(L, sizeof *pc);
-        pc->cancel = cancel;
-        pc->ud = ud;
-        lua_rawseti(L, -2, id);
-        lua_pop(L, 1);
-    }
-    note_add(host, id);
     return id;
 }
 
@@ -230,7 +242,7 @@ int tamarco_wait_yield(lua_State *L)
  * pending cancel, if any, is copied to *cancel_out (cancel NULL otherwise). */
 static int take_wait(tamarco_host *host, lua_State *L, int id, struct pending_cancel *cancel_out)
 {
-    push_registry_table(L, REG_WAITS, NULL);
+    push_table(host, L, T_WAITS);
     lua_rawgeti(L, -1, id);
     if (!lua_isthread(L, -1)) {
         lua_pop(L, 2);
@@ -239,26 +251,18 @@ static int take_wait(tamarco_host *host, lua_State *L, int id, struct pending_ca
     lua_pushnil(L);
     lua_rawseti(L, -3, id);
     lua_remove(L, -2);   /* co */
-    note_remove(host, id);
+    struct tamarco_wait_note *n = note_find(host, id);   /* every wait has one */
+    if (cancel_out) {
+        cancel_out->cancel = n ? n->cancel : NULL;
+        cancel_out->ud = n ? n->cancel_ud : NULL;
+    }
+    if (n)
+        note_remove(host, n);
 
-    push_registry_table(L, REG_WAIT_OF, "k");
+    push_table(host, L, T_WAIT_OF);
     lua_pushvalue(L, -2);
     lua_pushnil(L);
     lua_rawset(L, -3);
-    lua_pop(L, 1);
-
-    push_registry_table(L, REG_CANCELS, NULL);
-    lua_rawgeti(L, -1, id);
-    struct pending_cancel *pc = lua_touserdata(L, -1);
-    if (cancel_out) {
-        cancel_out->cancel = pc ? pc->cancel : NULL;
-        cancel_out->ud = pc ? pc->ud : NULL;
-    }
-    lua_pop(L, 1);
-    if (pc) {
-        lua_pushnil(L);
-        lua_rawseti(L, -2, id);
-    }
     lua_pop(L, 1);
     return 1;
 }
@@ -308,7 +312,7 @@ static void call_exit(tamarco_host *host, int co_index, int ok, int first)
 {
     lua_State *L = host->L;
     int top = lua_gettop(L);
-    push_registry_table(L, REG_EXITS, "k");
+    push_table(host, L, T_EXITS);
     lua_pushvalue(L, co_index);
     lua_rawget(L, -2);
     if (!lua_isfunction(L, -1)) {
@@ -328,9 +332,9 @@ static void call_exit(tamarco_host *host, int co_index, int ok, int first)
 }
 
 /* Sets or clears "unseen" for the coroutine at co_index. */
-static void set_unseen(lua_State *L, int co_index, int unseen)
+static void set_unseen(tamarco_host *host, lua_State *L, int co_index, int unseen)
 {
-    push_registry_table(L, REG_UNSEEN, "k");
+    push_table(host, L, T_UNSEEN);
     lua_pushvalue(L, co_index);
     if (unseen)
         lua_pushboolean(L, 1);
@@ -345,14 +349,14 @@ static void pool_put(tamarco_host *host, lua_State *L, int co_index)
 {
     if (host->idle_tasks >= POOL_MAX)
         return;
-    push_registry_table(L, REG_UNSEEN, "k");
+    push_table(host, L, T_UNSEEN);
     lua_pushvalue(L, co_index);
     lua_rawget(L, -2);
     int unseen = lua_toboolean(L, -1);
     lua_pop(L, 2);
     if (!unseen)
         return;
-    push_registry_table(L, REG_POOL, NULL);
+    push_table(host, L, T_POOL);
     lua_pushvalue(L, co_index);
     lua_rawseti(L, -2, ++host->idle_tasks);
     lua_pop(L, 1);
@@ -363,7 +367,7 @@ static lua_State *pool_take(tamarco_host *host, lua_State *L)
 {
     if (host->idle_tasks == 0)
         return NULL;
-    push_registry_table(L, REG_POOL, NULL);
+    push_table(host, L, T_POOL);
     lua_rawgeti(L, -1, host->idle_tasks);
     lua_pushnil(L);
     lua_rawseti(L, -3, host->idle_tasks--);
@@ -375,7 +379,14 @@ int tamarco_resume(tamarco_host *host, lua_State *co, int nargs)
 {
     lua_State *L = host->L;
     int base = lua_gettop(L);
+    /* only tasks come here (started, woken or queued by this file) */
+    lua_State *outer = host->running_task;
+    tamarco_host *outer_host = resuming_host;
+    host->running_task = co;
+    resuming_host = host;
     int status = lua_resume(co, nargs);
+    host->running_task = outer;
+    resuming_host = outer_host;
     if (status == LUA_YIELD) {
         /* Suspended in an operation (or a bare coroutine.yield, whose values
          * nobody receives). Whoever holds its wait id resumes it later. */
@@ -410,10 +421,9 @@ static void run_ready(uv_idle_t *idle)
     tamarco_host *host = idle->data;
     lua_State *L = host->L;
     int top = lua_gettop(L);
-    push_registry_table(L, REG_READY, NULL);
+    push_table(host, L, T_READY);
     /* Swap in a fresh queue: resumes below may queue more for the next turn. */
-    lua_newtable(L);
-    registry_set(L, REG_READY);
+    new_table(host, L, T_READY);
     int count = (int)lua_objlen(L, -1);
     for (int i = 1; i <= count; i++) {
         lua_rawgeti(L, top + 1, i);
@@ -434,7 +444,7 @@ static void run_ready(uv_idle_t *idle)
         lua_settop(L, top + 1);
     }
     lua_settop(L, top);
-    push_registry_table(L, REG_READY, NULL);
+    push_table(host, L, T_READY);
     int pending = (int)lua_objlen(L, -1);
     lua_pop(L, 1);
     if (!pending) {
@@ -447,7 +457,7 @@ static void run_ready(uv_idle_t *idle)
  * [first, first+n) of L. */
 static void queue_ready(tamarco_host *host, lua_State *L, int co_index, int first, int n)
 {
-    push_registry_table(L, REG_READY, NULL);
+    push_table(host, L, T_READY);
     lua_createtable(L, n + 2, 0);
     lua_pushvalue(L, co_index);
     lua_rawseti(L, -2, 1);
@@ -468,19 +478,20 @@ static void queue_ready(tamarco_host *host, lua_State *L, int co_index, int firs
 void tamarco_scheduler_shutdown(tamarco_host *host)
 {
     lua_State *L = host->L;
-    push_registry_table(L, REG_CANCELS, NULL);
-    lua_pushnil(L);
-    while (lua_next(L, -2) != 0) {
-        struct pending_cancel *pc = lua_touserdata(L, -1);
-        if (pc && pc->cancel)
-            pc->cancel(pc->ud);
-        lua_pop(L, 1);
+    /* a cancel may end other waits (never begin one): copy them out first */
+    int n = 0;
+    struct pending_cancel *cancels = calloc((size_t)host->wait_notes_count + 1, sizeof *cancels);
+    for (int i = 0; cancels && i < host->wait_notes_cap; i++) {
+        struct tamarco_wait_note *note = &host->wait_notes[i];
+        if (note->id != 0 && note->cancel) {
+            cancels[n].cancel = note->cancel;
+            cancels[n++].ud = note->cancel_ud;
+        }
     }
-    lua_pop(L, 1);
-    lua_newtable(L);
-    registry_set(L, REG_CANCELS);
-    lua_newtable(L);
-    registry_set(L, REG_WAITS);
+    for (int i = 0; i < n; i++)
+        cancels[i].cancel(cancels[i].ud);
+    free(cancels);
+    new_table(host, L, T_WAITS);
     free(host->wait_notes);
     host->wait_notes = NULL;
     host->wait_notes_cap = host->wait_notes_count = 0;
@@ -505,15 +516,21 @@ int tamarco_scheduler_init(tamarco_host *host)
     host->next_wait_id = 0;
     host->ready_idle_active = 0;
     host->idle_tasks = 0;
+    host->running_task = NULL;
     host->wait_notes = NULL;
     host->wait_notes_cap = host->wait_notes_count = 0;
     host->ready_idle.data = host;
+    for (int i = 0; i < TAMARCO_SCHED_TABLES; i++) {
+        lua_pushboolean(host->L, 0);   /* a placeholder: new_table sets the slot */
+        host->sched_refs[i] = luaL_ref(host->L, LUA_REGISTRYINDEX);
+        new_table(host, host->L, i);
+    }
     return uv_idle_init(host->loop, &host->ready_idle);
 }
 
-static void mark_task(lua_State *L, int co_index)
+static void mark_task(tamarco_host *host, lua_State *L, int co_index)
 {
-    push_registry_table(L, REG_TASKS, "k");
+    push_table(host, L, T_TASKS);
     lua_pushvalue(L, co_index);
     lua_pushboolean(L, 1);
     lua_rawset(L, -3);
@@ -527,8 +544,8 @@ int tamarco_start_task(tamarco_host *host, int nargs)
     lua_State *co = pool_take(host, L);
     if (!co) {
         co = lua_newthread(L);
-        mark_task(L, lua_gettop(L));
-        set_unseen(L, lua_gettop(L), 1);
+        mark_task(host, L, lua_gettop(L));
+        set_unseen(host, L, lua_gettop(L), 1);
     }
     lua_insert(L, fn_index);            /* keep co referenced below fn/args */
     lua_xmove(L, co, nargs + 1);        /* fn and args onto the coroutine */
@@ -547,7 +564,7 @@ static int l_spawn(lua_State *L)
     int n = lua_gettop(L) - 1;
     lua_State *co = lua_newthread(L);
     int co_index = lua_gettop(L);
-    mark_task(L, co_index);
+    mark_task(host, L, co_index);
     lua_pushvalue(L, 1);
     lua_xmove(L, co, 1);
     queue_ready(host, L, co_index, 2, n);
@@ -568,7 +585,7 @@ static int l_start(lua_State *L)
     lua_pop(L, 1);
     int nargs = lua_gettop(L) - 1;
     lua_State *co = lua_newthread(L);
-    mark_task(L, lua_gettop(L));
+    mark_task(host, L, lua_gettop(L));
     lua_insert(L, 1);
     lua_pushvalue(L, 1);
     lua_insert(L, 2);                   /* stack: co, co, fn, args */
@@ -581,9 +598,10 @@ static int l_start(lua_State *L)
 /* on_exit(co, fn): fn(ok, results...) or fn(false, err, traceback) when co ends. */
 static int l_on_exit(lua_State *L)
 {
+    tamarco_host *host = checked_host(L);
     luaL_checktype(L, 1, LUA_TTHREAD);
     luaL_checktype(L, 2, LUA_TFUNCTION);
-    push_registry_table(L, REG_EXITS, "k");
+    push_table(host, L, T_EXITS);
     lua_pushvalue(L, 1);
     lua_pushvalue(L, 2);
     lua_rawset(L, -3);
@@ -609,9 +627,9 @@ static int l_suspend(lua_State *L)
     return tamarco_wait_yield(L);
 }
 
-static int pending_wait_of(lua_State *L, int co_index)
+static int pending_wait_of(tamarco_host *host, lua_State *L, int co_index)
 {
-    push_registry_table(L, REG_WAIT_OF, "k");
+    push_table(host, L, T_WAIT_OF);
     lua_pushvalue(L, co_index);
     lua_rawget(L, -2);
     int id = (int)lua_tointeger(L, -1);
@@ -626,7 +644,7 @@ static int wake_or_interrupt(lua_State *L, int cancel)
 {
     tamarco_host *host = checked_host(L);
     luaL_checktype(L, 1, LUA_TTHREAD);
-    int id = pending_wait_of(L, 1);
+    int id = pending_wait_of(host, L, 1);
     struct pending_cancel pc;
     if (!id || !take_wait(host, L, id, &pc)) {
         lua_pushboolean(L, 0);
@@ -646,18 +664,20 @@ static int l_interrupt(lua_State *L) { return wake_or_interrupt(L, 1); }
 /* is_waiting(co) -> bool */
 static int l_is_waiting(lua_State *L)
 {
+    tamarco_host *host = checked_host(L);
     luaL_checktype(L, 1, LUA_TTHREAD);
-    lua_pushboolean(L, pending_wait_of(L, 1) != 0);
+    lua_pushboolean(L, pending_wait_of(host, L, 1) != 0);
     return 1;
 }
 
 /* current() -> the running task's coroutine, or nil outside a task. */
 static int l_current(lua_State *L)
 {
-    if (!tamarco_in_task(L))
+    tamarco_host *host = tamarco_host_of(L);
+    if (!host || !in_task(host, L))
         return 0;
     lua_pushthread(L);
-    set_unseen(L, lua_gettop(L), 0);    /* the caller may keep it: no reuse */
+    set_unseen(host, L, lua_gettop(L), 0);    /* the caller may keep it: no reuse */
     return 1;
 }
 
@@ -670,13 +690,15 @@ static int l_running(lua_State *L)
         lua_pushnil(L);                  /* Lua 5.1: nil in the main thread */
         return 1;
     }
-    set_unseen(L, lua_gettop(L), 0);
+    tamarco_host *host = tamarco_host_of(L);
+    if (host)                            /* a thread's state has no pool */
+        set_unseen(host, L, lua_gettop(L), 0);
     return 1;
 }
 
-static int count_entries(lua_State *L, void *key, const char *mode)
+static int count_entries(tamarco_host *host, lua_State *L, int which)
 {
-    push_registry_table(L, key, mode);
+    push_table(host, L, which);
     int n = 0;
     lua_pushnil(L);
     while (lua_next(L, -2) != 0) {
@@ -699,22 +721,22 @@ static int l_stats(lua_State *L)
     lua_setfield(L, -2, "idle_tasks");
     lua_pushinteger(L, host->wait_notes_count);
     lua_setfield(L, -2, "waits");
-    push_registry_table(L, REG_READY, NULL);
+    push_table(host, L, T_READY);
     lua_pushinteger(L, (lua_Integer)lua_objlen(L, -1));
     lua_setfield(L, -3, "ready");
     lua_pop(L, 1);
-    lua_pushinteger(L, count_entries(L, REG_TASKS, "k"));
+    lua_pushinteger(L, count_entries(host, L, T_TASKS));
     lua_setfield(L, -2, "tasks");
-    lua_pushinteger(L, count_entries(L, REG_EXITS, "k"));
+    lua_pushinteger(L, count_entries(host, L, T_EXITS));
     lua_setfield(L, -2, "exits");
     return 1;
 }
 
 /* Pushes a set of the coroutines queued in the ready queue. */
-static void push_ready_set(lua_State *L)
+static void push_ready_set(tamarco_host *host, lua_State *L)
 {
     lua_newtable(L);
-    push_registry_table(L, REG_READY, NULL);
+    push_table(host, L, T_READY);
     int count = (int)lua_objlen(L, -1);
     for (int i = 1; i <= count; i++) {
         lua_rawgeti(L, -1, i);
@@ -748,11 +770,11 @@ static int l_list(lua_State *L)
     double now = (double)uv_now(host->loop);
     lua_newtable(L);
     int result = lua_gettop(L);
-    push_ready_set(L);
+    push_ready_set(host, L);
     int ready = lua_gettop(L);
-    push_registry_table(L, REG_WAIT_OF, "k");
+    push_table(host, L, T_WAIT_OF);
     int wait_of = lua_gettop(L);
-    push_registry_table(L, REG_TASKS, "k");
+    push_table(host, L, T_TASKS);
     int tasks = lua_gettop(L);
     int n = 0;
     lua_pushnil(L);

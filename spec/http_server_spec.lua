@@ -673,6 +673,40 @@ describe("route patterns", function()
     end)
 end)
 
+    it("matches literal segments first, backtracks to parameters, and keeps empty segments apart", function()
+        local api = http.server()
+        local function h() end
+        api:get("/", h)
+        api:get("/a/b/c", h)
+        api:get("/a/{x}/d", h)
+        api:get("/{p}/b/e", h)
+        api:get("/a/", h)
+        api:get("/files/{name}/", h)
+        api:get("/{one}/{two}", h)
+        local function match(path)
+            local node, captured = api:match(path)
+            if not node then return nil end
+            local route = node.methods.GET
+            return route.pattern, captured or {}
+        end
+        assert.are.same({ "/", {} }, { match("/") })
+        assert.are.same({ "/a/b/c", {} }, { match("/a/b/c") })
+        -- the literal "b" leads nowhere for ".../d": back to {x}
+        assert.are.same({ "/a/{x}/d", { "b" } }, { match("/a/b/d") })
+        -- the literal "a" leads nowhere for ".../e": back to {p}
+        assert.are.same({ "/{p}/b/e", { "a" } }, { match("/a/b/e") })
+        assert.are.same({ "/a/", {} }, { match("/a/") })
+        assert.are.same({ "/files/{name}/", { "x" } }, { match("/files/x/") })
+        assert.are.same({ "/{one}/{two}", { "files", "x" } }, { match("/files/x") })
+        -- an empty segment never fills a parameter
+        assert.is_nil(match("/files//"))
+        assert.is_nil(match("//x"))
+        -- a literal path that ends too early falls back to the parameters
+        assert.are.same({ "/{one}/{two}", { "a", "b" } }, { match("/a/b") })
+        assert.is_nil(match("/a/b/c/"))
+        assert.is_nil(match("/a/b/c/d"))
+    end)
+
 describe("handler coroutines", function()
     it("are reused after a normal return, never once Lua code saw them", function()
         testing.run(function()

@@ -39,6 +39,7 @@ local hrtime = timer.hrtime
 local now_ms = timer.now
 local setmetatable, rawget, rawset, type, tostring, pairs, ipairs, xpcall, pcall =
     setmetatable, rawget, rawset, type, tostring, pairs, ipairs, xpcall, pcall
+local find, sub = string.find, string.sub
 local traceback = debug.traceback
 
 local HttpServer = base.class("http_server")
@@ -228,39 +229,35 @@ local function parse_pattern(pattern)
     return segments, names
 end
 
-local function split_path(path)
-    local segs, n, pos = {}, 0, 2
-    while true do
-        local slash = path:find("/", pos, true)
-        n = n + 1
-        if not slash then
-            segs[n] = path:sub(pos)
-            return segs, n
-        end
-        segs[n] = path:sub(pos, slash - 1)
-        pos = slash + 1
-    end
-end
-
 -- Depth-first with backtracking: a literal child wins over a parameter.
-local function walk(node, segs, i, n, captured)
-    if i > n then
-        if node.nmethods > 0 then return node end
-        return nil
-    end
-    local seg = segs[i]
+-- The segment of `node` starts at `pos` (after a '/') and runs to the next
+-- '/' or the end; the parameters met on the way go to captured[depth + 1...].
+-- Positions, not a table of segments: no table per request, and the loop
+-- stays one trace.
+local function walk(node, path, pos, captured, depth)
+    local slash = find(path, "/", pos, true)
+    local seg = sub(path, pos, (slash or 0) - 1)
     local child = node.children[seg]
     if child then
-        local found = walk(child, segs, i + 1, n, captured)
+        local found
+        if slash then
+            found = walk(child, path, slash + 1, captured, depth)
+        elseif child.nmethods > 0 then
+            found = child
+        end
         if found then return found end
     end
     local pchild = node.param
     if pchild and seg ~= "" then
-        local depth = #captured + 1
-        captured[depth] = seg
-        local found = walk(pchild, segs, i + 1, n, captured)
+        captured[depth + 1] = seg
+        local found
+        if slash then
+            found = walk(pchild, path, slash + 1, captured, depth + 1)
+        elseif pchild.nmethods > 0 then
+            found = pchild
+        end
         if found then return found end
-        captured[depth] = nil
+        captured[depth + 1] = nil
     end
     return nil
 end
@@ -329,9 +326,8 @@ end
 function HttpServer:match(path)
     local node = self._static[path]
     if node then return node, nil end
-    local segs, n = split_path(path)
     local captured = {}
-    node = walk(self._root, segs, 1, n, captured)
+    node = walk(self._root, path, 2, captured, 0)
     return node, captured
 end
 
@@ -641,11 +637,11 @@ local function with_header(headers, name, value)
     return out
 end
 
-function HttpServer:_not_routed(h, method, path, node, stat, t0)
+function HttpServer:_not_routed(h, method, path, origin, node, stat, t0)
     local cors = self._cors
     local status, headers
     if node then
-        local origin = cors and h:header("origin")
+        origin = cors and origin
         if method == "OPTIONS" then
             -- CORS preflight, or a plain OPTIONS: 204 with what the path allows
             if origin and h:header("access-control-request-method") then
@@ -671,30 +667,37 @@ function HttpServer:_not_routed(h, method, path, node, stat, t0)
     end
 end
 
-function HttpServer:_dispatch(h)
+-- The parameters of the route being matched: filled and emptied before any
+-- handler runs, so one table serves every request.
+local captured = {}
+
+-- h: the request handle; method, path (without the query) and the Origin
+-- header (or nil) come with it from C.
+function HttpServer:_dispatch(h, method, path, origin)
     local t0 = hrtime()
     local stats = self.stats
     stats.in_flight = stats.in_flight + 1
-    local method, path = h:info()
 
-    local node, captured = self._static[path], nil
-    if not node then
-        local segs, n = split_path(path)
-        captured = {}
-        node = walk(self._root, segs, 1, n, captured)
-    end
+    local node = self._static[path]
+    if not node then node = walk(self._root, path, 2, captured, 0) end
     local route = node and (node.methods[method] or (method == "HEAD" and node.methods.GET))
+    local params
+    if route then
+        local names = route.param_names
+        local n = #names
+        if n > 0 then
+            params = {}
+            for i = 1, n do params[names[i]] = url_decode(captured[i]) end
+        end
+    end
+    for i = #captured, 1, -1 do captured[i] = nil end
     if not route then
-        return self:_not_routed(h, method, path, node, stats.unmatched, t0)
+        return self:_not_routed(h, method, path, origin, node, stats.unmatched, t0)
     end
 
-    local req = setmetatable({ _h = h, method = method, path = path, route = route.pattern }, request_mt)
-    local names = route.param_names
-    if #names > 0 then
-        local params = {}
-        for i = 1, #names do params[names[i]] = url_decode(captured[i]) end
-        req.params = params
-    end
+    -- params in the constructor: the table is made with room for it
+    local req = setmetatable({ _h = h, method = method, path = path, route = route.pattern, params = params },
+        request_mt)
 
     local cache_key, cors = nil, self._cors
     if route.cache_ttl and (method == "GET" or method == "HEAD") and self:_cacheable_request(h, route) then
@@ -703,8 +706,7 @@ function HttpServer:_dispatch(h)
         if hit and hit.expires > now_ms() then
             stats.cache_hits = stats.cache_hits + 1
             local headers = with_header(hit.headers, "x-cache", "HIT")
-            local origin = cors and h:header("origin")
-            if origin then headers = cors_headers(cors, origin, headers) end
+            if cors and origin then headers = cors_headers(cors, origin, headers) end
             local status = respond(self, h, hit.status, headers, hit.body, hit.ctype)
             return account(self, route.stat, status, t0)
         end
@@ -751,10 +753,7 @@ function HttpServer:_dispatch(h)
         headers = with_header(headers, "x-cache", "MISS")
     end
 
-    if cors then
-        local origin = h:header("origin")
-        if origin then headers = cors_headers(cors, origin, headers) end
-    end
+    if cors and origin then headers = cors_headers(cors, origin, headers) end
     status = respond(self, h, status, headers, body, ctype)
     account(self, route.stat, status, t0)
     if self.access_log then
@@ -771,7 +770,9 @@ end
 -- exit 11) and records the bound host and port.
 function HttpServer:start()
     local c_options = self:_configure()
-    local server, err, code = chttp.listen(c_options, function(h) return self:_dispatch(h) end)
+    local server, err, code = chttp.listen(c_options, function(h, method, path, origin)
+        return self:_dispatch(h, method, path, origin)
+    end)
     if not server then
         errors.raise("bind", "http server '" .. tostring(self.name) .. "': " .. tostring(err), { code = code })
     end

@@ -500,20 +500,23 @@ end
 
 -- Commands by method name: cache:hset("h", "f", "1") == cache:call("HSET", ...).
 local command_methods = {}
-Redis.__index = function(_, key)
-    local value = Redis[key]
-    if value ~= nil then return value end
-    local method = command_methods[key]   -- the hot path: a command seen before
-    if method then return method end
+
+local function new_command_method(key)
     -- only plain lowercase words: probes for optional hooks such as
     -- `on_settings_change` or `__close` stay nil
     if type(key) ~= "string" or not key:find("^%l+$") then return nil end
-    do
-        local name = key:upper()
-        method = function(self, ...) return self:call(name, ...) end
-        command_methods[key] = method
-    end
+    local name = key:upper()
+    local method = function(self, ...) return self:call(name, ...) end
+    command_methods[key] = method
     return method
+end
+
+-- Makes no closure itself: a function that does cannot be JIT-compiled
+-- (closing its upvalues is not), and every `cache:get(...)` passes here.
+Redis.__index = function(_, key)
+    local value = Redis[key]
+    if value ~= nil then return value end
+    return command_methods[key] or new_command_method(key)   -- a command seen before: the hot path
 end
 
 ---------------------------------------------------------------------------
