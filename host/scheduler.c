@@ -618,12 +618,15 @@ static int l_set_error_handler(lua_State *L)
     return 0;
 }
 
-/* suspend() -> values given to wake/interrupt. Yields the running task until
- * another piece of code calls wake(co, ...). */
+/* suspend([what]) -> values given to wake/interrupt. Yields the running task
+ * until another piece of code calls wake(co, ...); `what` says what for in
+ * /debug/tasks ("suspend <what>"). */
 static int l_suspend(lua_State *L)
 {
+    const char *detail = luaL_optstring(L, 1, NULL);
     int id = tamarco_wait_begin(L, NULL, NULL);
-    tamarco_wait_note(tamarco_host_of(L), id, "suspend", NULL, 0);
+    tamarco_wait_note(tamarco_host_of(L), id, "suspend", detail, 0);   /* copies detail */
+    lua_settop(L, 0);
     return tamarco_wait_yield(L);
 }
 

@@ -22,7 +22,7 @@ local function entry_of(entries, co)
 end
 
 describe("debug tasks", function()
-    it("names what each task waits on: sleep with the time left, a Redis command, a plain suspend", function()
+    it("names what each task waits on: sleep with the time left, a Redis command, a suspend and what for", function()
         testing.run(function()
             local client = assert(redis.client():connect_to { host = REDIS_HOST, port = REDIS_PORT })
             local blocker = assert(redis.client():connect_to { host = REDIS_HOST, port = REDIS_PORT })
@@ -33,6 +33,7 @@ describe("debug tasks", function()
                 return reply
             end)
             local suspended = scheduler.spawn(function() scheduler.suspend() end)
+            local labelled = scheduler.spawn(function() scheduler.suspend("amqp rpc orders") end)
             tasks.sleep(50)
 
             local entries = debug_tasks.snapshot(nil)
@@ -53,6 +54,10 @@ describe("debug tasks", function()
             local u = assert(entry_of(entries, suspended))
             assert.are.equal("coroutine", u.kind)
             assert.are.equal("suspend", u.wait)
+            assert.is_nil(u.detail)
+            local l = assert(entry_of(entries, labelled))
+            assert.are.equal("suspend", l.wait)
+            assert.are.equal("amqp rpc orders", l.detail)
 
             -- looking did not wake anyone: the Redis call completes only now
             assert.are.equal("waiting", entry_of(debug_tasks.snapshot(nil), popper).state)
@@ -63,6 +68,7 @@ describe("debug tasks", function()
                 debug_tasks.to_text(debug_tasks.snapshot(nil)))
 
             tasks.cancel(suspended)
+            tasks.cancel(labelled)
             group:cancel_all()
             assert(group:wait(2000))
             assert.is_nil(entry_of(debug_tasks.snapshot(nil), sleeper))

@@ -69,7 +69,7 @@ function Directory:service(name)
     if pool then
         if pool.loading then
             pool.loading[#pool.loading + 1] = scheduler.current()
-            scheduler.suspend()
+            scheduler.suspend("discovery: first read of " .. name)
             return self:service(name)
         end
         return pool

@@ -324,7 +324,7 @@ function Lifecycle:run()
     if not ok then return code, err end
     if not self.stop_reason then
         self.waiter = scheduler.current()
-        scheduler.suspend()
+        scheduler.suspend("service running until stopped")
         self.waiter = nil
     end
     self:stop(self.stop_reason)

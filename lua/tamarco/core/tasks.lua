@@ -133,7 +133,7 @@ function Group:wait(timeout_ms)
         end)
     end
     self.waiters[#self.waiters + 1] = me
-    local why = scheduler.suspend()
+    local why = scheduler.suspend("task group")
     if guard then tasks.cancel(guard) end
     if why == "timeout" then
         for i, co in ipairs(self.waiters) do

@@ -215,9 +215,9 @@ end
 -- ---------------------------------------------------------------------
 
 -- Suspends the running task until wake_all(waiters, ...) or `ms` passed
--- (-> nil, "timeout"). A waiter is a record, so that a stray wake-up of the
+-- (-> nil, "timeout"); `what` names the wait in /debug/tasks. A waiter is a record, so that a stray wake-up of the
 -- coroutine (someone else's stale wake) does not end the wait early.
-local function suspend_for(ms, waiters)
+local function suspend_for(ms, waiters, what)
     local me = scheduler.current()
     if not me then error("amqp: this call yields: run it inside a task, hook or handler", 3) end
     local w = { co = me }
@@ -233,7 +233,7 @@ local function suspend_for(ms, waiters)
         end)
     end
     while not w.done do
-        scheduler.suspend()
+        scheduler.suspend(what or "amqp")
         tasks.checkpoint()
     end
     if guard then scheduler.interrupt(guard) end
@@ -269,7 +269,7 @@ function Client:wait_connected(wait_ms)
     if self.conn and self.conn_state == "connected" then return true end
     wait_ms = wait_ms or self:setting("publish_wait_ms")
     if self.conn and not self.stopping and wait_ms and wait_ms > 0 then
-        suspend_for(wait_ms, self.ready_waiters)
+        suspend_for(wait_ms, self.ready_waiters, "amqp connection")
         if self.conn and self.conn_state == "connected" then return true end
     end
     return nil, self:not_connected_error()
@@ -280,7 +280,7 @@ function Client:once(key, fn)
     if self.declared[key] == self.epoch then return true end
     local waiting = self.declaring[key]
     if waiting then
-        local ok, err = suspend_for(nil, waiting)
+        local ok, err = suspend_for(nil, waiting, "amqp declaration " .. key)
         return ok, err
     end
     waiting = {}
@@ -534,7 +534,7 @@ function Client:setup_loop(epoch)
         end
         self.logged_setup_error = first.setup_error
         wake_all(self.ready_waiters, nil, first.setup_error)
-        suspend_for(delay, self.ready_waiters)   -- stop ends the wait
+        suspend_for(delay, self.ready_waiters, "amqp declaration retry")   -- stop ends the wait
         if epoch ~= self.epoch or self.conn_state ~= "connected" or self.stopping then return false end
         -- declarations are made afresh (a refused one may have been fixed)
         self.declared = {}
@@ -939,7 +939,7 @@ function Client:start()
     -- requested meanwhile (cancel_start) or a refused login end the wait
     if self.status_code ~= STATUS.STARTED and not self.start_cancelled then
         self.starting = true
-        suspend_for(math.floor(tonumber(timeout_s) * 1000) * #hosts + 1000, self.ready_waiters)
+        suspend_for(math.floor(tonumber(timeout_s) * 1000) * #hosts + 1000, self.ready_waiters, "amqp connection")
         self.starting = false
         if self.conn_state == "failed" then self:set_status(STATUS.FAILED) end
     end
@@ -1039,7 +1039,7 @@ function Client:stop()
     end
     wake_all(self.backoff_waiters)   -- failed messages waiting for their retry go back now
     if self.in_flight > 0 then
-        local ok = suspend_for(self:setting("drain_timeout_ms"), self.drain_waiters)
+        local ok = suspend_for(self:setting("drain_timeout_ms"), self.drain_waiters, "amqp drain")
         if not ok then
             self:log():warning(("%d message handlers still running after %d ms; their messages will be redelivered")
                 :format(self.in_flight, self:setting("drain_timeout_ms")))
@@ -1171,7 +1171,7 @@ function Client:request(name, value, opts)
         end
     end)
     while not w.done do
-        scheduler.suspend()
+        scheduler.suspend("amqp rpc " .. name)
         if tasks.is_cancelled(w.co) then
             self.rpc_waits[cid] = nil
             scheduler.interrupt(guard)

@@ -480,7 +480,7 @@ function Redis:transaction(commands)
     send(1, { "MULTI" })
     for i, cmd in ipairs(commands) do send(i + 1, cmd) end
     send(n, { "EXEC" })
-    scheduler.suspend()
+    scheduler.suspend("redis transaction")
     tasks.checkpoint()
     for i = 1, n - 1 do
         local r = results[i]
@@ -551,7 +551,7 @@ function Redis:ensure_pubsub()
     if link then
         if link.opening then   -- another task is opening it: wait for it
             link.opening[#link.opening + 1] = scheduler.current()
-            scheduler.suspend()
+            scheduler.suspend("redis pubsub connection")
             tasks.checkpoint()
         end
         return true
@@ -604,7 +604,7 @@ local function add_subscription(self, command, registry, name, handler)
         timer.sleep(timeout)
         if not done then scheduler.wake(me, nil, "no confirmation within " .. timeout .. " ms") end
     end)
-    local confirmed, wait_err = scheduler.suspend()
+    local confirmed, wait_err = scheduler.suspend("redis subscription confirmation")
     done = true
     scheduler.interrupt(guard)
     tasks.checkpoint()

@@ -125,7 +125,7 @@ function Queue:wait(ms)
         end)
     end
     self.waiting = true
-    scheduler.suspend()
+    scheduler.suspend("log sink queue")
     self.waiting = false
     if guard then tasks.cancel(guard) end
     tasks.checkpoint()
