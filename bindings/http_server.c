@@ -285,6 +285,23 @@ static int l_req_version(lua_State *L)
 }
 
 /* remote_address() -> ip, port or nil when the connection is gone */
+/* Pushes a socket address as two values: ip, port. */
+static int push_address(lua_State *L, const struct sockaddr_storage *ss)
+{
+    char ip[64];
+    int port;
+    if (ss->ss_family == AF_INET6) {
+        uv_ip6_name((const struct sockaddr_in6 *)ss, ip, sizeof ip);
+        port = ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
+    } else {
+        uv_ip4_name((const struct sockaddr_in *)ss, ip, sizeof ip);
+        port = ntohs(((const struct sockaddr_in *)ss)->sin_port);
+    }
+    lua_pushstring(L, ip);
+    lua_pushinteger(L, port);
+    return 2;
+}
+
 static int l_req_remote_address(lua_State *L)
 {
     hreq *r = check_req(L);
@@ -294,18 +311,7 @@ static int l_req_remote_address(lua_State *L)
     int len = sizeof ss;
     if (uv_tcp_getpeername(&r->conn->tcp, (struct sockaddr *)&ss, &len) != 0)
         return 0;
-    char ip[64];
-    int port;
-    if (ss.ss_family == AF_INET6) {
-        uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
-        port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-    } else {
-        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
-        port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-    }
-    lua_pushstring(L, ip);
-    lua_pushinteger(L, port);
-    return 2;
+    return push_address(L, &ss);
 }
 
 /* connected() -> false once the client went away (the response would be dropped) */
@@ -513,18 +519,7 @@ static int l_server_address(lua_State *L)
     int len = sizeof ss;
     if (uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&ss, &len) != 0)
         return 0;
-    char ip[64];
-    int port;
-    if (ss.ss_family == AF_INET6) {
-        uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
-        port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-    } else {
-        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
-        port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-    }
-    lua_pushstring(L, ip);
-    lua_pushinteger(L, port);
-    return 2;
+    return push_address(L, &ss);
 }
 
 /* stats() -> { connections, accepted, rejected, requests, responses, ... } */
