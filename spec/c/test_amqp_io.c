@@ -4,16 +4,8 @@
  * publish, and the ack window that keeps delivery tags in order. The file
  * is included so that its internal functions can be called. */
 #include "../../bindings/amqp_io.c"
+#include "check.h"
 
-static int failures;
-
-#define CHECK(cond)                                                     \
-    do {                                                                \
-        if (!(cond)) {                                                  \
-            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-            failures++;                                                 \
-        }                                                               \
-    } while (0)
 
 /* The completions posted so far, in order, as "+id" (ok) or "-id"; the
  * events are freed. */
@@ -124,10 +116,5 @@ int main(void)
 {
     test_publish_window();
     test_ack_window();
-    if (failures) {
-        fprintf(stderr, "test_amqp_io: %d failure(s)\n", failures);
-        return 1;
-    }
-    printf("test_amqp_io: ok\n");
-    return 0;
+    return check_report("test_amqp_io");
 }

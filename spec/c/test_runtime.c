@@ -2,6 +2,7 @@
  * thread -> loop mailbox (posts from another OS thread arrive in order on
  * the loop), the back-off policy and the option readers. */
 #include "backoff.h"
+#include "check.h"
 #include "byte_buffer.h"
 #include "lua_options.h"
 #include "mailbox.h"
@@ -12,15 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int failures;
-
-#define CHECK(cond)                                                     \
-    do {                                                                \
-        if (!(cond)) {                                                  \
-            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-            failures++;                                                 \
-        }                                                               \
-    } while (0)
 
 static void test_byte_buffer(void)
 {
@@ -204,10 +196,5 @@ int main(void)
     test_backoff();
     test_mailbox();
     test_options();
-    if (failures) {
-        fprintf(stderr, "test_runtime: %d failure(s)\n", failures);
-        return 1;
-    }
-    printf("test_runtime: ok\n");
-    return 0;
+    return check_report("test_runtime");
 }
