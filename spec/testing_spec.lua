@@ -19,6 +19,17 @@ describe("testing.run", function()
         assert.matches("stack traceback", err)
     end)
 
+    it("counts its bound from when it is called, even after the loop was blocked", function()
+        local default_timeout = testing.timeout_ms
+        testing.timeout_ms = 300
+        finally(function() testing.timeout_ms = default_timeout end)
+        os.execute("sleep 0.5")   -- the loop's clock falls 500 ms behind
+        assert.are.equal("done", testing.run(function()
+            tamarco.sleep(20)
+            return "done"
+        end))
+    end)
+
     it("gives up on a task that never ends, and wakes it from its wait", function()
         local default_timeout = testing.timeout_ms
         testing.timeout_ms = 50

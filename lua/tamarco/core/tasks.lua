@@ -182,7 +182,9 @@ function tasks.run_until_done(fn, timeout_ms, ...)
         -- the alarm both marks the timeout and makes the loop turn then,
         -- even when the task waits on something that never comes (a clock
         -- read after the turn could fall a hair short of the deadline)
-        alarm = require("luv").new_timer()
+        local uv = require "luv"
+        uv.update_time()   -- the loop's clock is stale after a blocking call
+        alarm = uv.new_timer()
         alarm:start(timeout_ms, 0, function() timed_out = true end)
     end
     while not done do
