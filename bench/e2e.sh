@@ -100,30 +100,7 @@ system:
       port: 0
 YML
 
-wait_port() {
-    i=0
-    while ! curl -fs "http://127.0.0.1:$1$URL_PATH" >/dev/null 2>&1; do
-        i=$((i + 1))
-        if [ $i -gt 150 ]; then
-            echo "server on port $1 did not answer" >&2
-            cat "$WORK"/*.log "$WORK"/nginx/error.log 2>/dev/null >&2 || true
-            exit 1
-        fi
-        sleep 0.1
-    done
-}
-p99_ms() {
-    awk '$1 == "99%" {
-        v = $2
-        if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
-        else if (v ~ /ms$/) { sub(/ms$/, "", v); print v }
-        else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 }
-    }' "$1"
-}
-rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 errors() { awk '/Socket errors|Non-2xx/ { sub(/^ +/, ""); printf "%s; ", $0 }' "$1"; }
-stop() { for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 
 # check NAME PORT: the server answers the expected body
 check() {
@@ -138,7 +115,7 @@ check() {
 bench() {
     $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
         "http://127.0.0.1:$3$URL_PATH" > "$WORK/wrk-$2.txt"
-    echo "$1 $2 $(rps "$WORK/wrk-$2.txt") $(p99_ms "$WORK/wrk-$2.txt")" >> "$WORK/results"
+    echo "$1 $2 $(bench_rps "$WORK/wrk-$2.txt") $(bench_p99_ms "$WORK/wrk-$2.txt")" >> "$WORK/results"
     e=$(errors "$WORK/wrk-$2.txt")
     [ -z "$e" ] || echo "$2: $e" >&2
 }
@@ -164,7 +141,7 @@ run_mode() {   # PIN
     $server_cpu "$HOST_BIN" run "$WORK/service.lua" --settings "$WORK/settings.yml" > "$WORK/tamarco.log" 2>&1 &
     pid=$!
     PIDS="$PIDS $pid"
-    wait_port "$OUR_PORT"
+    bench_wait_http "$OUR_PORT" "$URL_PATH"
     echo "tamarco-host $OUR_PORT $pid $pid" >> "$WORK/servers"
 
     case " $PEERS " in *" node "*)
@@ -172,7 +149,7 @@ run_mode() {   # PIN
             "$NODE_PORT" "$REDIS_PORT" > "$WORK/node.log" 2>&1 &
         pid=$!
         PIDS="$PIDS $pid"
-        wait_port "$NODE_PORT"
+        bench_wait_http "$NODE_PORT" "$URL_PATH"
         echo "node+ioredis $NODE_PORT $pid $pid" >> "$WORK/servers"
     esac
 
@@ -184,7 +161,7 @@ run_mode() {   # PIN
         $server_cpu nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
         pid=$!
         PIDS="$PIDS $pid"
-        wait_port "$NGINX_PORT"
+        bench_wait_http "$NGINX_PORT" "$URL_PATH"
         echo "nginx+lua $NGINX_PORT $(pgrep -P "$pid" | head -n1) $pid" >> "$WORK/servers"
     esac
 
@@ -193,7 +170,7 @@ run_mode() {   # PIN
             > "$WORK/aiohttp.log" 2>&1 &
         pid=$!
         PIDS="$PIDS $pid"
-        wait_port "$AIOHTTP_PORT"
+        bench_wait_http "$AIOHTTP_PORT" "$URL_PATH"
         echo "aiohttp+redis $AIOHTTP_PORT $pid $pid" >> "$WORK/servers"
     esac
 
@@ -208,10 +185,10 @@ run_mode() {   # PIN
     done
     : > "$WORK/rss"
     while read -r name _ rss_pid stop_pid; do
-        echo "$name $(rss_kb "$rss_pid")" >> "$WORK/rss"
-        stop "$stop_pid"
+        echo "$name $(bench_rss_kb "$rss_pid")" >> "$WORK/rss"
+        bench_stop "$stop_pid"
     done < "$WORK/servers"
-    stop "$redis"
+    bench_stop "$redis"
 
     echo
     echo "== GET $URL_PATH -> redis GET -> JSON: $ROUNDS rounds of wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (pinned: $1)"

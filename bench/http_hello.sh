@@ -65,30 +65,6 @@ system:
       port: 0
 YML
 
-wait_port() {
-    i=0
-    while ! curl -fs "http://127.0.0.1:$1$URL_PATH" >/dev/null 2>&1; do
-        i=$((i + 1))
-        if [ $i -gt 150 ]; then
-            echo "server on port $1 did not answer" >&2
-            cat "$WORK"/*.log "$WORK"/nginx*/error.log 2>/dev/null >&2 || true
-            exit 1
-        fi
-        sleep 0.1
-    done
-}
-# p99 from wrk's latency distribution, in milliseconds
-p99_ms() {
-    awk '$1 == "99%" {
-        v = $2
-        if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
-        else if (v ~ /ms$/) { sub(/ms$/, "", v); print v }
-        else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 }
-    }' "$1"
-}
-rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-stop() { for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 
 bench_workers() {   # N
     n=$1
@@ -103,7 +79,7 @@ bench_workers() {   # N
     fi
     our=$!
     PIDS="$PIDS $our"
-    wait_port "$OUR_PORT"
+    bench_wait_http "$OUR_PORT" "$URL_PATH"
 
     # nginx + Lua
     mkdir -p "$WORK/nginx$n/logs" "$WORK/nginx$n/client_body"
@@ -113,7 +89,7 @@ bench_workers() {   # N
     $server_cpu nginx -p "$WORK/nginx$n" -c "$WORK/nginx$n/nginx.conf" &
     ngx=$!
     PIDS="$PIDS $ngx"
-    wait_port "$NGINX_PORT"
+    bench_wait_http "$NGINX_PORT" "$URL_PATH"
 
     # aiohttp: n processes on one port
     aio=""
@@ -124,7 +100,7 @@ bench_workers() {   # N
         i=$((i + 1))
     done
     PIDS="$PIDS $aio"
-    wait_port "$AIOHTTP_PORT"
+    bench_wait_http "$AIOHTTP_PORT" "$URL_PATH"
     sleep 0.5   # every worker listening
 
     for port in "$OUR_PORT" "$NGINX_PORT" "$AIOHTTP_PORT"; do
@@ -135,16 +111,16 @@ bench_workers() {   # N
         for server in "tamarco-host:$OUR_PORT" "nginx+lua:$NGINX_PORT" "aiohttp:$AIOHTTP_PORT"; do
             $wrk_cpu wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
                 "http://127.0.0.1:${server#*:}$URL_PATH" > "$WORK/wrk.txt"
-            echo "$round ${server%%:*} $(rps "$WORK/wrk.txt") $(p99_ms "$WORK/wrk.txt")" >> "$WORK/results-$n"
+            echo "$round ${server%%:*} $(bench_rps "$WORK/wrk.txt") $(bench_p99_ms "$WORK/wrk.txt")" >> "$WORK/results-$n"
             grep -h -E "Socket errors|Non-2xx" "$WORK/wrk.txt" | sed "s/^/${server%%:*}: /" >&2 || true
         done
         round=$((round + 1))
     done
 
-    if [ "$n" = 1 ]; then our_rss=$(rss_kb "$our"); else our_rss=$(rss_kb "$(pgrep -P "$our" | head -n1)"); fi
-    ngx_rss=$(rss_kb "$(pgrep -P "$ngx" | head -n1)")
-    aio_rss=$(rss_kb "$(echo $aio | cut -d' ' -f1)")
-    stop "$our" "$ngx" $aio
+    if [ "$n" = 1 ]; then our_rss=$(bench_rss_kb "$our"); else our_rss=$(bench_rss_kb "$(pgrep -P "$our" | head -n1)"); fi
+    ngx_rss=$(bench_rss_kb "$(pgrep -P "$ngx" | head -n1)")
+    aio_rss=$(bench_rss_kb "$(echo $aio | cut -d' ' -f1)")
+    bench_stop "$our" "$ngx" $aio
 
     echo
     echo "== $n worker(s): $ROUNDS rounds of wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency http://127.0.0.1:PORT$URL_PATH (pinned: $PIN)"

@@ -11,10 +11,8 @@
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-bench}
-if [ ! -x "$BUILD_DIR/tamarco-host" ]; then
-    cmake -B "$BUILD_DIR" -S "$ROOT" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF >/dev/null
-fi
-cmake --build "$BUILD_DIR" -j2 --target tamarco-host >/dev/null
+. "$ROOT/bench/lib.sh"
+bench_build_host
 cd "$ROOT"
 TAMARCO__SYSTEM__LOGGING__PROFILE=PRODUCTION TAMARCO__SYSTEM__LOGGING__STDOUT=false \
-    "$BUILD_DIR/tamarco-host" run bench/json_bench.lua
+    "$HOST_BIN" run bench/json_bench.lua

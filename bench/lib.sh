@@ -42,3 +42,37 @@ bench_cleanup() {
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
+
+# bench_wait_http PORT PATH: waits (15 s at most) until the server on PORT
+# answers PATH; else shows the servers' logs in WORK and stops.
+bench_wait_http() {
+    i=0
+    while ! curl -fs "http://127.0.0.1:$1$2" >/dev/null 2>&1; do
+        i=$((i + 1))
+        if [ $i -gt 150 ]; then
+            echo "server on port $1 did not answer" >&2
+            cat "$WORK"/*.log "$WORK"/nginx*/error.log 2>/dev/null >&2 || true
+            exit 1
+        fi
+        sleep 0.1
+    done
+}
+
+# bench_p99_ms FILE: the 99th percentile of a `wrk --latency` report, in ms.
+bench_p99_ms() {
+    awk '$1 == "99%" {
+        v = $2
+        if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); print v }
+        else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 }
+    }' "$1"
+}
+
+# bench_rps FILE: requests/s of a wrk report.
+bench_rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }
+
+# bench_rss_kb PID: the process's resident memory in KiB.
+bench_rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+# bench_stop PID...: ends these processes and waits for them.
+bench_stop() { for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }

@@ -63,16 +63,6 @@ mkdir -p "$RESULTS"
 STAMP="$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(uname -r)"
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-stop() { for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
-wait_http() {   # PORT
-    i=0
-    while ! curl -fs "http://127.0.0.1:$1/hello/world" >/dev/null 2>&1; do
-        i=$((i + 1))
-        [ $i -le 150 ] || { echo "server on port $1 did not answer" >&2; cat "$WORK"/*.log >&2 2>/dev/null; exit 1; }
-        sleep 0.1
-    done
-}
 wait_line() {   # FILE PATTERN
     i=0
     while ! grep -q "$2" "$1" 2>/dev/null; do
@@ -122,7 +112,7 @@ YML
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
         master=$!
         PIDS="$PIDS $master"
-        wait_http "$2"
+        bench_wait_http "$2" /hello/world
         SERVER_PID=$(pgrep -P "$master" | head -n1)
         SERVER_STOP=$master
         return
@@ -134,7 +124,7 @@ YML
         ;;
     esac
     SERVER_STOP=$SERVER_PID
-    wait_http "$2"
+    bench_wait_http "$2" /hello/world
 }
 
 SERVERS="tamarco-host nginx node"
@@ -149,7 +139,7 @@ part_conns() {
             port=$(free_port)
             start_server "$server" "$port"
             sleep 0.3
-            before=$(rss_kb "$SERVER_PID")
+            before=$(bench_rss_kb "$SERVER_PID")
             rm -f "$WORK/hold" "$WORK/clients.out"
             mkfifo "$WORK/hold"
             /usr/bin/python3 "$ROOT/bench/peers/idle_clients.py" "$port" "$n" /hello/world \
@@ -158,10 +148,10 @@ part_conns() {
             exec 3>"$WORK/hold"
             wait_line "$WORK/clients.out" ready
             sleep 0.5
-            after=$(rss_kb "$SERVER_PID")
+            after=$(bench_rss_kb "$SERVER_PID")
             exec 3>&-
             wait "$clients" 2>/dev/null || true
-            stop "$SERVER_STOP"
+            bench_stop "$SERVER_STOP"
             line="$line $(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { printf "%.2f", (a - b) / n }')"
         done
         echo "$line" >> "$out"
@@ -207,7 +197,7 @@ LUA
         pid=$!
         PIDS="$PIDS $pid"
         wait_line "$WORK/sleepers.out" "^RSS"
-        stop "$pid"
+        bench_stop "$pid"
         awk '/^RSS/ { print $2 }' "$WORK/sleepers.out"
     }
     base_t=$(sleepers_rss tamarco-host 0) base_n=$(sleepers_rss node 0) base_p=$(sleepers_rss python 0)
@@ -252,7 +242,7 @@ part_rps() {
             echo "$server $c $r $p" >> "$WORK/rps.raw"
         done
     done
-    stop $stops
+    bench_stop $stops
     for c in $RPS_CONNS; do
         awk -v c="$c" '$2 == c { r[$1] = $3; p[$1] = $4 }
             END { printf "%s %s %s %s %s %s %s\n", c, r["tamarco-host"], r["nginx"], r["node"],

@@ -557,6 +557,23 @@ static void on_server_timer(uv_timer_t *timer)
  * runs (a failed write inside a callback, a handler closing the server)
  * the close waits until it has returned: the parser still uses the
  * request being parsed and the connection. */
+/* Lets go of every queued request: answered ones are freed, the others
+ * detached (their handlers still hold them; their responses go nowhere). */
+static void drop_queued(hconn *c)
+{
+    hreq *r = c->qhead;
+    while (r) {
+        hreq *next = r->next;
+        if (r->responded)
+            req_release(r);
+        else
+            req_detach(r);
+        r = next;
+    }
+    c->qhead = c->qtail = NULL;
+    c->inflight = 0;
+}
+
 static void conn_close(hconn *c)
 {
     if (c->closing)
@@ -574,17 +591,7 @@ static void conn_close(hconn *c)
         req_release(c->cur);
         c->cur = NULL;
     }
-    hreq *r = c->qhead;
-    while (r) {
-        hreq *next = r->next;
-        if (r->responded)
-            req_release(r);
-        else
-            req_detach(r);
-        r = next;
-    }
-    c->qhead = c->qtail = NULL;
-    c->inflight = 0;
+    drop_queued(c);
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
     if (srv->draining)
         drain_check(srv);
@@ -751,17 +758,7 @@ static void conn_advance(hconn *c)
             /* no more responses on this connection: later requests are dropped */
             c->close_after_flush = 1;
             c->stop_reading = 1;
-            hreq *rest = c->qhead;
-            while (rest) {
-                hreq *next = rest->next;
-                if (rest->responded)
-                    req_release(rest);
-                else
-                    req_detach(rest);
-                rest = next;
-            }
-            c->qhead = c->qtail = NULL;
-            c->inflight = 0;
+            drop_queued(c);
             if (c->cur) {
                 req_release(c->cur);
                 c->cur = NULL;
